@@ -1,0 +1,54 @@
+"""deltakit: one base model, many small compressed fine-tune deltas.
+
+The public API is re-exported here and imported lazily, so ``import deltakit`` does not load torch
+until something is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from deltakit._version import __version__
+
+_EXPORTS = {
+    "compress": "deltakit.core.compress",
+    "apply": "deltakit.core.apply",
+    "ApplyReport": "deltakit.core.apply",
+    "verify": "deltakit.core.verify",
+    "load_delta": "deltakit.format.delta",
+    "Delta": "deltakit.format.delta",
+    "Manifest": "deltakit.format.manifest",
+    "get_codec": "deltakit.codecs.registry",
+    "list_codecs": "deltakit.codecs.registry",
+    "register_codec": "deltakit.codecs.registry",
+    "Codec": "deltakit.codecs.base",
+    "CodecConfig": "deltakit.codecs.base",
+    "Budget": "deltakit.codecs.base",
+    "Encoded": "deltakit.codecs.base",
+    "EncodeContext": "deltakit.codecs.base",
+    "config_field": "deltakit.codecs.base",
+    "checkpoint_fingerprint": "deltakit.format.fingerprint",
+    "Registry": "deltakit.registry",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from deltakit.core.apply import ApplyReport, apply
+    from deltakit.codecs.base import Budget, Codec, CodecConfig, Encoded, EncodeContext, config_field
+    from deltakit.codecs.registry import get_codec, list_codecs, register_codec
+    from deltakit.core.compress import compress
+    from deltakit.format.delta import Delta, load_delta
+    from deltakit.format.fingerprint import checkpoint_fingerprint
+    from deltakit.format.manifest import Manifest
+    from deltakit.core.verify import verify
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deltakit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

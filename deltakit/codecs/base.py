@@ -1,0 +1,268 @@
+"""The codec contract: config dataclasses, the encoded form, and the Codec interface.
+
+A codec turns one *group* of tensors (one weight matrix for per-matrix codecs) into a small set of
+named tensors plus JSON parameters (:class:`Encoded`), and turns that back into a dense fp32 delta.
+Codecs are pure: ``encode`` never mutates its inputs and depends only on them, the config and the
+seed it is given. Applying a delta (``weight = base + delta`` in fp32, cast to the target dtype) is
+written once in :mod:`deltakit.core.apply`; a codec may override :meth:`Codec.reconstruct` when it can do
+better (``lossless`` restores the exact bits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from deltakit.errors import BudgetError, ConfigError
+
+FP16_BYTES = 2
+
+
+def config_field(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field carrying the help text (and allowed values) shown by ``deltakit methods``."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Base of every codec's config: a frozen dataclass that round-trips through JSON."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, strict: bool = True) -> CodecConfig:
+        """Build a config from JSON values; unknown keys raise (``strict``) or are dropped."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown and strict:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}; "
+                f"valid keys: {', '.join(known) or '(none)'}"
+            )
+        kwargs = {k: v for k, v in values.items() if k in known}
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def with_overrides(self, overrides: dict[str, str]) -> CodecConfig:
+        """Return a copy with ``key=value`` strings (from ``--set``) parsed to each field's type."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        hints = typing.get_type_hints(type(self))
+        values = self.to_dict()
+        for key, raw in overrides.items():
+            if key not in known:
+                raise ConfigError(
+                    f"unknown --set key {key!r} for {type(self).__name__}; "
+                    f"valid keys: {', '.join(known) or '(none)'}"
+                )
+            values[key] = _parse_value(key, raw, hints[key])
+        return type(self).from_dict(values)
+
+    def validate(self) -> None:
+        """Check field values; raise :class:`ConfigError` naming the valid choices."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise ConfigError(
+                    f"{f.name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}"
+                )
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """One dict per field: name, type, default, help, choices (for ``deltakit methods``)."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            out.append(
+                {
+                    "name": f.name,
+                    "type": _type_name(hints[f.name]),
+                    "default": f.default,
+                    "help": f.metadata.get("help", ""),
+                    "choices": list(f.metadata["choices"]) if "choices" in f.metadata else None,
+                }
+            )
+        return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _parse_value(key: str, raw: str, tp: Any) -> Any:
+    """Parse a ``--set`` string to ``tp`` (bool, int, float, str, or an Optional of those)."""
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        if raw.lower() in ("none", "null", ""):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    try:
+        if tp is bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return _parse_float(raw)
+        return str(raw)
+    except ValueError:
+        raise ConfigError(f"--set {key}={raw!r}: expected a value of type {_type_name(tp)}") from None
+
+
+def _parse_float(raw: str) -> float:
+    """Parse ``0.125`` or a fraction such as ``1/8``."""
+    if "/" in raw:
+        num, den = raw.split("/", 1)
+        return float(num) / float(den)
+    return float(raw)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How large an encoded group may be.
+
+    ``ratio`` is the size of the encoded tensors divided by the size of the same delta in fp16
+    (``2 * numel`` bytes); ``rank`` fixes the rank directly for low-rank codecs. At most one is set;
+    with neither, the codec uses its own default ratio.
+    """
+
+    ratio: float | None = None
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and self.rank is not None:
+            raise BudgetError("give either a ratio or a rank, not both")
+        if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
+            raise BudgetError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.rank is not None and self.rank < 1:
+            raise BudgetError(f"rank must be >= 1, got {self.rank}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "rank": self.rank}
+
+
+@dataclass
+class Encoded:
+    """A group in encoded form.
+
+    ``tensors``: named tensors to store (any dtype; sign bits are packed uint8).
+    ``params``: JSON-serialisable parameters (scales, ranks, shapes, seeds).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    params: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class EncodeContext:
+    """What a codec may use besides the tensors: the budget, the compute device and a seed."""
+
+    budget: Budget
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    #: name of the tensor being encoded (codecs derive per-tensor seeds from it)
+    name: str = ""
+
+    def tensor_seed(self) -> int:
+        """A seed that differs per tensor but is fixed for a given (seed, name)."""
+        return (self.seed * 1_000_003 + zlib.crc32(self.name.encode())) % (2**63)
+
+
+class Codec(ABC):
+    """A delta codec. Subclasses set the class attributes and implement encode/decode.
+
+    Register a subclass with :func:`deltakit.codecs.register_codec`.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    config_class: ClassVar[type[CodecConfig]] = CodecConfig
+    summary: ClassVar[str] = ""
+    #: default ratio of the fp16 delta when neither ratio nor rank is given (None: size not budgeted)
+    default_ratio: ClassVar[float | None] = None
+    #: smallest and largest ratio the codec can reach (None: any)
+    ratio_range: ClassVar[tuple[float, float] | None] = None
+    #: whether the codec needs calibration data (data-aware codecs are run through deltakit.distill)
+    needs_data: ClassVar[bool] = False
+
+    @abstractmethod
+    def encode(
+        self, base: torch.Tensor, target: torch.Tensor, config: CodecConfig, ctx: EncodeContext
+    ) -> Encoded:
+        """Encode one matrix.
+
+        base, target: same shape (2-D), any float dtype, any device; not mutated.
+        Returns tensors on the CPU.
+        """
+
+    @abstractmethod
+    def decode(
+        self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Dense fp32 delta of the group's shape, on ``device``.
+
+        base: the base tensor, needed only by codecs that store bits relative to it (``lossless``).
+        """
+
+    def reconstruct(
+        self, encoded: Encoded, base: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """The rebuilt weight: ``base + decode(encoded)`` computed in fp32, cast to ``dtype``.
+
+        base: the base tensor (not mutated).
+        """
+        delta = self.decode(encoded, device, base=base)
+        return (base.to(device=device, dtype=torch.float32) + delta).to(dtype)
+
+    def check_budget(self, budget: Budget) -> None:
+        """Raise :class:`BudgetError` when the ratio is outside what the codec can reach."""
+        if budget.ratio is not None and self.ratio_range is not None:
+            low, high = self.ratio_range
+            if not (low * (1 - 1e-9) <= budget.ratio <= high * (1 + 1e-9)):
+                raise BudgetError(
+                    f"{self.name} cannot reach ratio {budget.ratio:g}; "
+                    f"it reaches ratios from {low:g} to {high:g} of the fp16 delta"
+                )
+
+    def effective_ratio(self, budget: Budget) -> float | None:
+        return budget.ratio if budget.ratio is not None or budget.rank is not None else self.default_ratio
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "version": cls.version,
+            "summary": cls.summary,
+            "default_ratio": cls.default_ratio,
+            "ratio_range": list(cls.ratio_range) if cls.ratio_range else None,
+            "needs_data": cls.needs_data,
+            "config": cls.config_class.describe(),
+        }
+
+
+def rank_for_bytes(rows: int, cols: int, nbytes: float, bytes_per_value: int = FP16_BYTES) -> int:
+    """Largest rank whose two factors (rows×r and r×cols at ``bytes_per_value``) fit in ``nbytes``.
+
+    Same formula as the D-QRELO paper's r = n·m·ρ/(n+m), floored so the budget is never exceeded.
+    """
+    return max(0, math.floor(nbytes / (bytes_per_value * (rows + cols))))

@@ -1,0 +1,48 @@
+"""BitDelta (without its scale distillation): sign(Δ) packed 8 per byte and one scale per matrix.
+
+The scale is α = mean|Δ|, the Frobenius-optimal scale for a ±1 matrix. Size is fixed at 1/16 of
+the fp16 delta (plus 4 bytes for the scale). The paper's second stage, distilling the scales
+against the fine-tune's logits, needs data and is not part of this data-free baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deltakit.codecs._common import dense_signs, fp32_delta, require_2d, sign_part
+from deltakit.codecs.base import Codec, CodecConfig, EncodeContext, Encoded
+from deltakit.codecs.registry import register_codec
+
+
+@dataclass(frozen=True)
+class BitDeltaConfig(CodecConfig):
+    pass
+
+
+@register_codec
+class BitDelta(Codec):
+    name = "bitdelta"
+    version = 1
+    config_class = BitDeltaConfig
+    summary = "BitDelta: 1-bit sign of the delta with one scale per matrix (1/16 of fp16)"
+    default_ratio = 1 / 16
+    ratio_range = (1 / 16, 1 / 16)
+
+    def encode(
+        self, base: torch.Tensor, target: torch.Tensor, config: BitDeltaConfig, ctx: EncodeContext
+    ) -> Encoded:
+        shape = require_2d(ctx.name, self.name, tuple(target.shape))
+        if ctx.budget.rank is not None:
+            from deltakit.errors import BudgetError
+
+            raise BudgetError("bitdelta has no rank; its size is fixed at 1/16 of the fp16 delta")
+        signs, scale = sign_part(fp32_delta(base, target, ctx.device))
+        return Encoded({"signs": signs}, {"shape": list(shape), "scale": scale})
+
+    def decode(
+        self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        shape = tuple(encoded.params["shape"])
+        return dense_signs(encoded.tensors["signs"], shape, device) * encoded.params["scale"]

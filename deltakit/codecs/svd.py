@@ -1,0 +1,76 @@
+"""Plain truncated SVD of the delta: the LoRA-extraction baseline.
+
+Δ ≈ (U√S)(√S·Vᵀ) at the largest rank that fits the budget, r = floor(ρ·n·m/(n+m)) for fp16
+factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deltakit.codecs._common import (
+    FACTOR_DTYPES,
+    factor_bytes,
+    fp32_delta,
+    low_rank_factors,
+    low_rank_product,
+    require_2d,
+)
+from deltakit.codecs.base import (
+    FP16_BYTES,
+    Codec,
+    CodecConfig,
+    EncodeContext,
+    Encoded,
+    config_field,
+    rank_for_bytes,
+)
+from deltakit.codecs.registry import register_codec
+from deltakit.errors import BudgetError
+
+
+@dataclass(frozen=True)
+class SVDConfig(CodecConfig):
+    svd_method: str = config_field("randomized", "truncated SVD algorithm", choices=("randomized", "exact"))
+    oversample: int = config_field(10, "extra random directions for the randomized SVD")
+    power_iters: int = config_field(2, "power iterations for the randomized SVD")
+    factor_dtype: str = config_field("float16", "dtype of the stored low-rank factors", choices=FACTOR_DTYPES)
+
+
+@register_codec
+class SVD(Codec):
+    name = "svd"
+    version = 1
+    config_class = SVDConfig
+    summary = "truncated SVD of the delta (low-rank / LoRA-extraction baseline)"
+    default_ratio = 1 / 8
+
+    def rank_for(self, shape: tuple[int, int], ctx: EncodeContext, config: SVDConfig) -> int:
+        rows, cols = shape
+        if ctx.budget.rank is not None:
+            return min(ctx.budget.rank, rows, cols)
+        ratio = ctx.budget.ratio if ctx.budget.ratio is not None else self.default_ratio
+        rank = rank_for_bytes(rows, cols, ratio * FP16_BYTES * rows * cols, factor_bytes(config.factor_dtype))
+        if rank < 1:
+            smallest = (rows + cols) * factor_bytes(config.factor_dtype) / (FP16_BYTES * rows * cols)
+            raise BudgetError(
+                f"svd: ratio {ratio:g} is below one rank for {ctx.name or 'a'} {rows}x{cols} matrix "
+                f"(smallest reachable ratio {smallest:.4g})"
+            )
+        return min(rank, rows, cols)
+
+    def encode(self, base: torch.Tensor, target: torch.Tensor, config: SVDConfig, ctx: EncodeContext) -> Encoded:
+        shape = require_2d(ctx.name, self.name, tuple(target.shape))
+        rank = self.rank_for(shape, ctx, config)
+        up, down = low_rank_factors(
+            fp32_delta(base, target, ctx.device), rank, config.factor_dtype, svd_method=config.svd_method,
+            oversample=config.oversample, power_iters=config.power_iters, seed=ctx.tensor_seed(),
+        )
+        return Encoded({"up": up, "down": down}, {"shape": list(shape), "rank": rank})
+
+    def decode(
+        self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return low_rank_product(encoded.tensors["up"], encoded.tensors["down"], device)

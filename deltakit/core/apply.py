@@ -1,0 +1,163 @@
+"""Applying a delta to its base: one implementation for every codec.
+
+Each output tensor is rebuilt from the matching base tensor (``base + decode(delta)`` in fp32, cast
+to the target dtype, unless the codec restores exact bits) and streamed to the output shards, so peak
+memory is about one tensor pair. The base's fingerprint is computed on the way; a mismatch aborts
+the run (the atomic output is discarded) unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltakit.core.compress import resolve_device
+from deltakit.errors import BaseMismatchError, TensorMismatchError, UsageError
+from deltakit.format.atomic import atomic_directory
+from deltakit.format.delta import Delta, load_delta
+from deltakit.format.fingerprint import FingerprintBuilder
+from deltakit.format.manifest import PASSTHROUGH
+from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
+from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ApplyReport:
+    """What :func:`apply` did. ``state_dict`` is set when no output directory was given."""
+
+    output: Path | None
+    base_fingerprint: str
+    output_fingerprint: str
+    matches_target: bool
+    tensors: int
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def expected_base_names(delta: Delta) -> set[str]:
+    names = {n for n, e in delta.manifest.tensors.items() if e["kind"] != PASSTHROUGH or e.get("in_base", False)}
+    return names | set(delta.manifest.removed)
+
+
+def check_base_keys(delta: Delta, base: TensorSource) -> None:
+    """Missing or extra base tensors are errors naming the first few of each."""
+    expected = expected_base_names(delta)
+    present = set(base.names())
+    missing, extra = sorted(expected - present), sorted(present - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) the delta expects (e.g. {', '.join(missing[:3])})")
+        if extra:
+            parts.append(f"has {len(extra)} tensor(s) the delta does not know (e.g. {', '.join(extra[:3])})")
+        raise TensorMismatchError(f"base model {'; '.join(parts)}: is this the base the delta was made from?")
+
+
+def apply(
+    base: str | Path | dict[str, torch.Tensor] | TensorSource,
+    delta: str | Path | Delta,
+    output: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    force: bool = False,
+    overwrite: bool = False,
+    verify: bool = True,
+    max_shard_bytes: int = 5 * 1024**3,
+    progress: Progress | None = None,
+) -> ApplyReport:
+    """Rebuild the fine-tune from ``base`` and ``delta``.
+
+    base: checkpoint directory, state dict or tensor source (not mutated).
+    delta: delta directory (hashes checked when ``verify``) or a :class:`Delta`.
+    output: directory for a Hugging Face checkpoint (written atomically, config and tokenizer files
+    included); ``None`` returns the tensors in ``ApplyReport.state_dict``.
+    dtype: cast floating tensors of the output (default: the fine-tune's dtypes).
+    force: apply even when the base fingerprint differs from the one recorded in the delta.
+    """
+    if not isinstance(delta, Delta):
+        delta = load_delta(delta, verify=verify)
+    out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise UsageError(f"--dtype must be a floating dtype, got {dtype}")
+    dev = resolve_device(device)
+    base_src = open_checkpoint(base)
+    check_base_keys(delta, base_src)
+
+    specs = []
+    for name, entry in delta.manifest.tensors.items():
+        tdtype = dtype_from_name(entry["dtype"])
+        if out_dtype is not None and tdtype.is_floating_point:
+            tdtype = out_dtype
+        specs.append(TensorSpec(name, tdtype, tuple(entry["shape"])))
+
+    if output is None:
+        state: dict[str, torch.Tensor] = {}
+        report = _apply_into(delta, base_src, specs, dev, force, progress, state.__setitem__)
+        report.state_dict = state
+        return report
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        writer = CheckpointWriter(tmp, specs, max_shard_bytes)
+        report = _apply_into(delta, base_src, specs, dev, force, progress, writer.write)
+        writer.close()
+        _copy_aux(delta, base_src, tmp)
+    report.output = Path(output)
+    return report
+
+
+def _apply_into(
+    delta: Delta, base_src: TensorSource, specs: list[TensorSpec], dev: torch.device, force: bool,
+    progress: Progress | None, sink: Callable[[str, torch.Tensor], None],
+) -> ApplyReport:
+    base_fp, out_fp = FingerprintBuilder(), FingerprintBuilder()
+    manifest = delta.manifest
+    total = len(specs) + len(manifest.removed)
+    base_names = set(base_src.names())
+    for index, spec in enumerate(specs):
+        if progress is not None:
+            progress(index, total, spec.name)
+        base_tensor = base_src.get(spec.name) if spec.name in base_names else None
+        if base_tensor is not None:
+            base_fp.add(spec.name, base_tensor)
+        rebuilt = delta.reconstruct(spec.name, base_tensor, dev).to(spec.dtype).cpu()
+        out_fp.add(spec.name, rebuilt)
+        sink(spec.name, rebuilt)
+    for offset, name in enumerate(manifest.removed):
+        if progress is not None:
+            progress(len(specs) + offset, total, name)
+        base_fp.add(name, base_src.get(name))
+    if progress is not None:
+        progress(total, total, "")
+    base_fingerprint = base_fp.fingerprint()
+    if base_fingerprint != manifest.base.fingerprint:
+        message = (
+            f"base fingerprint {base_fingerprint[:19]}… differs from the one the delta was made from "
+            f"({manifest.base.fingerprint[:19]}…, {manifest.base.name!r})"
+        )
+        if not force:
+            raise BaseMismatchError(message + "; pass --force to apply anyway")
+        warnings.warn(message + "; applying anyway (--force)", stacklevel=3)
+    output_fingerprint = out_fp.fingerprint()
+    return ApplyReport(None, base_fingerprint, output_fingerprint,
+                       output_fingerprint == manifest.target.fingerprint, len(specs))
+
+
+def _copy_aux(delta: Delta, base_src: TensorSource, out_dir: Path) -> None:
+    base_dir = base_src.path if isinstance(base_src, CheckpointReader) else None
+    for name, entry in delta.manifest.aux_files.items():
+        if entry["source"] == "delta":
+            shutil.copyfile(delta.path / entry["path"], out_dir / name)
+            continue
+        source = base_dir / name if base_dir is not None else None
+        if source is None or not source.is_file():
+            warnings.warn(f"base has no {name}; the output lacks it", stacklevel=3)
+            continue
+        shutil.copyfile(source, out_dir / name)
+        if file_sha256(out_dir / name) != entry["sha256"]:
+            warnings.warn(f"{name} in the base differs from the fine-tune's; copied the base's", stacklevel=3)

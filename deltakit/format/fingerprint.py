@@ -1,0 +1,66 @@
+"""Model identity: a fingerprint over every tensor's name, dtype, shape and bytes.
+
+Each tensor gets its own digest, and the fingerprint hashes the sorted digests, so tensors can be
+fed in any order while they stream past for other work (compress and apply read each tensor once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from deltakit.format.safetensors_io import dtype_name
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """Hex sha256 of one tensor's name, dtype, shape and raw bytes (any device; not mutated)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([name, dtype_name(tensor.dtype), list(tensor.shape)]).encode())
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    digest.update(memoryview(data))
+    return digest.hexdigest()
+
+
+class FingerprintBuilder:
+    """Accumulates tensor digests (any order) into a model fingerprint ``sha256:<hex>``."""
+
+    def __init__(self) -> None:
+        self._digests: dict[str, str] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> str:
+        digest = tensor_digest(name, tensor)
+        self._digests[name] = digest
+        return digest
+
+    def add_digest(self, name: str, digest: str) -> None:
+        self._digests[name] = digest
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def fingerprint(self) -> str:
+        combined = hashlib.sha256()
+        for name in sorted(self._digests):
+            combined.update(f"{name}\0{self._digests[name]}\n".encode())
+        return "sha256:" + combined.hexdigest()
+
+
+def fingerprint_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """Fingerprint of an in-memory state dict."""
+    builder = FingerprintBuilder()
+    for name, tensor in tensors.items():
+        builder.add(name, tensor)
+    return builder.fingerprint()
+
+
+def checkpoint_fingerprint(model_dir) -> str:
+    """Fingerprint of a checkpoint directory (reads every tensor once, one at a time)."""
+    from deltakit.models.checkpoint import open_checkpoint
+
+    reader = open_checkpoint(model_dir)
+    builder = FingerprintBuilder()
+    for name in reader.names():
+        builder.add(name, reader.get(name))
+    return builder.fingerprint()

@@ -1,0 +1,164 @@
+"""Safetensors helpers: header reading, and a writer that streams tensors to disk one at a time.
+
+``safetensors.torch.save_file`` needs every tensor in memory at once. The header of a safetensors
+file only needs names, dtypes and shapes, so when those are known up front (they are, from the
+base checkpoint and the delta manifest) the data can be written tensor by tensor, keeping memory
+at one tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from deltakit.errors import FormatError
+
+DTYPE_TO_ST: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+ST_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_ST.items()}
+for _st, _dt in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _dt):
+        DTYPE_TO_ST[getattr(torch, _dt)] = _st
+        ST_TO_DTYPE[_st] = getattr(torch, _dt)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"bfloat16"`` (or ``"torch.bfloat16"``) -> ``torch.bfloat16``; raises FormatError if unknown."""
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise FormatError(f"unknown dtype {name!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of a tensor to be written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor entries plus ``__metadata__``)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise FormatError(f"{path} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER_BYTES:
+            raise FormatError(f"{path} is not a safetensors file (header length {length})")
+        try:
+            return json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{path} has a damaged safetensors header: {exc}") from None
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file whose tensors arrive one at a time, in ``specs`` order.
+
+    The header is written first from ``specs``; each :meth:`write` appends one tensor's bytes and
+    checks its dtype and shape against the spec. The sha256 of the whole file is computed on the
+    way. Use as a context manager; the file is complete only when every spec has been written.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = list(specs)
+        self._next = 0
+        self._hash = hashlib.sha256()
+        self.size = 0
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        for spec in self.specs:
+            header[spec.name] = {
+                "dtype": DTYPE_TO_ST[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+        self._fh: BinaryIO = open(self.path, "wb")
+        self._emit(struct.pack("<Q", len(blob)) + blob)
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._fh.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (must match the next spec's name, dtype and shape; any device)."""
+        if self._next >= len(self.specs):
+            raise FormatError(f"{self.path}: unexpected extra tensor {name!r}")
+        spec = self.specs[self._next]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise FormatError(
+                f"{self.path}: expected {spec.name} {dtype_name(spec.dtype)} {list(spec.shape)}, "
+                f"got {name} {dtype_name(tensor.dtype)} {list(tensor.shape)}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._emit(memoryview(data))
+        self._next += 1
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        if self._next != len(self.specs):
+            missing = [s.name for s in self.specs[self._next :]]
+            self._fh.close()
+            raise FormatError(f"{self.path}: {len(missing)} tensor(s) never written, first {missing[0]}")
+        self._fh.flush()
+        self._fh.close()
+
+    def __enter__(self) -> StreamingSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

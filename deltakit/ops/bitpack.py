@@ -1,0 +1,48 @@
+"""Packing boolean / sign tensors 8 values per byte (LSB first within each byte)."""
+
+from __future__ import annotations
+
+import torch
+
+_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor of any shape into uint8, 8 per byte, in flattened (row-major) order.
+
+    Returns a 1-D uint8 tensor of ``ceil(numel / 8)`` bytes on the input's device; the input is
+    not mutated. Padding bits in the last byte are zero.
+    """
+    flat = bits.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8)  # (bytes, 8)
+    weights = _WEIGHTS.to(groups.device)
+    return (groups * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a 1-D bool tensor of ``numel`` values on ``device``."""
+    packed = packed.to(device) if device is not None else packed
+    if packed.numel() * 8 < numel:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} bits")
+    weights = _WEIGHTS.to(packed.device)
+    bits = (packed.reshape(-1, 1) & weights) != 0  # (bytes, 8)
+    return bits.reshape(-1)[:numel]
+
+
+def pack_signs(delta: torch.Tensor) -> torch.Tensor:
+    """Pack ``delta >= 0`` (1 = non-negative, 0 = negative) 8 per byte; see :func:`pack_bits`."""
+    return pack_bits(delta >= 0)
+
+
+def unpack_signs(
+    packed: torch.Tensor, shape: tuple[int, ...], device: torch.device | str | None = None
+) -> torch.Tensor:
+    """±1 fp32 tensor of ``shape`` from packed sign bits."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    bits = unpack_bits(packed, numel, device)
+    return (bits.to(torch.float32) * 2 - 1).reshape(shape)
