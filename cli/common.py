@@ -1,0 +1,79 @@
+"""Shared pieces of the command line: consoles, progress bars, JSON output, argument parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+#: progress and messages go to stderr so stdout stays clean for --json
+err_console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
+
+
+def emit_json(data: Any) -> None:
+    """Write ``data`` as JSON on stdout (the stable machine-readable output of ``--json``)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def parse_ratio(value: str | None) -> float | None:
+    """``1/8`` or ``0.125`` -> 0.125."""
+    if value is None:
+        return None
+    try:
+        if "/" in value:
+            num, den = value.split("/", 1)
+            return float(num) / float(den)
+        return float(value)
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"{value!r} is not a ratio (write 0.125 or 1/8)") from None
+
+
+def parse_sets(items: tuple[str, ...]) -> dict[str, str]:
+    """``("rank=4", "mode=random")`` -> ``{"rank": "4", "mode": "random"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator:
+    """Yield a ``callback(done, total, name)`` that drives a rich progress bar on stderr."""
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[item]}", style="dim"),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=None, item="")
+
+        def update(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, item=name[-60:])
+
+        yield update
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"

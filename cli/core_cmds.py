@@ -1,0 +1,248 @@
+"""``compress``, ``apply``, ``inspect``, ``verify`` and ``methods``: thin commands over deltakit's API."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from deltakit_cli.common import (
+    emit_json,
+    err_console,
+    human_bytes,
+    out_console,
+    parse_ratio,
+    parse_sets,
+    progress_bar,
+)
+
+DEVICE = click.Choice(["cpu", "cuda"])
+
+
+@click.command()
+@click.option("--method", "-m", default="dqrelo", show_default=True, help="codec name (see `deltakit methods`)")
+@click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="base model directory")
+@click.argument("finetuned", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="delta directory to write")
+@click.option("--to", "to_ref", metavar="NAME[:TAG]", help="push the delta into the registry under this name")
+@click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
+@click.option("--ratio", help="size as a fraction of the fp16 delta, e.g. 1/8 or 0.125")
+@click.option("--rank", type=int, help="fixed rank for low-rank codecs (instead of --ratio)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="codec config field (repeatable)")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--exclude-role", "exclude_roles", multiple=True,
+              type=click.Choice(["embedding", "lm_head", "linear", "other"]),
+              help="store matrices of this role exactly instead of encoding them (repeatable)")
+@click.option("--name", "target_name", help="name recorded for the fine-tune (default: its directory name)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
+def compress(method, base_dir, finetuned, output, to_ref, registry_path, ratio, rank, sets, device, seed,
+             exclude_roles, target_name, overwrite, as_json):
+    """Compress FINETUNED against --base into a delta directory (-o) or the registry (--to)."""
+    import deltakit
+
+    if output is None and to_ref is None:
+        raise click.UsageError("give -o/--output DIR, --to NAME[:TAG], or both")
+    ratio_value = parse_ratio(ratio)
+    if ratio_value is not None and rank is not None:
+        raise click.UsageError("give --ratio or --rank, not both")
+    started = time.perf_counter()
+    staging = None
+    if output is None:
+        import tempfile
+
+        staging = tempfile.TemporaryDirectory(prefix="deltakit-")
+        output = Path(staging.name) / "delta"
+    try:
+        with progress_bar(f"compress ({method})", enabled=not as_json) as progress:
+            delta = deltakit.compress(
+                base_dir, finetuned, output, method=method, ratio=ratio_value, rank=rank,
+                overrides=parse_sets(sets), device=device, seed=seed, target_name=target_name,
+                exclude_roles=tuple(exclude_roles), overwrite=overwrite, progress=progress,
+            )
+        result = _delta_result(delta, output if staging is None else None)
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        if to_ref is not None:
+            from deltakit.registry import Registry
+
+            registry = Registry.open(registry_path)
+            result["registry"] = registry.push(output, to_ref)
+    finally:
+        if staging is not None:
+            staging.cleanup()
+    if as_json:
+        emit_json(result)
+    else:
+        stats = result["stats"]
+        where = f"{output}" if staging is None else to_ref
+        out_console.print(
+            f"[green]wrote[/] {where}: {result['codec']} · {human_bytes(stats['stored_bytes'])} stored · "
+            f"ratio {_fmt_ratio(stats.get('ratio'))} of the fp16 delta · "
+            f"{stats['encoded_tensors']} encoded, {stats['passthrough_tensors']} exact, "
+            f"{stats['unchanged_tensors']} unchanged · {result['seconds']:.1f}s"
+        )
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.4f} (1/{1 / ratio:.1f})" if ratio > 0 else "0"
+
+
+def _delta_result(delta, path: Path | None) -> dict:
+    manifest = delta.manifest
+    return {
+        "path": str(path) if path is not None else None,
+        "codec": manifest.codec.name,
+        "config": manifest.codec.config,
+        "budget": manifest.codec.budget,
+        "base": {"name": manifest.base.name, "fingerprint": manifest.base.fingerprint},
+        "target": {"name": manifest.target.name, "fingerprint": manifest.target.fingerprint},
+        "stats": manifest.stats,
+    }
+
+
+def resolve_delta_arg(delta: str, registry_path: Path | None) -> Path:
+    """A delta argument is a directory, or a registry reference NAME[:TAG] when no such directory exists."""
+    path = Path(delta)
+    if path.exists():
+        return path
+    from deltakit.registry import Registry
+
+    return Registry.open(registry_path).resolve_delta(delta)
+
+
+@click.command()
+@click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("delta")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="model directory to write")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="cast the output weights")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="apply even if the base fingerprint differs from the delta's")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
+def apply(base, delta, output, dtype, device, force, overwrite, registry_path, as_json):
+    """Rebuild the fine-tune from BASE and DELTA (a directory or NAME[:TAG] in the registry)."""
+    import deltakit
+
+    delta_path = resolve_delta_arg(delta, registry_path)
+    started = time.perf_counter()
+    with progress_bar("apply", enabled=not as_json) as progress:
+        report = deltakit.apply(base, delta_path, output, dtype=dtype, device=device, force=force,
+                                overwrite=overwrite, progress=progress)
+    result = {
+        "output": str(output),
+        "tensors": report.tensors,
+        "base_fingerprint": report.base_fingerprint,
+        "output_fingerprint": report.output_fingerprint,
+        "matches_target": report.matches_target,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if as_json:
+        emit_json(result)
+    else:
+        exact = "bit-exact fine-tune" if report.matches_target else "approximate fine-tune"
+        out_console.print(f"[green]wrote[/] {output}: {report.tensors} tensors, {exact}, {result['seconds']:.1f}s")
+
+
+@click.command()
+@click.argument("delta")
+@click.option("--tensors/--no-tensors", default=True, help="show the per-tensor table")
+@click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
+def inspect(delta, tensors, registry_path, as_json):
+    """Show a delta's codec, sizes, ratio against the fp16 delta, and per-tensor table."""
+    from deltakit.format.delta import load_delta, manifest_summary
+
+    loaded = load_delta(resolve_delta_arg(delta, registry_path), verify=False)
+    manifest = loaded.manifest
+    rows = []
+    for name, entry in manifest.tensors.items():
+        stored = 0
+        fp16 = 2 * math.prod(entry.get("base_shape", entry["shape"])) if entry["kind"] == "encoded" else 0
+        if entry["kind"] == "encoded":
+            group = manifest.groups[entry["group"]]
+            stored = sum(_stored_nbytes(loaded, key, group.get("shard")) for key in group["stored"].values())
+        if "stored" in entry:
+            stored += sum(_stored_nbytes(loaded, key, entry.get("shard")) for key in entry["stored"].values())
+        rows.append({"name": name, "kind": entry["kind"], "role": entry.get("role"), "dtype": entry["dtype"],
+                     "shape": entry["shape"], "stored_bytes": stored,
+                     "ratio": stored / fp16 if fp16 else None})
+    summary = manifest_summary(manifest)
+    summary["tensors"] = rows
+    if as_json:
+        emit_json(summary)
+        return
+    stats = manifest.stats
+    out_console.print(f"[bold]{delta}[/]  codec [cyan]{manifest.codec.name}[/] v{manifest.codec.version}  "
+                      f"format v{manifest.format_version}")
+    out_console.print(f"base   {manifest.base.name}  {manifest.base.fingerprint[:23]}…")
+    out_console.print(f"target {manifest.target.name}  {manifest.target.fingerprint[:23]}…")
+    out_console.print(f"config {manifest.codec.config}  budget {manifest.codec.budget}")
+    out_console.print(
+        f"stored {human_bytes(stats.get('stored_bytes'))} (encoded {human_bytes(stats.get('encoded_bytes'))}, "
+        f"exact {human_bytes(stats.get('passthrough_bytes'))}) · fp16 delta {human_bytes(stats.get('fp16_delta_bytes'))}"
+        f" · ratio {_fmt_ratio(stats.get('ratio'))}"
+    )
+    if tensors:
+        table = Table(show_edge=False)
+        for column in ("tensor", "kind", "role", "dtype", "shape", "stored", "ratio"):
+            table.add_column(column, justify="right" if column in ("stored", "ratio") else "left")
+        for row in rows:
+            table.add_row(row["name"], row["kind"], row["role"] or "", row["dtype"], "×".join(map(str, row["shape"])),
+                          human_bytes(row["stored_bytes"]), f"{row['ratio']:.4f}" if row["ratio"] else "")
+        out_console.print(table)
+
+
+def _stored_nbytes(delta, key: str, shard: str | None) -> int:
+    tensor = delta._stored_tensor(key, shard)
+    return tensor.numel() * tensor.element_size()
+
+
+@click.command()
+@click.argument("delta")
+@click.option("--base", "base_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="also check that this is the base the delta was made from")
+@click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
+def verify(delta, base_dir, registry_path, as_json):
+    """Check a delta's file hashes (and its base's fingerprint with --base)."""
+    import deltakit
+
+    report = deltakit.verify(resolve_delta_arg(delta, registry_path), base=base_dir)
+    report["ok"] = True
+    if as_json:
+        emit_json(report)
+    else:
+        base_note = ", base fingerprint matches" if report["base_checked"] else ""
+        out_console.print(f"[green]ok[/] {delta}: {report['files_checked']} file(s) verified{base_note}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
+def methods(as_json):
+    """List the registered codecs with their config fields."""
+    from deltakit.codecs.registry import get_codec, list_codecs
+
+    described = [type(get_codec(name)).describe() for name in list_codecs()]
+    if as_json:
+        emit_json(described)
+        return
+    for info in described:
+        ratio = f"default ratio {info['default_ratio']:g}" if info["default_ratio"] else "size not budgeted"
+        data = " · needs calibration data" if info["needs_data"] else ""
+        out_console.print(f"[bold cyan]{info['name']}[/] v{info['version']}: {info['summary']} ({ratio}{data})")
+        if not info["config"]:
+            continue
+        table = Table(show_header=False, show_edge=False, box=None, padding=(0, 2))
+        for field in info["config"]:
+            choices = f" ({' | '.join(map(str, field['choices']))})" if field["choices"] else ""
+            table.add_row(f"  --set {field['name']}={field['default']}", field["help"] + choices)
+        out_console.print(table)
+    err_console.print("[dim]sizes: --ratio R (fraction of the fp16 delta) or --rank R[/]")

@@ -1,0 +1,75 @@
+"""The ``deltakit`` command: a click group over deltakit's public API.
+
+Errors from deltakit (:class:`deltakit.errors.DeltakitError`) are printed as one line on stderr and
+turned into the error's exit code; warnings are printed as ``warning: ...`` lines.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+import click
+
+from deltakit import __version__
+from deltakit_cli import core_cmds
+from deltakit_cli.common import err_console
+
+#: optional command modules and the click objects they export (loaded if present)
+_PLUGGED = (
+    ("deltakit_cli.registry_cmds", "registry"),
+    ("deltakit_cli.zoo_cmds", "fleet"),
+    ("deltakit_cli.eval_cmds", "eval_command"),
+    ("deltakit_cli.serve_cmds", "serve"),
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="deltakit")
+def cli() -> None:
+    """deltakit: one base model, many small compressed fine-tune deltas."""
+
+
+for command in (core_cmds.compress, core_cmds.apply, core_cmds.inspect, core_cmds.verify, core_cmds.methods):
+    cli.add_command(command)
+for module_name, attribute in _PLUGGED:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        continue
+    cli.add_command(getattr(module, attribute))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, mapping deltakit errors to one-line messages and exit codes."""
+    from deltakit.errors import DeltakitError
+
+    warnings.showwarning = _show_warning
+    try:
+        cli.main(args=argv, prog_name="deltakit", standalone_mode=False)
+    except DeltakitError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("[red]aborted[/]")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except OSError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
