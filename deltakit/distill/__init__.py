@@ -1,0 +1,1 @@
+"""Calibration data and distillation helpers shared by the data-aware codecs."""
