@@ -24,8 +24,8 @@ DEVICE = click.Choice(["cpu", "cuda"])
 
 @click.command()
 @click.option("--method", "-m", default="dqrelo", show_default=True, help="codec name (see `deltakit methods`)")
-@click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="base model directory")
+@click.option("--base", "base_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="base model directory (omit to compress a model's own weights with lillama/deltallm)")
 @click.argument("finetuned", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="delta directory to write")
 @click.option("--to", "to_ref", metavar="NAME[:TAG]", help="push the delta into the registry under this name")
@@ -38,14 +38,27 @@ DEVICE = click.Choice(["cpu", "cuda"])
 @click.option("--exclude-role", "exclude_roles", multiple=True,
               type=click.Choice(["embedding", "lm_head", "linear", "other"]),
               help="store matrices of this role exactly instead of encoding them (repeatable)")
+@click.option("--data", "data", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="calibration text for data-aware codecs: file, directory or JSONL (repeatable)")
+@click.option("--tokens", type=int, default=65536, show_default=True, help="calibration token budget")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="calibration window length")
+@click.option("--reduction", type=float, help="fraction of parameters to remove (model compression, no --base)")
 @click.option("--name", "target_name", help="name recorded for the fine-tune (default: its directory name)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
 def compress(method, base_dir, finetuned, output, to_ref, registry_path, ratio, rank, sets, device, seed,
-             exclude_roles, target_name, overwrite, as_json):
-    """Compress FINETUNED against --base into a delta directory (-o) or the registry (--to)."""
+             exclude_roles, data, tokens, seq_len, reduction, target_name, overwrite, as_json):
+    """Compress FINETUNED against --base into a delta directory (-o) or the registry (--to).
+
+    Without --base, codecs that support it (lillama, deltallm) compress FINETUNED's own weights
+    into a smaller model directory (-o) by --reduction.
+    """
     import deltakit
 
+    if base_dir is None:
+        _compress_model(method, finetuned, output, sets, device, seed, data, tokens, seq_len, reduction,
+                        overwrite, as_json)
+        return
     if output is None and to_ref is None:
         raise click.UsageError("give -o/--output DIR, --to NAME[:TAG], or both")
     ratio_value = parse_ratio(ratio)
@@ -64,6 +77,7 @@ def compress(method, base_dir, finetuned, output, to_ref, registry_path, ratio, 
                 base_dir, finetuned, output, method=method, ratio=ratio_value, rank=rank,
                 overrides=parse_sets(sets), device=device, seed=seed, target_name=target_name,
                 exclude_roles=tuple(exclude_roles), overwrite=overwrite, progress=progress,
+                data=list(data) or None, tokens=tokens, seq_len=seq_len, reduction=reduction,
             )
         result = _delta_result(delta, output if staging is None else None)
         result["seconds"] = round(time.perf_counter() - started, 3)
@@ -86,6 +100,46 @@ def compress(method, base_dir, finetuned, output, to_ref, registry_path, ratio, 
             f"{stats['encoded_tensors']} encoded, {stats['passthrough_tensors']} exact, "
             f"{stats['unchanged_tensors']} unchanged · {result['seconds']:.1f}s"
         )
+
+
+def _compress_model(method, model_dir, output, sets, device, seed, data, tokens, seq_len, reduction,
+                    overwrite, as_json) -> None:
+    import deltakit
+
+    if output is None:
+        raise click.UsageError("compressing a model (no --base) needs -o/--output DIR")
+    started = time.perf_counter()
+    with progress_bar(f"compress model ({method})", enabled=not as_json) as progress:
+        report = deltakit.compress(None, model_dir, output, method=method, overrides=parse_sets(sets),
+                                   device=device, seed=seed, data=list(data) or None, tokens=tokens,
+                                   seq_len=seq_len, reduction=reduction, overwrite=overwrite, progress=progress)
+    result = {"path": str(output), "method": method, "report": report,
+              "seconds": round(time.perf_counter() - started, 3)}
+    if as_json:
+        emit_json(result)
+    else:
+        out_console.print(f"[green]wrote[/] {output}: {method} compressed model · {result['seconds']:.1f}s")
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="checkpoint directory to write")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="cast the output weights")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
+def export(model_dir, output, dtype, overwrite, as_json):
+    """Materialise a compressed model (lillama, deltallm) as a plain Hugging Face checkpoint."""
+    import torch
+
+    from deltakit.core.model_mode import export_model
+
+    started = time.perf_counter()
+    export_model(model_dir, output, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
+    result = {"output": str(output), "seconds": round(time.perf_counter() - started, 3)}
+    if as_json:
+        emit_json(result)
+    else:
+        out_console.print(f"[green]wrote[/] {output} ({result['seconds']:.1f}s)")
 
 
 def _fmt_ratio(ratio: float | None) -> str:

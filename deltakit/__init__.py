@@ -30,6 +30,9 @@ _EXPORTS = {
     "config_field": "deltakit.codecs.base",
     "checkpoint_fingerprint": "deltakit.format.fingerprint",
     "Registry": "deltakit.registry",
+    "load_model": "deltakit.core.model_mode",
+    "export_model": "deltakit.core.model_mode",
+    "Calibration": "deltakit.codecs.base",
 }
 
 __all__ = ["__version__", *_EXPORTS]

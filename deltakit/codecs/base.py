@@ -16,6 +16,7 @@ import typing
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -173,6 +174,23 @@ class Encoded:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Where a data-aware codec gets its calibration tokens (see :mod:`deltakit.distill.data`)."""
+
+    sources: tuple[str, ...]
+    tokens: int = 65536
+    seq_len: int = 256
+    seed: int = 0
+
+    def batches(self, tokenizer: Any) -> torch.Tensor:
+        """(windows, seq_len) int64 token windows."""
+        from deltakit.distill.data import calibration_batches
+
+        return calibration_batches(self.sources, tokenizer, seq_len=self.seq_len, tokens=self.tokens,
+                                   seed=self.seed)
+
+
 @dataclass
 class EncodeContext:
     """What a codec may use besides the tensors: the budget, the compute device and a seed."""
@@ -204,6 +222,8 @@ class Codec(ABC):
     ratio_range: ClassVar[tuple[float, float] | None] = None
     #: whether the codec needs calibration data (data-aware codecs are run through deltakit.distill)
     needs_data: ClassVar[bool] = False
+    #: what the codec compresses: deltas against a base, whole models (no base), or both
+    modes: ClassVar[tuple[str, ...]] = ("delta",)
 
     @abstractmethod
     def encode(
@@ -223,6 +243,40 @@ class Codec(ABC):
 
         base: the base tensor, needed only by codecs that store bits relative to it (``lossless``).
         """
+
+    def prepare(
+        self, base: Any, target: Any, config: CodecConfig, budget: Budget, calibration: Calibration | None,
+        device: torch.device, seed: int, progress: Any = None,
+    ) -> None:
+        """Whole-model work before the per-tensor :meth:`encode` calls (data-aware codecs distil here).
+
+        base, target: :class:`deltakit.models.checkpoint.TensorSource` objects with a ``path`` when they
+        are directories. The default does nothing.
+        """
+
+    def compress_model(
+        self, model_dir: Path, output: Path, config: CodecConfig, *, reduction: float | None,
+        calibration: Calibration | None, device: torch.device, seed: int, progress: Any = None,
+    ) -> dict[str, Any]:
+        """Compress a model's own weights (no base) into ``output`` (an existing empty directory).
+
+        Only codecs whose ``modes`` include ``model`` implement it; returns a JSON-able report.
+        """
+        from deltakit.errors import UsageError
+
+        raise UsageError(f"{self.name} compresses deltas only; give --base BASE_DIR")
+
+    def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:
+        """Load a directory written by :meth:`compress_model` as a working transformers model."""
+        from deltakit.errors import UsageError
+
+        raise UsageError(f"{self.name} does not write compressed models")
+
+    def export_model(self, model_dir: Path, output: Path, dtype: torch.dtype | None = None) -> None:
+        """Materialise a :meth:`compress_model` directory as a plain checkpoint in ``output``."""
+        from deltakit.errors import UsageError
+
+        raise UsageError(f"{self.name} does not write compressed models")
 
     def reconstruct(
         self, encoded: Encoded, base: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu"

@@ -21,6 +21,8 @@ _BUILTIN_MODULES = (
     "deltakit.codecs.svd",
     "deltakit.codecs.dare",
     "deltakit.codecs.lossless",
+    "deltakit.codecs.lillama",
+    "deltakit.codecs.deltallm",
 )
 
 _REGISTRY: dict[str, type[Codec]] = {}
@@ -45,7 +47,11 @@ def _load_all() -> None:
         return
     _loaded = True
     for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a codec module that exists but fails to import is a bug: say so
+                raise
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()

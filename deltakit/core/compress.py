@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from deltakit.codecs.base import Budget, CodecConfig, EncodeContext
+from deltakit.codecs.base import Budget, Calibration, CodecConfig, EncodeContext
 from deltakit.codecs.registry import get_codec
 from deltakit.errors import NonFiniteError, TensorMismatchError, UsageError
 from deltakit.format.atomic import atomic_directory
@@ -68,10 +68,14 @@ def _model_name(source: TensorSource, given: str | None) -> str:
 
 
 def compress(
-    base: str | Path | dict[str, torch.Tensor] | TensorSource,
+    base: str | Path | dict[str, torch.Tensor] | TensorSource | None,
     target: str | Path | dict[str, torch.Tensor] | TensorSource,
     output: str | Path | None = None,
     *,
+    data: list[str | Path] | tuple[str | Path, ...] | None = None,
+    tokens: int = 65536,
+    seq_len: int = 256,
+    reduction: float | None = None,
     method: str = "dqrelo",
     ratio: float | None = None,
     rank: int | None = None,
@@ -93,11 +97,27 @@ def compress(
     ratio / rank: size budget (fraction of the fp16 delta, or a fixed rank); default: the codec's.
     exclude_roles: matrix roles (``embedding``, ``lm_head``, ``linear``, ``other``) stored exactly
     instead of encoded.
+    data, tokens, seq_len: calibration text for data-aware codecs (files, directories, JSONL).
+    base=None compresses ``target``'s own weights with a codec that supports it (``reduction``: the
+    fraction of parameters to remove); see :func:`deltakit.core.model_mode.compress_model`.
     Returns the :class:`Delta` (backed by ``output`` when given).
     """
     codec = get_codec(method)
+    calibration = None
     if codec.needs_data:
-        raise UsageError(f"method {method!r} needs calibration data; use its own entry point with --data")
+        if not data:
+            raise UsageError(f"method {method!r} needs calibration data: pass --data FILE_OR_DIR (text or JSONL)")
+        calibration = Calibration(tuple(str(d) for d in data), tokens=tokens, seq_len=seq_len, seed=seed)
+    if base is None:
+        from deltakit.core.model_mode import compress_model
+
+        if output is None:
+            raise UsageError("compressing a model (no --base) needs an output directory")
+        return compress_model(target, output, method=method, reduction=reduction, calibration=calibration,
+                              config=config, overrides=overrides, device=device, seed=seed,
+                              overwrite=overwrite, progress=progress)
+    if reduction is not None:
+        raise UsageError("--reduction applies to model compression (no --base); for deltas use --ratio or --rank")
     cfg = build_config(codec, config, overrides)
     budget = Budget(ratio=ratio, rank=rank)
     codec.check_budget(budget)
@@ -105,6 +125,7 @@ def compress(
         budget = Budget(ratio=codec.default_ratio)
     dev = resolve_device(device)
     base_src, target_src = open_checkpoint(base), open_checkpoint(target)
+    codec.prepare(base_src, target_src, cfg, budget, calibration, dev, seed, progress)
 
     if output is None:
         return _compress_into(None, codec, cfg, budget, dev, seed, base_src, target_src, base_name,
