@@ -23,9 +23,15 @@ DEVICE = click.Choice(["cpu", "cuda"])
 
 
 @click.command()
-@click.option("--method", "-m", default="dqrelo", show_default=True, help="codec name (see `deltakit methods`)")
-@click.option("--base", "base_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="base model directory (omit to compress a model's own weights with lillama/deltallm)")
+@click.option(
+    "--method", "-m", default="dqrelo", show_default=True, help="codec name (see `deltakit methods`)"
+)
+@click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="base model directory (omit to compress a model's own weights with lillama/deltallm)",
+)
 @click.argument("finetuned", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="delta directory to write")
 @click.option("--to", "to_ref", metavar="NAME[:TAG]", help="push the delta into the registry under this name")
@@ -35,19 +41,49 @@ DEVICE = click.Choice(["cpu", "cuda"])
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="codec config field (repeatable)")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--exclude-role", "exclude_roles", multiple=True,
-              type=click.Choice(["embedding", "lm_head", "linear", "other"]),
-              help="store matrices of this role exactly instead of encoding them (repeatable)")
-@click.option("--data", "data", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="calibration text for data-aware codecs: file, directory or JSONL (repeatable)")
+@click.option(
+    "--exclude-role",
+    "exclude_roles",
+    multiple=True,
+    type=click.Choice(["embedding", "lm_head", "linear", "other"]),
+    help="store matrices of this role exactly instead of encoding them (repeatable)",
+)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="calibration text for data-aware codecs: file, directory or JSONL (repeatable)",
+)
 @click.option("--tokens", type=int, default=65536, show_default=True, help="calibration token budget")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="calibration window length")
-@click.option("--reduction", type=float, help="fraction of parameters to remove (model compression, no --base)")
+@click.option(
+    "--reduction", type=float, help="fraction of parameters to remove (model compression, no --base)"
+)
 @click.option("--name", "target_name", help="name recorded for the fine-tune (default: its directory name)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
-def compress(method, base_dir, finetuned, output, to_ref, registry_path, ratio, rank, sets, device, seed,
-             exclude_roles, data, tokens, seq_len, reduction, target_name, overwrite, as_json):
+def compress(
+    method,
+    base_dir,
+    finetuned,
+    output,
+    to_ref,
+    registry_path,
+    ratio,
+    rank,
+    sets,
+    device,
+    seed,
+    exclude_roles,
+    data,
+    tokens,
+    seq_len,
+    reduction,
+    target_name,
+    overwrite,
+    as_json,
+):
     """Compress FINETUNED against --base into a delta directory (-o) or the registry (--to).
 
     Without --base, codecs that support it (lillama, deltallm) compress FINETUNED's own weights
@@ -56,8 +92,20 @@ def compress(method, base_dir, finetuned, output, to_ref, registry_path, ratio, 
     import deltakit
 
     if base_dir is None:
-        _compress_model(method, finetuned, output, sets, device, seed, data, tokens, seq_len, reduction,
-                        overwrite, as_json)
+        _compress_model(
+            method,
+            finetuned,
+            output,
+            sets,
+            device,
+            seed,
+            data,
+            tokens,
+            seq_len,
+            reduction,
+            overwrite,
+            as_json,
+        )
         return
     if output is None and to_ref is None:
         raise click.UsageError("give -o/--output DIR, --to NAME[:TAG], or both")
@@ -74,10 +122,23 @@ def compress(method, base_dir, finetuned, output, to_ref, registry_path, ratio, 
     try:
         with progress_bar(f"compress ({method})", enabled=not as_json) as progress:
             delta = deltakit.compress(
-                base_dir, finetuned, output, method=method, ratio=ratio_value, rank=rank,
-                overrides=parse_sets(sets), device=device, seed=seed, target_name=target_name,
-                exclude_roles=tuple(exclude_roles), overwrite=overwrite, progress=progress,
-                data=list(data) or None, tokens=tokens, seq_len=seq_len, reduction=reduction,
+                base_dir,
+                finetuned,
+                output,
+                method=method,
+                ratio=ratio_value,
+                rank=rank,
+                overrides=parse_sets(sets),
+                device=device,
+                seed=seed,
+                target_name=target_name,
+                exclude_roles=tuple(exclude_roles),
+                overwrite=overwrite,
+                progress=progress,
+                data=list(data) or None,
+                tokens=tokens,
+                seq_len=seq_len,
+                reduction=reduction,
             )
         result = _delta_result(delta, output if staging is None else None)
         result["seconds"] = round(time.perf_counter() - started, 3)
@@ -102,19 +163,36 @@ def compress(method, base_dir, finetuned, output, to_ref, registry_path, ratio, 
         )
 
 
-def _compress_model(method, model_dir, output, sets, device, seed, data, tokens, seq_len, reduction,
-                    overwrite, as_json) -> None:
+def _compress_model(
+    method, model_dir, output, sets, device, seed, data, tokens, seq_len, reduction, overwrite, as_json
+) -> None:
     import deltakit
 
     if output is None:
         raise click.UsageError("compressing a model (no --base) needs -o/--output DIR")
     started = time.perf_counter()
     with progress_bar(f"compress model ({method})", enabled=not as_json) as progress:
-        report = deltakit.compress(None, model_dir, output, method=method, overrides=parse_sets(sets),
-                                   device=device, seed=seed, data=list(data) or None, tokens=tokens,
-                                   seq_len=seq_len, reduction=reduction, overwrite=overwrite, progress=progress)
-    result = {"path": str(output), "method": method, "report": report,
-              "seconds": round(time.perf_counter() - started, 3)}
+        report = deltakit.compress(
+            None,
+            model_dir,
+            output,
+            method=method,
+            overrides=parse_sets(sets),
+            device=device,
+            seed=seed,
+            data=list(data) or None,
+            tokens=tokens,
+            seq_len=seq_len,
+            reduction=reduction,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    result = {
+        "path": str(output),
+        "method": method,
+        "report": report,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     if as_json:
         emit_json(result)
     else:
@@ -123,8 +201,12 @@ def _compress_model(method, model_dir, output, sets, device, seed, data, tokens,
 
 @click.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="checkpoint directory to write")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="cast the output weights")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="checkpoint directory to write"
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="cast the output weights"
+)
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
 def export(model_dir, output, dtype, overwrite, as_json):
@@ -174,8 +256,12 @@ def resolve_delta_arg(delta: str, registry_path: Path | None) -> Path:
 @click.command()
 @click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("delta")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="model directory to write")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="cast the output weights")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="model directory to write"
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="cast the output weights"
+)
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="apply even if the base fingerprint differs from the delta's")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
@@ -188,8 +274,16 @@ def apply(base, delta, output, dtype, device, force, overwrite, registry_path, a
     delta_path = resolve_delta_arg(delta, registry_path)
     started = time.perf_counter()
     with progress_bar("apply", enabled=not as_json) as progress:
-        report = deltakit.apply(base, delta_path, output, dtype=dtype, device=device, force=force,
-                                overwrite=overwrite, progress=progress)
+        report = deltakit.apply(
+            base,
+            delta_path,
+            output,
+            dtype=dtype,
+            device=device,
+            force=force,
+            overwrite=overwrite,
+            progress=progress,
+        )
     result = {
         "output": str(output),
         "tensors": report.tensors,
@@ -202,7 +296,9 @@ def apply(base, delta, output, dtype, device, force, overwrite, registry_path, a
         emit_json(result)
     else:
         exact = "bit-exact fine-tune" if report.matches_target else "approximate fine-tune"
-        out_console.print(f"[green]wrote[/] {output}: {report.tensors} tensors, {exact}, {result['seconds']:.1f}s")
+        out_console.print(
+            f"[green]wrote[/] {output}: {report.tensors} tensors, {exact}, {result['seconds']:.1f}s"
+        )
 
 
 @click.command()
@@ -225,17 +321,27 @@ def inspect(delta, tensors, registry_path, as_json):
             stored = sum(_stored_nbytes(loaded, key, group.get("shard")) for key in group["stored"].values())
         if "stored" in entry:
             stored += sum(_stored_nbytes(loaded, key, entry.get("shard")) for key in entry["stored"].values())
-        rows.append({"name": name, "kind": entry["kind"], "role": entry.get("role"), "dtype": entry["dtype"],
-                     "shape": entry["shape"], "stored_bytes": stored,
-                     "ratio": stored / fp16 if fp16 else None})
+        rows.append(
+            {
+                "name": name,
+                "kind": entry["kind"],
+                "role": entry.get("role"),
+                "dtype": entry["dtype"],
+                "shape": entry["shape"],
+                "stored_bytes": stored,
+                "ratio": stored / fp16 if fp16 else None,
+            }
+        )
     summary = manifest_summary(manifest)
     summary["tensors"] = rows
     if as_json:
         emit_json(summary)
         return
     stats = manifest.stats
-    out_console.print(f"[bold]{delta}[/]  codec [cyan]{manifest.codec.name}[/] v{manifest.codec.version}  "
-                      f"format v{manifest.format_version}")
+    out_console.print(
+        f"[bold]{delta}[/]  codec [cyan]{manifest.codec.name}[/] v{manifest.codec.version}  "
+        f"format v{manifest.format_version}"
+    )
     out_console.print(f"base   {manifest.base.name}  {manifest.base.fingerprint[:23]}…")
     out_console.print(f"target {manifest.target.name}  {manifest.target.fingerprint[:23]}…")
     out_console.print(f"config {manifest.codec.config}  budget {manifest.codec.budget}")
@@ -249,8 +355,15 @@ def inspect(delta, tensors, registry_path, as_json):
         for column in ("tensor", "kind", "role", "dtype", "shape", "stored", "ratio"):
             table.add_column(column, justify="right" if column in ("stored", "ratio") else "left")
         for row in rows:
-            table.add_row(row["name"], row["kind"], row["role"] or "", row["dtype"], "×".join(map(str, row["shape"])),
-                          human_bytes(row["stored_bytes"]), f"{row['ratio']:.4f}" if row["ratio"] else "")
+            table.add_row(
+                row["name"],
+                row["kind"],
+                row["role"] or "",
+                row["dtype"],
+                "×".join(map(str, row["shape"])),
+                human_bytes(row["stored_bytes"]),
+                f"{row['ratio']:.4f}" if row["ratio"] else "",
+            )
         out_console.print(table)
 
 
@@ -261,8 +374,12 @@ def _stored_nbytes(delta, key: str, shard: str | None) -> int:
 
 @click.command()
 @click.argument("delta")
-@click.option("--base", "base_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="also check that this is the base the delta was made from")
+@click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="also check that this is the base the delta was made from",
+)
 @click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
 def verify(delta, base_dir, registry_path, as_json):
@@ -291,7 +408,9 @@ def methods(as_json):
     for info in described:
         ratio = f"default ratio {info['default_ratio']:g}" if info["default_ratio"] else "size not budgeted"
         data = " · needs calibration data" if info["needs_data"] else ""
-        out_console.print(f"[bold cyan]{info['name']}[/] v{info['version']}: {info['summary']} ({ratio}{data})")
+        out_console.print(
+            f"[bold cyan]{info['name']}[/] v{info['version']}: {info['summary']} ({ratio}{data})"
+        )
         if not info["config"]:
             continue
         table = Table(show_header=False, show_edge=False, box=None, padding=(0, 2))

@@ -31,8 +31,14 @@ def cli() -> None:
     """deltakit: one base model, many small compressed fine-tune deltas."""
 
 
-for command in (core_cmds.compress, core_cmds.apply, core_cmds.inspect, core_cmds.verify, core_cmds.methods,
-                core_cmds.export):
+for command in (
+    core_cmds.compress,
+    core_cmds.apply,
+    core_cmds.inspect,
+    core_cmds.verify,
+    core_cmds.methods,
+    core_cmds.export,
+):
     cli.add_command(command)
 for module_name, attribute in _PLUGGED:
     try:

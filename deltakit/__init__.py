@@ -35,17 +35,40 @@ _EXPORTS = {
     "Calibration": "deltakit.codecs.base",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "compress",
+    "apply",
+    "ApplyReport",
+    "verify",
+    "load_delta",
+    "Delta",
+    "Manifest",
+    "get_codec",
+    "list_codecs",
+    "register_codec",
+    "Codec",
+    "CodecConfig",
+    "Budget",
+    "Encoded",
+    "EncodeContext",
+    "config_field",
+    "checkpoint_fingerprint",
+    "Registry",
+    "load_model",
+    "export_model",
+    "Calibration",
+]
 
 if TYPE_CHECKING:
-    from deltakit.core.apply import ApplyReport, apply
-    from deltakit.codecs.base import Budget, Codec, CodecConfig, Encoded, EncodeContext, config_field
+    from deltakit.codecs.base import Budget, Codec, CodecConfig, EncodeContext, Encoded, config_field
     from deltakit.codecs.registry import get_codec, list_codecs, register_codec
+    from deltakit.core.apply import ApplyReport, apply
     from deltakit.core.compress import compress
+    from deltakit.core.verify import verify
     from deltakit.format.delta import Delta, load_delta
     from deltakit.format.fingerprint import checkpoint_fingerprint
     from deltakit.format.manifest import Manifest
-    from deltakit.core.verify import verify
 
 
 def __getattr__(name: str) -> Any:

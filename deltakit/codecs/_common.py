@@ -19,8 +19,14 @@ def fp32_delta(base: torch.Tensor, target: torch.Tensor, device: torch.device) -
 
 
 def low_rank_factors(
-    matrix: torch.Tensor, rank: int, factor_dtype: str, *, svd_method: str, oversample: int,
-    power_iters: int, seed: int,
+    matrix: torch.Tensor,
+    rank: int,
+    factor_dtype: str,
+    *,
+    svd_method: str,
+    oversample: int,
+    power_iters: int,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``up`` (rows, r) and ``down`` (r, cols) with ``matrix ≈ up @ down``, √S on each side.
 

@@ -187,8 +187,9 @@ class Calibration:
         """(windows, seq_len) int64 token windows."""
         from deltakit.distill.data import calibration_batches
 
-        return calibration_batches(self.sources, tokenizer, seq_len=self.seq_len, tokens=self.tokens,
-                                   seed=self.seed)
+        return calibration_batches(
+            self.sources, tokenizer, seq_len=self.seq_len, tokens=self.tokens, seed=self.seed
+        )
 
 
 @dataclass
@@ -244,9 +245,16 @@ class Codec(ABC):
         base: the base tensor, needed only by codecs that store bits relative to it (``lossless``).
         """
 
-    def prepare(
-        self, base: Any, target: Any, config: CodecConfig, budget: Budget, calibration: Calibration | None,
-        device: torch.device, seed: int, progress: Any = None,
+    def prepare(  # noqa: B027 - optional hook, a no-op for data-free codecs
+        self,
+        base: Any,
+        target: Any,
+        config: CodecConfig,
+        budget: Budget,
+        calibration: Calibration | None,
+        device: torch.device,
+        seed: int,
+        progress: Any = None,
     ) -> None:
         """Whole-model work before the per-tensor :meth:`encode` calls (data-aware codecs distil here).
 
@@ -255,8 +263,16 @@ class Codec(ABC):
         """
 
     def compress_model(
-        self, model_dir: Path, output: Path, config: CodecConfig, *, reduction: float | None,
-        calibration: Calibration | None, device: torch.device, seed: int, progress: Any = None,
+        self,
+        model_dir: Path,
+        output: Path,
+        config: CodecConfig,
+        *,
+        reduction: float | None,
+        calibration: Calibration | None,
+        device: torch.device,
+        seed: int,
+        progress: Any = None,
     ) -> dict[str, Any]:
         """Compress a model's own weights (no base) into ``output`` (an existing empty directory).
 
@@ -293,9 +309,12 @@ class Codec(ABC):
         if budget.ratio is not None and self.ratio_range is not None:
             low, high = self.ratio_range
             if not (low * (1 - 1e-9) <= budget.ratio <= high * (1 + 1e-9)):
+                reach = (
+                    format_ratio(low) if low == high else f"from {format_ratio(low)} to {format_ratio(high)}"
+                )
                 raise BudgetError(
-                    f"{self.name} cannot reach ratio {budget.ratio:g}; "
-                    f"it reaches ratios from {low:g} to {high:g} of the fp16 delta"
+                    f"{self.name} cannot reach ratio {format_ratio(budget.ratio)}; "
+                    f"it reaches {reach} of the fp16 delta"
                 )
 
     def effective_ratio(self, budget: Budget) -> float | None:
@@ -312,6 +331,14 @@ class Codec(ABC):
             "needs_data": cls.needs_data,
             "config": cls.config_class.describe(),
         }
+
+
+def format_ratio(ratio: float) -> str:
+    """``0.0625`` -> ``"0.0625 (1/16)"``; the fraction is shown when 1/ratio is a whole number."""
+    inverse = 1 / ratio
+    if abs(inverse - round(inverse)) < 1e-6 and round(inverse) > 1:
+        return f"{ratio:g} (1/{round(inverse)})"
+    return f"{ratio:g}"
 
 
 def rank_for_bytes(rows: int, cols: int, nbytes: float, bytes_per_value: int = FP16_BYTES) -> int:

@@ -26,7 +26,8 @@ from deltakit.ops.bitpack import pack_bits, unpack_bits
 @dataclass(frozen=True)
 class DAREConfig(CodecConfig):
     mode: str = config_field(
-        "random", "random: DARE drop-and-rescale; magnitude: keep the largest |delta| entries",
+        "random",
+        "random: DARE drop-and-rescale; magnitude: keep the largest |delta| entries",
         choices=("random", "magnitude"),
     )
 
@@ -44,7 +45,9 @@ class DARE(Codec):
     summary = "DARE random drop with rescale (or magnitude top-k) of the delta entries"
     default_ratio = 1 / 8
 
-    def encode(self, base: torch.Tensor, target: torch.Tensor, config: DAREConfig, ctx: EncodeContext) -> Encoded:
+    def encode(
+        self, base: torch.Tensor, target: torch.Tensor, config: DAREConfig, ctx: EncodeContext
+    ) -> Encoded:
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
         if ctx.budget.rank is not None:
             raise BudgetError("dare has no rank; give a ratio")
@@ -54,17 +57,23 @@ class DARE(Codec):
         if config.mode == "random":
             keep = math.floor(ratio * numel)
             if keep < 1:
-                raise BudgetError(f"dare: ratio {ratio:g} keeps no entry of {ctx.name or 'a'} {list(shape)} tensor")
+                raise BudgetError(
+                    f"dare: ratio {ratio:g} keeps no entry of {ctx.name or 'a'} {list(shape)} tensor"
+                )
             seed = ctx.tensor_seed()
             positions = _random_positions(numel, keep, seed)
             values = (delta[positions] * (numel / keep)).to(torch.float16)
-            return Encoded({"values": values}, {"shape": list(shape), "mode": "random", "keep": keep, "seed": seed})
+            return Encoded(
+                {"values": values}, {"shape": list(shape), "mode": "random", "keep": keep, "seed": seed}
+            )
         budget = ratio * FP16_BYTES * numel
         keep_mask = math.floor((budget - (numel + 7) // 8) / FP16_BYTES)
         keep_index = math.floor(budget / (FP16_BYTES + 4))
         keep = max(keep_mask, keep_index)
         if keep < 1:
-            raise BudgetError(f"dare: ratio {ratio:g} keeps no entry of {ctx.name or 'a'} {list(shape)} tensor")
+            raise BudgetError(
+                f"dare: ratio {ratio:g} keeps no entry of {ctx.name or 'a'} {list(shape)} tensor"
+            )
         positions = delta.abs().topk(min(keep, numel)).indices.sort().values
         values = delta[positions].to(torch.float16)
         if keep_mask >= keep_index:

@@ -94,8 +94,13 @@ class DQRelo(Codec):
             for _ in range(max(1, rounds)):
                 residual = delta - scale * sign_dense
                 up, down = low_rank_factors(
-                    residual, rank, config.factor_dtype, svd_method=config.svd_method,
-                    oversample=config.oversample, power_iters=config.power_iters, seed=ctx.tensor_seed(),
+                    residual,
+                    rank,
+                    config.factor_dtype,
+                    svd_method=config.svd_method,
+                    oversample=config.oversample,
+                    power_iters=config.power_iters,
+                    seed=ctx.tensor_seed(),
                 )
                 if config.compensation != "none":
                     low_rank = low_rank_product(up, down, ctx.device)

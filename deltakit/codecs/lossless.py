@@ -50,8 +50,9 @@ class Lossless(Codec):
         compressor = zstandard.ZstdCompressor(level=config.level)
         planes = [data[:, i] for i in range(data.shape[1])] if config.byte_planes else [data.reshape(-1)]
         tensors = {
-            f"plane{i}": torch.frombuffer(bytearray(compressor.compress(np.ascontiguousarray(p).tobytes())),
-                                          dtype=torch.uint8)
+            f"plane{i}": torch.frombuffer(
+                bytearray(compressor.compress(np.ascontiguousarray(p).tobytes())), dtype=torch.uint8
+            )
             for i, p in enumerate(planes)
         }
         params = {
@@ -70,7 +71,9 @@ class Lossless(Codec):
         numel = int(np.prod(shape)) if shape else 1
         decompressor = zstandard.ZstdDecompressor()
         streams = [
-            np.frombuffer(decompressor.decompress(encoded.tensors[f"plane{i}"].numpy().tobytes()), dtype=np.uint8)
+            np.frombuffer(
+                decompressor.decompress(encoded.tensors[f"plane{i}"].numpy().tobytes()), dtype=np.uint8
+            )
             for i in range(params["planes"])
         ]
         data = np.stack(streams, axis=1) if len(streams) > 1 else streams[0].reshape(numel, itemsize)

@@ -61,12 +61,19 @@ class SVD(Codec):
             )
         return min(rank, rows, cols)
 
-    def encode(self, base: torch.Tensor, target: torch.Tensor, config: SVDConfig, ctx: EncodeContext) -> Encoded:
+    def encode(
+        self, base: torch.Tensor, target: torch.Tensor, config: SVDConfig, ctx: EncodeContext
+    ) -> Encoded:
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
         rank = self.rank_for(shape, ctx, config)
         up, down = low_rank_factors(
-            fp32_delta(base, target, ctx.device), rank, config.factor_dtype, svd_method=config.svd_method,
-            oversample=config.oversample, power_iters=config.power_iters, seed=ctx.tensor_seed(),
+            fp32_delta(base, target, ctx.device),
+            rank,
+            config.factor_dtype,
+            svd_method=config.svd_method,
+            oversample=config.oversample,
+            power_iters=config.power_iters,
+            seed=ctx.tensor_seed(),
         )
         return Encoded({"up": up, "down": down}, {"shape": list(shape), "rank": rank})
 

@@ -41,7 +41,9 @@ class ApplyReport:
 
 
 def expected_base_names(delta: Delta) -> set[str]:
-    names = {n for n, e in delta.manifest.tensors.items() if e["kind"] != PASSTHROUGH or e.get("in_base", False)}
+    names = {
+        n for n, e in delta.manifest.tensors.items() if e["kind"] != PASSTHROUGH or e.get("in_base", False)
+    }
     return names | set(delta.manifest.removed)
 
 
@@ -53,7 +55,9 @@ def check_base_keys(delta: Delta, base: TensorSource) -> None:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s) the delta expects (e.g. {', '.join(missing[:3])})")
+            parts.append(
+                f"missing {len(missing)} tensor(s) the delta expects (e.g. {', '.join(missing[:3])})"
+            )
         if extra:
             parts.append(f"has {len(extra)} tensor(s) the delta does not know (e.g. {', '.join(extra[:3])})")
         raise TensorMismatchError(f"base model {'; '.join(parts)}: is this the base the delta was made from?")
@@ -112,8 +116,13 @@ def apply(
 
 
 def _apply_into(
-    delta: Delta, base_src: TensorSource, specs: list[TensorSpec], dev: torch.device, force: bool,
-    progress: Progress | None, sink: Callable[[str, torch.Tensor], None],
+    delta: Delta,
+    base_src: TensorSource,
+    specs: list[TensorSpec],
+    dev: torch.device,
+    force: bool,
+    progress: Progress | None,
+    sink: Callable[[str, torch.Tensor], None],
 ) -> ApplyReport:
     base_fp, out_fp = FingerprintBuilder(), FingerprintBuilder()
     manifest = delta.manifest
@@ -144,8 +153,13 @@ def _apply_into(
             raise BaseMismatchError(message + "; pass --force to apply anyway")
         warnings.warn(message + "; applying anyway (--force)", stacklevel=3)
     output_fingerprint = out_fp.fingerprint()
-    return ApplyReport(None, base_fingerprint, output_fingerprint,
-                       output_fingerprint == manifest.target.fingerprint, len(specs))
+    return ApplyReport(
+        None,
+        base_fingerprint,
+        output_fingerprint,
+        output_fingerprint == manifest.target.fingerprint,
+        len(specs),
+    )
 
 
 def _copy_aux(delta: Delta, base_src: TensorSource, out_dir: Path) -> None:

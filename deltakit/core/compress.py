@@ -41,7 +41,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def build_config(codec, config: CodecConfig | dict[str, Any] | None, overrides: dict[str, str] | None) -> CodecConfig:
+def build_config(
+    codec, config: CodecConfig | dict[str, Any] | None, overrides: dict[str, str] | None
+) -> CodecConfig:
     """The codec's config from defaults, a dict or config object, then ``--set`` string overrides."""
     if config is None:
         cfg = codec.config_class()
@@ -106,18 +108,32 @@ def compress(
     calibration = None
     if codec.needs_data:
         if not data:
-            raise UsageError(f"method {method!r} needs calibration data: pass --data FILE_OR_DIR (text or JSONL)")
+            raise UsageError(
+                f"method {method!r} needs calibration data: pass --data FILE_OR_DIR (text or JSONL)"
+            )
         calibration = Calibration(tuple(str(d) for d in data), tokens=tokens, seq_len=seq_len, seed=seed)
     if base is None:
         from deltakit.core.model_mode import compress_model
 
         if output is None:
             raise UsageError("compressing a model (no --base) needs an output directory")
-        return compress_model(target, output, method=method, reduction=reduction, calibration=calibration,
-                              config=config, overrides=overrides, device=device, seed=seed,
-                              overwrite=overwrite, progress=progress)
+        return compress_model(
+            target,
+            output,
+            method=method,
+            reduction=reduction,
+            calibration=calibration,
+            config=config,
+            overrides=overrides,
+            device=device,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+        )
     if reduction is not None:
-        raise UsageError("--reduction applies to model compression (no --base); for deltas use --ratio or --rank")
+        raise UsageError(
+            "--reduction applies to model compression (no --base); for deltas use --ratio or --rank"
+        )
     cfg = build_config(codec, config, overrides)
     budget = Budget(ratio=ratio, rank=rank)
     codec.check_budget(budget)
@@ -128,20 +144,56 @@ def compress(
     codec.prepare(base_src, target_src, cfg, budget, calibration, dev, seed, progress)
 
     if output is None:
-        return _compress_into(None, codec, cfg, budget, dev, seed, base_src, target_src, base_name,
-                              target_name, exclude_roles, max_shard_bytes, progress)
+        return _compress_into(
+            None,
+            codec,
+            cfg,
+            budget,
+            dev,
+            seed,
+            base_src,
+            target_src,
+            base_name,
+            target_name,
+            exclude_roles,
+            max_shard_bytes,
+            progress,
+        )
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        _compress_into(tmp, codec, cfg, budget, dev, seed, base_src, target_src, base_name, target_name,
-                       exclude_roles, max_shard_bytes, progress)
+        _compress_into(
+            tmp,
+            codec,
+            cfg,
+            budget,
+            dev,
+            seed,
+            base_src,
+            target_src,
+            base_name,
+            target_name,
+            exclude_roles,
+            max_shard_bytes,
+            progress,
+        )
     from deltakit.format.delta import load_delta
 
     return load_delta(output, verify=False)
 
 
 def _compress_into(
-    out_dir: Path | None, codec, cfg: CodecConfig, budget: Budget, dev: torch.device, seed: int,
-    base_src: TensorSource, target_src: TensorSource, base_name: str | None, target_name: str | None,
-    exclude_roles: tuple[str, ...], max_shard_bytes: int, progress: Progress | None,
+    out_dir: Path | None,
+    codec,
+    cfg: CodecConfig,
+    budget: Budget,
+    dev: torch.device,
+    seed: int,
+    base_src: TensorSource,
+    target_src: TensorSource,
+    base_name: str | None,
+    target_name: str | None,
+    exclude_roles: tuple[str, ...],
+    max_shard_bytes: int,
+    progress: Progress | None,
 ) -> Delta:
     base_names = base_src.names()
     base_set = set(base_names)
@@ -160,8 +212,15 @@ def _compress_into(
 
     tensors: dict[str, dict[str, Any]] = {}
     groups: dict[str, dict[str, Any]] = {}
-    stats = {"encoded_bytes": 0, "param_bytes": 0, "fp16_delta_bytes": 0, "passthrough_bytes": 0,
-             "encoded_tensors": 0, "unchanged_tensors": 0, "passthrough_tensors": 0}
+    stats = {
+        "encoded_bytes": 0,
+        "param_bytes": 0,
+        "fp16_delta_bytes": 0,
+        "passthrough_bytes": 0,
+        "encoded_tensors": 0,
+        "unchanged_tensors": 0,
+        "passthrough_tensors": 0,
+    }
     total = len(target_names) + len(base_set - set(target_names))
 
     for index, name in enumerate(target_names):
@@ -191,8 +250,12 @@ def _compress_into(
             tensors[name] = entry
             continue
         grown = (
-            not same_shape and t.ndim == 2 and b.ndim == 2 and t.shape[1] == b.shape[1]
-            and t.shape[0] > b.shape[0] and role.role in (EMBEDDING, LM_HEAD)
+            not same_shape
+            and t.ndim == 2
+            and b.ndim == 2
+            and t.shape[1] == b.shape[1]
+            and t.shape[0] > b.shape[0]
+            and role.role in (EMBEDDING, LM_HEAD)
         )
         if not same_shape and not grown:
             raise TensorMismatchError(

@@ -24,10 +24,18 @@ MODEL_FORMAT_VERSION = 1
 
 
 def compress_model(
-    model_dir: str | Path, output: str | Path, *, method: str, reduction: float | None,
-    calibration: Calibration | None, config: CodecConfig | dict | None = None,
-    overrides: dict[str, str] | None = None, device: str | torch.device = "cpu", seed: int = 0,
-    overwrite: bool = False, progress: Any = None,
+    model_dir: str | Path,
+    output: str | Path,
+    *,
+    method: str,
+    reduction: float | None,
+    calibration: Calibration | None,
+    config: CodecConfig | dict | None = None,
+    overrides: dict[str, str] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Compress ``model_dir`` with ``method`` into ``output`` (atomic); returns the codec's report."""
     from deltakit.core.compress import build_config, resolve_device
@@ -40,8 +48,16 @@ def compress_model(
     cfg = build_config(codec, config, overrides)
     dev = resolve_device(device)
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        report = codec.compress_model(Path(model_dir), tmp, cfg, reduction=reduction, calibration=calibration,
-                                      device=dev, seed=seed, progress=progress)
+        report = codec.compress_model(
+            Path(model_dir),
+            tmp,
+            cfg,
+            reduction=reduction,
+            calibration=calibration,
+            device=dev,
+            seed=seed,
+            progress=progress,
+        )
         marker = {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
@@ -49,9 +65,14 @@ def compress_model(
             "codec": {"name": codec.name, "version": codec.version, "config": cfg.to_dict()},
             "source": str(model_dir),
             "reduction": reduction,
-            "calibration": None if calibration is None else {
-                "sources": list(calibration.sources), "tokens": calibration.tokens,
-                "seq_len": calibration.seq_len, "seed": calibration.seed},
+            "calibration": None
+            if calibration is None
+            else {
+                "sources": list(calibration.sources),
+                "tokens": calibration.tokens,
+                "seq_len": calibration.seq_len,
+                "seed": calibration.seed,
+            },
             "report": report,
         }
         (tmp / MODEL_MARKER).write_text(json.dumps(marker, indent=1, default=str) + "\n")
@@ -66,7 +87,9 @@ def read_marker(model_dir: str | Path) -> dict[str, Any]:
     if marker.get("format") != MODEL_FORMAT:
         raise FormatError(f"{path}: not a deltakit compressed model")
     if marker.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise FormatError(f"{path}: format version {marker['format_version']} is newer than this deltakit reads")
+        raise FormatError(
+            f"{path}: format version {marker['format_version']} is newer than this deltakit reads"
+        )
     return marker
 
 
@@ -80,8 +103,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Any
     return get_codec(marker["codec"]["name"]).load_model(Path(model_dir), device)
 
 
-def export_model(model_dir: str | Path, output: str | Path, *, dtype: torch.dtype | None = None,
-                 overwrite: bool = False) -> Path:
+def export_model(
+    model_dir: str | Path, output: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """Materialise a compressed-model directory as a plain Hugging Face checkpoint (atomic)."""
     marker = read_marker(model_dir)
     codec = get_codec(marker["codec"]["name"])

@@ -32,9 +32,15 @@ def _read_jsonl(path: Path) -> Iterable[str]:
             if isinstance(record, str):
                 yield record
                 continue
-            parts = [record[k] for k in JSON_TEXT_KEYS if isinstance(record, dict) and isinstance(record.get(k), str)]
+            parts = [
+                record[k]
+                for k in JSON_TEXT_KEYS
+                if isinstance(record, dict) and isinstance(record.get(k), str)
+            ]
             if not parts:
-                raise UsageError(f"{path}:{number}: no text field (expected one of {', '.join(JSON_TEXT_KEYS)})")
+                raise UsageError(
+                    f"{path}:{number}: no text field (expected one of {', '.join(JSON_TEXT_KEYS)})"
+                )
             yield "\n".join(parts)
 
 

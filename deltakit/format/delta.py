@@ -80,7 +80,9 @@ def verify_files(delta_dir: Path, manifest: Manifest) -> None:
             raise IntegrityError(f"{delta_dir}: file {rel} listed in the manifest is missing")
         size = path.stat().st_size
         if size != entry["size"]:
-            raise IntegrityError(f"{delta_dir}: {rel} is {size} bytes, manifest says {entry['size']} (truncated?)")
+            raise IntegrityError(
+                f"{delta_dir}: {rel} is {size} bytes, manifest says {entry['size']} (truncated?)"
+            )
         if file_sha256(path) != entry["sha256"]:
             raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
 
@@ -92,7 +94,9 @@ class Delta:
     ``stored`` holds the tensors). Stored tensors are loaded lazily, per group.
     """
 
-    def __init__(self, manifest: Manifest, path: Path | None = None, stored: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self, manifest: Manifest, path: Path | None = None, stored: dict[str, torch.Tensor] | None = None
+    ):
         self.manifest = manifest
         self.path = Path(path) if path is not None else None
         self._stored = stored
@@ -121,7 +125,9 @@ class Delta:
     def encoded(self, group: str) -> Encoded:
         """The :class:`Encoded` form of one group."""
         entry = self.manifest.groups[group]
-        tensors = {local: self._stored_tensor(key, entry.get("shard")) for local, key in entry["stored"].items()}
+        tensors = {
+            local: self._stored_tensor(key, entry.get("shard")) for local, key in entry["stored"].items()
+        }
         return Encoded(tensors, entry["params"])
 
     def tensor_names(self) -> list[str]:
@@ -155,13 +161,17 @@ class Delta:
             raise FormatError(f"tensor {name}: unknown kind {kind!r}")
         rebuilt = self.codec.reconstruct(self.encoded(entry["group"]), base, dtype, device)
         if "extra_rows" in entry.get("stored", {}):
-            extra = self._stored_tensor(entry["stored"]["extra_rows"], entry.get("shard")).to(device=device, dtype=dtype)
+            extra = self._stored_tensor(entry["stored"]["extra_rows"], entry.get("shard")).to(
+                device=device, dtype=dtype
+            )
             rebuilt = torch.cat([rebuilt, extra], dim=0)
         if tuple(rebuilt.shape) != shape:
             raise FormatError(f"tensor {name}: rebuilt shape {list(rebuilt.shape)} != recorded {list(shape)}")
         return rebuilt
 
-    def delta_fp32(self, name: str, base: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    def delta_fp32(
+        self, name: str, base: torch.Tensor, device: torch.device | str = "cpu"
+    ) -> torch.Tensor | None:
         """Dense fp32 delta of an encoded tensor (None for unchanged ones); base shape rows only."""
         entry = self.manifest.tensors[name]
         if entry["kind"] != ENCODED:

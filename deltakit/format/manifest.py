@@ -68,12 +68,27 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     deltakit_version: str = __version__
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        order = ["format", "format_version", "deltakit_version", "created", "codec", "base", "target",
-                 "stats", "files", "aux_files", "removed", "groups", "tensors"]
+        order = [
+            "format",
+            "format_version",
+            "deltakit_version",
+            "created",
+            "codec",
+            "base",
+            "target",
+            "stats",
+            "files",
+            "aux_files",
+            "removed",
+            "groups",
+            "tensors",
+        ]
         return {key: data[key] for key in order}
 
     def to_json(self) -> str:
@@ -94,8 +109,21 @@ class Manifest:
                 f"{source}: format version {version} is newer than this deltakit reads ({FORMAT_VERSION}); "
                 "upgrade deltakit"
             )
-        known = {"format", "format_version", "deltakit_version", "created", "codec", "base", "target",
-                 "tensors", "groups", "removed", "aux_files", "files", "stats"}
+        known = {
+            "format",
+            "format_version",
+            "deltakit_version",
+            "created",
+            "codec",
+            "base",
+            "target",
+            "tensors",
+            "groups",
+            "removed",
+            "aux_files",
+            "files",
+            "stats",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             warnings.warn(f"{source}: ignoring unknown manifest key(s): {', '.join(unknown)}", stacklevel=2)

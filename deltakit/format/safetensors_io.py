@@ -111,7 +111,7 @@ class StreamingSafetensorsWriter:
             offset += spec.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
-        self._fh: BinaryIO = open(self.path, "wb")
+        self._fh: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()/__exit__
         self._emit(struct.pack("<Q", len(blob)) + blob)
 
     def _emit(self, data: bytes | memoryview) -> None:
