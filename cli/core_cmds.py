@@ -146,7 +146,7 @@ def compress(
             from deltakit.registry import Registry
 
             registry = Registry.open(registry_path)
-            result["registry"] = registry.push(output, to_ref)
+            result["registry"] = registry.push(output, to_ref).to_dict()
     finally:
         if staging is not None:
             staging.cleanup()

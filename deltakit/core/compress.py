@@ -262,7 +262,7 @@ def _compress_into(
                 f"tensor {name}: base shape {list(b.shape)} and fine-tune shape {list(t.shape)} differ "
                 "(only embedding/lm_head rows may grow)"
             )
-        if t.ndim != 2 or role.role in exclude_roles:
+        if t.ndim != 2 or not t.is_floating_point() or role.role in exclude_roles:
             entry.update(kind=PASSTHROUGH, in_base=True, stored={"value": name})
             entry["shard"] = store(name, t)
             stats["passthrough_bytes"] += t.numel() * t.element_size()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +129,9 @@ class Manifest:
             warnings.warn(f"{source}: ignoring unknown manifest key(s): {', '.join(unknown)}", stacklevel=2)
         try:
             return cls(
-                codec=CodecInfo(**data["codec"]),
-                base=ModelIdentity(**data["base"]),
-                target=ModelIdentity(**data["target"]),
+                codec=_section(CodecInfo, data["codec"], "codec", source),
+                base=_section(ModelIdentity, data["base"], "base", source),
+                target=_section(ModelIdentity, data["target"], "target", source),
                 tensors=data.get("tensors", {}),
                 groups=data.get("groups", {}),
                 removed=data.get("removed", []),
@@ -156,3 +156,14 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FormatError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, str(path))
+
+
+def _section(cls: type, values: Any, key: str, source: str) -> Any:
+    """Build a manifest section dataclass; unknown keys (from a newer minor writer) warn and are dropped."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{key} is not an object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown {key} key(s): {', '.join(unknown)}", stacklevel=3)
+    return cls(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,197 @@
+"""Moving deltas and bases between the embedded registry and a remote store (S3-compatible).
+
+Only blobs the other side lacks are sent (one listing of the other side's blobs, then set difference);
+content addressing makes every write idempotent, so an interrupted sync is simply run again. Blobs go
+first, ref documents last, so the other side never sees a ref whose blobs are not all there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from deltakit.errors import FormatError, NotFoundError
+from deltakit.registry.blobstore import BlobStore, check_digest
+from deltakit.registry.manifest import file_entries, parse_manifest
+from deltakit.registry.names import parse_ref, validate_name
+from deltakit.registry.records import SyncReport
+from deltakit.registry.registry import (
+    BASE_TREE_FORMAT,
+    Registry,
+    base_ref_key,
+    delta_ref_key,
+    eval_key,
+)
+
+
+def open_remote(url: str, **options: Any) -> BlobStore:
+    """A :class:`BlobStore` for ``url`` (``s3://bucket/prefix``); options go to the store's constructor."""
+    from deltakit.registry.s3store import S3BlobStore
+
+    return S3BlobStore(url, **options)
+
+
+def _closure(store: BlobStore, key: str) -> list[str]:
+    """Digests a ref document needs on ``store``, leaves first (files, then the manifest or file list)."""
+    data = store.read_doc(key)
+    if data is None:
+        raise NotFoundError(f"{store.url}: no {key}")
+    doc = json.loads(data)
+    if key.startswith("refs/deltas/"):
+        top = check_digest(doc["manifest"])
+        manifest = parse_manifest(store.get_bytes(top), f"{store.url} manifest {top[:12]}")
+        return [e.sha256 for e in file_entries(manifest)] + [top]
+    if key.startswith("refs/bases/"):
+        top = check_digest(doc["tree"])
+        tree = json.loads(store.get_bytes(top))
+        if tree.get("format") != BASE_TREE_FORMAT:
+            raise FormatError(f"{store.url}: base file list {top[:12]} is not a {BASE_TREE_FORMAT}")
+        return [e["sha256"] for e in tree["files"].values()] + [top]
+    return []
+
+
+def _select(store: BlobStore, refs: Iterable[str] | None, bases: Iterable[str] | None) -> list[str]:
+    """Ref document keys to move: everything when both selections are None."""
+    if refs is None and bases is None:
+        return store.list_docs("refs/deltas") + store.list_docs("refs/bases")
+    keys = []
+    for ref in refs or []:
+        if ":" in ref:
+            parsed = parse_ref(ref)
+            keys.append(delta_ref_key(parsed.name, parsed.tag))
+        else:  # a bare name: every tag of it
+            found = [
+                k
+                for k in store.list_docs(f"refs/deltas/{validate_name(ref)}")
+                if k.count("/") == ref.count("/") + 3
+            ]
+            if not found:
+                raise NotFoundError(f"{store.url}: no delta named {ref!r}")
+            keys.extend(found)
+    keys.extend(base_ref_key(validate_name(b, "base name")) for b in bases or [])
+    return keys
+
+
+def _copy_blobs(src: BlobStore, dst: BlobStore, digests: list[str], report: SyncReport, workers: int) -> None:
+    have = set(dst.iter_digests())
+    todo = []
+    for digest in dict.fromkeys(digests):  # de-duplicated, order kept (leaves before tops)
+        if digest in have:
+            report.blobs_present += 1
+        else:
+            todo.append(digest)
+    if not todo:
+        return
+    from deltakit.registry.blobstore import LocalBlobStore
+
+    def send(digest: str) -> int:
+        if isinstance(src, LocalBlobStore):
+            dst.put_file(src.path(digest), digest)
+            return src.size(digest) or 0
+        assert isinstance(dst, LocalBlobStore)
+        tmp = dst.new_tmp()
+        try:
+            size = src.get_file(digest, tmp)
+            dst.adopt(tmp, digest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return size
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for size in pool.map(send, todo):
+            report.blobs_sent += 1
+            report.bytes_sent += size
+
+
+def push_remote(
+    reg: Registry, url: str, *, refs: Iterable[str] | None = None, bases: Iterable[str] | None = None,
+    workers: int = 4, remote: BlobStore | None = None, **options: Any,
+) -> SyncReport:  # fmt: skip
+    """Copy deltas (``refs``: ``name:tag`` or a bare name for every tag) and bases to ``url``.
+
+    With neither ``refs`` nor ``bases`` everything is pushed. Eval results travel with their deltas.
+    Remote refs of the same names are replaced (the local side wins).
+    """
+    start = time.perf_counter()
+    remote = remote or open_remote(url, **options)
+    report = SyncReport("push", remote.url)
+    local = reg.store
+    keys = _select(local, refs, bases)
+    digests = [d for key in keys for d in _closure(local, key)]
+    _copy_blobs(local, remote, digests, report, workers)
+    for key in keys:
+        data = local.read_doc(key)
+        assert data is not None
+        _copy_doc(local, remote, key, data, report)
+        if key.startswith("refs/deltas/"):
+            ekey = eval_key(check_digest(json.loads(data)["manifest"]))
+            edata = local.read_doc(ekey)
+            if edata is not None:
+                _copy_doc(local, remote, ekey, edata, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _copy_doc(src: BlobStore, dst: BlobStore, key: str, data: bytes, report: SyncReport) -> bool:
+    old = dst.read_doc(key)
+    if old == data:
+        return False
+    dst.write_doc(key, data)
+    if not key.startswith("refs/evals/"):  # evals travel with their delta and are not listed
+        (report.refs_replaced if old is not None else report.refs_written).append(key)
+    return True
+
+
+def pull_remote(
+    reg: Registry, url: str, *, refs: Iterable[str] | None = None, bases: Iterable[str] | None = None,
+    workers: int = 4, remote: BlobStore | None = None, **options: Any,
+) -> SyncReport:  # fmt: skip
+    """Copy deltas and bases from ``url`` into the local registry (everything when nothing is selected).
+
+    Every downloaded blob is hash-checked before it enters the store; local refs of the same names
+    are replaced (the remote side wins) and the catalog is updated.
+    """
+    start = time.perf_counter()
+    remote = remote or open_remote(url, **options)
+    report = SyncReport("pull", remote.url)
+    keys = _select(remote, refs, bases)
+    with reg._lock():
+        digests = [d for key in keys for d in _closure(remote, key)]
+        _copy_blobs(remote, reg.store, digests, report, workers)
+        for key in keys:
+            data = remote.read_doc(key)
+            assert data is not None
+            doc = json.loads(data)
+            expected = (
+                delta_ref_key(doc.get("name", ""), doc.get("tag", ""))
+                if key.startswith("refs/deltas/")
+                else base_ref_key(doc.get("name", ""))
+            )
+            if expected != key:
+                raise FormatError(f"{remote.url}: ref document {key} names {expected} inside")
+            old = reg.store.read_doc(key)
+            if old == data:
+                continue
+            if key.startswith("refs/deltas/"):
+                reg._write_delta_ref(
+                    parse_ref(f"{doc['name']}:{doc['tag']}"), doc["manifest"], doc.get("created_at")
+                )
+                edata = remote.read_doc(eval_key(check_digest(doc["manifest"])))
+                if edata is not None:
+                    edoc = json.loads(edata)
+                    reg._write_eval_doc(doc["manifest"], edoc.get("results", {}), edoc.get("updated_at"))
+            else:
+                reg._write_base_ref(
+                    validate_name(doc["name"], "base name"),
+                    doc["fingerprint"],
+                    doc["tree"],
+                    doc.get("created_at"),
+                )
+            (report.refs_replaced if old is not None else report.refs_written).append(key)
+    report.seconds = time.perf_counter() - start
+    return report
