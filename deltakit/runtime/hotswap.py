@@ -1,0 +1,287 @@
+"""Hot-swapping deltas in a resident base model, in place and bit-exact.
+
+Activating delta D writes, for every parameter D touches, ``cast(pristine + decode(D))`` (fp32 sum, the
+same arithmetic as :func:`deltakit.apply`) into ``param.data``; parameters the previous delta touched
+and D does not are restored from their pristine copy. Returning to the base restores pristine copies,
+so no rounding accumulates. Compressed deltas are cached twice, bounded by bytes: on the host (read
+from disk once; pinned on CUDA) and on the device (decoding happens there).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltakit.errors import BaseMismatchError, NotFoundError, UsageError
+from deltakit.format.delta import Delta, load_delta
+from deltakit.format.manifest import Manifest
+from deltakit.runtime.lru import ByteLRU
+from deltakit.runtime.prepared import PreparedDelta, TensorOp, prepare_delta
+from deltakit.runtime.resident import ResidentModel
+from deltakit.runtime.stats import SwapStats
+
+DeltaSource = Path | Callable[[], Path]
+
+
+@dataclass
+class DeltaEntry:
+    """A registered delta: where to (re)load it from and what its manifest says."""
+
+    name: str
+    source: DeltaSource
+    base_fingerprint: str
+    codec: str
+    path: Path | None = None  # set once the source has been resolved
+    stored_bytes: int | None = None
+    delta: Delta | None = None  # in-memory deltas (no directory to reload from)
+
+    def resolve_path(self) -> Path:
+        if self.path is None:
+            self.path = Path(self.source() if callable(self.source) else self.source)
+        return self.path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HotSwapRuntime:
+    """One resident base, many registered deltas, one active at a time (or a batched mix).
+
+    host_cache_bytes / device_cache_bytes: byte budgets of the two compressed-delta caches. On the CPU
+    the device cache is the host cache (no copy). All methods are thread-safe (one lock).
+    """
+
+    def __init__(
+        self,
+        resident: ResidentModel,
+        *,
+        host_cache_bytes: int = 4 << 30,
+        device_cache_bytes: int = 2 << 30,
+        history: int = 256,
+    ):
+        self.resident = resident
+        self.device = resident.device
+        self.host_cache: ByteLRU[PreparedDelta] = ByteLRU(host_cache_bytes, lambda d: d.nbytes)
+        self.device_cache: ByteLRU[PreparedDelta] = ByteLRU(device_cache_bytes, lambda d: d.nbytes)
+        self.entries: dict[str, DeltaEntry] = {}
+        self.active: str | None = None
+        self._active_ops: set[str] = set()  # canonical names the active delta changed
+        self.history: deque[SwapStats] = deque(maxlen=history)
+        self.lock = threading.RLock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = "auto",
+        name: str | None = None,
+        fingerprint: str | None = None,
+        **cache_limits: int,
+    ) -> HotSwapRuntime:
+        """Load the base checkpoint ``base_dir`` onto ``device`` and wrap it (see :class:`ResidentModel`)."""
+        resident = ResidentModel.load(
+            base_dir, device=device, dtype=dtype, name=name, fingerprint=fingerprint
+        )
+        return cls(resident, **cache_limits)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.resident.model
+
+    @property
+    def fingerprint(self) -> str:
+        return self.resident.fingerprint
+
+    # -- registration --------------------------------------------------------------------------
+    def add_delta(
+        self,
+        name: str,
+        source: DeltaSource | Delta,
+        *,
+        base_fingerprint: str | None = None,
+        codec: str | None = None,
+        verify: bool = True,
+        eager: bool = True,
+    ) -> DeltaEntry:
+        """Register delta ``name`` from a directory, a callable giving one (lazy registry refs) or a Delta.
+
+        The delta's recorded base fingerprint must equal the served base's (BaseMismatchError otherwise).
+        eager: read, verify (sha256 of every file) and prepare it now, caching it on the host; lazy
+        sources need ``base_fingerprint`` and ``codec`` from a catalog and are checked again on first use.
+        """
+        with self.lock:
+            if name in self.entries:
+                raise UsageError(f"a delta named {name!r} is already loaded; unload it first")
+            if isinstance(source, Delta):
+                entry = DeltaEntry(
+                    name,
+                    source.path or Path("."),
+                    source.manifest.base.fingerprint,
+                    source.manifest.codec.name,
+                    source.path,
+                    delta=source,
+                )
+                self._check_base(name, entry.base_fingerprint, source.manifest.base.name)
+                self._prepare(entry, source)
+                self.entries[name] = entry
+                return entry
+            if callable(source) and not eager:
+                if base_fingerprint is None or codec is None:
+                    raise UsageError("a lazy delta source needs base_fingerprint and codec")
+                self._check_base(name, base_fingerprint, "?")
+                entry = DeltaEntry(name, source, base_fingerprint, codec)
+                self.entries[name] = entry
+                return entry
+            path = Path(source() if callable(source) else source)
+            manifest = Manifest.read(path)
+            self._check_base(name, manifest.base.fingerprint, manifest.base.name)
+            entry = DeltaEntry(
+                name,
+                path,
+                manifest.base.fingerprint,
+                manifest.codec.name,
+                path,
+                manifest.stats.get("stored_bytes"),
+            )
+            if eager:
+                self._prepare(entry, load_delta(path, verify=verify))
+            self.entries[name] = entry
+            return entry
+
+    def remove_delta(self, name: str) -> None:
+        """Unregister ``name``; if it is active, the base is restored first."""
+        with self.lock:
+            if name not in self.entries:
+                raise NotFoundError(f"no delta named {name!r} is loaded")
+            if self.active == name:
+                self.activate(None)
+            del self.entries[name]
+            self.host_cache.pop(name)
+            self.device_cache.pop(name)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return list(self.entries)
+
+    def _check_base(self, name: str, fingerprint: str, base_name: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise BaseMismatchError(
+                f"delta {name!r} was made from base {base_name!r} ({fingerprint[:19]}…), not from the served "
+                f"base {self.resident.name!r} ({self.fingerprint[:19]}…); refusing to load it"
+            )
+
+    def _prepare(self, entry: DeltaEntry, delta: Delta) -> PreparedDelta:
+        prepared = prepare_delta(entry.name, delta, self.resident.resolve)
+        self._check_base(entry.name, prepared.base_fingerprint, delta.manifest.base.name)
+        for canonical in prepared.ops:
+            self.resident.ensure_pristine(canonical)
+        entry.stored_bytes = prepared.nbytes
+        host = prepared.to(self.device, pin=True) if self.device.type == "cuda" else prepared
+        self.host_cache.put(entry.name, host)
+        return host
+
+    # -- cache lookups -------------------------------------------------------------------------
+    def host_delta(self, name: str) -> tuple[PreparedDelta, bool]:
+        """The host copy of a delta (from the cache, else read from disk); (delta, cache hit)."""
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                raise NotFoundError(f"no delta named {name!r} is loaded")
+            cached = self.host_cache.get(name)
+            if cached is not None:
+                return cached, True
+            if entry.delta is not None:
+                return self._prepare(entry, entry.delta), False
+            first_use = entry.path is None
+            delta = load_delta(entry.resolve_path(), verify=first_use)
+            return self._prepare(entry, delta), False
+
+    def device_delta(self, name: str) -> tuple[PreparedDelta, dict[str, object]]:
+        """The device copy of a delta; info: host/device hits and bytes moved to the device."""
+        with self.lock:
+            if self.device.type == "cpu":
+                host, hit = self.host_delta(name)
+                return host, {"host_hit": hit, "device_hit": hit, "moved": 0}
+            cached = self.device_cache.get(name)
+            if cached is not None:
+                return cached, {"host_hit": True, "device_hit": True, "moved": 0}
+            host, hit = self.host_delta(name)
+            on_device = host.to(self.device, non_blocking=True)
+            self.device_cache.put(name, on_device)
+            return on_device, {"host_hit": hit, "device_hit": False, "moved": host.nbytes}
+
+    # -- swapping ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def activate(self, name: str | None) -> SwapStats:
+        """Make delta ``name`` (None: the base) the resident weights, in place; returns what it cost."""
+        with self.lock:
+            start = time.perf_counter()
+            source = self.active
+            if name == source:
+                return self._record(
+                    SwapStats(source, name, 0.0, 0.0, 0.0, 0, 0, 0, 0, True, True, str(self.device))
+                )
+            info: dict[str, object] = {"host_hit": True, "device_hit": True, "moved": 0}
+            prepared = None
+            if name is not None:
+                prepared, info = self.device_delta(name)
+            _sync(self.device)
+            loaded = time.perf_counter()
+            new_ops = prepared.ops if prepared is not None else {}
+            restored = written = 0
+            # invalidate first: a failure half-way leaves "unknown" rather than a wrong label
+            self.active, previous = None, self._active_ops
+            self._active_ops = previous | set(new_ops)  # what a later swap must restore if this one fails
+            for canonical in previous - set(new_ops):
+                param = self.resident.param(canonical)
+                pristine = self.resident.pristine(canonical)
+                param.data.copy_(pristine, non_blocking=True)
+                restored += pristine.numel() * pristine.element_size()
+                written += param.numel() * param.element_size()
+            for canonical, op in new_ops.items():
+                param = self.resident.param(canonical)
+                pristine = self.resident.pristine(canonical)
+                base = pristine.to(self.device, non_blocking=True)
+                restored += pristine.numel() * pristine.element_size()
+                param.data.copy_(self._rebuild(prepared, op, base))
+                written += param.numel() * param.element_size()
+            self._active_ops = set(new_ops)
+            self.active = name
+            _sync(self.device)
+            end = time.perf_counter()
+            stats = SwapStats(
+                source,
+                name,
+                end - start,
+                loaded - start,
+                end - loaded,
+                len(previous | set(new_ops)),
+                restored,
+                int(info["moved"]),
+                written,
+                bool(info["host_hit"]),
+                bool(info["device_hit"]),
+                str(self.device),
+            )
+            return self._record(stats)
+
+    def _record(self, stats: SwapStats) -> SwapStats:
+        self.history.append(stats)
+        return stats
+
+    @staticmethod
+    def _rebuild(prepared: PreparedDelta, op: TensorOp, base: torch.Tensor) -> torch.Tensor:
+        """The fine-tuned tensor exactly as ``Delta.reconstruct`` computes it, on ``base``'s device."""
+        if op.kind == "passthrough":
+            return op.tensors["value"].to(base.device).to(op.dtype)
+        return prepared.codec.reconstruct(op.encoded(), base, op.dtype, base.device)

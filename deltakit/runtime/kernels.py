@@ -1,0 +1,66 @@
+"""Delta contributions computed from the encoded form, without building the merged weight.
+
+For a linear layer ``y = x Wᵀ`` (``out_in``) or ``y = x W`` (GPT-2 Conv1D, ``in_out``) and a delta
+``Δ = α·S + up·down`` (S: ±1 sign matrix; either part may be absent), the delta's share of the output
+is ``α·(x Sᵀ) + (x downᵀ) upᵀ`` (``out_in``) or ``α·(x S) + (x up) down`` (``in_out``), in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltakit.ops.bitpack import unpack_signs
+from deltakit.runtime.prepared import TensorOp
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def sign_matrix(op: TensorOp, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ±1 sign matrix of ``op`` in its stored layout, ``shape`` from the params, on the op's device."""
+    shape = tuple(op.params["shape"])
+    signs = op.tensors["signs"]
+    return unpack_signs(signs, shape, signs.device).to(dtype)
+
+
+def gather_sign_rows(packed: torch.Tensor, rows: torch.Tensor, cols: int) -> torch.Tensor:
+    """±1 fp32 rows ``rows`` (n,) of a packed (R, cols) sign matrix without unpacking the rest -> (n, cols)."""
+    bit = rows.reshape(-1, 1).to(torch.int64) * cols + torch.arange(cols, device=rows.device)  # (n, cols)
+    byte = packed[bit >> 3]  # (n, cols) uint8
+    value = (byte >> (bit & 7).to(torch.uint8)) & 1
+    return value.to(torch.float32) * 2 - 1
+
+
+def linear_delta(
+    x: torch.Tensor, op: TensorOp, layout: str, signs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The delta's share of a linear layer's output for inputs ``x`` (..., in) -> fp32 (..., out).
+
+    signs: the unpacked ±1 matrix when the caller caches it (else unpacked here); op not mutated.
+    """
+    xf = x.to(torch.float32)
+    out: torch.Tensor | None = None
+    if "signs" in op.tensors:
+        s = signs if signs is not None else sign_matrix(op)  # (out, in) or (in, out)
+        part = xf @ (s.T if layout == "out_in" else s)  # (..., out)
+        out = part.mul_(float(op.params["scale"]))
+    if "up" in op.tensors:
+        up = op.tensors["up"].to(torch.float32)  # (rows, r)
+        down = op.tensors["down"].to(torch.float32)  # (r, cols)
+        part = (xf @ down.T) @ up.T if layout == "out_in" else (xf @ up) @ down  # (..., out)
+        out = part if out is None else out.add_(part)
+    if out is None:
+        raise ValueError(f"{op.name}: encoded tensors {sorted(op.tensors)} hold neither signs nor factors")
+    return out
+
+
+def embedding_delta(ids: torch.Tensor, op: TensorOp) -> torch.Tensor:
+    """The delta's share of an embedding lookup: ``Δ[ids]`` for ids (...,) -> fp32 (..., dim)."""
+    rows, cols = op.params["shape"]
+    flat = ids.reshape(-1)
+    out = torch.zeros(flat.numel(), cols, dtype=torch.float32, device=ids.device)
+    if "signs" in op.tensors:
+        out += gather_sign_rows(op.tensors["signs"], flat, cols) * float(op.params["scale"])
+    if "up" in op.tensors:
+        up = op.tensors["up"][flat].to(torch.float32)  # (n, r)
+        out += up @ op.tensors["down"].to(torch.float32)  # (n, cols)
+    return out.reshape(*ids.shape, cols)
