@@ -122,6 +122,7 @@ def test_methods_lists_every_codec_with_fields(capsys):
         (["--method", "bitdelta", "--ratio", "1/8"], 2, "cannot reach ratio"),
         (["--ratio", "1/32"], 2, "1/16"),
         (["--ratio", "abc"], 2, "not a ratio"),
+        (["--method", "lossless", "--ratio", "1/8"], 2, "lossless keeps every bit"),
     ],
 )
 def test_compress_bad_arguments_exit_nonzero_with_one_line(pair, tmp_path, capsys, args, code, message):

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import zstandard
 
-from deltakit.codecs.base import Codec, CodecConfig, EncodeContext, Encoded, config_field
+from deltakit.codecs.base import Budget, Codec, CodecConfig, EncodeContext, Encoded, config_field
 from deltakit.codecs.registry import register_codec
-from deltakit.errors import FormatError
+from deltakit.errors import BudgetError, FormatError
 from deltakit.format.safetensors_io import dtype_from_name, dtype_name
 
 
@@ -39,6 +39,10 @@ class Lossless(Codec):
     version = 1
     config_class = LosslessConfig
     summary = "exact delta: base-XOR bits, byte-plane zstd; apply restores the fine-tune bit for bit"
+
+    def check_budget(self, budget: Budget) -> None:
+        if budget.ratio is not None or budget.rank is not None:
+            raise BudgetError("lossless keeps every bit; its size is whatever zstd achieves (drop --ratio/--rank)")
 
     def encode(
         self, base: torch.Tensor, target: torch.Tensor, config: LosslessConfig, ctx: EncodeContext

@@ -81,7 +81,8 @@ def apply(
     base: checkpoint directory, state dict or tensor source (not mutated).
     delta: delta directory (hashes checked when ``verify``) or a :class:`Delta`.
     output: directory for a Hugging Face checkpoint (written atomically, config and tokenizer files
-    included); ``None`` returns the tensors in ``ApplyReport.state_dict``.
+    included); ``None`` returns the tensors in ``ApplyReport.state_dict`` (tensors the delta leaves
+    unchanged may share storage with an in-memory base: clone before editing them in place).
     dtype: cast floating tensors of the output (default: the fine-tune's dtypes).
     force: apply even when the base fingerprint differs from the one recorded in the delta.
     """
