@@ -22,6 +22,7 @@ _PLUGGED = (
     ("deltakit_cli.zoo_cmds", "fleet"),
     ("deltakit_cli.eval_cmds", "eval_command"),
     ("deltakit_cli.serve_cmds", "serve"),
+    ("deltakit_cli.demo_cmds", "demo"),
 )
 
 

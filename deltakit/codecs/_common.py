@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from deltakit.codecs.base import CodecConfig, config_field
 from deltakit.errors import BudgetError
 from deltakit.ops.bitpack import pack_signs, unpack_signs
 from deltakit.ops.svd import truncated_svd
 
 FACTOR_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class LowRankConfig(CodecConfig):
+    """Config fields of every codec that stores truncated-SVD factors."""
+
+    svd_method: str = config_field("randomized", "truncated SVD algorithm", choices=("randomized", "exact"))
+    oversample: int = config_field(10, "extra random directions for the randomized SVD")
+    power_iters: int = config_field(2, "power iterations for the randomized SVD")
+    factor_dtype: str = config_field("float16", "dtype of the stored low-rank factors", choices=FACTOR_DTYPES)
+
+    def factors(self, matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``low_rank_factors`` of ``matrix`` with this config's SVD settings."""
+        return low_rank_factors(
+            matrix,
+            rank,
+            self.factor_dtype,
+            svd_method=self.svd_method,
+            oversample=self.oversample,
+            power_iters=self.power_iters,
+            seed=seed,
+        )
 
 
 def fp32_delta(base: torch.Tensor, target: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from deltakit.codecs._common import (
-    FACTOR_DTYPES,
+    LowRankConfig,
     dense_signs,
     factor_bytes,
     fp32_delta,
-    low_rank_factors,
     low_rank_product,
     require_2d,
     sign_part,
@@ -32,7 +31,6 @@ from deltakit.codecs._common import (
 from deltakit.codecs.base import (
     FP16_BYTES,
     Codec,
-    CodecConfig,
     EncodeContext,
     Encoded,
     config_field,
@@ -43,7 +41,7 @@ from deltakit.errors import BudgetError
 
 
 @dataclass(frozen=True)
-class DQReloConfig(CodecConfig):
+class DQReloConfig(LowRankConfig):
     compensation: str = config_field(
         "refit",
         "after the SVD, re-fit the sign scale: none | refit (closed form once) | alternate (SVD and re-fit, "
@@ -51,10 +49,6 @@ class DQReloConfig(CodecConfig):
         choices=("none", "refit", "alternate"),
     )
     rounds: int = config_field(2, "rounds of SVD + scale re-fit when compensation=alternate")
-    svd_method: str = config_field("randomized", "truncated SVD algorithm", choices=("randomized", "exact"))
-    oversample: int = config_field(10, "extra random directions for the randomized SVD")
-    power_iters: int = config_field(2, "power iterations for the randomized SVD")
-    factor_dtype: str = config_field("float16", "dtype of the stored low-rank factors", choices=FACTOR_DTYPES)
 
 
 @register_codec
@@ -93,15 +87,7 @@ class DQRelo(Codec):
             rounds = config.rounds if config.compensation == "alternate" else 1
             for _ in range(max(1, rounds)):
                 residual = delta - scale * sign_dense
-                up, down = low_rank_factors(
-                    residual,
-                    rank,
-                    config.factor_dtype,
-                    svd_method=config.svd_method,
-                    oversample=config.oversample,
-                    power_iters=config.power_iters,
-                    seed=ctx.tensor_seed(),
-                )
+                up, down = config.factors(residual, rank, ctx.tensor_seed())
                 if config.compensation != "none":
                     low_rank = low_rank_product(up, down, ctx.device)
                     scale = float(((delta - low_rank) * sign_dense).mean())

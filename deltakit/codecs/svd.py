@@ -11,20 +11,17 @@ from dataclasses import dataclass
 import torch
 
 from deltakit.codecs._common import (
-    FACTOR_DTYPES,
+    LowRankConfig,
     factor_bytes,
     fp32_delta,
-    low_rank_factors,
     low_rank_product,
     require_2d,
 )
 from deltakit.codecs.base import (
     FP16_BYTES,
     Codec,
-    CodecConfig,
     EncodeContext,
     Encoded,
-    config_field,
     rank_for_bytes,
 )
 from deltakit.codecs.registry import register_codec
@@ -32,11 +29,8 @@ from deltakit.errors import BudgetError
 
 
 @dataclass(frozen=True)
-class SVDConfig(CodecConfig):
-    svd_method: str = config_field("randomized", "truncated SVD algorithm", choices=("randomized", "exact"))
-    oversample: int = config_field(10, "extra random directions for the randomized SVD")
-    power_iters: int = config_field(2, "power iterations for the randomized SVD")
-    factor_dtype: str = config_field("float16", "dtype of the stored low-rank factors", choices=FACTOR_DTYPES)
+class SVDConfig(LowRankConfig):
+    pass
 
 
 @register_codec
@@ -66,15 +60,7 @@ class SVD(Codec):
     ) -> Encoded:
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
         rank = self.rank_for(shape, ctx, config)
-        up, down = low_rank_factors(
-            fp32_delta(base, target, ctx.device),
-            rank,
-            config.factor_dtype,
-            svd_method=config.svd_method,
-            oversample=config.oversample,
-            power_iters=config.power_iters,
-            seed=ctx.tensor_seed(),
-        )
+        up, down = config.factors(fp32_delta(base, target, ctx.device), rank, ctx.tensor_seed())
         return Encoded({"up": up, "down": down}, {"shape": list(shape), "rank": rank})
 
     def decode(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from deltakit.core.compress import resolve_device
+from deltakit.core.device import resolve_device
 from deltakit.errors import BaseMismatchError, TensorMismatchError, UsageError
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta, load_delta

@@ -8,6 +8,7 @@ memory is one tensor pair plus the codec's work and one output shard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from deltakit.codecs.base import Budget, Calibration, CodecConfig, EncodeContext
 from deltakit.codecs.registry import get_codec
+from deltakit.core.device import resolve_device
 from deltakit.errors import NonFiniteError, TensorMismatchError, UsageError
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta, ShardWriter, fp16_delta_bytes, write_manifest
@@ -29,16 +31,6 @@ from deltakit.models.roles import EMBEDDING, LM_HEAD, infer_roles
 Progress = Callable[[int, int, str], None]
 #: matrix roles encoded by the codec by default; other matrices are encoded too unless excluded
 DEFAULT_MATRIX_ROLES = ("linear", "embedding", "lm_head", "other")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``cpu``/``cuda``/``cuda:N`` -> torch.device; asking for CUDA without one is an error."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {device!r}; choose cpu or cuda")
-    return dev
 
 
 def build_config(
@@ -143,38 +135,25 @@ def compress(
     base_src, target_src = open_checkpoint(base), open_checkpoint(target)
     codec.prepare(base_src, target_src, cfg, budget, calibration, dev, seed, progress)
 
+    run = functools.partial(
+        _compress_into,
+        codec=codec,
+        cfg=cfg,
+        budget=budget,
+        dev=dev,
+        seed=seed,
+        base_src=base_src,
+        target_src=target_src,
+        base_name=base_name,
+        target_name=target_name,
+        exclude_roles=exclude_roles,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+    )
     if output is None:
-        return _compress_into(
-            None,
-            codec,
-            cfg,
-            budget,
-            dev,
-            seed,
-            base_src,
-            target_src,
-            base_name,
-            target_name,
-            exclude_roles,
-            max_shard_bytes,
-            progress,
-        )
+        return run(None)
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        _compress_into(
-            tmp,
-            codec,
-            cfg,
-            budget,
-            dev,
-            seed,
-            base_src,
-            target_src,
-            base_name,
-            target_name,
-            exclude_roles,
-            max_shard_bytes,
-            progress,
-        )
+        run(tmp)
     from deltakit.format.delta import load_delta
 
     return load_delta(output, verify=False)
@@ -221,6 +200,14 @@ def _compress_into(
         "unchanged_tensors": 0,
         "passthrough_tensors": 0,
     }
+
+    def store_exact(entry: dict[str, Any], name: str, t: torch.Tensor, in_base: bool) -> dict[str, Any]:
+        """Record ``t`` as a passthrough tensor stored bit for bit."""
+        entry.update(kind=PASSTHROUGH, in_base=in_base, stored={"value": name}, shard=store(name, t))
+        stats["passthrough_bytes"] += t.numel() * t.element_size()
+        stats["passthrough_tensors"] += 1
+        return entry
+
     total = len(target_names) + len(base_set - set(target_names))
 
     for index, name in enumerate(target_names):
@@ -234,11 +221,7 @@ def _compress_into(
         if role.role == "linear" and role.layout != "out_in":
             entry["layout"] = role.layout
         if name not in base_set:
-            entry.update(kind=PASSTHROUGH, in_base=False, stored={"value": name})
-            entry["shard"] = store(name, t)
-            stats["passthrough_bytes"] += t.numel() * t.element_size()
-            stats["passthrough_tensors"] += 1
-            tensors[name] = entry
+            tensors[name] = store_exact(entry, name, t, in_base=False)
             continue
         b = base_src.get(name)
         _check_finite(name, b, "base")
@@ -263,11 +246,7 @@ def _compress_into(
                 "(only embedding/lm_head rows may grow)"
             )
         if t.ndim != 2 or not t.is_floating_point() or role.role in exclude_roles:
-            entry.update(kind=PASSTHROUGH, in_base=True, stored={"value": name})
-            entry["shard"] = store(name, t)
-            stats["passthrough_bytes"] += t.numel() * t.element_size()
-            stats["passthrough_tensors"] += 1
-            tensors[name] = entry
+            tensors[name] = store_exact(entry, name, t, in_base=True)
             continue
         shared = t[: b.shape[0]] if grown else t  # (base rows, cols)
         ctx = EncodeContext(budget=budget, device=dev, seed=seed, name=name)

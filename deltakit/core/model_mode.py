@@ -38,7 +38,8 @@ def compress_model(
     progress: Any = None,
 ) -> dict[str, Any]:
     """Compress ``model_dir`` with ``method`` into ``output`` (atomic); returns the codec's report."""
-    from deltakit.core.compress import build_config, resolve_device
+    from deltakit.core.compress import build_config
+    from deltakit.core.device import resolve_device
 
     codec = get_codec(method)
     if "model" not in codec.modes:

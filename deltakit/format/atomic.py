@@ -43,12 +43,13 @@ def _remove_stale_temps(final: Path) -> None:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         with contextlib.suppress(OSError):
             pid = int(stale.name.rsplit("-", 2)[-2])
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 continue
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

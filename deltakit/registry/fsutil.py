@@ -10,21 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from deltakit.format.atomic import fsync_dir as fsync_dir  # re-exported for the registry modules
+
 CHUNK = 4 << 20  # 4 MiB read/write chunk
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry to disk (no-op where the OS does not allow it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def temp_name(final: Path) -> Path:

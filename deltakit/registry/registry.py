@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from deltakit.errors import FormatError, IntegrityError, NotFoundError, RegistryError
+from deltakit.format.atomic import pid_alive
 from deltakit.registry.blobstore import LocalBlobStore, check_digest
 from deltakit.registry.catalog import Catalog
 from deltakit.registry.fsutil import fsync_dir, sha256_file, write_bytes_atomic
@@ -84,16 +85,6 @@ def _test_pause(point: str) -> None:
             name, _, seconds = item.partition(":")
             if name == point:
                 time.sleep(float(seconds))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Registry:
@@ -217,7 +208,7 @@ class Registry:
                 pid = int(path.name.split("-", 1)[0])
             except ValueError:
                 pid = -1
-            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+            if pid > 0 and pid != os.getpid() and pid_alive(pid):
                 continue  # a live writer: it will update the catalog itself
             try:
                 record = json.loads(path.read_bytes())

@@ -13,17 +13,8 @@ from pathlib import Path
 
 import torch
 
+from deltakit.core.device import resolve_device
 from deltakit.errors import TensorMismatchError, UsageError
-
-
-def resolve_runtime_device(device: str | torch.device) -> torch.device:
-    """``cpu``/``cuda``/``cuda:N`` -> torch.device; asking for CUDA without one is an error."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device}: no CUDA device is available here; use cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {device!r}; choose cpu or cuda")
-    return dev
 
 
 def _dtype_arg(dtype: str | torch.dtype | None) -> str | torch.dtype:
@@ -86,7 +77,7 @@ class ResidentModel:
         from deltakit.format.fingerprint import checkpoint_fingerprint
 
         base_dir = Path(base_dir)
-        dev = resolve_runtime_device(device)
+        dev = resolve_device(device)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_dtype_arg(dtype))
         model.to(dev)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
