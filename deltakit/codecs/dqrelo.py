@@ -80,7 +80,7 @@ class DQRelo(Codec):
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
         delta = fp32_delta(base, target, ctx.device)  # (out, in)
         signs, scale = sign_part(delta)
-        sign_dense = dense_signs(signs, shape, ctx.device)
+        sign_dense = torch.where(delta >= 0, 1.0, -1.0)  # same ±1 matrix the packed bits hold
         rank = self.rank_for(shape, ctx, config)
         tensors: dict[str, torch.Tensor] = {"signs": signs}
         if rank > 0:

@@ -37,12 +37,28 @@ def pack_signs(delta: torch.Tensor) -> torch.Tensor:
     return pack_bits(delta >= 0)
 
 
+_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) fp32 table: row b holds the ±1 values of byte b's bits, LSB first."""
+    table = _SIGN_TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256, dtype=torch.int64).reshape(-1, 1) >> torch.arange(8)) & 1  # (256, 8)
+        table = (bits.to(torch.float32) * 2 - 1).to(device)
+        _SIGN_TABLES[device] = table
+    return table
+
+
 def unpack_signs(
     packed: torch.Tensor, shape: tuple[int, ...], device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """±1 fp32 tensor of ``shape`` from packed sign bits."""
+    """±1 fp32 tensor of ``shape`` from packed sign bits (one table lookup per byte)."""
     numel = 1
     for dim in shape:
         numel *= dim
-    bits = unpack_bits(packed, numel, device)
-    return (bits.to(torch.float32) * 2 - 1).reshape(shape)
+    packed = packed.to(device) if device is not None else packed
+    if packed.numel() * 8 < numel:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} bits")
+    signs = _sign_table(packed.device)[packed.reshape(-1).long()]  # (bytes, 8)
+    return signs.reshape(-1)[:numel].reshape(shape)
