@@ -1,0 +1,260 @@
+"""Lillama: SVD-initialised low-rank weights refined by local (block-by-block) feature distillation.
+
+Sy, Cerisara & Illina, "Large Language Models Compression via Low-Rank Feature Distillation"
+(arXiv 2412.16719). Two uses:
+
+- model mode (no base): chosen Linears of a model become two Linears ``up(down(x))`` initialised from the
+  SVD of W (√S on each side) at ranks allocated to remove ``--reduction`` of the parameters, then each
+  decoder block is distilled against the original block (see :mod:`deltakit.lillama.distill`). The output
+  directory loads with :func:`deltakit.load_model` and exports to a plain checkpoint with
+  :func:`deltakit.export_model`.
+- delta mode (``--base``): each block Linear's delta Δ = W_ft − W_base starts from its truncated SVD at the
+  rank the ratio gives (as in ``svd``) and the factors are distilled so that the block with
+  ``W_base + up·down`` matches the fine-tuned block. :meth:`Lillama.prepare` does the distillation; encode
+  then hands out the refined factors (other matrices, e.g. embeddings, get plain truncated SVD).
+  decode = up @ down in fp32, like ``svd``; the delta applies through the generic apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltakit.codecs._common import FACTOR_DTYPES, low_rank_product, require_2d
+from deltakit.codecs.base import (
+    Budget,
+    Calibration,
+    Codec,
+    CodecConfig,
+    EncodeContext,
+    Encoded,
+    config_field,
+)
+from deltakit.codecs.registry import register_codec
+from deltakit.codecs.svd import SVD, SVDConfig
+from deltakit.errors import ConfigError, TensorMismatchError, UsageError
+from deltakit.lillama.blocks import MODULE_CHOICES
+from deltakit.lillama.distill import LOSS_CHOICES, DistillSettings
+from deltakit.lillama.ranks import STRATEGIES
+
+
+@dataclass(frozen=True)
+class LillamaConfig(CodecConfig):
+    strategy: str = config_field(
+        "bottom",
+        "rank allocation (model mode): compress lower blocks first, upper blocks first, or all blocks alike",
+        choices=STRATEGIES,
+    )
+    modules: str = config_field("all", "which block Linears to factorise/distil", choices=MODULE_CHOICES)
+    rank_step: int = config_field(32, "candidate ranks are multiples of this (model mode)")
+    min_rank_ratio: float = config_field(
+        0.25, "smallest candidate rank as a fraction of min(out, in) (model mode)"
+    )
+    skip_first: int = config_field(0, "leave the first N blocks uncompressed (model mode)")
+    lr: float = config_field(
+        1e-3, "AdamW learning rate (paper: 8.6e-5 with ~13M tokens; few CPU tokens need more)"
+    )
+    batch_size: int = config_field(8, "calibration windows per optimizer step")
+    epochs: int = config_field(1, "passes over the calibration windows per block")
+    loss: str = config_field(
+        "joint",
+        "inputs of the student block: teacher's and previous student's (joint), "
+        "teacher's only, or student's only",
+        choices=LOSS_CHOICES,
+    )
+    weight_decay: float = config_field(0.0, "AdamW weight decay")
+    eval_windows: int = config_field(
+        8, "windows on which the block loss is reported before/after distillation"
+    )
+    distill: bool = config_field(True, "distil after the SVD init (false: the truncated-SVD baseline)")
+    svd_method: str = config_field("randomized", "truncated SVD algorithm", choices=("randomized", "exact"))
+    oversample: int = config_field(10, "extra random directions for the randomized SVD")
+    power_iters: int = config_field(4, "power iterations for the randomized SVD")
+    factor_dtype: str = config_field(
+        "float16", "dtype of the stored delta factors (delta mode)", choices=FACTOR_DTYPES
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("rank_step", "batch_size", "epochs", "eval_windows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_rank_ratio < 1.0:
+            raise ConfigError(f"min_rank_ratio must be in [0, 1), got {self.min_rank_ratio}")
+        if self.skip_first < 0:
+            raise ConfigError(f"skip_first must be >= 0, got {self.skip_first}")
+
+    def settings(self, seed: int) -> DistillSettings:
+        return DistillSettings(
+            lr=self.lr,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            loss=self.loss,
+            weight_decay=self.weight_decay,
+            eval_windows=self.eval_windows,
+            seed=seed,
+        )
+
+    def svd_kwargs(self) -> dict[str, Any]:
+        return {"method": self.svd_method, "oversample": self.oversample, "power_iters": self.power_iters}
+
+    def svd_config(self) -> SVDConfig:
+        return SVDConfig(
+            svd_method=self.svd_method,
+            oversample=self.oversample,
+            power_iters=self.power_iters,
+            factor_dtype=self.factor_dtype,
+        )
+
+
+def _require_calibration(calibration: Calibration | None) -> Calibration:
+    if calibration is None:
+        raise UsageError("lillama needs calibration data: pass --data FILE_OR_DIR (text or JSONL)")
+    return calibration
+
+
+@register_codec
+class Lillama(Codec):
+    name = "lillama"
+    version = 1
+    config_class = LillamaConfig
+    summary = "SVD-initialised low-rank weights refined by block-local feature distillation (needs --data)"
+    default_ratio = 1 / 8
+    needs_data = True
+    modes = ("delta", "model")
+
+    def __init__(self) -> None:
+        self._refined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ delta mode
+    def prepare(
+        self,
+        base: Any,
+        target: Any,
+        config: LillamaConfig,
+        budget: Budget,
+        calibration: Calibration | None,
+        device: torch.device,
+        seed: int,
+        progress: Any = None,
+    ) -> None:
+        """Distil every changed block Linear's factors (kept on this instance for :meth:`encode`).
+
+        base, target: checkpoint-directory sources (``.path``); in-memory tensors cannot be run as models.
+        """
+        from deltakit.lillama.delta import distill_delta
+        from deltakit.lillama.model import load_tokenizer
+
+        calibration = _require_calibration(calibration)
+        base_dir, target_dir = getattr(base, "path", None), getattr(target, "path", None)
+        if base_dir is None or target_dir is None:
+            raise UsageError(
+                "lillama runs the models to distil: give base and fine-tune as checkpoint directories"
+            )
+        windows = calibration.batches(load_tokenizer(Path(target_dir), Path(base_dir)))  # (n, seq) int64
+        svd = SVD()
+        svd_config = config.svd_config()
+
+        def rank_for(name: str, shape: tuple[int, int]) -> int:
+            return svd.rank_for(
+                shape, EncodeContext(budget=budget, device=device, seed=seed, name=name), svd_config
+            )
+
+        def seed_for(name: str) -> int:
+            return EncodeContext(budget=budget, seed=seed, name=name).tensor_seed()
+
+        factors, report = distill_delta(
+            Path(base_dir),
+            Path(target_dir),
+            windows=windows,
+            settings=config.settings(seed),
+            modules=config.modules,
+            rank_for=rank_for,
+            seed_for=seed_for,
+            svd_kwargs=config.svd_kwargs(),
+            device=device,
+            progress=progress,
+        )
+        known = set(target.names())
+        unknown = sorted(set(factors) - known)
+        if unknown:
+            raise TensorMismatchError(
+                f"lillama: model parameter names {unknown[:3]} are not tensors of {target_dir}; "
+                "this architecture renames weights on load and is not supported in delta mode"
+            )
+        dtype = getattr(torch, config.factor_dtype)
+        self._refined = {
+            k: (u.to(dtype).contiguous(), d.to(dtype).contiguous()) for k, (u, d) in factors.items()
+        }
+        self.report = report
+
+    def encode(
+        self, base: torch.Tensor, target: torch.Tensor, config: LillamaConfig, ctx: EncodeContext
+    ) -> Encoded:
+        shape = require_2d(ctx.name, self.name, tuple(target.shape))
+        refined = self._refined.get(ctx.name)
+        if refined is not None and tuple(refined[0].shape[:1]) + tuple(refined[1].shape[1:]) == shape:
+            up, down = refined
+            return Encoded(
+                {"up": up.clone(), "down": down.clone()}, {"shape": list(shape), "rank": int(up.shape[1])}
+            )
+        return SVD().encode(base, target, config.svd_config(), ctx)
+
+    def decode(
+        self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return low_rank_product(encoded.tensors["up"], encoded.tensors["down"], device)
+
+    # ------------------------------------------------------------------ model mode
+    def compress_model(
+        self,
+        model_dir: Path,
+        output: Path,
+        config: LillamaConfig,
+        *,
+        reduction: float | None,
+        calibration: Calibration | None,
+        device: torch.device,
+        seed: int,
+        progress: Any = None,
+    ) -> dict[str, Any]:
+        from deltakit.lillama.model import compress_model_dir, load_tokenizer
+
+        if reduction is None:
+            raise UsageError(
+                "lillama model compression needs --reduction (fraction of parameters to remove, e.g. 0.2)"
+            )
+        calibration = _require_calibration(calibration)
+        windows = calibration.batches(load_tokenizer(Path(model_dir)))  # (n, seq) int64
+        return compress_model_dir(
+            Path(model_dir),
+            Path(output),
+            reduction=reduction,
+            windows=windows,
+            settings=config.settings(seed),
+            strategy=config.strategy,
+            rank_step=config.rank_step,
+            min_rank_ratio=config.min_rank_ratio,
+            skip_first=config.skip_first,
+            modules=config.modules,
+            distill=config.distill,
+            svd_kwargs=config.svd_kwargs(),
+            device=device,
+            progress=progress,
+        )
+
+    def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:
+        from deltakit.lillama.model import load_compressed
+
+        return load_compressed(Path(model_dir), device)
+
+    def export_model(self, model_dir: Path, output: Path, dtype: torch.dtype | None = None) -> None:
+        from deltakit.lillama.model import export_dense
+
+        export_dense(Path(model_dir), Path(output), dtype)

@@ -1,0 +1,19 @@
+"""Support code of the ``lillama`` codec: low-rank Linears, rank allocation, block-local distillation.
+
+See :mod:`deltakit.codecs.lillama` for the codec and ``docs/lillama.md`` for usage and measurements.
+"""
+
+from deltakit.lillama.distill import DistillSettings, feature_loss
+from deltakit.lillama.lowrank import DeltaLinear, LowRankLinear, svd_factors
+from deltakit.lillama.ranks import LinearSpec, allocate_ranks, candidate_ranks
+
+__all__ = [
+    "DeltaLinear",
+    "DistillSettings",
+    "LinearSpec",
+    "LowRankLinear",
+    "allocate_ranks",
+    "candidate_ranks",
+    "feature_loss",
+    "svd_factors",
+]
