@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from deltakit.errors import FormatError, TensorMismatchError
+from deltakit.models.checkpoint import CheckpointReader, StateDictSource
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 """Where tensors come from: a checkpoint dir (or one safetensors file), a name → tensor mapping, or a module."""
@@ -26,42 +27,37 @@ _TIED_ALIASES = frozenset({"lm_head.weight"})
 
 
 class TensorReader(contextlib.AbstractContextManager):
-    """Random access to the tensors of a source by name; ``names()`` lists them. Use as a context manager."""
+    """Random access to the tensors of a source by name; ``names()`` lists them. Use as a context manager.
+
+    Checkpoint directories go through :class:`deltakit.models.checkpoint.CheckpointReader` (sharded
+    safetensors, index, weights-only ``.bin``), one tensor at a time.
+    """
 
     def __init__(self, source: Source):
-        self._handles: list = []
-        self._where: dict[str, object] = {}
         if isinstance(source, torch.nn.Module):
             source = source.state_dict()
         if isinstance(source, Mapping):
-            self._where = dict(source)
-            self._mapping = True
+            self._source = StateDictSource({k: v.detach() for k, v in source.items()})
             return
-        self._mapping = False
         path = Path(source)
-        shards = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        if not shards or not all(s.is_file() for s in shards):
-            raise FormatError(f"no safetensors weights in {path}")
-        from safetensors import safe_open
+        if path.is_file():
+            from safetensors.torch import load_file
 
-        for shard in shards:
-            handle = safe_open(str(shard), framework="pt")
-            self._handles.append(handle)
-            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                self._where[name] = handle
+            self._source = StateDictSource(load_file(path))
+            return
+        if not path.is_dir():
+            raise FormatError(f"no weights at {path}")
+        self._source = CheckpointReader(path)
 
     def names(self) -> list[str]:
-        return sorted(self._where)
+        return sorted(self._source.names())
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (dtype unchanged), CPU."""
-        if self._mapping:
-            return self._where[name].detach().cpu()
-        return self._where[name].get_tensor(name)
+        return self._source.get(name).cpu()
 
     def __exit__(self, *exc) -> None:
-        self._handles.clear()
-        self._where.clear()
+        self._source = StateDictSource({})
 
 
 def _common_names(a: TensorReader, b: TensorReader, label: str) -> list[str]:

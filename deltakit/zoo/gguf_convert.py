@@ -10,7 +10,6 @@ undoes that permutation, so the checkpoint written here has the usual Hugging Fa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,18 +18,10 @@ import torch
 
 from deltakit.errors import FormatError, TensorMismatchError
 from deltakit.eval.models import quiet_transformers
+from deltakit.format.safetensors_io import file_sha256
 from deltakit.zoo.paths import atomic_dir
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _config_from_gguf(gguf_path: Path, dtype: str):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from deltakit.format.atomic import atomic_directory
 
 ENV_CACHE = "DELTAKIT_CACHE"
 
@@ -27,35 +28,15 @@ def zoo_dir() -> Path:
     return cache_dir() / "zoo"
 
 
-def _publish_modes(root: Path) -> None:
-    """mkdtemp/mkstemp create owner-only entries; give the finished tree the usual 755/644 modes."""
-    root.chmod(0o755)
-    for p in root.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-
-
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a fresh temp dir beside ``final``; on success rename it to ``final`` (replacing an old one).
+    """Yield a fresh temp dir beside ``final``; on success it replaces ``final`` whole.
 
-    On an exception the temp dir is removed and ``final`` is left untouched, so readers never see a
-    half-written checkpoint.
+    The fleet's cache entries are rebuilt in place, so an existing ``final`` is replaced; on an
+    exception ``final`` is left untouched (see :func:`deltakit.format.atomic.atomic_directory`).
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_directory(final, overwrite=True) as tmp:
         yield tmp
-        _publish_modes(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
