@@ -1,0 +1,76 @@
+"""``deltallm``: weights shared between neighbouring decoder blocks plus low-rank deltas, trained with PMR.
+
+A whole-model codec (``modes = ("model",)``): followers use ``W_anchor + A B``; the A, B factors start from
+the truncated SVD of ``W_follower − W_anchor`` and are distilled from the original model with Progressive
+Module Replacement. The work lives in :mod:`deltakit.deltallm`; this file adapts it to the codec contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltakit.codecs.base import Calibration, Codec, CodecConfig, EncodeContext, Encoded
+from deltakit.codecs.registry import register_codec
+from deltakit.deltallm.config import DeltaLLMConfig
+from deltakit.errors import UsageError
+
+
+@register_codec
+class DeltaLLMCodec(Codec):
+    name = "deltallm"
+    version = 1
+    config_class = DeltaLLMConfig
+    summary = "share weights between neighbouring blocks + low-rank deltas distilled with PMR (whole model)"
+    needs_data = True
+    modes = ("model",)
+
+    def encode(
+        self, base: torch.Tensor, target: torch.Tensor, config: CodecConfig, ctx: EncodeContext
+    ) -> Encoded:
+        raise UsageError(
+            "deltallm compresses whole models: deltakit compress --method deltallm MODEL_DIR -o OUT"
+        )
+
+    def decode(
+        self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        raise UsageError("deltallm compresses whole models; load them with deltakit.load_model(dir)")
+
+    def compress_model(
+        self,
+        model_dir: Path,
+        output: Path,
+        config: CodecConfig,
+        *,
+        reduction: float | None,
+        calibration: Calibration | None,
+        device: torch.device,
+        seed: int,
+        progress: Any = None,
+    ) -> dict[str, Any]:
+        from deltakit.deltallm.compress import compress
+
+        assert isinstance(config, DeltaLLMConfig)
+        return compress(
+            model_dir,
+            output,
+            config,
+            reduction=reduction,
+            calibration=calibration,
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
+
+    def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:
+        from deltakit.deltallm.io import load_compressed
+
+        return load_compressed(model_dir, device)
+
+    def export_model(self, model_dir: Path, output: Path, dtype: torch.dtype | None = None) -> None:
+        from deltakit.deltallm.io import export_plain
+
+        export_plain(model_dir, output, dtype)
