@@ -307,9 +307,25 @@ def apply(base, delta, output, dtype, device, force, overwrite, registry_path, a
 @click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
 def inspect(delta, tensors, registry_path, as_json):
-    """Show a delta's codec, sizes, ratio against the fp16 delta, and per-tensor table."""
+    """Show a delta's codec, sizes, ratio against the fp16 delta, and per-tensor table.
+
+    On a compressed model (lillama, deltallm) it shows the codec's plan and parameter counts.
+    """
+    from deltakit.core.model_mode import is_compressed_model, read_marker
     from deltakit.format.delta import load_delta, manifest_summary
 
+    if is_compressed_model(delta):
+        from deltakit.codecs.registry import get_codec
+
+        codec = get_codec(read_marker(delta)["codec"]["name"])
+        description, lines = codec.describe_model(Path(delta))
+        if as_json:
+            emit_json(description)
+        else:
+            out_console.print(f"[bold]{delta}[/]  compressed model, codec [cyan]{codec.name}[/]")
+            for line in lines:
+                out_console.print(line, highlight=False)
+        return
     loaded = load_delta(resolve_delta_arg(delta, registry_path), verify=False)
     manifest = loaded.manifest
     rows = []

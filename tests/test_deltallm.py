@@ -343,3 +343,15 @@ def test_baselines(tiny, untrained):
     svd = tf.AutoModelForCausalLM.from_pretrained(tiny["model"])
     svd_baseline_(svd, svd_modules(plan), plan.rank)
     assert count_parameters(svd) == plan.compressed_params  # same parameters removed as DeltaLLM
+
+
+def test_inspect_shows_plan_and_parameter_counts(untrained, capsys):
+    from deltakit_cli.main import main
+
+    out_dir, report = untrained
+    main(["inspect", str(out_dir), "--json"])
+    described = json.loads(capsys.readouterr().out)
+    assert described["params"]["compressed"] < described["params"]["original"]
+    main(["inspect", str(out_dir)])
+    text = capsys.readouterr().out
+    assert "deltallm" in text and "params" in text

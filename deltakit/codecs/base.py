@@ -288,6 +288,15 @@ class Codec(ABC):
 
         raise UsageError(f"{self.name} does not write compressed models")
 
+    def describe_model(self, model_dir: Path) -> tuple[dict[str, Any], list[str]]:
+        """What ``deltakit inspect`` shows for a :meth:`compress_model` directory: a JSON-able dict and
+        plain-text lines. The default shows the report recorded at compression time."""
+        from deltakit.core.model_mode import read_marker
+
+        marker = read_marker(model_dir)
+        lines = [f"{key}: {value}" for key, value in (marker.get("report") or {}).items()]
+        return marker, lines
+
     def export_model(self, model_dir: Path, output: Path, dtype: torch.dtype | None = None) -> None:
         """Materialise a :meth:`compress_model` directory as a plain checkpoint in ``output``."""
         from deltakit.errors import UsageError

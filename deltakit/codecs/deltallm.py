@@ -70,6 +70,12 @@ class DeltaLLMCodec(Codec):
 
         return load_compressed(model_dir, device)
 
+    def describe_model(self, model_dir: Path) -> tuple[dict[str, Any], list[str]]:
+        from deltakit.deltallm.io import describe_model, format_description
+
+        description = describe_model(model_dir)
+        return description, format_description(description)
+
     def export_model(self, model_dir: Path, output: Path, dtype: torch.dtype | None = None) -> None:
         from deltakit.deltallm.io import export_plain
 
