@@ -254,7 +254,9 @@ def plot(path: Path, summary: list[dict]) -> None:
         xs = [p[0] for p in points]
         axes[0].plot(xs, [p[1] for p in points], marker="o", label=codec)
         axes[1].plot(xs, [p[2] for p in points], marker="o", label=codec)
-    for ax, label in zip(axes, ("gain kept (1 = fine-tune's gain)", "KL closed (1 = same as fine-tune)"), strict=True):
+    for ax, label in zip(
+        axes, ("gain kept (1 = fine-tune's gain)", "KL closed (1 = same as fine-tune)"), strict=True
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per weight of the changed matrices (log2)")
         ax.set_ylabel(label)
@@ -265,6 +267,16 @@ def plot(path: Path, summary: list[dict]) -> None:
     fig.suptitle("SmolLM2-135M fleet: rate–distortion, mean over variants")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write_outputs(
+    out: Path, command: str, rows: list[dict], fleet: list[dict], machine: str, seconds: float
+) -> None:
+    summary = summarise(rows)
+    payload = {"command": command, "seconds": seconds, "machine": machine, "rows": rows, "summary": summary}
+    (out / "fleet_benchmark.json").write_text(json.dumps(payload, indent=1))
+    write_markdown(out / "fleet_benchmark.md", command, rows, summary, fleet, machine, seconds)
+    plot(out / "fleet_benchmark.png", summary)
 
 
 def main() -> None:
@@ -295,6 +307,7 @@ def main() -> None:
     command = "python benchmarks/fleet_codecs.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     rows: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deltakit-fleet-bench-") as tmp:
         for variant in fleet:
             print(f"{variant['name']}: {len(settings)} settings", file=sys.stderr, flush=True)
@@ -308,23 +321,8 @@ def main() -> None:
             )
             for d in Path(tmp).glob("delta-*"):
                 shutil.rmtree(d)
-    seconds = time.perf_counter() - started
-    summary = summarise(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fleet_benchmark.json").write_text(
-        json.dumps(
-            {
-                "command": command,
-                "seconds": seconds,
-                "machine": args.machine,
-                "rows": rows,
-                "summary": summary,
-            },
-            indent=1,
-        )
-    )
-    write_markdown(args.out / "fleet_benchmark.md", command, rows, summary, fleet, args.machine, seconds)
-    plot(args.out / "fleet_benchmark.png", summary)
+            # written after every variant so a long run leaves usable results at each step
+            write_outputs(args.out, command, rows, fleet, args.machine, time.perf_counter() - started)
     print((args.out / "fleet_benchmark.md").read_text())
 
 
