@@ -9,7 +9,7 @@ import torch
 from deltakit.codecs.base import CodecConfig, config_field
 from deltakit.errors import BudgetError
 from deltakit.ops.bitpack import pack_signs, unpack_signs
-from deltakit.ops.svd import truncated_svd
+from deltakit.ops.svd import svd_factors
 
 FACTOR_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -57,12 +57,9 @@ def low_rank_factors(
 
     Returned on the CPU in ``factor_dtype``.
     """
-    svd = truncated_svd(
+    up, down = svd_factors(
         matrix, rank, method=svd_method, oversample=oversample, power_iters=power_iters, seed=seed
-    )
-    root = svd.S.sqrt()
-    up = svd.U * root  # (rows, r)
-    down = root[:, None] * svd.Vh  # (r, cols)
+    )  # (rows, r), (r, cols)
     dtype = getattr(torch, factor_dtype)
     return up.to(dtype).cpu(), down.to(dtype).cpu()
 

@@ -42,7 +42,9 @@ class Lossless(Codec):
 
     def check_budget(self, budget: Budget) -> None:
         if budget.ratio is not None or budget.rank is not None:
-            raise BudgetError("lossless keeps every bit; its size is whatever zstd achieves (drop --ratio/--rank)")
+            raise BudgetError(
+                "lossless keeps every bit; its size is whatever zstd achieves (drop --ratio/--rank)"
+            )
 
     def encode(
         self, base: torch.Tensor, target: torch.Tensor, config: LosslessConfig, ctx: EncodeContext

@@ -14,7 +14,7 @@ from torch import nn
 
 from deltakit.deltallm.plan import SharingPlan
 from deltakit.errors import FormatError
-from deltakit.ops.svd import truncated_svd
+from deltakit.ops.svd import svd_factors as svd_factors  # re-exported for the deltallm modules
 
 
 class DeltaLinear(nn.Module):
@@ -90,16 +90,6 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_B), self.lora_A, self.bias)
-
-
-def svd_factors(matrix: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced factors of the rank-``rank`` truncated SVD: A = U√S (out, r), B = √S Vh (r, in), fp32.
-
-    matrix (out, in), any float dtype/device, not mutated. At full rank A @ B equals the matrix (fp32 round-off).
-    """
-    svd = truncated_svd(matrix.float(), rank, seed=seed)
-    root = svd.S.sqrt()
-    return (svd.U * root).contiguous(), (root[:, None] * svd.Vh).contiguous()
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

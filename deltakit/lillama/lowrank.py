@@ -12,27 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltakit.ops.svd import truncated_svd
-
-
-def svd_factors(
-    matrix: torch.Tensor,
-    rank: int,
-    *,
-    method: str = "randomized",
-    oversample: int = 10,
-    power_iters: int = 2,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 factors ``up`` (out, r) and ``down`` (r, in) with ``matrix ≈ up @ down`` (√S on each side).
-
-    matrix: (out, in), any float dtype and device (not mutated). Returned on the matrix's device.
-    """
-    svd = truncated_svd(
-        matrix, rank, method=method, oversample=oversample, power_iters=power_iters, seed=seed
-    )
-    root = svd.S.sqrt()
-    return svd.U * root, root[:, None] * svd.Vh  # (out, r), (r, in)
+from deltakit.ops.svd import svd_factors as svd_factors  # re-exported for the lillama modules
 
 
 def break_even_rank(rows: int, cols: int) -> float:

@@ -69,3 +69,23 @@ def truncated_svd(
     if transpose:
         u, vh = vh.T, u.T
     return TruncatedSVD(u.contiguous(), s.contiguous(), vh.contiguous())
+
+
+def svd_factors(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    method: str = "randomized",
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced fp32 factors ``up`` = U√S (out, r) and ``down`` = √S·Vh (r, in), ``matrix ≈ up @ down``.
+
+    matrix: (out, in), any float dtype and device (not mutated). Returned contiguous on its device.
+    """
+    svd = truncated_svd(
+        matrix, rank, method=method, oversample=oversample, power_iters=power_iters, seed=seed
+    )
+    root = svd.S.sqrt()
+    return (svd.U * root).contiguous(), (root[:, None] * svd.Vh).contiguous()  # (out, r), (r, in)
