@@ -14,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 #: progress and messages go to stderr so stdout stays clean for --json
 err_console = Console(stderr=True, soft_wrap=True)
-out_console = Console(soft_wrap=True)
+#: tables keep their columns readable when stdout is a pipe or a file (rich assumes 80 columns there)
+out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 
 
 def emit_json(data: Any) -> None:
