@@ -1,0 +1,75 @@
+"""Third-party codecs register through the ``deltakit.codecs`` entry-point group."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from importlib.metadata import EntryPoint
+
+import pytest
+import torch
+
+import deltakit
+from deltakit.codecs import registry
+
+PLUGIN = textwrap.dedent(
+    """
+    from dataclasses import dataclass
+
+    import torch
+
+    from deltakit import Codec, CodecConfig, Encoded, config_field, register_codec
+
+
+    @dataclass(frozen=True)
+    class HalfConfig(CodecConfig):
+        scale: float = config_field(1.0, "multiplier applied on decode")
+
+
+    @register_codec
+    class HalfPrecisionDelta(Codec):
+        name = "toy-fp16"
+        config_class = HalfConfig
+        summary = "the delta in fp16 (a test plug-in)"
+        default_ratio = 1.0
+
+        def encode(self, base, target, config, ctx):
+            delta = target.float() - base.float()
+            return Encoded({"delta": delta.half()}, {"shape": list(delta.shape), "scale": config.scale})
+
+        def decode(self, encoded, device="cpu", base=None):
+            return encoded.tensors["delta"].to(device=device, dtype=torch.float32) * encoded.params["scale"]
+    """
+)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """A registry that loads its plug-ins again, with the built-in codecs kept."""
+    registry.list_codecs()  # built-ins register once, at first import: load them before copying
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+def test_entry_point_codec_is_listed_and_round_trips(tmp_path, monkeypatch, fresh_registry):
+    (tmp_path / "toy_codec_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "toy_codec_plugin", raising=False)
+    point = EntryPoint(name="toy", value="toy_codec_plugin", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == point.group else [])
+
+    assert "toy-fp16" in deltakit.list_codecs()
+    assert "dqrelo" in deltakit.list_codecs()
+    base = {"w": torch.randn(8, 8)}
+    target = {"w": base["w"] + 0.01 * torch.randn(8, 8)}
+    delta = deltakit.compress(base, target, method="toy-fp16")
+    rebuilt = deltakit.apply(base, delta).state_dict["w"]
+    assert torch.allclose(rebuilt, target["w"], atol=1e-4)
+
+
+def test_broken_entry_point_warns_and_keeps_builtins(monkeypatch, fresh_registry):
+    point = EntryPoint(name="broken", value="no_such_module_for_deltakit", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point])
+    with pytest.warns(UserWarning, match="broken"):
+        names = deltakit.list_codecs()
+    assert {"dqrelo", "svd", "lossless"} <= set(names)
