@@ -169,7 +169,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines += [f"The {earlier['section']} section comes from an earlier run: `{earlier['command']}`.", ""]
     m = results.get("model")
     if m:
-        a = results["args"]
+        a = results.get("model_args") or results["args"]  # a merged section keeps its own run's settings
         lines += [
             "## Model mode: SmolLM2-135M-Instruct at −{:.0%} parameters".format(a["reduction"]),
             "",
@@ -200,7 +200,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines.append("")
     d = results.get("delta")
     if d:
-        a = results["args"]
+        a = results.get("delta_args") or results["args"]
         lines += [f"## Delta mode: fleet variants at ratio {a['ratio']:.4g} of the fp16 delta", ""]
         if "skipped" in d:
             lines += [f"Skipped: {d['skipped']}", ""]
@@ -274,6 +274,7 @@ def main() -> None:
         for section in ("model", "delta"):
             if section not in results and section in prior:
                 results[section] = prior[section]
+                results[f"{section}_args"] = prior.get(f"{section}_args", prior.get("args"))
                 results.setdefault("earlier", []).append(
                     {"section": section, "command": prior.get("command"), "seconds": prior.get("seconds")}
                 )
