@@ -18,34 +18,29 @@ HIDDEN, LAYERS, VOCAB, HEADS = 64, 2, 256, 4
 ARCHS = ("llama", "qwen2", "gpt2")
 
 
+#: config fields shared by the Llama-style fixtures (Llama, Qwen2)
+_DECODER_FIELDS = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=2 * HIDDEN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+
 def build_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised tiny causal LM of ``arch`` (fp32, CPU)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     if arch == "llama":
-        config = tf.LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        )
+        config = tf.LlamaConfig(**_DECODER_FIELDS)
         return tf.LlamaForCausalLM(config)
     if arch == "qwen2":
-        config = tf.Qwen2Config(
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        )
+        config = tf.Qwen2Config(**_DECODER_FIELDS)
         return tf.Qwen2ForCausalLM(config)
     if arch == "gpt2":
         config = tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=128)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -212,7 +211,3 @@ def manifest_summary(manifest: Manifest) -> dict[str, Any]:
         "stats": manifest.stats,
         "files": {k: v["size"] for k, v in manifest.files.items()},
     }
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())

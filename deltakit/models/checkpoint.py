@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -253,8 +253,3 @@ def copy_aux_files(files: Iterable[Path], out_dir: Path) -> None:
     """Copy config/tokenizer files next to the weights."""
     for file in files:
         shutil.copyfile(file, Path(out_dir) / file.name)
-
-
-def iter_tensors(source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in source.names():
-        yield name, source.get(name)
