@@ -21,34 +21,14 @@ from deltakit.registry import Registry  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-PUSH_CHILD = """
-import sys
-from deltakit.registry import Registry
-reg = Registry.open(sys.argv[1])
-print("ready", flush=True)
-for delta, ref in zip(sys.argv[2::2], sys.argv[3::2]):
-    reg.push(delta, ref)
-print("done", flush=True)
-"""
-
-GC_CHILD = """
-import sys, time
-from deltakit.registry import Registry
-reg = Registry.open(sys.argv[1])
-end = time.time() + float(sys.argv[2])
-n = 0
-while time.time() < end:
-    reg.gc(); n += 1
-print("gc runs", n, flush=True)
-"""
+CHILD = str(Path(__file__).parent / "registry_child.py")  # test-only entry: installs the pause hook
 
 
-def _spawn(code: str, *args: str, pause: str | None = None) -> subprocess.Popen[str]:
+def _spawn(command: str, root: str, *args: str, pause: str | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if pause:
-        env["_DELTAKIT_TEST_PAUSE"] = pause
+    extra = [pause or "-"] if command == "push" else []
     return subprocess.Popen(
-        [sys.executable, "-c", code, *args],
+        [sys.executable, CHILD, command, root, *extra, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -90,7 +70,7 @@ def test_sigkill_during_push_leaves_registry_consistent(tmp_path: Path) -> None:
     outcomes = []
     for i in range(6):
         new = _big_delta(tmp_path / f"new{i}", seed=i + 1)
-        child = _spawn(PUSH_CHILD, str(root), str(new), f"fresh{i}", str(new), "chat", pause="blob:0.03")
+        child = _spawn("push", str(root), str(new), f"fresh{i}", str(new), "chat", pause="blob:0.03")
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 1.0))  # both pushes take ~0.8 s
         child.send_signal(signal.SIGKILL)
@@ -112,7 +92,7 @@ def test_sigkill_between_ref_and_catalog_is_recovered(tmp_path: Path) -> None:
     root = tmp_path / "reg"
     Registry.open(root).close()
     delta = _big_delta(tmp_path / "d", seed=7, n_files=2)
-    child = _spawn(PUSH_CHILD, str(root), str(delta), "chat:v1", pause="ref:30")
+    child = _spawn("push", str(root), str(delta), "chat:v1", pause="ref:30")
     ref_file = root / "refs" / "deltas" / "chat" / "v1.json"
     deadline = time.time() + 20
     while not ref_file.exists():
@@ -139,8 +119,8 @@ def test_concurrent_pushers_lose_nothing(tmp_path: Path) -> None:
                 tmp_path / f"p{p}d{k}", {"shared.safetensors": shared, "own.safetensors": os.urandom(9000)}
             )
             args += [str(d), f"proc{p}/delta{k}:v1"]
-        jobs.append((args, _spawn(PUSH_CHILD, str(root), *args, pause="blob:0.01")))
-    gc = _spawn(GC_CHILD, str(root), "1.5")  # gc racing the pushes must not eat in-flight blobs
+        jobs.append((args, _spawn("push", str(root), *args, pause="blob:0.01")))
+    gc = _spawn("gc", str(root), "1.5")  # gc racing the pushes must not eat in-flight blobs
     for _args, proc in jobs:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
@@ -161,7 +141,7 @@ def test_concurrent_same_tag_last_writer_wins(tmp_path: Path, workers: int) -> N
     root = tmp_path / "reg"
     Registry.open(root).close()
     deltas = [make_delta(tmp_path / f"d{i}") for i in range(workers)]
-    procs = [_spawn(PUSH_CHILD, str(root), str(d), "chat") for d in deltas]
+    procs = [_spawn("push", str(root), str(d), "chat") for d in deltas]
     for proc in procs:
         assert proc.wait(timeout=60) == 0
     with Registry.open(root) as reg:

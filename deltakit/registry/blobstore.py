@@ -15,24 +15,25 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from deltakit.errors import IntegrityError, NotFoundError
-from deltakit.registry.fsutil import copy_hashed, fsync_dir, sha256_file, write_bytes_atomic
+from deltakit.errors import FormatError, IntegrityError, NotFoundError
+from deltakit.registry.fsutil import copy_hashed, file_sha256, fsync_dir, temp_path, write_bytes_atomic
+from deltakit.registry.layout import confine
 
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def check_digest(digest: str) -> str:
-    """Return a bare lowercase hex sha256 (accepts a ``sha256:`` prefix); raise on anything else."""
-    if digest.startswith("sha256:"):
-        digest = digest[len("sha256:") :]
-    if not _HEX.match(digest):
-        raise IntegrityError(f"not a sha256 hex digest: {digest!r}")
-    return digest
+def check_digest(digest: object) -> str:
+    """Return a bare lowercase hex sha256 (accepts a ``sha256:`` prefix); raise IntegrityError otherwise."""
+    if not isinstance(digest, str):
+        raise IntegrityError(f"not a sha256 hex digest: {type(digest).__name__}")
+    bare = digest[len("sha256:") :] if digest.startswith("sha256:") else digest
+    if not _HEX.fullmatch(bare):
+        raise IntegrityError(f"not a sha256 hex digest: {digest[:80]!r}")
+    return bare
 
 
 def blob_key(digest: str) -> str:
@@ -96,6 +97,10 @@ class BlobStore(Protocol):
         ...
 
 
+def _not_a_document(path: Path) -> bytes:
+    raise FormatError(f"{path} is not a regular file")
+
+
 def _verify(digest: str, got: str, where: str) -> None:
     if got != digest:
         raise IntegrityError(
@@ -113,8 +118,8 @@ class LocalBlobStore:
 
     # -- blobs ---------------------------------------------------------------------------------
     def path(self, digest: str) -> Path:
-        """Local path of blob ``digest`` (whether or not it exists)."""
-        return self.root / blob_key(digest)
+        """Local path of blob ``digest`` (whether or not it exists); never outside the registry root."""
+        return confine(self.root, blob_key(digest))
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
@@ -126,19 +131,19 @@ class LocalBlobStore:
             return None
 
     def iter_digests(self) -> Iterator[str]:
-        base = self.root / "blobs" / "sha256"
+        base = confine(self.root, "blobs/sha256")
         if not base.is_dir():
             return
         for sub in sorted(base.iterdir()):
-            if not sub.is_dir():
+            if sub.is_symlink() or not sub.is_dir():
                 continue
             for entry in os.scandir(sub):
-                if entry.is_file() and _HEX.match(entry.name):
+                if entry.is_file(follow_symlinks=False) and _HEX.fullmatch(entry.name):
                     yield entry.name
 
     def _tmp(self) -> Path:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        return self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}"
+        confine(self.root, "tmp").mkdir(parents=True, exist_ok=True)
+        return temp_path(self.tmp_dir, "blob")
 
     def _install(self, tmp: Path, digest: str) -> None:
         final = self.path(digest)
@@ -187,8 +192,7 @@ class LocalBlobStore:
     def adopt(self, tmp: Path, digest: str) -> None:
         """Move a file written to :meth:`new_tmp` in as blob ``digest`` after checking its hash."""
         digest = check_digest(digest)
-        got, _ = sha256_file(tmp)
-        _verify(digest, got, str(tmp))
+        _verify(digest, file_sha256(tmp), str(tmp))
         self._install(tmp, digest)
 
     def get_file(self, digest: str, dst: Path) -> int:
@@ -222,7 +226,7 @@ class LocalBlobStore:
     def verify_blob(self, digest: str) -> str | None:
         """Re-hash a stored blob; return a problem description or None if it is intact."""
         try:
-            got, _ = sha256_file(self.path(digest))
+            got = file_sha256(self.path(digest))
         except FileNotFoundError:
             return "missing"
         return None if got == digest else f"content hashes to {got[:12]}..."
@@ -249,13 +253,14 @@ class LocalBlobStore:
 
     # -- documents -----------------------------------------------------------------------------
     def _doc_path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise IntegrityError(f"unsafe document key {key!r}")
-        return self.root / key
+        return confine(self.root, key)
 
     def read_doc(self, key: str) -> bytes | None:
+        path = self._doc_path(key)
         try:
-            return self._doc_path(key).read_bytes()
+            if path.is_symlink() or not path.is_file():
+                return None if not path.exists() else _not_a_document(path)
+            return path.read_bytes()
         except FileNotFoundError:
             return None
 

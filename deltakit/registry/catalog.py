@@ -1,15 +1,19 @@
 """The SQLite catalog (WAL mode): a fast index over refs and manifests, rebuildable from them.
 
 It is never the source of truth: ``Registry.rebuild_catalog`` recreates it from the ref documents and
-manifest blobs. Rows carry what ``ls``/``show`` need without opening manifests.
+manifest blobs, and ``indexing.open_catalog`` does so by itself when the file is missing or damaged. Rows carry what ``ls``/``show`` need without opening manifests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from deltakit.errors import RegistryError
 
 SCHEMA_VERSION = 1
 
@@ -37,20 +41,72 @@ DELTA_COLUMNS = (
     "created_at",
 )  # fmt: skip
 BASE_COLUMNS = ("name", "fingerprint", "tree", "total_bytes", "n_files", "created_at")
+EVAL_COLUMNS = ("manifest", "results", "updated_at")
+
+
+class CatalogDamaged(RegistryError):
+    """``catalog.sqlite`` is not a readable catalog of this schema (garbage, truncated, foreign schema)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+@contextlib.contextmanager
+def _guard(path: Path) -> Iterator[None]:
+    """Turn SQLite failures on a damaged file into a one-line CatalogDamaged."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:  # includes OperationalError, e.g. "no such column"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CatalogDamaged(
+            f"catalog {path} is damaged ({reason}); Registry.rebuild_catalog() recreates it from the refs",
+            reason,
+        ) from None
 
 
 class Catalog:
-    """A connection to ``catalog.sqlite``; each write is one short transaction (safe across processes)."""
+    """A connection to ``catalog.sqlite``; each write is one short transaction (safe across processes).
+
+    Raises CatalogDamaged on open when the file is not a catalog of this schema, and from any later
+    query that fails because the file was damaged meanwhile.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(_SCHEMA)
-        self.conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        with _guard(path):
+            self.conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        try:
+            with _guard(path):
+                self.conn.row_factory = sqlite3.Row
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                self.conn.executescript(_SCHEMA)
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+                self._check_schema()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _check_schema(self) -> None:
+        version = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if version is None or version[0] != str(SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"schema version {version[0] if version else None!r}")
+        for table, columns in (("deltas", DELTA_COLUMNS), ("bases", BASE_COLUMNS), ("evals", EVAL_COLUMNS)):
+            found = tuple(r[1] for r in self.conn.execute(f"PRAGMA table_info({table})"))
+            if found != columns:
+                raise sqlite3.DatabaseError(f"table {table} has columns {found}")
+        check = self.conn.execute("PRAGMA quick_check").fetchone()  # reads every page: finds truncation
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else 'no answer'}")
+
+    def is_empty(self) -> bool:
+        """No delta and no base rows."""
+        return not self._rows("SELECT 1 FROM deltas LIMIT 1") and not self._rows(
+            "SELECT 1 FROM bases LIMIT 1"
         )
 
     def close(self) -> None:
@@ -58,13 +114,18 @@ class Catalog:
         self.conn.close()
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            self.conn.execute(sql, params)
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        with _guard(self.path):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute(sql, params)
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with _guard(self.path):
+            return self.conn.execute(sql, params).fetchall()
 
     # -- deltas --------------------------------------------------------------------------------
     def upsert_delta(self, row: dict[str, Any]) -> None:
@@ -81,8 +142,8 @@ class Catalog:
 
     def get_delta(self, name: str, tag: str) -> dict[str, Any] | None:
         """The row of ``name:tag`` or None."""
-        row = self.conn.execute("SELECT * FROM deltas WHERE name = ? AND tag = ?", (name, tag)).fetchone()
-        return dict(row) if row else None
+        rows = self._rows("SELECT * FROM deltas WHERE name = ? AND tag = ?", (name, tag))
+        return dict(rows[0]) if rows else None
 
     def list_deltas(self, base_fingerprint: str | None = None, base_name: str | None = None) -> list[dict]:
         """Rows sorted by name and tag; filtered by base fingerprint if given, else by manifest base name."""
@@ -92,8 +153,7 @@ class Catalog:
             where, params = "WHERE base_name = ?", (base_name,)
         else:
             where, params = "", ()
-        rows = self.conn.execute(f"SELECT * FROM deltas {where} ORDER BY name, tag", params).fetchall()
-        return [dict(r) for r in rows]
+        return [dict(r) for r in self._rows(f"SELECT * FROM deltas {where} ORDER BY name, tag", params)]
 
     def deltas_of_base(self, fingerprint: str) -> list[dict]:
         """Rows of deltas whose manifest names this base fingerprint."""
@@ -114,19 +174,17 @@ class Catalog:
 
     def get_base(self, name: str) -> dict[str, Any] | None:
         """The row of base ``name`` or None."""
-        row = self.conn.execute("SELECT * FROM bases WHERE name = ?", (name,)).fetchone()
-        return dict(row) if row else None
+        rows = self._rows("SELECT * FROM bases WHERE name = ?", (name,))
+        return dict(rows[0]) if rows else None
 
     def base_by_fingerprint(self, fingerprint: str) -> dict[str, Any] | None:
         """A base row with this fingerprint (the first by name) or None."""
-        row = self.conn.execute(
-            "SELECT * FROM bases WHERE fingerprint = ? ORDER BY name LIMIT 1", (fingerprint,)
-        ).fetchone()
-        return dict(row) if row else None
+        rows = self._rows("SELECT * FROM bases WHERE fingerprint = ? ORDER BY name LIMIT 1", (fingerprint,))
+        return dict(rows[0]) if rows else None
 
     def list_bases(self) -> list[dict]:
         """Every base row, sorted by name."""
-        return [dict(r) for r in self.conn.execute("SELECT * FROM bases ORDER BY name").fetchall()]
+        return [dict(r) for r in self._rows("SELECT * FROM bases ORDER BY name")]
 
     # -- evals ---------------------------------------------------------------------------------
     def set_eval(self, manifest: str, results: dict[str, Any], updated_at: str) -> None:
@@ -138,8 +196,8 @@ class Catalog:
 
     def get_eval(self, manifest: str) -> dict[str, Any] | None:
         """Eval results of a manifest digest or None."""
-        row = self.conn.execute("SELECT results FROM evals WHERE manifest = ?", (manifest,)).fetchone()
-        return json.loads(row["results"]) if row else None
+        rows = self._rows("SELECT results FROM evals WHERE manifest = ?", (manifest,))
+        return json.loads(rows[0]["results"]) if rows else None
 
     def delete_eval(self, manifest: str) -> None:
         """Forget the eval results of a manifest digest."""
@@ -147,12 +205,17 @@ class Catalog:
 
     def all_evals(self) -> dict[str, dict[str, Any]]:
         """Every stored eval, by manifest digest."""
-        rows = self.conn.execute("SELECT manifest, results FROM evals").fetchall()
-        return {r["manifest"]: json.loads(r["results"]) for r in rows}
+        return {
+            r["manifest"]: json.loads(r["results"]) for r in self._rows("SELECT manifest, results FROM evals")
+        }
 
     # -- whole-catalog -------------------------------------------------------------------------
     def replace_all(self, deltas: list[dict], bases: list[dict], evals: list[tuple[str, dict, str]]) -> None:
         """Replace every row in one transaction (used by rebuild)."""
+        with _guard(self.path):
+            self._replace_all(deltas, bases, evals)
+
+    def _replace_all(self, deltas: list[dict], bases: list[dict], evals: list[tuple[str, dict, str]]) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             for table in ("deltas", "bases", "evals"):

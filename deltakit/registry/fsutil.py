@@ -1,4 +1,8 @@
-"""Durable small-file writes and streaming hashes for the registry (temp file + fsync + rename)."""
+"""Durable small-file writes, temp names and streaming hashes for the registry.
+
+File hashing is the format layer's (:func:`deltakit.format.safetensors_io.file_sha256`), re-exported
+here so every registry module hashes the same way.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +15,33 @@ from pathlib import Path
 from typing import BinaryIO
 
 from deltakit.format.atomic import fsync_dir as fsync_dir  # re-exported for the registry modules
+from deltakit.format.safetensors_io import file_sha256 as file_sha256  # re-exported, see above
 
 CHUNK = 4 << 20  # 4 MiB read/write chunk
+TEMP_MARK = ".tmp-"
 
 
-def temp_name(final: Path) -> Path:
-    """A unique hidden temp path next to ``final`` (same directory, so rename is atomic)."""
-    return final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def temp_path(directory: Path, stem: str) -> Path:
+    """A unique hidden temp path ``directory/.<stem>.tmp-<pid>-<hex>`` (same folder: rename is atomic).
+
+    The process id in the name lets cleanup tell a live writer's file from a dead one's.
+    """
+    return directory / f".{stem}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def temp_owner(name: str) -> int | None:
+    """The process id in a name made by :func:`temp_path`, or None for any other name."""
+    head, sep, tail = name.rpartition(TEMP_MARK)
+    pid, _, rest = tail.partition("-")
+    if not sep or not head.startswith(".") or not pid.isdigit() or not rest:
+        return None
+    return int(pid)
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:
     """Write ``data`` to ``final`` atomically: temp file, fsync, rename, fsync the directory."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(final)
+    tmp = temp_path(final.parent, final.name)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -44,17 +62,6 @@ def iter_chunks(fh: BinaryIO, chunk: int = CHUNK) -> Iterator[bytes]:
         if not block:
             return
         yield block
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    """Hex sha256 and size in bytes of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for block in iter_chunks(fh):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
 
 
 def copy_hashed(src: BinaryIO, dst_path: Path) -> tuple[str, int]:

@@ -6,17 +6,21 @@ The registry treats a manifest as opaque bytes (stored as a blob, byte for byte)
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deltakit.errors import FormatError
+from deltakit.registry.jsondoc import parse_object
 
 MANIFEST_NAME = "manifest.json"
-_HEX = re.compile(r"^[0-9a-f]{64}$")
-_SAFE_PART = re.compile(r"^[^\x00-\x1f\x7f\\:]+$")
+MAX_PATH_CHARS = 1024
+MAX_PART_CHARS = 255
+MAX_FILE_BYTES = 1 << 50
+_HEX = re.compile(r"[0-9a-f]{64}")
+# a path component: no control characters, no backslash, no ':' (drive letters, NTFS streams)
+_SAFE_PART = re.compile(r"[^\x00-\x1f\x7f\\:]+")
 
 
 @dataclass(frozen=True)
@@ -28,42 +32,53 @@ class FileEntry:
     size: int
 
 
-def check_relpath(path: str) -> str:
-    """Return ``path`` if it is a safe relative POSIX path (no ``..``, no absolute, no control chars)."""
+def check_relpath(path: object) -> str:
+    """Return ``path`` if it is a safe relative POSIX path, else raise FormatError.
+
+    Safe: a non-empty string of at most MAX_PATH_CHARS characters, '/'-separated plain components
+    (no empty, '.', '..' or hidden component starting with '.', none longer than MAX_PART_CHARS), no
+    leading '/', no backslash, ':', NUL or other control character, and not the manifest itself.
+    """
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH_CHARS:
+        raise FormatError(f"manifest lists an unsafe file path {str(path)[:80]!r}")
     parts = path.split("/")
     if (
-        not path
-        or path.startswith("/")
-        or any(p in ("", ".", "..") or not _SAFE_PART.match(p) for p in parts)
+        path.startswith("/")
+        or any(p.startswith(".") or len(p) > MAX_PART_CHARS or not _SAFE_PART.fullmatch(p) for p in parts)
         or path == MANIFEST_NAME
     ):
-        raise FormatError(f"manifest lists an unsafe or reserved file path {path!r}")
+        raise FormatError(f"manifest lists an unsafe or reserved file path {path[:80]!r}")
     return path
 
 
+def check_file_entry(path: str, entry: object, where: str) -> FileEntry:
+    """Validate one ``files`` entry ``{"sha256": <64 lowercase hex>, "size": <int >= 0>}``."""
+    check_relpath(path)
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("sha256"), str)
+        or not _HEX.fullmatch(entry["sha256"])
+        or type(entry.get("size")) is not int
+        or not 0 <= entry["size"] <= MAX_FILE_BYTES
+    ):
+        raise FormatError(f"{where}: file {path!r} needs a hex 'sha256' and a non-negative integer 'size'")
+    return FileEntry(path, entry["sha256"], entry["size"])
+
+
 def parse_manifest(data: bytes, where: str = "manifest") -> dict[str, Any]:
-    """Parse manifest bytes and check the fields the registry needs; raise FormatError otherwise."""
-    try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "deltakit.delta":
+    """Parse manifest bytes and check the fields the registry needs; raise FormatError otherwise.
+
+    Checked: a JSON object without duplicate keys, ``format`` 'deltakit.delta', and ``files`` mapping
+    safe relative paths (:func:`check_relpath`) to valid entries (:func:`check_file_entry`).
+    """
+    manifest = parse_object(data, where)
+    if manifest.get("format") != "deltakit.delta":
         raise FormatError(f"{where}: not a deltakit delta manifest (expected format 'deltakit.delta')")
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise FormatError(f"{where}: 'files' must map relative paths to {{sha256, size}}")
     for path, entry in files.items():
-        check_relpath(path)
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("sha256"), str)
-            or not _HEX.match(entry["sha256"])
-            or not isinstance(entry.get("size"), int)
-            or entry["size"] < 0
-        ):
-            raise FormatError(
-                f"{where}: file {path!r} needs a hex 'sha256' and a non-negative integer 'size'"
-            )
+        check_file_entry(path, entry, where)
     return manifest
 
 
@@ -97,20 +112,34 @@ def _get(manifest: dict[str, Any], *keys: str) -> Any:
     return node
 
 
+def _typed(value: Any, *kinds: type) -> Any:
+    """``value`` if it is one of ``kinds`` (bool never counts as a number), else None."""
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        return None
+    if isinstance(value, int) and abs(value) > MAX_FILE_BYTES:
+        return None  # SQLite integers are 64-bit
+    return value
+
+
 def summarize(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Catalog fields of a manifest: codec, base/target identities and sizes (missing ones are None)."""
+    """Catalog fields of a manifest: codec, base/target identities and sizes.
+
+    Descriptive fields of the wrong type (a codec name that is not a string, a ratio that is not a
+    number...) are catalogued as None: they do not make the delta unreadable, and never reach SQLite.
+    """
     entries = file_entries(manifest)
-    stored = _get(manifest, "stats", "stored_bytes")
+    stored = _typed(_get(manifest, "stats", "stored_bytes"), int)
+    ratio = _typed(_get(manifest, "stats", "ratio"), int, float)
     return {
-        "codec": _get(manifest, "codec", "name"),
-        "codec_version": _get(manifest, "codec", "version"),
-        "ratio": _get(manifest, "stats", "ratio") or _get(manifest, "codec", "budget", "ratio"),
-        "base_name": _get(manifest, "base", "name"),
-        "base_fingerprint": _get(manifest, "base", "fingerprint"),
-        "target_name": _get(manifest, "target", "name"),
-        "target_fingerprint": _get(manifest, "target", "fingerprint"),
-        "stored_bytes": stored if isinstance(stored, int) else sum(e.size for e in entries),
-        "fp16_delta_bytes": _get(manifest, "stats", "fp16_delta_bytes"),
+        "codec": _typed(_get(manifest, "codec", "name"), str),
+        "codec_version": _typed(_get(manifest, "codec", "version"), int),
+        "ratio": ratio or _typed(_get(manifest, "codec", "budget", "ratio"), int, float),
+        "base_name": _typed(_get(manifest, "base", "name"), str),
+        "base_fingerprint": _typed(_get(manifest, "base", "fingerprint"), str),
+        "target_name": _typed(_get(manifest, "target", "name"), str),
+        "target_fingerprint": _typed(_get(manifest, "target", "fingerprint"), str),
+        "stored_bytes": stored if stored is not None else sum(e.size for e in entries),
+        "fp16_delta_bytes": _typed(_get(manifest, "stats", "fp16_delta_bytes"), int),
         "total_bytes": sum(e.size for e in entries),
         "n_files": len(entries),
     }

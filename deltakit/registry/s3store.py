@@ -17,7 +17,7 @@ from typing import Any
 
 from deltakit.errors import IntegrityError, NotFoundError, RegistryError, UsageError
 from deltakit.registry.blobstore import _HEX, blob_key, check_digest
-from deltakit.registry.fsutil import sha256_file
+from deltakit.registry.fsutil import file_sha256
 
 
 def _s3fs(endpoint_url: str | None, storage_options: dict[str, Any] | None) -> Any:
@@ -90,12 +90,12 @@ class S3BlobStore:
             return
         for path in paths:
             name = path.rsplit("/", 1)[-1]
-            if _HEX.match(name):
+            if _HEX.fullmatch(name):
                 yield name
 
     def put_file(self, src: Path, digest: str) -> bool:
         digest = check_digest(digest)
-        got, _ = sha256_file(src)
+        got = file_sha256(src)
         if got != digest:
             raise IntegrityError(
                 f"refusing to upload {src}: it hashes to {got[:12]}..., not {digest[:12]}..."
@@ -114,7 +114,7 @@ class S3BlobStore:
             self.fs.get_file(self._key(blob_key(digest)), str(dst))
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest[:12]}... is missing from {self.url}") from None
-        got, size = sha256_file(dst)
+        got, size = file_sha256(dst), dst.stat().st_size
         if got != digest:
             dst.unlink()
             raise IntegrityError(

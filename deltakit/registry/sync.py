@@ -8,24 +8,35 @@ first, ref documents last, so the other side never sees a ref whose blobs are no
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from deltakit.errors import FormatError, NotFoundError
-from deltakit.registry.blobstore import BlobStore, check_digest
+from deltakit.registry.blobstore import BlobStore, LocalBlobStore, check_digest
+from deltakit.registry.journal import RefJournal
+from deltakit.registry.layout import base_ref_key, delta_ref_key, eval_key
+from deltakit.registry.locking import RegistryLock
 from deltakit.registry.manifest import file_entries, parse_manifest
-from deltakit.registry.names import parse_ref, validate_name
+from deltakit.registry.names import DeltaRef, parse_ref, validate_name, validate_tag
 from deltakit.registry.records import SyncReport
-from deltakit.registry.registry import (
-    BASE_TREE_FORMAT,
-    Registry,
-    base_ref_key,
-    delta_ref_key,
-    eval_key,
+from deltakit.registry.refs import (
+    BaseDoc,
+    DeltaDoc,
+    parse_base_doc,
+    parse_delta_doc,
+    parse_eval_doc,
+    parse_tree,
 )
+
+
+class LocalSide(Protocol):
+    """What sync needs of the local registry (a :class:`~deltakit.registry.Registry` provides it)."""
+
+    store: LocalBlobStore
+    lock: RegistryLock
+    journal: RefJournal
 
 
 def open_remote(url: str, **options: Any) -> BlobStore:
@@ -35,23 +46,37 @@ def open_remote(url: str, **options: Any) -> BlobStore:
     return S3BlobStore(url, **options)
 
 
-def _closure(store: BlobStore, key: str) -> list[str]:
-    """Digests a ref document needs on ``store``, leaves first (files, then the manifest or file list)."""
+def _key_identity(key: str) -> tuple[str, str]:
+    """``(name, tag)`` of a delta ref key or ``(name, "")`` of a base ref key, validated."""
+    if key.startswith("refs/deltas/") and key.endswith(".json"):
+        name, _, tag = key[len("refs/deltas/") : -len(".json")].rpartition("/")
+        return validate_name(name), validate_tag(tag)
+    if key.startswith("refs/bases/") and key.endswith(".json"):
+        return validate_name(key[len("refs/bases/") : -len(".json")], "base name"), ""
+    raise FormatError(f"not a ref document key: {key[:80]!r}")
+
+
+def read_ref(store: BlobStore, key: str) -> tuple[bytes, DeltaDoc | BaseDoc]:
+    """Bytes and validated content of the ref document ``key`` on ``store`` (NotFoundError if absent)."""
     data = store.read_doc(key)
     if data is None:
         raise NotFoundError(f"{store.url}: no {key}")
-    doc = json.loads(data)
-    if key.startswith("refs/deltas/"):
-        top = check_digest(doc["manifest"])
+    name, tag = _key_identity(key)
+    where = f"{store.url}/{key}"
+    doc = parse_delta_doc(data, name, tag, where) if tag else parse_base_doc(data, name, where)
+    return data, doc
+
+
+def _closure(store: BlobStore, key: str) -> list[str]:
+    """Digests a ref document needs on ``store``, leaves first (files, then the manifest or file list)."""
+    _, doc = read_ref(store, key)
+    if isinstance(doc, DeltaDoc):
+        top = check_digest(doc.manifest)
         manifest = parse_manifest(store.get_bytes(top), f"{store.url} manifest {top[:12]}")
         return [e.sha256 for e in file_entries(manifest)] + [top]
-    if key.startswith("refs/bases/"):
-        top = check_digest(doc["tree"])
-        tree = json.loads(store.get_bytes(top))
-        if tree.get("format") != BASE_TREE_FORMAT:
-            raise FormatError(f"{store.url}: base file list {top[:12]} is not a {BASE_TREE_FORMAT}")
-        return [e["sha256"] for e in tree["files"].values()] + [top]
-    return []
+    top = check_digest(doc.tree)
+    files = parse_tree(store.get_bytes(top), f"{store.url} base file list {top[:12]}")
+    return [e.sha256 for e in files.values()] + [top]
 
 
 def _select(store: BlobStore, refs: Iterable[str] | None, bases: Iterable[str] | None) -> list[str]:
@@ -86,7 +111,6 @@ def _copy_blobs(src: BlobStore, dst: BlobStore, digests: list[str], report: Sync
             todo.append(digest)
     if not todo:
         return
-    from deltakit.registry.blobstore import LocalBlobStore
 
     def send(digest: str) -> int:
         if isinstance(src, LocalBlobStore):
@@ -109,7 +133,7 @@ def _copy_blobs(src: BlobStore, dst: BlobStore, digests: list[str], report: Sync
 
 
 def push_remote(
-    reg: Registry, url: str, *, refs: Iterable[str] | None = None, bases: Iterable[str] | None = None,
+    reg: LocalSide, url: str, *, refs: Iterable[str] | None = None, bases: Iterable[str] | None = None,
     workers: int = 4, remote: BlobStore | None = None, **options: Any,
 ) -> SyncReport:  # fmt: skip
     """Copy deltas (``refs``: ``name:tag`` or a bare name for every tag) and bases to ``url``.
@@ -125,11 +149,10 @@ def push_remote(
     digests = [d for key in keys for d in _closure(local, key)]
     _copy_blobs(local, remote, digests, report, workers)
     for key in keys:
-        data = local.read_doc(key)
-        assert data is not None
+        data, doc = read_ref(local, key)
         _copy_doc(local, remote, key, data, report)
-        if key.startswith("refs/deltas/"):
-            ekey = eval_key(check_digest(json.loads(data)["manifest"]))
+        if isinstance(doc, DeltaDoc):
+            ekey = eval_key(check_digest(doc.manifest))
             edata = local.read_doc(ekey)
             if edata is not None:
                 _copy_doc(local, remote, ekey, edata, report)
@@ -148,7 +171,7 @@ def _copy_doc(src: BlobStore, dst: BlobStore, key: str, data: bytes, report: Syn
 
 
 def pull_remote(
-    reg: Registry, url: str, *, refs: Iterable[str] | None = None, bases: Iterable[str] | None = None,
+    reg: LocalSide, url: str, *, refs: Iterable[str] | None = None, bases: Iterable[str] | None = None,
     workers: int = 4, remote: BlobStore | None = None, **options: Any,
 ) -> SyncReport:  # fmt: skip
     """Copy deltas and bases from ``url`` into the local registry (everything when nothing is selected).
@@ -160,38 +183,28 @@ def pull_remote(
     remote = remote or open_remote(url, **options)
     report = SyncReport("pull", remote.url)
     keys = _select(remote, refs, bases)
-    with reg._lock():
+    with reg.lock.shared():
         digests = [d for key in keys for d in _closure(remote, key)]
         _copy_blobs(remote, reg.store, digests, report, workers)
         for key in keys:
-            data = remote.read_doc(key)
-            assert data is not None
-            doc = json.loads(data)
-            expected = (
-                delta_ref_key(doc.get("name", ""), doc.get("tag", ""))
-                if key.startswith("refs/deltas/")
-                else base_ref_key(doc.get("name", ""))
-            )
-            if expected != key:
-                raise FormatError(f"{remote.url}: ref document {key} names {expected} inside")
+            data, doc = read_ref(remote, key)
             old = reg.store.read_doc(key)
             if old == data:
                 continue
-            if key.startswith("refs/deltas/"):
-                reg._write_delta_ref(
-                    parse_ref(f"{doc['name']}:{doc['tag']}"), doc["manifest"], doc.get("created_at")
-                )
-                edata = remote.read_doc(eval_key(check_digest(doc["manifest"])))
-                if edata is not None:
-                    edoc = json.loads(edata)
-                    reg._write_eval_doc(doc["manifest"], edoc.get("results", {}), edoc.get("updated_at"))
-            else:
-                reg._write_base_ref(
-                    validate_name(doc["name"], "base name"),
-                    doc["fingerprint"],
-                    doc["tree"],
-                    doc.get("created_at"),
-                )
+            _install_ref(reg.journal, remote, doc)
             (report.refs_replaced if old is not None else report.refs_written).append(key)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _install_ref(journal: RefJournal, remote: BlobStore, doc: DeltaDoc | BaseDoc) -> None:
+    """Write one pulled ref (and, for a delta, its eval record) through the local journal."""
+    if isinstance(doc, BaseDoc):
+        journal.write_base_ref(doc.name, doc.fingerprint, doc.tree, doc.created_at or None)
+        return
+    journal.write_delta_ref(DeltaRef(doc.name, doc.tag), doc.manifest, doc.created_at or None)
+    ekey = eval_key(check_digest(doc.manifest))
+    edata = remote.read_doc(ekey)
+    if edata is not None:
+        edoc = parse_eval_doc(edata, doc.manifest, f"{remote.url}/{ekey}")
+        journal.write_eval(doc.manifest, edoc.results, edoc.updated_at or None)
