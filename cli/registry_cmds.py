@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from deltakit_cli.common import emit_json, err_console, human_bytes, out_console
 
@@ -29,6 +31,16 @@ _REMOTE_OPTS = (
     click.option("--base", "bases", multiple=True, metavar="NAME", help="only this base (repeatable)"),
     click.option("--workers", type=int, default=4, show_default=True, help="parallel blob transfers"),
 )  # fmt: skip
+
+
+def _lit(value: object) -> str:
+    """``value`` as text that rich prints literally (names, paths and manifest fields are not markup)."""
+    return escape(str(value))
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells that rich prints literally."""
+    return [Text(str(v)) for v in values]
 
 
 def _common(func: Any) -> Any:
@@ -56,8 +68,8 @@ def _delta_table(infos: list[Any]) -> Table:
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (d.eval or {}).items()
         )
         table.add_row(
-            d.ref, d.codec or "?", f"{d.ratio:.4f}" if d.ratio else "-", human_bytes(d.stored_bytes),
-            d.base_name or "?", d.target_name or "?", evals, d.created_at,
+            *_cells(d.ref, d.codec or "?", f"{d.ratio:.4f}" if d.ratio else "-", human_bytes(d.stored_bytes),
+                    d.base_name or "?", d.target_name or "?", evals, d.created_at)
         )  # fmt: skip
     return table
 
@@ -75,7 +87,7 @@ def init(registry_path: Path | None, as_json: bool) -> None:
     if as_json:
         emit_json({"registry": str(reg.root)})
     else:
-        out_console.print(f"[green]registry[/] {reg.root}")
+        out_console.print(f"[green]registry[/] {_lit(reg.root)}")
 
 
 @registry.command("add-base")
@@ -89,14 +101,17 @@ def add_base(name, model_dir, fingerprint, replace, force, registry_path, as_jso
     """Store the checkpoint MODEL_DIR as base NAME."""
     reg = _open(registry_path, create=True)
     with (
-        err_console.status(f"adding base {name}", spinner="dots") if not as_json else contextlib.nullcontext()
+        err_console.status(f"adding base {_lit(name)}", spinner="dots")
+        if not as_json
+        else contextlib.nullcontext()
     ):
         info = reg.add_base(name, model_dir, fingerprint=fingerprint, replace=replace, force=force)
     if as_json:
         emit_json(info.to_dict())
     else:
         out_console.print(
-            f"[green]base[/] {info.name}: {info.n_files} files, {human_bytes(info.total_bytes)}, {info.fingerprint}"
+            f"[green]base[/] {_lit(info.name)}: {info.n_files} files, {human_bytes(info.total_bytes)}, "
+            f"{_lit(info.fingerprint)}"
         )
 
 
@@ -113,7 +128,7 @@ def push(delta_dir, ref, check_base, registry_path, as_json) -> None:
         emit_json(info.to_dict())
     else:
         out_console.print(
-            f"[green]pushed[/] {info.ref}: {info.n_files} files, {human_bytes(info.total_bytes)}"
+            f"[green]pushed[/] {_lit(info.ref)}: {info.n_files} files, {human_bytes(info.total_bytes)}"
         )
 
 
@@ -133,14 +148,14 @@ def ls_cmd(base, list_bases, registry_path, as_json) -> None:
         for column in ("base", "files", "size", "fingerprint"):
             table.add_column(column)
         for b in rows:
-            table.add_row(b.name, str(b.n_files), human_bytes(b.total_bytes), b.fingerprint)
+            table.add_row(*_cells(b.name, b.n_files, human_bytes(b.total_bytes), b.fingerprint))
         out_console.print(table)
         return
     infos = reg.ls(base=base)
     if as_json:
         emit_json([d.to_dict() for d in infos])
     elif not infos:
-        err_console.print("no deltas" + (f" of base {base}" if base else ""))
+        err_console.print("no deltas" + (f" of base {_lit(base)}" if base else ""))
     else:
         out_console.print(_delta_table(infos))
 
@@ -154,19 +169,21 @@ def show(ref, registry_path, as_json) -> None:
     if as_json:
         emit_json(info)
         return
-    out_console.print(f"[bold]{info['ref']}[/]  manifest {info['manifest']}")
-    out_console.print(f"codec  {info['codec']} v{info['codec_version']}  config {info['codec_config']}")
-    out_console.print(f"budget {info['budget']}  ratio {info['ratio']}")
-    registered = (
-        f" (registered as {info['registered_base']})" if info["registered_base"] else " (not registered)"
-    )
-    out_console.print(f"base   {info['base_name']}  {info['base_fingerprint']}{registered}")
-    out_console.print(f"target {info['target_name']}  {info['target_fingerprint']}")
-    out_console.print(f"size   {human_bytes(info['total_bytes'])} in {info['n_files']} files + manifest")
+    lines = [
+        f"codec  {info['codec']} v{info['codec_version']}  config {info['codec_config']}",
+        f"budget {info['budget']}  ratio {info['ratio']}",
+        f"base   {info['base_name']}  {info['base_fingerprint']}"
+        + (f" (registered as {info['registered_base']})" if info["registered_base"] else " (not registered)"),
+        f"target {info['target_name']}  {info['target_fingerprint']}",
+        f"size   {human_bytes(info['total_bytes'])} in {info['n_files']} files + manifest",
+    ]
     if info["also_tagged_as"]:
-        out_console.print(f"same content as {', '.join(info['also_tagged_as'])}")
+        lines.append(f"same content as {', '.join(info['also_tagged_as'])}")
     if info["eval"]:
-        out_console.print(f"eval   {info['eval']}")
+        lines.append(f"eval   {info['eval']}")
+    out_console.print(f"[bold]{_lit(info['ref'])}[/]  manifest {_lit(info['manifest'])}")
+    for line in lines:
+        out_console.print(line, markup=False, highlight=False)
 
 
 @registry.command()
@@ -180,7 +197,7 @@ def pull(ref, output, overwrite, registry_path, as_json) -> None:
     if as_json:
         emit_json({"ref": ref, "path": str(path)})
     else:
-        out_console.print(f"[green]pulled[/] {ref} -> {path}")
+        out_console.print(f"[green]pulled[/] {_lit(ref)} -> {_lit(path)}")
 
 
 @registry.command()
@@ -196,7 +213,7 @@ def rm(ref, is_base, force, registry_path, as_json) -> None:
         emit_json({"removed": info.to_dict()})
     else:
         out_console.print(
-            f"[green]removed[/] {'base ' + info.name if is_base else info.ref}; run gc to free space"
+            f"[green]removed[/] {_lit('base ' + info.name if is_base else info.ref)}; run gc to free space"
         )
 
 
@@ -233,7 +250,7 @@ def verify(quick, rebuild_catalog, registry_path, as_json) -> None:
         emit_json(report.to_dict())
     else:
         for problem in report.problems:
-            err_console.print(f"[red]{problem}[/]", highlight=False)
+            err_console.print(f"[red]{_lit(problem)}[/]", highlight=False)
         out_console.print(
             f"{report.blobs_checked} blobs ({human_bytes(report.bytes_checked)}) and {report.refs_checked} refs "
             f"checked; {report.unreferenced_blobs} unreferenced blobs, {report.temp_files} temp files"
@@ -265,7 +282,7 @@ def set_eval(ref, pairs, replace, registry_path, as_json) -> None:
     if as_json:
         emit_json(stored)
     else:
-        out_console.print(f"[green]eval[/] {ref}: {stored}")
+        out_console.print(f"[green]eval[/] {_lit(ref)}: {_lit(stored)}")
 
 
 def _sync_output(report: Any, as_json: bool) -> None:
@@ -275,7 +292,7 @@ def _sync_output(report: Any, as_json: bool) -> None:
     mb = report.bytes_sent / 1e6
     rate = mb / report.seconds if report.seconds else 0.0
     out_console.print(
-        f"{report.direction} {report.remote}: {report.blobs_sent} blobs sent ({mb:.1f} MB, {rate:.1f} MB/s), "
+        f"{report.direction} {_lit(report.remote)}: {report.blobs_sent} blobs sent ({mb:.1f} MB, {rate:.1f} MB/s), "
         f"{report.blobs_present} already there; {len(report.refs_written)} refs new, "
         f"{len(report.refs_replaced)} replaced"
     )

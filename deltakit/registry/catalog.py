@@ -109,6 +109,10 @@ class Catalog:
             "SELECT 1 FROM bases LIMIT 1"
         )
 
+    def was_rebuilt(self) -> bool:
+        """Whether this catalog file has been indexed from the refs by :meth:`replace_all`."""
+        return bool(self._rows("SELECT 1 FROM meta WHERE key = 'rebuilt'"))
+
     def close(self) -> None:
         """Close the connection."""
         self.conn.close()
@@ -220,6 +224,7 @@ class Catalog:
         try:
             for table in ("deltas", "bases", "evals"):
                 self.conn.execute(f"DELETE FROM {table}")
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('rebuilt', '1')")
             dcols, bcols = ", ".join(DELTA_COLUMNS), ", ".join(BASE_COLUMNS)
             self.conn.executemany(
                 f"INSERT INTO deltas ({dcols}) VALUES ({', '.join('?' for _ in DELTA_COLUMNS)})",

@@ -109,12 +109,13 @@ def _has_refs(reader: RefReader) -> bool:
 
 
 def _needs_rebuild(catalog: Catalog, reader: RefReader) -> bool:
-    """An empty catalog while refs exist and no journal record explains it: the file was lost.
+    """An empty catalog, never rebuilt, while refs exist and no journal record explains it: the file was lost.
 
+    (A catalog rebuilt from refs that are all unreadable stays empty; it is not rebuilt on every open.)
     (A writer killed between its first ref and its catalog row leaves a journal record; the journal
     replay indexes that ref, no rebuild needed.)
     """
-    if not catalog.is_empty() or not _has_refs(reader):
+    if not catalog.is_empty() or catalog.was_rebuilt() or not _has_refs(reader):
         return False
     journal = reader.store.root / "journal"
     return not (journal.is_dir() and any(journal.glob("*.json")))

@@ -1,7 +1,8 @@
 """Names and references: ``name[:tag]`` parsing and validation.
 
 A name is 1..128 characters from ``[A-Za-z0-9._-]`` plus ``/`` as a namespace separator
-(``org/model-chat``); no segment may be empty, ``.`` or ``..``, and none may start with ``.`` or ``-``.
+(``org/model-chat``); no segment may be empty, ``.`` or ``..``, none may start with ``.`` or ``-``, and
+none may end in ``.json`` (the suffix of ref documents, so a name never collides with another's ref).
 A tag is 1..128 characters from ``[A-Za-z0-9._-]`` starting with a letter or digit.
 These rules keep every name a safe relative path on disk and in an object store.
 """
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 from deltakit.errors import UsageError
 
 DEFAULT_TAG = "latest"
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# matched with fullmatch: '$' would also accept a trailing newline
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_NAME = 128
 
 
@@ -30,9 +32,11 @@ def validate_name(name: str, what: str = "name") -> str:
     if len(name) > _MAX_NAME:
         raise InvalidNameError(f"{what} {name[:40]!r}... is longer than {_MAX_NAME} characters")
     for segment in name.split("/"):
-        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
+        if segment.endswith(".json"):  # a ref document is <part>.json: no directory may take that name
+            raise InvalidNameError(f"invalid {what} {name[:80]!r}: no part may end in '.json'")
+        if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
             raise InvalidNameError(
-                f"invalid {what} {name!r}: use letters, digits, '.', '_', '-' and '/' between parts; "
+                f"invalid {what} {name[:80]!r}: use letters, digits, '.', '_', '-' and '/' between parts; "
                 "no empty parts, no part starting with '.' or '-', no '..'"
             )
     return name
@@ -40,9 +44,10 @@ def validate_name(name: str, what: str = "name") -> str:
 
 def validate_tag(tag: str) -> str:
     """Return ``tag`` unchanged if valid, else raise :class:`InvalidNameError`."""
-    if not isinstance(tag, str) or not _TAG.match(tag):
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+        shown = repr(tag[:80]) if isinstance(tag, str) else type(tag).__name__
         raise InvalidNameError(
-            f"invalid tag {tag!r}: 1-128 of letters, digits, '.', '_', '-', starting with a letter or digit"
+            f"invalid tag {shown}: 1-128 of letters, digits, '.', '_', '-', starting with a letter or digit"
         )
     return tag
 
