@@ -49,9 +49,8 @@ def registry_lock(path: Path, exclusive: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _flock_within(fd: int, timeout: float) -> bool:
-    """Take ``fd`` exclusive, polling until ``timeout`` seconds have passed; return whether it was taken."""
-    deadline = time.monotonic() + timeout
+def _flock_within(fd: int, deadline: float) -> bool:
+    """Take ``fd`` exclusive, polling until ``time.monotonic()`` reaches ``deadline``; return whether taken."""
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,7 +100,8 @@ class RegistryLock:
         gate = _open_lock_file(self.root / "gate")
         fd = _open_lock_file(self.root / "lock")
         try:
-            if not (_flock_within(gate, timeout) and _flock_within(fd, timeout)):
+            deadline = time.monotonic() + timeout
+            if not (_flock_within(gate, deadline) and _flock_within(fd, deadline)):
                 raise RegistryError(
                     f"registry {self.root} is busy: writers held it for {timeout:g} s; {what} did not run "
                     "(retry, or pass a larger timeout=)"
