@@ -71,3 +71,8 @@ def flip_byte(path: Path, offset: int = 10) -> None:
         b = fh.read(1)
         fh.seek(offset)
         fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def dir_files(path: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file below ``path`` (to compare directories exactly)."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

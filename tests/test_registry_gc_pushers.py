@@ -12,14 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from registry_helpers import make_delta  # noqa: E402
+from registry_helpers import dir_files, make_delta  # noqa: E402
 
 from deltakit.errors import RegistryError  # noqa: E402
 from deltakit.registry import Registry  # noqa: E402
-
-
-def _files(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _pusher(root: Path, deltas: list[Path], prefix: str, stop: threading.Event, done: list[str]) -> None:
@@ -59,8 +55,8 @@ def test_gc_is_not_starved_by_overlapping_pushers(tmp_path: Path) -> None:
     with Registry.open(root) as reg:
         assert reg.verify().ok
         for ref in done:
-            got = _files(reg.resolve_delta(ref))
-            assert any(got == _files(d) for d in deltas)
+            got = dir_files(reg.resolve_delta(ref))
+            assert any(got == dir_files(d) for d in deltas)
 
 
 def test_gc_wait_is_bounded_and_deletes_nothing(tmp_path: Path) -> None:

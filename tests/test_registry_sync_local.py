@@ -13,14 +13,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from registry_helpers import BASE_FP, make_base, make_delta  # noqa: E402
+from registry_helpers import BASE_FP, dir_files, make_base, make_delta  # noqa: E402
 
 from deltakit.errors import FormatError  # noqa: E402
 from deltakit.registry import LocalBlobStore, Registry  # noqa: E402
-
-
-def _files(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_push_then_pull_through_a_local_store(tmp_path: Path) -> None:
@@ -39,7 +35,7 @@ def test_push_then_pull_through_a_local_store(tmp_path: Path) -> None:
         report = two.pull_remote("local", remote=remote)
         assert report.blobs_sent == 6 and len(report.refs_written) == 2
         assert [d.ref for d in two.ls()] == ["chat:v1"] and two.get_eval("chat:v1") == {"ppl": 7.0}
-        assert _files(two.pull("chat:v1", tmp_path / "out")) == _files(delta)
+        assert dir_files(two.pull("chat:v1", tmp_path / "out")) == dir_files(delta)
         assert two.verify().ok
 
 

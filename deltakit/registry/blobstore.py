@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from deltakit.errors import FormatError, IntegrityError, NotFoundError
-from deltakit.registry.fsutil import copy_hashed, file_sha256, fsync_dir, temp_path, write_bytes_atomic
+from deltakit.registry.fsutil import (
+    copy_hashed,
+    file_sha256,
+    fsync_dir,
+    temp_path,
+    write_bytes_atomic,
+    write_synced,
+)
 from deltakit.registry.layout import confine
 
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -175,10 +182,7 @@ class LocalBlobStore:
             return digest
         tmp = self._tmp()
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_synced(tmp, data)
             self._install(tmp, digest)
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -38,15 +38,20 @@ def temp_owner(name: str) -> int | None:
     return int(pid)
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` and fsync it (no rename; see :func:`write_bytes_atomic`)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_bytes_atomic(final: Path, data: bytes) -> None:
     """Write ``data`` to ``final`` atomically: temp file, fsync, rename, fsync the directory."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final.parent, final.name)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_synced(tmp, data)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):

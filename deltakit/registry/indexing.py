@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,28 +45,31 @@ def base_row(reader: RefReader, doc: BaseDoc) -> dict[str, Any]:
 def sync_delta_row(reader: RefReader, catalog: Catalog, ref: DeltaRef) -> None:
     """Make the catalog row of ``ref`` equal what its ref document says (delete it when absent)."""
     doc = reader.delta(ref)
-    if doc is None:
-        catalog.delete_delta(ref.name, ref.tag)
-    else:
-        catalog.upsert_delta(delta_row(reader, doc))
+    catalog.upsert_delta(delta_row(reader, doc)) if doc else catalog.delete_delta(ref.name, ref.tag)
 
 
 def sync_base_row(reader: RefReader, catalog: Catalog, name: str) -> None:
     """Make the catalog row of base ``name`` equal its ref document."""
     doc = reader.base(name)
-    if doc is None:
-        catalog.delete_base(name)
-    else:
-        catalog.upsert_base(base_row(reader, doc))
+    catalog.upsert_base(base_row(reader, doc)) if doc else catalog.delete_base(name)
 
 
 def sync_eval_row(reader: RefReader, catalog: Catalog, manifest: str) -> None:
     """Make the catalog's eval row of ``manifest`` equal its eval record."""
     doc = reader.eval(manifest)
+    catalog.set_eval(manifest, doc.results, doc.updated_at) if doc else catalog.delete_eval(manifest)
+
+
+def _row_or_none(
+    make: Callable[[RefReader, Any], dict[str, Any]], reader: RefReader, doc: Any
+) -> dict | None:
+    """``make(reader, doc)``, or None when the doc is missing or what it names is unreadable."""
     if doc is None:
-        catalog.delete_eval(manifest)
-    else:
-        catalog.set_eval(manifest, doc.results, doc.updated_at)
+        return None
+    try:
+        return make(reader, doc)
+    except REF_ERRORS:
+        return None
 
 
 def rebuild(reader: RefReader, catalog: Catalog) -> int:
@@ -73,26 +77,11 @@ def rebuild(reader: RefReader, catalog: Catalog) -> int:
 
     Unreadable refs (malformed document, missing or corrupt manifest) get no row; ``verify`` reports them.
     """
-    deltas, bases, evals, skipped = [], [], [], 0
-    for _name, _tag, ddoc, _problem in reader.delta_refs():
-        try:
-            if ddoc is None:
-                raise LookupError
-            deltas.append(delta_row(reader, ddoc))
-        except (*REF_ERRORS, LookupError):
-            skipped += 1
-    for _name, bdoc, _problem in reader.base_refs():
-        try:
-            if bdoc is None:
-                raise LookupError
-            bases.append(base_row(reader, bdoc))
-        except (*REF_ERRORS, LookupError):
-            skipped += 1
-    for _digest, edoc in reader.eval_docs():
-        if edoc is not None:
-            evals.append((edoc.manifest, edoc.results, edoc.updated_at))
-    catalog.replace_all(deltas, bases, evals)
-    return skipped
+    deltas = [_row_or_none(delta_row, reader, doc) for _name, _tag, doc, _problem in reader.delta_refs()]
+    bases = [_row_or_none(base_row, reader, doc) for _name, doc, _problem in reader.base_refs()]
+    evals = [(e.manifest, e.results, e.updated_at) for _digest, e in reader.eval_docs() if e is not None]
+    catalog.replace_all([r for r in deltas if r], [r for r in bases if r], evals)
+    return deltas.count(None) + bases.count(None)
 
 
 def _move_aside(path: Path) -> Path:
