@@ -54,9 +54,14 @@ def _remote(func: Any) -> Any:
 
 
 def _open(path: Path | None, create: bool = False) -> Any:
-    from deltakit.registry import Registry
+    from deltakit.errors import NotFoundError
+    from deltakit.registry import Registry, default_registry_path
+    from deltakit.registry.layout import LAYOUT_FILE
 
-    return Registry.open(path, create=create)
+    root = path.expanduser() if path is not None else default_registry_path()
+    if not create and not (root / LAYOUT_FILE).is_file():
+        raise NotFoundError(f"no registry at {root}; run `deltakit registry init` first")
+    return Registry.open(root, create=create)
 
 
 def _delta_table(infos: list[Any]) -> Table:

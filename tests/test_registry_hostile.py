@@ -23,15 +23,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from registry_helpers import make_delta  # noqa: E402
 
-from deltakit.errors import FormatError, IntegrityError, RegistryError, UsageError  # noqa: E402
+from deltakit.errors import FormatError, NotFoundError, RegistryError, UsageError  # noqa: E402
 from deltakit.registry import Registry  # noqa: E402
 from deltakit_cli.main import main  # noqa: E402
 
-USAGE, FORMAT, INTEGRITY, REGISTRY = (
+USAGE, FORMAT, REGISTRY, NOT_FOUND = (
     UsageError.exit_code,
     FormatError.exit_code,
-    IntegrityError.exit_code,
     RegistryError.exit_code,
+    NotFoundError.exit_code,
 )
 
 
@@ -167,6 +167,11 @@ def _base_tree_bad_size(tmp: Path, root: Path) -> list[str]:
     return ["gc", "--registry", str(root)]
 
 
+def _file(path: Path) -> Path:
+    path.write_text("not a registry")
+    return path
+
+
 def _ref_key_collision(tmp: Path, root: Path) -> list[str]:
     _pushed(root, tmp, "org:v1").close()
     return ["push", str(make_delta(tmp / "d2")), "org/v1.json:x", "--registry", str(root)]
@@ -230,6 +235,18 @@ CASES = [
     Case("layout-marker-garbage", _layout_garbage, REGISTRY, "unreadable registry.json"),
     Case("gc-with-unreadable-ref", _gc_unreadable_ref, REGISTRY, "fix it before gc"),
     Case("base-tree-size-not-int", _base_tree_bad_size, REGISTRY, "refusing to gc"),
+    Case(
+        "registry-missing",
+        lambda tmp, root: ["ls", "--registry", str(tmp / "nope")],
+        NOT_FOUND,
+        "registry init",
+    ),
+    Case(
+        "registry-is-a-file",
+        lambda tmp, root: ["push", str(make_delta(tmp / "d")), "x", "--registry", str(_file(tmp / "afile"))],
+        REGISTRY,
+        "not a directory",
+    ),  # fmt: skip
 ]
 
 
@@ -344,3 +361,13 @@ def test_manifest_fields_of_wrong_type_are_catalogued_as_unknown(
     with Registry.open(root) as reg:
         info = reg.show_info("odd")
         assert info.codec is None and info.target_name == "[bold red]x[/]"
+
+
+def test_garbage_journal_record_is_dropped_on_open(tmp_path: Path) -> None:
+    root = tmp_path / "reg"
+    _pushed(root, tmp_path).close()
+    (root / "journal" / f"{2**22 + 1}-garbage.json").write_bytes(b"\xff\x00{")
+    (root / "journal" / f"{2**22 + 2}-evil.json").write_text(json.dumps({"kind": "delta", "name": "../x", "tag": "v"}))
+    with Registry.open(root) as reg:
+        assert [d.ref for d in reg.ls()] == ["chat:latest"]
+        assert list((root / "journal").iterdir()) == [] and reg.verify().ok
