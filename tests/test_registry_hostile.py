@@ -371,3 +371,13 @@ def test_garbage_journal_record_is_dropped_on_open(tmp_path: Path) -> None:
     with Registry.open(root) as reg:
         assert [d.ref for d in reg.ls()] == ["chat:latest"]
         assert list((root / "journal").iterdir()) == [] and reg.verify().ok
+
+
+def test_base_holding_a_manifest_json_file_resolves(tmp_path: Path) -> None:
+    from registry_helpers import make_base
+
+    base = make_base(tmp_path / "base")
+    (base / "manifest.json").write_text("{}")  # a checkpoint may carry a file of that name
+    with Registry.open(tmp_path / "reg") as reg:
+        reg.add_base("b", base, fingerprint="sha256:" + "c" * 64)
+        assert (reg.resolve_base("b") / "manifest.json").read_text() == "{}"

@@ -70,7 +70,7 @@ def materialise(
     tmp = temp_path(confine(store.root, "tmp"), f"cache-{kind}")
     try:
         for rel, (digest, size) in entries.items():
-            dst = tmp / check_relpath(rel) if rel != "manifest.json" else tmp / rel
+            dst = tmp / check_relpath(rel, allow_manifest=True)
             dst.parent.mkdir(parents=True, exist_ok=True)
             _link_blob(store, digest, size, rel, dst)
         final.parent.mkdir(parents=True, exist_ok=True)

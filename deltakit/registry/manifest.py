@@ -32,12 +32,13 @@ class FileEntry:
     size: int
 
 
-def check_relpath(path: object) -> str:
+def check_relpath(path: object, *, allow_manifest: bool = False) -> str:
     """Return ``path`` if it is a safe relative POSIX path, else raise FormatError.
 
     Safe: a non-empty string of at most MAX_PATH_CHARS characters, '/'-separated plain components
     (no empty, '.', '..' or hidden component starting with '.', none longer than MAX_PART_CHARS), no
-    leading '/', no backslash, ':', NUL or other control character, and not the manifest itself.
+    leading '/', no backslash, ':', NUL or other control character, and not the manifest itself
+    (unless ``allow_manifest``: a base checkpoint may hold a file of that name).
     """
     if not isinstance(path, str) or not path or len(path) > MAX_PATH_CHARS:
         raise FormatError(f"manifest lists an unsafe file path {str(path)[:80]!r}")
@@ -45,15 +46,15 @@ def check_relpath(path: object) -> str:
     if (
         path.startswith("/")
         or any(p.startswith(".") or len(p) > MAX_PART_CHARS or not _SAFE_PART.fullmatch(p) for p in parts)
-        or path == MANIFEST_NAME
+        or (path == MANIFEST_NAME and not allow_manifest)
     ):
         raise FormatError(f"manifest lists an unsafe or reserved file path {path[:80]!r}")
     return path
 
 
-def check_file_entry(path: str, entry: object, where: str) -> FileEntry:
-    """Validate one ``files`` entry ``{"sha256": <64 lowercase hex>, "size": <int >= 0>}``."""
-    check_relpath(path)
+def check_file_entry(path: str, entry: object, where: str, *, allow_manifest: bool = False) -> FileEntry:
+    """Validate one ``files`` entry ``{"sha256": <64 lowercase hex>, "size": <int >= 0>}`` and its path."""
+    check_relpath(path, allow_manifest=allow_manifest)
     if (
         not isinstance(entry, dict)
         or not isinstance(entry.get("sha256"), str)

@@ -102,7 +102,7 @@ def parse_tree(data: bytes, where: str) -> dict[str, FileEntry]:
     files = tree.get("files")
     if tree.get("format") != BASE_TREE_FORMAT or not isinstance(files, dict):
         raise FormatError(f"{where} is not a {BASE_TREE_FORMAT}")
-    return {rel: check_file_entry(rel, entry, where) for rel, entry in files.items()}
+    return {rel: check_file_entry(rel, entry, where, allow_manifest=True) for rel, entry in files.items()}
 
 
 class RefReader:

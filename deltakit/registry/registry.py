@@ -13,26 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from deltakit.errors import FormatError, IntegrityError, NotFoundError, RegistryError
-from deltakit.format.atomic import pid_alive
-from deltakit.registry import cache, indexing, maintenance
+from deltakit.errors import FormatError, NotFoundError, RegistryError
+from deltakit.registry import cache, indexing, ingest, maintenance
 from deltakit.registry.blobstore import LocalBlobStore, check_digest
 from deltakit.registry.catalog import Catalog
-from deltakit.registry.fsutil import file_sha256
 from deltakit.registry.journal import PauseHook, RefJournal
 from deltakit.registry.layout import (
-    BASE_TREE_FORMAT,
     LAYOUT_FILE,
     check_layout,
-    dumps,
     init_layout,
 )
 from deltakit.registry.locking import RegistryLock
-from deltakit.registry.manifest import MANIFEST_NAME, file_entries, list_files, parse_manifest, summarize
+from deltakit.registry.manifest import MANIFEST_NAME, file_entries, list_files, summarize
 from deltakit.registry.names import DeltaRef, parse_ref, validate_name
 from deltakit.registry.paths import resolve_registry_path
 from deltakit.registry.records import BaseInfo, DeltaInfo, GcReport, VerifyReport
@@ -165,7 +160,7 @@ class Registry:
             old = self.reader.base(name)
             if old is not None and old.fingerprint != fingerprint:
                 self._check_base_replace(name, old, replace=replace, force=force)
-            tree_digest = self._store_base_files(model_dir, files, fingerprint)
+            tree_digest = ingest.store_checkpoint(self.store, model_dir, files, fingerprint)
             if old is not None and old.tree == tree_digest:
                 indexing.sync_base_row(self.reader, self.catalog, name)
             else:
@@ -183,16 +178,6 @@ class Registry:
             raise RegistryError(
                 f"base {name!r} is used by {len(users)} delta(s) ({_refs(users)}); pass force=True to replace"
             )
-
-    def _store_base_files(self, model_dir: Path, files: list[str], fingerprint: str) -> str:
-        """Store every file of a checkpoint and its file list; return the list's ``sha256:`` digest."""
-        entries = {}
-        for rel in files:
-            digest = file_sha256(model_dir / rel)
-            self.store.put_file(model_dir / rel, digest)
-            entries[rel] = {"sha256": digest, "size": self.store.size(digest)}
-        tree = {"format": BASE_TREE_FORMAT, "format_version": 1, "fingerprint": fingerprint, "files": entries}
-        return "sha256:" + self.store.put_bytes(dumps(tree))
 
     def get_base(self, name: str) -> BaseInfo:
         """Catalog record of base ``name`` (NotFoundError if unknown)."""
@@ -235,7 +220,7 @@ class Registry:
         """
         parsed = parse_ref(ref)
         delta_dir = Path(delta_dir)
-        manifest_bytes, manifest = _read_delta_dir(delta_dir)
+        manifest_bytes, manifest = ingest.read_delta_dir(delta_dir)
         if check_base:
             fp = summarize(manifest)["base_fingerprint"]
             if fp is None or self.catalog.base_by_fingerprint(fp) is None:
@@ -244,7 +229,7 @@ class Registry:
                 )
         with self.lock.shared():
             for entry in file_entries(manifest):
-                _put_delta_file(self.store, delta_dir, entry.path, entry.sha256, entry.size)
+                ingest.put_delta_file(self.store, delta_dir, entry.path, entry.sha256, entry.size)
                 self.journal.pause("blob")
             manifest_digest = "sha256:" + self.store.put_bytes(manifest_bytes)
             self.journal.write_delta_ref(parsed, manifest_digest)
@@ -311,7 +296,7 @@ class Registry:
         with self.lock.shared():
             doc = self._delta_doc(parsed)
             manifest_bytes, manifest = self.reader.manifest(doc.manifest)
-            _remove_replace_leftovers(out)
+            ingest.remove_replace_leftovers(out)
             with atomic_directory(out, overwrite=overwrite) as tmp:
                 for entry in file_entries(manifest):
                     dst = tmp / entry.path
@@ -429,48 +414,6 @@ class Registry:
         interrupted push or by rm) are counted, not reported: gc removes them.
         """
         return maintenance.verify(self.root, self.reader, self.catalog, deep=deep)
-
-
-def _read_delta_dir(delta_dir: Path) -> tuple[bytes, dict[str, Any]]:
-    """Manifest bytes and content of a delta directory whose files are exactly those it lists."""
-    mpath = delta_dir / MANIFEST_NAME
-    if not mpath.is_file() or mpath.is_symlink():
-        raise FormatError(f"{delta_dir} is not a delta directory: no {MANIFEST_NAME}")
-    manifest_bytes = mpath.read_bytes()
-    manifest = parse_manifest(manifest_bytes, str(mpath))
-    on_disk = set(list_files(delta_dir)) - {MANIFEST_NAME}
-    listed = {e.path for e in file_entries(manifest)}
-    if on_disk != listed:
-        missing, extra = sorted(listed - on_disk), sorted(on_disk - listed)
-        raise FormatError(
-            f"{delta_dir}: files differ from the manifest (missing: {missing or 'none'}; "
-            f"not in manifest: {extra or 'none'})"
-        )
-    return manifest_bytes, manifest
-
-
-def _put_delta_file(store: LocalBlobStore, delta_dir: Path, rel: str, digest: str, size: int) -> None:
-    """Store one delta file after checking it stays inside ``delta_dir`` and matches its manifest entry."""
-    src = delta_dir / rel
-    if not src.resolve().is_relative_to(delta_dir.resolve()):
-        raise FormatError(f"{src} leads outside the delta directory")
-    actual = src.stat().st_size
-    if actual != size:
-        raise IntegrityError(f"{src}: size {actual} differs from the manifest's {size} (truncated?)")
-    try:
-        store.put_file(src, digest)
-    except IntegrityError:
-        raise IntegrityError(f"{src} does not match the sha256 its manifest records (corrupted)") from None
-
-
-def _remove_replace_leftovers(final: Path) -> None:
-    """Remove ``.NAME.old-<pid>-<hex>`` directories left by a replace whose process died."""
-    if not final.parent.is_dir():
-        return
-    for stale in final.parent.glob(f".{final.name}.old-*"):
-        pid = stale.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not pid_alive(int(pid)) and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _refs(rows: list[dict[str, Any]], limit: int = 5) -> str:
