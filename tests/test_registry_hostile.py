@@ -367,7 +367,9 @@ def test_garbage_journal_record_is_dropped_on_open(tmp_path: Path) -> None:
     root = tmp_path / "reg"
     _pushed(root, tmp_path).close()
     (root / "journal" / f"{2**22 + 1}-garbage.json").write_bytes(b"\xff\x00{")
-    (root / "journal" / f"{2**22 + 2}-evil.json").write_text(json.dumps({"kind": "delta", "name": "../x", "tag": "v"}))
+    (root / "journal" / f"{2**22 + 2}-evil.json").write_text(
+        json.dumps({"kind": "delta", "name": "../x", "tag": "v"})
+    )
     with Registry.open(root) as reg:
         assert [d.ref for d in reg.ls()] == ["chat:latest"]
         assert list((root / "journal").iterdir()) == [] and reg.verify().ok
@@ -381,3 +383,40 @@ def test_base_holding_a_manifest_json_file_resolves(tmp_path: Path) -> None:
     with Registry.open(tmp_path / "reg") as reg:
         reg.add_base("b", base, fingerprint="sha256:" + "c" * 64)
         assert (reg.resolve_base("b") / "manifest.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("where", ["tmp", "cache/deltas"], ids=["tmp-symlink", "cache-symlink"])
+def test_gc_does_not_follow_symlinks_out_of_the_registry(where: str, tmp_path: Path) -> None:
+    root = tmp_path / "reg"
+    _pushed(root, tmp_path).close()
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    (root / where).mkdir(parents=True, exist_ok=True)
+    link = root / where / ("f" * 64)
+    link.symlink_to(outside, target_is_directory=True)
+    with Registry.open(root) as reg:
+        reg.gc()
+        assert not link.is_symlink() and (outside / "keep.txt").read_text() == "mine"
+
+
+def test_resolve_refuses_a_cache_dir_linked_outside(tmp_path: Path) -> None:
+    root = tmp_path / "reg"
+    with _pushed(root, tmp_path) as reg:
+        good = reg.resolve_delta("chat")
+        outside = tmp_path / "elsewhere"
+        os.rename(good, outside)
+        good.symlink_to(outside, target_is_directory=True)
+        with pytest.raises(FormatError, match="outside"):
+            reg.resolve_delta("chat")
+
+
+def test_pull_remote_refuses_a_hostile_remote_key(tmp_path: Path) -> None:
+    from deltakit.registry import LocalBlobStore
+
+    remote = LocalBlobStore(tmp_path / "remote")
+    remote.write_doc("refs/deltas/-evil/v1.json", b'{"manifest": "sha256:' + b"a" * 64 + b'"}')
+    with Registry.open(root := tmp_path / "reg") as reg:
+        with pytest.raises(FormatError, match="does not name a valid ref"):
+            reg.pull_remote("local", remote=remote)
+        assert reg.ls() == [] and not list((root / "refs" / "deltas").iterdir())

@@ -248,7 +248,7 @@ class LocalBlobStore:
         for entry in os.scandir(self.tmp_dir):
             with contextlib.suppress(FileNotFoundError):
                 if now - entry.stat().st_mtime >= older_than_s:
-                    if entry.is_dir():
+                    if entry.is_dir(follow_symlinks=False):  # a symlink is unlinked, never followed
                         shutil.rmtree(entry.path, ignore_errors=True)
                     else:
                         os.unlink(entry.path)

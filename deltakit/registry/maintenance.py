@@ -80,7 +80,11 @@ def collect(root: Path, journal: RefJournal, catalog: Catalog, *, dry_run: bool)
         for entry in cache.iterdir() if cache.is_dir() else []:
             if entry.name not in live:
                 report.removed_cache_dirs += 1
-                if not dry_run:
+                if dry_run:
+                    continue
+                if entry.is_symlink() or not entry.is_dir():  # never followed out of the registry
+                    entry.unlink()
+                else:
                     shutil.rmtree(entry, ignore_errors=True)
     for digest, _doc in journal.reader.eval_docs():
         if digest not in live:

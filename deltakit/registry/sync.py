@@ -19,7 +19,7 @@ from deltakit.registry.journal import RefJournal
 from deltakit.registry.layout import base_ref_key, delta_ref_key, eval_key
 from deltakit.registry.locking import RegistryLock
 from deltakit.registry.manifest import file_entries, parse_manifest
-from deltakit.registry.names import DeltaRef, parse_ref, validate_name, validate_tag
+from deltakit.registry.names import DeltaRef, InvalidNameError, parse_ref, validate_name, validate_tag
 from deltakit.registry.records import SyncReport
 from deltakit.registry.refs import (
     BaseDoc,
@@ -47,12 +47,15 @@ def open_remote(url: str, **options: Any) -> BlobStore:
 
 
 def _key_identity(key: str) -> tuple[str, str]:
-    """``(name, tag)`` of a delta ref key or ``(name, "")`` of a base ref key, validated."""
-    if key.startswith("refs/deltas/") and key.endswith(".json"):
-        name, _, tag = key[len("refs/deltas/") : -len(".json")].rpartition("/")
-        return validate_name(name), validate_tag(tag)
-    if key.startswith("refs/bases/") and key.endswith(".json"):
-        return validate_name(key[len("refs/bases/") : -len(".json")], "base name"), ""
+    """``(name, tag)`` of a delta ref key or ``(name, "")`` of a base ref key, validated (FormatError)."""
+    try:
+        if key.startswith("refs/deltas/") and key.endswith(".json"):
+            name, _, tag = key[len("refs/deltas/") : -len(".json")].rpartition("/")
+            return validate_name(name), validate_tag(tag)
+        if key.startswith("refs/bases/") and key.endswith(".json"):
+            return validate_name(key[len("refs/bases/") : -len(".json")], "base name"), ""
+    except InvalidNameError as exc:
+        raise FormatError(f"ref document key {key[:80]!r} does not name a valid ref ({exc})") from None
     raise FormatError(f"not a ref document key: {key[:80]!r}")
 
 
