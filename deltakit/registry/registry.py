@@ -2,7 +2,8 @@
 
 :class:`Registry` is a facade over modules with one job each (layout in ``layout``, locks in
 ``locking``, ref reads in ``refs``, ref writes and crash recovery in ``journal``, the SQLite index in
-``catalog``/``indexing``, materialised directories in ``cache``, gc and verify in ``maintenance``,
+``catalog``/``indexing``, ingestion of delta and checkpoint directories in ``ingest``, materialised
+directories in ``cache``, gc and verify in ``maintenance``,
 remote stores in ``sync``). See ``docs/registry.md`` for the layout on disk.
 
 Write order: blobs (temp + fsync + rename) -> manifest blob -> ref document (atomic rename) -> catalog.
