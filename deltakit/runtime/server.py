@@ -106,13 +106,9 @@ def create_app(
     return app
 
 
-class BodyTooLarge(Exception):
-    """A request body over the configured cap (answered with 413)."""
-
-
 class BodyLimit:
-    """ASGI middleware: a body over ``cap`` bytes gets 413, by its Content-Length or, for chunked
-    bodies, as soon as the bytes received pass the cap (the rest is not read)."""
+    """ASGI middleware: a body over ``cap`` bytes gets 413, by its Content-Length or, for a chunked body
+    without one, as soon as the bytes received pass the cap (such a body is buffered, then replayed)."""
 
     def __init__(self, app, cap: int):
         self.app = app
@@ -121,27 +117,35 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.cap):
-            bad = not length.isdigit()
-            response = (
-                _error(400, "invalid Content-Length header", "BadRequestError", "invalid_request")
-                if bad
-                else _too_large(self.cap)
-            )
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                bad = _error(400, "invalid Content-Length header", "BadRequestError", "invalid_request")
+                return await bad(scope, receive, send)
+            if int(length) > self.cap:
+                return await _too_large(self.cap)(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, total = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.cap:
-                raise BodyTooLarge()
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.cap:
+                return await _too_large(self.cap)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        await self.app(scope, limited, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _add_guards(app: FastAPI, api_key: str | None, limits: ServerLimits) -> None:
@@ -162,7 +166,6 @@ def _add_guards(app: FastAPI, api_key: str | None, limits: ServerLimits) -> None
         return await call_next(request)
 
     app.add_middleware(BodyLimit, cap=limits.max_body_bytes)
-    app.state.max_body_bytes = limits.max_body_bytes
 
 
 def _too_large(cap: int) -> JSONResponse:
@@ -191,10 +194,6 @@ def _add_error_handlers(app: FastAPI) -> None:
             else "Error"
         )
         return _error(exc.status_code, " ".join(str(exc.detail).split()), kind)
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request: Request, exc: BodyTooLarge):
-        return _too_large(request.app.state.max_body_bytes)
 
     @app.exception_handler(DeltakitError)
     async def deltakit_error(request: Request, exc: DeltakitError):
