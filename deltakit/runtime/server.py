@@ -148,24 +148,37 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class ApiKey:
+    """ASGI middleware: every route needs ``Authorization: Bearer KEY`` (compared in constant time).
+
+    Plain ASGI (not ``@app.middleware``) so that handlers see the server's own ``receive`` and
+    ``request.is_disconnected()`` works."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        given = header[7:] if header[:7].lower() == b"bearer " else b""
+        if not secrets.compare_digest(given, self.key):
+            refused = _error(
+                401,
+                "Invalid or missing API key (send 'Authorization: Bearer KEY').",
+                "AuthenticationError",
+                "invalid_api_key",
+            )
+            return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _add_guards(app: FastAPI, api_key: str | None, limits: ServerLimits) -> None:
-    """The API key check (every route) and the body size cap."""
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key is not None:
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(given.encode(), api_key.encode()):
-                return _error(
-                    401,
-                    "Invalid or missing API key (send 'Authorization: Bearer KEY').",
-                    "AuthenticationError",
-                    "invalid_api_key",
-                )
-        return await call_next(request)
-
+    """The body size cap, then (outermost) the API key check on every route."""
     app.add_middleware(BodyLimit, cap=limits.max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(ApiKey, key=api_key)
 
 
 def _too_large(cap: int) -> JSONResponse:
