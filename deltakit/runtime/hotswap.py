@@ -322,9 +322,14 @@ class HotSwapRuntime:
                 )
             info: dict[str, object] = {"host_hit": True, "device_hit": True, "moved": 0}
             prepared = None
-            try:
-                if name is not None:
+            if name is not None:  # nothing is written before this succeeds
+                try:
                     prepared, info = self.device_delta(name)
+                except DeltakitError:
+                    raise
+                except Exception as exc:
+                    raise FormatError(f"cannot read delta {name!r}: {_one_line(exc)}") from None
+            try:
                 _sync(self.device)
                 loaded = time.perf_counter()
                 tensors, restored, written = self._write_delta(name, prepared)

@@ -163,7 +163,12 @@ class Scheduler:
         requests = [job.request for job in live]
         start = time.perf_counter()
         if len(set(models)) == 1:
-            stats = runtime.activate(models[0])
+            try:
+                stats = runtime.activate(models[0])
+            except Exception as exc:  # every job asked for this delta; the runtime rolled back
+                for job in live:
+                    _fail(job, exc)
+                return
             results = generate(runtime.model, runtime.resident.tokenizer, requests)
             path, swap = "merged", stats.seconds
         else:

@@ -309,7 +309,8 @@ async def _run_all(
             if not pending:
                 break
             if await request.is_disconnected():
-                cancel.set()
+                cancel.set()  # the generations stop at their next token
+                await asyncio.wait(waiting)
                 break
         return [w.result() for w in waiting]
     finally:
