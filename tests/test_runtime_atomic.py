@@ -190,3 +190,64 @@ def test_exact_codec_on_a_wider_served_dtype_is_refused_at_load(bf16_lossless):
     served.activate("exact")
     ft = AutoModelForCausalLM.from_pretrained(bf16_lossless["base"].parent / "ft-lossless", dtype="auto")
     _assert_params_equal(served.model, {n: p.detach() for n, p in ft.named_parameters()})
+
+
+def test_bf16_base_served_as_float32_keeps_bf16_pristine_copies_and_stays_exact():
+    """Pristine copies keep the checkpoint's dtype (half the memory); swaps give apply's bf16 model, upcast."""
+    from deltakit.runtime import MultiDeltaExecutor
+
+    fleet = cached_fleet("llama-bf16")
+    rt = HotSwapRuntime.from_pretrained(fleet["base"], dtype="float32")
+    for name, path in fleet["delta"].items():
+        rt.add_delta(name, path)
+    assert {p.dtype for p in rt.model.parameters()} == {torch.float32}
+    assert rt.resident.pristine_bytes > 0
+    assert {rt.resident.pristine(c).dtype for c in rt.resident._pristine} == {torch.bfloat16}
+    base = AutoModelForCausalLM.from_pretrained(fleet["base"], dtype="float32")
+    for name in [*fleet["delta"], None]:
+        rt.activate(name)
+        if name is None:
+            expected = {n: p.detach() for n, p in base.named_parameters()}
+        else:
+            ref = applied_model(fleet["base"], fleet["delta"][name], fleet["root"] / f"applied-{name}")
+            expected = {n: p.detach().float() for n, p in ref.named_parameters()}
+        _assert_params_equal(rt.model, expected)
+    # mixed batches work on the float32 model too. The batched path adds the fp32 delta to the base
+    # unrounded, while a merged swap rounds each rebuilt weight to the fine-tune's dtype (bf16, as apply
+    # does): so a mixed row equals, within fp32 rounding, the model with unrounded fp32 weights
+    names = list(fleet["delta"])
+    assignment = [names[0], None, names[1]]
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(5))
+    gaps = []
+    with torch.no_grad():
+        rt.activate(None)
+        with MultiDeltaExecutor(rt).assign(assignment):
+            mixed = rt.model(ids).logits
+        for row, name in enumerate(assignment):
+            unrounded = _fp32_merged(rt, name)
+            torch.testing.assert_close(
+                mixed[row], unrounded(ids[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4
+            )
+            rt.activate(name)
+            gaps.append(float((mixed[row] - rt.model(ids[row : row + 1]).logits[0]).abs().max()))
+    assert gaps[1] == 0.0 and min(gaps[0], gaps[2]) > 0  # base rows exact; delta rows differ by the rounding
+
+
+def _fp32_merged(rt: HotSwapRuntime, name: str | None):
+    """A copy of the served (float32) base with ``base + decode(delta)`` written unrounded in fp32."""
+    import copy
+
+    rt.activate(None)
+    model = copy.deepcopy(rt.model)
+    if name is None:
+        return model
+    params = model.state_dict(keep_vars=True)
+    prepared = rt.host_delta(name)[0]
+    for canonical, op in prepared.ops.items():
+        pristine = rt.resident.pristine(canonical)
+        if op.kind == "passthrough":
+            value = op.tensors["value"].float()
+        else:
+            value = prepared.codec.reconstruct(op.encoded(), pristine, torch.float32)
+        params[canonical].data.copy_(value)
+    return model
