@@ -203,3 +203,25 @@ def test_seeded_sampling_in_a_batch_matches_alone(engine):
     jobs = [_job(engine, "svd-2", PROMPTS[0]), _job(engine, "bitdelta-1", PROMPTS[1], **params)]
     engine.scheduler.run_batch(jobs)
     assert jobs[1].future.result().token_ids == alone.future.result().token_ids
+
+
+def test_failed_swap_over_http_leaves_health_and_base_truthful(engine, server, monkeypatch):
+    """A swap that fails half way: the request gets a JSON error, /health says base, the base is served."""
+    rt = engine.runtime
+    base_text = _alone(engine, None, PROMPTS[0])
+    original, calls = rt._write_param, [0]
+
+    def failing(canonical, value):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("device write failed")
+        original(canonical, value)
+
+    monkeypatch.setattr(rt, "_write_param", failing)
+    body = {"model": "bitdelta-1", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+    response = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "serving the base" in response.json()["error"]["message"]
+    assert httpx.get(f"{server}/health", timeout=10).json()["active"] is None
+    base = httpx.post(f"{server}/v1/completions", json={**body, "model": "base"}, timeout=60).json()
+    assert base["choices"][0]["text"] == base_text
