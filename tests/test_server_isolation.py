@@ -225,3 +225,33 @@ def test_failed_swap_over_http_leaves_health_and_base_truthful(engine, server, m
     assert httpx.get(f"{server}/health", timeout=10).json()["active"] is None
     base = httpx.post(f"{server}/v1/completions", json={**body, "model": "base"}, timeout=60).json()
     assert base["choices"][0]["text"] == base_text
+
+
+def test_batch_failing_mid_stream_reruns_only_the_requests_that_streamed_nothing(engine):
+    """A batch that fails after a few tokens: the streaming request (its client has text already) gets the
+    error and is not re-run (no repeated text); the other request is re-run alone and completes."""
+    expected = _alone(engine, "svd-2", PROMPTS[1])
+    pieces: list[str] = []
+    streaming = _job(engine, "svd-2", PROMPTS[0])
+    streaming.request.on_text = pieces.append
+    plain = _job(engine, "svd-2", PROMPTS[1])
+    forwards = [0]
+
+    def fail_batched_step(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[0] == 2:
+            forwards[0] += 1
+            if forwards[0] == 4:
+                raise RuntimeError("device fault in step 4")
+
+    handle = engine.runtime.model.register_forward_pre_hook(fail_batched_step, with_kwargs=True)
+    try:
+        engine.scheduler.run_batch([streaming, plain])
+    finally:
+        handle.remove()
+    assert forwards[0] == 4 and pieces  # it failed after text was streamed
+    with pytest.raises(RuntimeError, match="step 4"):
+        streaming.future.result()
+    assert plain.future.result().text == expected
+    streamed = "".join(pieces)
+    assert _alone(engine, "svd-2", PROMPTS[0]).startswith(streamed)  # a prefix, never repeated

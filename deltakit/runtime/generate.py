@@ -31,6 +31,7 @@ class GenerationRequest:
     params: SamplingParams
     on_text: Callable[[str], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    streamed: bool = False  # set once on_text received text
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Detokenizer:
         if row.request.on_text is not None and safe > row.emitted:
             try:
                 row.request.on_text(text[row.emitted : safe])
+                row.request.streamed = True
             except Exception:  # the consumer is gone: stop this row only
                 log.info("streaming callback failed; row cancelled", exc_info=True)
                 row.finish = "cancelled"

@@ -120,7 +120,8 @@ class Scheduler:
 
         Isolation: a job that cannot run (unknown or unloadable model, invalid parameters) fails alone
         before the batch starts; if the batched generation itself raises, every job is re-run alone so
-        only the job that fails on its own gets the error.
+        only the job that fails on its own gets the error (a job that already streamed text gets the
+        batch's error instead: re-running it would repeat that text).
         """
         runtime = self.runtime
         with runtime.lock:
@@ -129,15 +130,19 @@ class Scheduler:
                 return
             try:
                 self._generate(live)
-            except Exception:
+            except Exception as exc:
+                log.warning("a batch of %d request(s) failed", len(live), exc_info=True)
                 if len(live) == 1:
-                    raise
-                log.warning("a batch of %d failed; running its requests one by one", len(live))
+                    _fail(live[0], exc)
+                    return
                 for job in live:
+                    if job.request.streamed:  # its client already has part of the text: not re-run
+                        _fail(job, exc)
+                        continue
                     try:
                         self._generate([job])
-                    except Exception as exc:
-                        _fail(job, exc)
+                    except Exception as alone:
+                        _fail(job, alone)
 
     def _admit(self, job: Job) -> bool:
         """Whether ``job`` may join the batch; if not, its future gets the reason."""
