@@ -99,6 +99,13 @@ CASES = [
         _completion(prompt="y" * (MAX_PROMPT_TOKENS + 1)),
         400,
     ),
+    (
+        "second-prompt-over-cap",
+        "post",
+        "/v1/completions",
+        _completion(prompt=["a", "y" * (MAX_PROMPT_TOKENS + 1)]),
+        400,
+    ),
     ("stream-two-prompts", "post", "/v1/completions", _completion(prompt=["a", "b"], stream=True), 400),
     ("echo-wrong-type", "post", "/v1/completions", _completion(echo={"x": 1}), 400),
     ("model-missing", "post", "/v1/completions", {"json": {"prompt": "x"}}, 400),

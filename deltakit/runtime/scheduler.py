@@ -148,6 +148,9 @@ class Scheduler:
         """Whether ``job`` may join the batch; if not, its future gets the reason."""
         if job.future.done():  # cancelled by its caller while waiting
             return False
+        if job.request.cancel.is_set():  # its client left while it waited
+            _fail(job, UsageError("the request was cancelled before it ran"))
+            return False
         try:
             if job.model is not None:
                 if job.model not in self.runtime.entries:

@@ -301,9 +301,9 @@ async def _run_all(
 ) -> list[GenerationResult]:
     """Queue one generation per prompt and wait for all; a client that disconnects cancels them."""
     cancel = threading.Event()
-    futures = [engine.submit(model, p, params, cancel=cancel) for p in ids]
-    waiting = [asyncio.wrap_future(f) for f in futures]
-    try:
+    try:  # a prompt refused after others were queued cancels those (finally)
+        futures = [engine.submit(model, p, params, cancel=cancel) for p in ids]
+        waiting = [asyncio.wrap_future(f) for f in futures]
         while True:
             done, pending = await asyncio.wait(waiting, timeout=DISCONNECT_POLL_S)
             if not pending:
