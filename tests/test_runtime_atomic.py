@@ -193,7 +193,7 @@ def test_exact_codec_on_a_wider_served_dtype_is_refused_at_load(bf16_lossless):
 
 
 def test_bf16_base_served_as_float32_keeps_bf16_pristine_copies_and_stays_exact():
-    """Pristine copies keep the checkpoint's dtype (half the memory); swaps give apply's bf16 model, upcast."""
+    """Pristine copies keep the checkpoint's dtype (half the memory); swaps give apply's bf16 model upcast."""
     from deltakit.runtime import MultiDeltaExecutor
 
     fleet = cached_fleet("llama-bf16")

@@ -384,7 +384,7 @@ class HotSwapRuntime:
         return len(previous | set(new_ops)), restored, written
 
     def _write_param(self, canonical: str, value: torch.Tensor) -> None:
-        """Copy ``value`` (same shape; cast to the parameter's dtype) into parameter ``canonical`` in place."""
+        """Copy ``value`` (same shape; cast to the parameter dtype) into parameter ``canonical``, in place."""
         self.resident.param(canonical).data.copy_(value, non_blocking=True)
 
     def _roll_back(self, source: str | None) -> str | None:
