@@ -3,8 +3,9 @@
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` gives
 server-sent events), ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's bodies),
 ``GET /health``. With an API key every route needs ``Authorization: Bearer KEY``. Every error is a JSON
-body of OpenAI's shape: 400 bad input, 401 no/wrong key, 404 unknown model or path, 405 wrong method, 409 a delta
-made from another base, 413 a body over ``max_body_bytes``, 500 an internal error (no details; see the log).
+body of OpenAI's shape: 400 bad input, 401 no/wrong key, 404 unknown model or path, 405 wrong method,
+409 a delta made from another base, 413 a body over ``max_body_bytes``, 500 an internal error (no
+details; they go to the log).
 
 Requests are isolated: tokenization runs in worker threads (not on the event loop), a request that
 fails never fails the requests batched with it, and a generation stops when its client disconnects.
