@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
+from rich.markup import escape
 
 from deltakit_cli.common import err_console
 
@@ -68,7 +70,28 @@ def parse_deltas(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option(
-    "--api-key", envvar="DELTAKIT_API_KEY", help="require 'Authorization: Bearer KEY' (env DELTAKIT_API_KEY)"
+    "--api-key",
+    envvar="DELTAKIT_API_KEY",
+    help="require 'Authorization: Bearer KEY'; prefer the env variable DELTAKIT_API_KEY (a key on the "
+    "command line is visible to every local user)",
+)
+@click.option(
+    "--allow-path",
+    "allow_paths",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="directory load_lora_adapter may read deltas from (repeatable; default: the registry and the "
+    "--delta directories)",
+)
+@click.option(
+    "--max-body", default="1M", show_default=True, help="largest request body accepted (larger: 413)"
+)
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(min=1),
+    default=8192,
+    show_default=True,
+    help="longest prompt accepted, in tokens (longer: 400)",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16")
@@ -83,6 +106,9 @@ def serve(
     host,
     port,
     api_key,
+    allow_paths,
+    max_body,
+    max_prompt_tokens,
     device,
     dtype,
     host_cache,
@@ -99,12 +125,19 @@ def serve(
         import uvicorn
 
         from deltakit.runtime.engine import ServingEngine
-        from deltakit.runtime.server import create_app
+        from deltakit.runtime.server import ServerLimits, create_app
     except ModuleNotFoundError as exc:
         raise click.ClickException(f"deltakit serve needs {exc.name}: pip install fastapi uvicorn") from None
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    err_console.print(f"loading base [bold]{base}[/] on {device} ...", highlight=False)
+    ctx = click.get_current_context()
+    if api_key is not None and ctx.get_parameter_source("api_key") == ParameterSource.COMMANDLINE:
+        err_console.print(
+            "[yellow]warning:[/] --api-key on the command line is visible to every local user (ps); "
+            "set DELTAKIT_API_KEY instead",
+            highlight=False,
+        )
+    err_console.print(f"loading base {escape(str(base))} on {escape(device)} ...", highlight=False)
     engine = ServingEngine.from_base(
         base,
         registry_path=registry_path,
@@ -115,16 +148,19 @@ def serve(
         device_cache_bytes=parse_bytes(device_cache),
         max_batch=max_batch,
         use_registry=registry_path is not None and not no_registry_deltas,
+        allowed_roots=list(allow_paths) or None,
+        max_prompt_tokens=max_prompt_tokens,
     )
     names = ", ".join(engine.runtime.names()) or "(none)"
     err_console.print(
-        f"base {engine.base_name} ({engine.runtime.fingerprint[:19]}…); deltas: {names}", highlight=False
+        escape(f"base {engine.base_name} ({engine.runtime.fingerprint[:19]}…); deltas: {names}"),
+        highlight=False,
     )
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(
             "[yellow]warning:[/] serving on a public address without --api-key", highlight=False
         )
-    app = create_app(engine, api_key=api_key)
+    app = create_app(engine, api_key=api_key, limits=ServerLimits(max_body_bytes=parse_bytes(max_body)))
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

@@ -47,7 +47,11 @@ def expected(fleet) -> dict[tuple[str, str], str]:
 
 @pytest.fixture(scope="module")
 def engine(fleet):
-    eng = ServingEngine.from_base(fleet["base"], deltas={n: str(p) for n, p in fleet["delta"].items()})
+    eng = ServingEngine.from_base(
+        fleet["base"],
+        deltas={n: str(p) for n, p in fleet["delta"].items()},
+        allowed_roots=[fleet["root"]],  # load_lora_adapter may read any delta of the fleet
+    )
     yield eng
     eng.close()
 

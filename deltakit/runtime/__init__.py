@@ -29,6 +29,7 @@ _EXPORTS = {
     "Scheduler": "deltakit.runtime.scheduler",
     "ServingEngine": "deltakit.runtime.engine",
     "create_app": "deltakit.runtime.server",
+    "ServerLimits": "deltakit.runtime.server",
 }
 
 __all__ = list(_EXPORTS)

@@ -7,6 +7,8 @@ batching): a finished row keeps a slot until the batch ends.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,21 +16,29 @@ import torch
 
 from deltakit.runtime.sampling import Sampler, SamplingParams
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class GenerationRequest:
-    """One prompt to continue. on_text: called with each new piece of text (streaming)."""
+    """One prompt to continue.
+
+    on_text: called with each new piece of text (streaming); if it raises, the row stops ("cancelled").
+    cancel: set it (from any thread) to stop the row at the next token ("cancelled", e.g. the client left).
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
     on_text: Callable[[str], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    streamed: bool = False  # set once on_text received text
 
 
 @dataclass
 class GenerationResult:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
 
@@ -71,7 +81,12 @@ class Detokenizer:
         row.text = text
         safe = len(text) if (final or row.finish) else len(text) - _held_back(text, stops)
         if row.request.on_text is not None and safe > row.emitted:
-            row.request.on_text(text[row.emitted : safe])
+            try:
+                row.request.on_text(text[row.emitted : safe])
+                row.request.streamed = True
+            except Exception:  # the consumer is gone: stop this row only
+                log.info("streaming callback failed; row cancelled", exc_info=True)
+                row.finish = "cancelled"
             row.emitted = safe
 
 
@@ -117,6 +132,8 @@ def generate(model: torch.nn.Module, tokenizer, requests: list[GenerationRequest
         logits = out.logits[:, -1, :].float().cpu()  # (batch, vocab)
         next_ids = []
         for i, row in enumerate(rows):
+            if row.finish is None and row.request.cancel.is_set():
+                row.finish = "cancelled"
             if row.finish is None:
                 token = row.sampler.choose(logits[i])
                 if token in eos:

@@ -9,6 +9,7 @@ from disk once; pinned on CUDA) and on the device (decoding happens there).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -18,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from deltakit.errors import BaseMismatchError, NotFoundError, UsageError
+from deltakit.errors import (
+    BaseMismatchError,
+    DeltakitError,
+    FormatError,
+    NonFiniteError,
+    NotFoundError,
+    TensorMismatchError,
+    UsageError,
+)
 from deltakit.format.delta import Delta, load_delta
 from deltakit.format.manifest import Manifest
 from deltakit.runtime.lru import ByteLRU
@@ -27,6 +36,7 @@ from deltakit.runtime.resident import ResidentModel
 from deltakit.runtime.stats import SwapStats
 
 DeltaSource = Path | Callable[[], Path]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,11 +50,51 @@ class DeltaEntry:
     path: Path | None = None  # set once the source has been resolved
     stored_bytes: int | None = None
     delta: Delta | None = None  # in-memory deltas (no directory to reload from)
+    validated: bool = False  # every tensor decoded once onto the served base without error
 
     def resolve_path(self) -> Path:
         if self.path is None:
             self.path = Path(self.source() if callable(self.source) else self.source)
         return self.path
+
+
+#: codecs that restore the exact bits of the fine-tune's dtype: the served parameter must have that dtype
+EXACT_CODECS = frozenset({"lossless"})
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, DeltakitError) else f"{type(exc).__name__}: {text}"
+
+
+def _swap_error(name: str | None, back: str | None, exc: Exception) -> DeltakitError:
+    """The one-line error of a failed swap; keeps the class (and exit code) of deltakit errors."""
+    where = "the base" if back is None else f"delta {back!r}"
+    message = (
+        f"swap to {'the base' if name is None else repr(name)} failed ({_one_line(exc)}); serving {where}"
+    )
+    if isinstance(exc, DeltakitError):
+        try:
+            return type(exc)(message)
+        except TypeError:
+            return DeltakitError(message)
+    return FormatError(message)
+
+
+def check_rebuilt(delta: str, canonical: str, value: torch.Tensor, param: torch.Tensor) -> None:
+    """Refuse a rebuilt tensor that cannot replace ``param`` as is: another shape (no broadcasting), a
+    non-float dtype for a float parameter, NaN or Inf (NonFiniteError)."""
+    if tuple(value.shape) != tuple(param.shape):
+        raise TensorMismatchError(
+            f"delta {delta!r} rebuilds {canonical} with shape {list(value.shape)}, "
+            f"the served parameter is {list(param.shape)}"
+        )
+    if param.is_floating_point() and not value.is_floating_point():
+        raise TensorMismatchError(
+            f"delta {delta!r} rebuilds {canonical} as {value.dtype}, the served parameter is {param.dtype}"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"delta {delta!r} decodes to NaN or Inf values in {canonical}")
 
 
 def _sync(device: torch.device) -> None:
@@ -185,10 +235,43 @@ class HotSwapRuntime:
         self._check_base(entry.name, prepared.base_fingerprint, delta.manifest.base.name)
         for canonical in prepared.ops:
             self.resident.ensure_pristine(canonical)
+        if not entry.validated:
+            self._validate(prepared)
+            entry.validated = True
         entry.stored_bytes = prepared.nbytes
         host = prepared.to(self.device, pin=True) if self.device.type == "cuda" else prepared
         self.host_cache.put(entry.name, host)
         return host
+
+    @torch.no_grad()
+    def _validate(self, prepared: PreparedDelta) -> None:
+        """Refuse, before it is ever swapped in, a delta whose swap would fail or write garbage.
+
+        Checks that an exact codec (``EXACT_CODECS``) finds the served parameters in the dtype whose
+        bits it restores, then decodes every tensor once onto its pristine base (on ``self.device``,
+        one tensor at a time) and checks shape, dtype and finiteness (:func:`check_rebuilt`).
+        The model is not written.
+        """
+        exact = prepared.codec.name in EXACT_CODECS
+        for canonical, op in prepared.ops.items():
+            param = self.resident.param(canonical)
+            if exact and op.kind == "encoded" and op.dtype != param.dtype:
+                raise TensorMismatchError(
+                    f"delta {prepared.name!r} ({prepared.codec.name}) restores the exact {op.dtype} bits of "
+                    f"{canonical}, but the served model holds it as {param.dtype}; load the base with "
+                    "dtype='auto' to serve it"
+                )
+        for canonical, op in prepared.ops.items():
+            base = self.resident.pristine(canonical).to(self.device)
+            try:
+                value = self._rebuild(prepared, op.to(self.device), base)
+            except DeltakitError:
+                raise
+            except Exception as exc:
+                raise FormatError(
+                    f"delta {prepared.name!r} cannot be decoded onto {canonical}: {_one_line(exc)}"
+                ) from None
+            check_rebuilt(prepared.name, canonical, value, self.resident.param(canonical))
 
     # -- cache lookups -------------------------------------------------------------------------
     def host_delta(self, name: str) -> tuple[PreparedDelta, bool]:
@@ -223,7 +306,13 @@ class HotSwapRuntime:
     # -- swapping ------------------------------------------------------------------------------
     @torch.no_grad()
     def activate(self, name: str | None) -> SwapStats:
-        """Make delta ``name`` (None: the base) the resident weights, in place; returns what it cost."""
+        """Make delta ``name`` (None: the base) the resident weights, in place; returns what it cost.
+
+        Atomic: when anything fails (reading, decoding, a cast, a shape mismatch, a non-finite value),
+        every touched parameter is restored from its pristine copy, the previously active delta is
+        swapped back in, and a one-line :class:`DeltakitError` is raised. ``self.active`` always names
+        what the parameters hold.
+        """
         with self.lock:
             start = time.perf_counter()
             source = self.active
@@ -233,31 +322,21 @@ class HotSwapRuntime:
                 )
             info: dict[str, object] = {"host_hit": True, "device_hit": True, "moved": 0}
             prepared = None
-            if name is not None:
-                prepared, info = self.device_delta(name)
-            _sync(self.device)
-            loaded = time.perf_counter()
-            new_ops = prepared.ops if prepared is not None else {}
-            restored = written = 0
-            # invalidate first: a failure half-way leaves "unknown" rather than a wrong label
-            self.active, previous = None, self._active_ops
-            self._active_ops = previous | set(new_ops)  # what a later swap must restore if this one fails
-            for canonical in previous - set(new_ops):
-                param = self.resident.param(canonical)
-                pristine = self.resident.pristine(canonical)
-                param.data.copy_(pristine, non_blocking=True)
-                restored += pristine.numel() * pristine.element_size()
-                written += param.numel() * param.element_size()
-            for canonical, op in new_ops.items():
-                param = self.resident.param(canonical)
-                pristine = self.resident.pristine(canonical)
-                base = pristine.to(self.device, non_blocking=True)
-                restored += pristine.numel() * pristine.element_size()
-                param.data.copy_(self._rebuild(prepared, op, base))
-                written += param.numel() * param.element_size()
-            self._active_ops = set(new_ops)
-            self.active = name
-            _sync(self.device)
+            if name is not None:  # nothing is written before this succeeds
+                try:
+                    prepared, info = self.device_delta(name)
+                except DeltakitError:
+                    raise
+                except Exception as exc:
+                    raise FormatError(f"cannot read delta {name!r}: {_one_line(exc)}") from None
+            try:
+                _sync(self.device)
+                loaded = time.perf_counter()
+                tensors, restored, written = self._write_delta(name, prepared)
+                _sync(self.device)
+            except Exception as exc:
+                back = self._roll_back(source)
+                raise _swap_error(name, back, exc) from None
             end = time.perf_counter()
             stats = SwapStats(
                 source,
@@ -265,7 +344,7 @@ class HotSwapRuntime:
                 end - start,
                 loaded - start,
                 end - loaded,
-                len(previous | set(new_ops)),
+                tensors,
                 restored,
                 int(info["moved"]),
                 written,
@@ -274,6 +353,62 @@ class HotSwapRuntime:
                 str(self.device),
             )
             return self._record(stats)
+
+    def _write_delta(self, name: str | None, prepared: PreparedDelta | None) -> tuple[int, int, int]:
+        """Write delta ``prepared`` (None: the base) over the current weights; (tensors, restored, written).
+
+        Invalidates ``active`` first and widens ``_active_ops`` to everything it may touch, so that a
+        failure half-way leaves a state :meth:`_roll_back` can repair.
+        """
+        new_ops = prepared.ops if prepared is not None else {}
+        previous = self._active_ops
+        self.active = None
+        self._active_ops = previous | set(new_ops)
+        restored = written = 0
+        for canonical in previous - set(new_ops):
+            pristine = self.resident.pristine(canonical)
+            self._write_param(canonical, pristine)
+            restored += pristine.numel() * pristine.element_size()
+            written += pristine.numel() * self.resident.param(canonical).element_size()
+        for canonical, op in new_ops.items():
+            param = self.resident.param(canonical)
+            pristine = self.resident.pristine(canonical)
+            base = pristine.to(self.device, non_blocking=True)
+            restored += pristine.numel() * pristine.element_size()
+            value = self._rebuild(prepared, op, base)
+            check_rebuilt(prepared.name, canonical, value, param)
+            self._write_param(canonical, value)
+            written += param.numel() * param.element_size()
+        self._active_ops = set(new_ops)
+        self.active = name
+        return len(previous | set(new_ops)), restored, written
+
+    def _write_param(self, canonical: str, value: torch.Tensor) -> None:
+        """Copy ``value`` (same shape; cast to the parameter dtype) into parameter ``canonical``, in place."""
+        self.resident.param(canonical).data.copy_(value, non_blocking=True)
+
+    def _roll_back(self, source: str | None) -> str | None:
+        """After a failed swap: pristine into every touched parameter, then ``source`` again if it was a
+        delta. Returns what is active afterwards (``source``, or None when re-activating it failed too)."""
+        for canonical in self._active_ops:
+            self.resident.param(canonical).data.copy_(self.resident.pristine(canonical))
+        self._active_ops = set()
+        self.active = None
+        _sync(self.device)
+        if source is None:
+            return None
+        try:
+            prepared, _ = self.device_delta(source)
+            self._write_delta(source, prepared)
+            _sync(self.device)
+            return source
+        except Exception:
+            log.warning("re-activating %r after a failed swap failed too; serving the base", source)
+            for canonical in self._active_ops:
+                self.resident.param(canonical).data.copy_(self.resident.pristine(canonical))
+            self._active_ops = set()
+            self.active = None
+            return None
 
     def _record(self, stats: SwapStats) -> SwapStats:
         self.history.append(stats)

@@ -182,7 +182,8 @@ class MultiDeltaExecutor:
         params = {}
         for attr, op in attr_ops.items():
             pristine = resident.pristine(op.name).to(self.runtime.device)
-            params[attr] = HotSwapRuntime._rebuild(prepared, op, pristine).to(pristine.dtype)
+            served = resident.param(op.name).dtype
+            params[attr] = HotSwapRuntime._rebuild(prepared, op, pristine).to(served)
         _guard.active = True
         try:
             return torch.func.functional_call(module, params, (x, *args[1:]), kwargs)

@@ -36,7 +36,13 @@ class ResidentModel:
     """
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer, fingerprint: str, name: str, path: Path | None = None
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        fingerprint: str,
+        name: str,
+        path: Path | None = None,
+        checkpoint_dtypes: dict[str, torch.dtype] | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -54,6 +60,10 @@ class ResidentModel:
                 continue
             self.params[pname] = tensor
             self.canonical[pname] = first_name.setdefault(id(tensor), pname)
+        #: canonical name -> the dtype the checkpoint stores it in (where the model was loaded in another)
+        self.checkpoint_dtypes: dict[str, torch.dtype] = {
+            self.canonical[n]: d for n, d in (checkpoint_dtypes or {}).items() if n in self.canonical
+        }
         self._pristine: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -75,6 +85,7 @@ class ResidentModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from deltakit.format.fingerprint import checkpoint_fingerprint
+        from deltakit.models.checkpoint import open_checkpoint
 
         base_dir = Path(base_dir)
         dev = resolve_device(device)
@@ -82,7 +93,11 @@ class ResidentModel:
         model.to(dev)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         fp = fingerprint or checkpoint_fingerprint(base_dir)
-        return cls(model, tokenizer, fp, name or base_dir.name, base_dir)
+        stored = None
+        if _dtype_arg(dtype) != "auto":
+            reader = open_checkpoint(base_dir)
+            stored = {n: reader.spec(n).dtype for n in reader.names()}
+        return cls(model, tokenizer, fp, name or base_dir.name, base_dir, stored)
 
     def resolve(self, name: str) -> str:
         """Canonical parameter name for a checkpoint tensor name; unknown names are errors."""
@@ -101,15 +116,26 @@ class ResidentModel:
 
         Safe only while the parameter holds base values: the runtime calls this for every tensor of a
         delta before that delta is first activated, and a parameter no delta touched was never changed.
+        The copy has the checkpoint's dtype when the model was loaded in a wider one (e.g. a bf16
+        checkpoint served as float32: the upcast is exact, so the narrower copy loses nothing), else
+        the parameter's dtype.
         """
         with self._lock:
             copy = self._pristine.get(canonical)
             if copy is None:
                 data = self.params[canonical].detach()
-                copy = torch.empty(data.shape, dtype=data.dtype, pin_memory=self.device.type == "cuda")
+                keep = self._pristine_dtype(canonical, data)
+                copy = torch.empty(data.shape, dtype=keep, pin_memory=self.device.type == "cuda")
                 copy.copy_(data)
                 self._pristine[canonical] = copy
             return copy
+
+    def _pristine_dtype(self, canonical: str, data: torch.Tensor) -> torch.dtype:
+        stored = self.checkpoint_dtypes.get(canonical, data.dtype)
+        narrower = stored.is_floating_point and stored.itemsize < data.dtype.itemsize
+        if narrower and data.is_floating_point() and torch.equal(data.to(stored).to(data.dtype), data):
+            return stored
+        return data.dtype
 
     def pristine(self, canonical: str) -> torch.Tensor:
         return self._pristine[canonical]

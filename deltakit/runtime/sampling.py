@@ -9,16 +9,22 @@ import torch
 
 from deltakit.errors import UsageError
 
+MAX_SEED = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. ``temperature == 0`` is greedy (deterministic)."""
+    """How one request is decoded. ``temperature == 0`` is greedy (deterministic).
+
+    seed: 0 .. 2**63 - 1 (the range of a torch generator seed); None draws one.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0  # keep the k most likely tokens (0: all)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -27,6 +33,10 @@ class SamplingParams:
             raise UsageError(f"temperature must be in [0, 2], got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.seed is not None and not (0 <= self.seed <= MAX_SEED):
+            raise UsageError(f"seed must be in 0 .. 2**63 - 1, got {self.seed}")
 
 
 @dataclass
@@ -44,6 +54,9 @@ class Sampler:
         """Next token id from fp32 logits (vocab,) on the CPU (not mutated)."""
         if self.params.temperature == 0.0:
             return int(torch.argmax(logits))
+        if 0 < self.params.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.params.top_k).values[-1]
+            logits = torch.where(logits >= kth, logits, torch.full_like(logits, float("-inf")))
         probs = torch.softmax(logits / self.params.temperature, dim=-1)
         if self.params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

@@ -8,17 +8,19 @@ path. A request whose delta was unloaded meanwhile fails; nothing falls back to 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field, fields
 
-from deltakit.errors import NotFoundError
+from deltakit.errors import NotFoundError, UsageError
 from deltakit.runtime.generate import GenerationRequest, GenerationResult, generate
 from deltakit.runtime.hotswap import HotSwapRuntime
 from deltakit.runtime.multidelta import MultiDeltaExecutor
+from deltakit.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class BatchRecord:
     path: str  # "merged" | "multi"
     seconds: float
     swap_seconds: float
+    finish_reasons: list[str] = field(default_factory=list)  # per request, in order
 
 
 class Scheduler:
@@ -110,38 +113,88 @@ class Scheduler:
             except Exception as exc:  # the worker must survive anything one batch does
                 log.exception("batch failed")
                 for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                    _fail(job, exc)
 
     def run_batch(self, jobs: list[Job]) -> None:
-        """Run ``jobs`` as one batch (on the calling thread) and resolve their futures."""
+        """Run ``jobs`` as one batch (on the calling thread) and resolve their futures.
+
+        Isolation: a job that cannot run (unknown or unloadable model, invalid parameters) fails alone
+        before the batch starts; if the batched generation itself raises, every job is re-run alone so
+        only the job that fails on its own gets the error (a job that already streamed text gets the
+        batch's error instead: re-running it would repeat that text).
+        """
         runtime = self.runtime
         with runtime.lock:
-            known = set(runtime.names())
-            live = []
-            for job in jobs:
-                if job.model is not None and job.model not in known:
-                    job.future.set_exception(NotFoundError(f"model {job.model!r} was unloaded"))
-                else:
-                    live.append(job)
+            live = [job for job in jobs if self._admit(job)]
             if not live:
                 return
-            models = [job.model for job in live]
-            requests = [job.request for job in live]
-            start = time.perf_counter()
-            if len(set(models)) == 1:
+            try:
+                self._generate(live)
+            except Exception as exc:
+                log.warning("a batch of %d request(s) failed", len(live), exc_info=True)
+                if len(live) == 1:
+                    _fail(live[0], exc)
+                    return
+                for job in live:
+                    if job.request.streamed:  # its client already has part of the text: not re-run
+                        _fail(job, exc)
+                        continue
+                    try:
+                        self._generate([job])
+                    except Exception as alone:
+                        _fail(job, alone)
+
+    def _admit(self, job: Job) -> bool:
+        """Whether ``job`` may join the batch; if not, its future gets the reason."""
+        if job.future.done():  # cancelled by its caller while waiting
+            return False
+        if job.request.cancel.is_set():  # its client left while it waited
+            _fail(job, UsageError("the request was cancelled before it ran"))
+            return False
+        try:
+            if job.model is not None:
+                if job.model not in self.runtime.entries:
+                    raise NotFoundError(f"model {job.model!r} was unloaded")
+                self.runtime.device_delta(job.model)  # read (and check) it now: a broken delta fails alone
+            params = job.request.params
+            SamplingParams(**{f.name: getattr(params, f.name) for f in fields(params)})  # re-validated
+            if not job.request.prompt_ids:
+                raise UsageError("the prompt is empty")
+        except Exception as exc:
+            _fail(job, exc)
+            return False
+        return True
+
+    def _generate(self, live: list[Job]) -> None:
+        runtime = self.runtime
+        models = [job.model for job in live]
+        requests = [job.request for job in live]
+        start = time.perf_counter()
+        if len(set(models)) == 1:
+            try:
                 stats = runtime.activate(models[0])
+            except Exception as exc:  # every job asked for this delta; the runtime rolled back
+                for job in live:
+                    _fail(job, exc)
+                return
+            results = generate(runtime.model, runtime.resident.tokenizer, requests)
+            path, swap = "merged", stats.seconds
+        else:
+            with self.executor.assign(models):
+                swap = runtime.history[-1].seconds  # assign() swapped the base in
                 results = generate(runtime.model, runtime.resident.tokenizer, requests)
-                path, swap = "merged", stats.seconds
-            else:
-                with self.executor.assign(models):
-                    swap = runtime.history[-1].seconds  # assign() swapped the base in
-                    results = generate(runtime.model, runtime.resident.tokenizer, requests)
-                path = "multi"
-            self.batches.append(BatchRecord(models, path, time.perf_counter() - start, swap))
-            del self.batches[: -self._history]
+            path = "multi"
+        finish = [r.finish_reason for r in results]
+        self.batches.append(BatchRecord(models, path, time.perf_counter() - start, swap, finish))
+        del self.batches[: -self._history]
         for job, result in zip(live, results, strict=True):
-            job.future.set_result(result)
+            with contextlib.suppress(InvalidStateError):  # cancelled by its caller meanwhile
+                job.future.set_result(result)
+
+
+def _fail(job: Job, exc: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):
+        job.future.set_exception(exc)
 
 
 __all__ = ["Job", "Scheduler", "BatchRecord", "GenerationResult"]

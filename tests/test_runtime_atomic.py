@@ -1,0 +1,253 @@
+"""Swap atomicity: a swap that fails at any tensor leaves the model exactly as before, and ``active`` says so.
+
+Faults are injected into :meth:`HotSwapRuntime._write_param` (the in-place write of one parameter) at
+every position of a swap; afterwards every parameter is compared bit for bit with the pristine base (or
+with ``deltakit.apply``'s model of the delta that was active before).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_runtime_support import applied_model, cached_fleet, finetune, make_fleet
+from transformers import AutoModelForCausalLM
+
+import deltakit
+from deltakit.errors import DeltakitError, NonFiniteError, TensorMismatchError
+from deltakit.runtime import HotSwapRuntime
+
+
+class Injected(RuntimeError):
+    """The fault the tests inject."""
+
+
+@pytest.fixture(scope="module")
+def fleet() -> dict:
+    return cached_fleet("llama")
+
+
+@pytest.fixture(scope="module")
+def base_state(fleet) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(fleet["base"], dtype="auto")
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _runtime(fleet: dict) -> HotSwapRuntime:
+    rt = HotSwapRuntime.from_pretrained(fleet["base"])
+    for name, path in fleet["delta"].items():
+        rt.add_delta(name, path)
+    return rt
+
+
+def _assert_params_equal(model, state: dict[str, torch.Tensor]) -> None:
+    ours = dict(model.named_parameters())
+    assert set(ours) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(ours[name], tensor), f"{name} differs"
+
+
+def _count_writes(rt: HotSwapRuntime, name: str | None) -> int:
+    calls = []
+    original = rt._write_param
+    rt._write_param = lambda canonical, value: (calls.append(canonical), original(canonical, value))
+    try:
+        rt.activate(name)
+    finally:
+        del rt._write_param
+    return len(calls)
+
+
+def _inject_at(rt: HotSwapRuntime, k: int) -> None:
+    """Make the k-th parameter write from now on raise (once); later writes succeed."""
+    original = rt._write_param
+    seen = [0]
+
+    def write(canonical: str, value: torch.Tensor) -> None:
+        seen[0] += 1
+        if seen[0] == k + 1:
+            raise Injected(f"injected fault writing {canonical}\nsecond line")
+        original(canonical, value)
+
+    rt._write_param = write
+
+
+@pytest.mark.parametrize("delta", ["dqrelo-0", "lossless-3"])
+def test_failed_swap_from_base_at_every_tensor_serves_base_bit_exact(fleet, base_state, delta):
+    rt = _runtime(fleet)
+    writes = _count_writes(rt, delta)
+    rt.activate(None)
+    assert writes >= 10  # every matrix, norm and the tied embedding of the tiny Llama
+    for k in range(writes):
+        _inject_at(rt, k)
+        with pytest.raises(DeltakitError) as info:
+            rt.activate(delta)
+        del rt._write_param
+        message = str(info.value)
+        assert "\n" not in message and "injected fault" in message and "serving the base" in message
+        assert rt.active is None
+        _assert_params_equal(rt.model, base_state)
+    assert rt.activate(delta).target == delta  # the delta itself still works after all these failures
+    assert rt.active == delta
+
+
+def test_failed_swap_between_deltas_restores_the_previous_delta(fleet):
+    rt = _runtime(fleet)
+    previous, target = "bitdelta-1", "svd-2"
+    reference = applied_model(fleet["base"], fleet["delta"][previous], fleet["root"] / f"applied-{previous}")
+    state = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    rt.activate(previous)
+    writes = _count_writes(rt, target)
+    rt.activate(previous)
+    for k in range(writes):
+        _inject_at(rt, k)
+        with pytest.raises(DeltakitError, match=f"serving delta '{previous}'"):
+            rt.activate(target)
+        del rt._write_param
+        assert rt.active == previous
+        _assert_params_equal(rt.model, state)
+
+
+def test_non_finite_decode_at_swap_time_is_refused_and_rolled_back(fleet, base_state, monkeypatch):
+    """A tensor that decodes to NaN (e.g. a cached delta changed on disk after it was checked)."""
+    rt = _runtime(fleet)
+    original = HotSwapRuntime._rebuild
+    victim = list(rt.host_delta("dqrelo-0")[0].ops)[3]
+
+    def poisoned(prepared, op, base):
+        value = original(prepared, op, base)
+        if op.name == victim:
+            value = value.clone()
+            value.view(-1)[5] = float("nan")
+        return value
+
+    monkeypatch.setattr(HotSwapRuntime, "_rebuild", staticmethod(poisoned))
+    with pytest.raises(NonFiniteError, match="NaN or Inf") as info:
+        rt.activate("dqrelo-0")
+    assert info.value.exit_code == 7 and rt.active is None
+    _assert_params_equal(rt.model, base_state)
+
+
+def test_shape_that_only_broadcasts_is_refused_at_swap(fleet, base_state, monkeypatch):
+    rt = _runtime(fleet)
+    original = HotSwapRuntime._rebuild
+
+    def broadcasting(prepared, op, base):
+        value = original(prepared, op, base)
+        return value[:1] if value.ndim == 2 else value  # (1, cols): copy_ would broadcast it
+
+    monkeypatch.setattr(HotSwapRuntime, "_rebuild", staticmethod(broadcasting))
+    with pytest.raises(TensorMismatchError, match="shape"):
+        rt.activate("svd-2")
+    assert rt.active is None
+    _assert_params_equal(rt.model, base_state)
+
+
+def _nan_delta(fleet: dict, tmp_path):
+    """A copy of the dqrelo delta with one NaN in a stored factor (hashes not updated)."""
+    out = tmp_path / "nan-delta"
+    shutil.copytree(fleet["delta"]["dqrelo-0"], out)
+    shard = sorted(out.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    key = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 4)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[2] = float("nan")
+    save_file(tensors, shard)
+    return out
+
+
+def test_nan_in_stored_factors_is_refused_when_registered(fleet, base_state, tmp_path):
+    rt = HotSwapRuntime.from_pretrained(fleet["base"])
+    with pytest.raises(NonFiniteError) as info:
+        rt.add_delta("nan", _nan_delta(fleet, tmp_path), verify=False)
+    assert info.value.exit_code == 7 and "\n" not in str(info.value)
+    assert rt.names() == [] and rt.active is None
+    _assert_params_equal(rt.model, base_state)
+
+
+@pytest.fixture(scope="module")
+def bf16_lossless(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bf16-lossless")
+    fleet = make_fleet(root, dtype=torch.bfloat16, methods=("dqrelo",))
+    ft = finetune(fleet["base"], root / "ft-lossless", seed=7)
+    deltakit.compress(fleet["base"], ft, root / "delta-lossless", method="lossless")
+    fleet["delta"]["lossless"] = root / "delta-lossless"
+    return fleet
+
+
+def test_exact_codec_on_a_wider_served_dtype_is_refused_at_load(bf16_lossless):
+    """A bf16 base served as float32 cannot take a lossless delta (it restores exact bf16 bits)."""
+    rt = HotSwapRuntime.from_pretrained(bf16_lossless["base"], dtype="float32")
+    with pytest.raises(TensorMismatchError, match="dtype='auto'"):
+        rt.add_delta("exact", bf16_lossless["delta"]["lossless"])
+    assert rt.names() == []
+    rt.add_delta("approx", bf16_lossless["delta"]["dqrelo-0"])  # a non-exact codec is served (cast)
+    assert rt.activate("approx").target == "approx"
+    served = HotSwapRuntime.from_pretrained(bf16_lossless["base"])  # dtype auto: bf16, accepted
+    served.add_delta("exact", bf16_lossless["delta"]["lossless"])
+    served.activate("exact")
+    ft = AutoModelForCausalLM.from_pretrained(bf16_lossless["base"].parent / "ft-lossless", dtype="auto")
+    _assert_params_equal(served.model, {n: p.detach() for n, p in ft.named_parameters()})
+
+
+def test_bf16_base_served_as_float32_keeps_bf16_pristine_copies_and_stays_exact():
+    """Pristine copies keep the checkpoint's dtype (half the memory); swaps give apply's bf16 model upcast."""
+    from deltakit.runtime import MultiDeltaExecutor
+
+    fleet = cached_fleet("llama-bf16")
+    rt = HotSwapRuntime.from_pretrained(fleet["base"], dtype="float32")
+    for name, path in fleet["delta"].items():
+        rt.add_delta(name, path)
+    assert {p.dtype for p in rt.model.parameters()} == {torch.float32}
+    assert rt.resident.pristine_bytes > 0
+    assert {rt.resident.pristine(c).dtype for c in rt.resident._pristine} == {torch.bfloat16}
+    base = AutoModelForCausalLM.from_pretrained(fleet["base"], dtype="float32")
+    for name in [*fleet["delta"], None]:
+        rt.activate(name)
+        if name is None:
+            expected = {n: p.detach() for n, p in base.named_parameters()}
+        else:
+            ref = applied_model(fleet["base"], fleet["delta"][name], fleet["root"] / f"applied-{name}")
+            expected = {n: p.detach().float() for n, p in ref.named_parameters()}
+        _assert_params_equal(rt.model, expected)
+    # mixed batches work on the float32 model too. The batched path adds the fp32 delta to the base
+    # unrounded, while a merged swap rounds each rebuilt weight to the fine-tune's dtype (bf16, as apply
+    # does): so a mixed row equals, within fp32 rounding, the model with unrounded fp32 weights
+    names = list(fleet["delta"])
+    assignment = [names[0], None, names[1]]
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(5))
+    gaps = []
+    with torch.no_grad():
+        rt.activate(None)
+        with MultiDeltaExecutor(rt).assign(assignment):
+            mixed = rt.model(ids).logits
+        for row, name in enumerate(assignment):
+            unrounded = _fp32_merged(rt, name)
+            torch.testing.assert_close(
+                mixed[row], unrounded(ids[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4
+            )
+            rt.activate(name)
+            gaps.append(float((mixed[row] - rt.model(ids[row : row + 1]).logits[0]).abs().max()))
+    assert gaps[1] == 0.0 and min(gaps[0], gaps[2]) > 0  # base rows exact; delta rows differ by the rounding
+
+
+def _fp32_merged(rt: HotSwapRuntime, name: str | None):
+    """A copy of the served (float32) base with ``base + decode(delta)`` written unrounded in fp32."""
+    import copy
+
+    rt.activate(None)
+    model = copy.deepcopy(rt.model)
+    if name is None:
+        return model
+    params = model.state_dict(keep_vars=True)
+    prepared = rt.host_delta(name)[0]
+    for canonical, op in prepared.ops.items():
+        pristine = rt.resident.pristine(canonical)
+        if op.kind == "passthrough":
+            value = op.tensors["value"].float()
+        else:
+            value = prepared.codec.reconstruct(op.encoded(), pristine, torch.float32)
+        params[canonical].data.copy_(value)
+    return model
