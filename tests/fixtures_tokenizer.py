@@ -10,13 +10,14 @@ from pathlib import Path
 
 def build_char_tokenizer():
     """A ``PreTrainedTokenizerFast`` that maps each printable ASCII character to its own id."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {chr(i): i - 32 for i in range(32, 127)}
     vocab.update({"<unk>": len(vocab), "</s>": len(vocab) + 1})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # decode without spaces between characters
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>"
     )
