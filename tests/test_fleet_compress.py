@@ -125,14 +125,20 @@ def test_spec_rejects_unknown_keys_and_duplicate_names(tmp_path):
         load_spec(spec)
 
 
-def test_ray_local_cluster_matches_the_pool(fleet, tmp_path):
+def test_ray_local_cluster_matches_the_pool(fleet, tmp_path, capsys):
     ray = pytest.importorskip("ray")
+    from deltakit_cli.main import main
+
     base, good, broken = fleet
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         reg_ray = Registry.open(tmp_path / "ray")
         report = compress_fleet(base, [*good, broken], reg_ray, FleetOptions(**OPTIONS, executor="ray"))
         assert ray.is_initialized()  # a cluster started by the caller is left running
+        main(["compress-fleet", "--base", str(base), str(good[0]), "-m", "svd", "--rank", "4", "--ray",
+              "--registry", str(tmp_path / "cli"), "--json"])  # fmt: skip
+        cli = json.loads(capsys.readouterr().out)
+        assert cli["executor"] == "ray" and cli["counts"] == {"pushed": 1, "skipped": 0, "failed": 0}
     finally:
         ray.shutdown()
     assert {r.name: r.status for r in report.results} == {
