@@ -149,3 +149,17 @@ def test_ray_local_cluster_matches_the_pool(fleet, tmp_path, capsys):
     for ref in ("llama-ft:latest", "llama-ft2:latest"):
         a, b = _applied(reg_ray, base, ref), _applied(reg_inline, base, ref)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_yaml_spec_paths_are_relative_to_the_spec(tmp_path):
+    pytest.importorskip("yaml")
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    spec = tmp_path / "fleet.yaml"
+    spec.write_text("base: models/base\nmethod: svd\nratio: 0.125\ntag: v2\nset: {oversample: 4}\n"
+                    "finetunes:\n  - ft/chat\n  - {name: code-v2, path: ft/code}\n")  # fmt: skip
+    parsed = load_spec(spec)
+    assert parsed.base == str(tmp_path / "models" / "base")
+    assert [(i.name, i.path) for i in parsed.items] == [
+        ("chat", tmp_path / "ft" / "chat"), ("code-v2", tmp_path / "ft" / "code")
+    ]  # fmt: skip
+    assert parsed.options == {"method": "svd", "ratio": 0.125, "tag": "v2", "overrides": {"oversample": "4"}}
