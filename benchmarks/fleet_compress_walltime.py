@@ -6,7 +6,7 @@ same fine-tunes: ``--inline`` (one after another in one process, all CPUs for to
 each mode's wall time, the per-fine-tune task times and whether every delta's tensor files are
 byte-identical across modes (manifests differ only by their creation time).
 
-    python benchmarks/fleet_compress_walltime.py                     # the built SmolLM2 fleet (deltakit fleet build)
+    python benchmarks/fleet_compress_walltime.py        # the SmolLM2 fleet built by `deltakit fleet build`
     python benchmarks/fleet_compress_walltime.py --base DIR FT_DIR... --method svd --ratio 1/16 --workers 4
 
 Writes docs/fleet_compress_walltime.json and prints a table.
@@ -82,8 +82,15 @@ def main() -> None:
     same = len({json.dumps(rep["files"], sort_keys=True) for rep in results.values()}) == 1
     print(f"identical deltas across modes: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"base": str(base), "finetunes": [str(f) for f in finetunes], "method": args.method,
-              "ratio": args.ratio, "workers": args.workers, "identical_across_modes": same, "modes": results}  # fmt: skip
+    record = {
+        "base": str(base),
+        "finetunes": [str(f) for f in finetunes],
+        "method": args.method,
+        "ratio": args.ratio,
+        "workers": args.workers,
+        "identical_across_modes": same,
+        "modes": results,
+    }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 

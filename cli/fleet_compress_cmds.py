@@ -23,11 +23,9 @@ def _progress_line(result, done: int, total: int) -> None:
 
 
 def _summary(report) -> None:
-    out_console.print(
-        f"{report.count('pushed')} pushed, {report.count('skipped')} skipped, {report.count('failed')} failed "
-        f"· {report.executor} × {report.workers} worker(s), {report.threads} thread(s) each · {report.wall_s:.1f}s",
-        highlight=False,
-    )
+    counts = ", ".join(f"{report.count(s)} {s}" for s in ("pushed", "skipped", "failed"))
+    how = f"{report.executor} × {report.workers} worker(s), {report.threads} thread(s) each"
+    out_console.print(f"{counts} · {how} · {report.wall_s:.1f}s", highlight=False)
     for r in report.results:
         if r.status == "failed":
             out_console.print(f"  [red]failed[/] {r.ref}: {r.error}", highlight=False)

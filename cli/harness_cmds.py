@@ -90,8 +90,17 @@ def eval_harness(base, deltas, tasks, include_paths, with_base, limit, num_fewsh
         delta_dir = _resolve_delta(delta, registry_path) if delta else None
         if not as_json:
             err_console.print(f"evaluating {delta or 'base'} on {', '.join(names)}", highlight=False)
-        out = run_harness(base_dir, delta_dir, names, include_path=list(include_paths), limit=limit_value,
-                          num_fewshot=num_fewshot, batch_size=batch_size, dtype=dtype, device=device)  # fmt: skip
+        out = run_harness(
+            base_dir,
+            delta_dir,
+            names,
+            include_path=list(include_paths),
+            limit=limit_value,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+        )
         rows.append({"delta": delta, "tasks": _metrics(out)})
     if as_json:
         emit_json({"base": base, "tasks": names, "results": rows})

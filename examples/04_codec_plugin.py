@@ -87,8 +87,10 @@ def main() -> int:
         delta = deltakit.compress(args.base, args.finetune, Path(tmp) / "delta", method=RowIntCodec.name,
                                   overrides=overrides)  # fmt: skip
         manifest = deltakit.load_delta(Path(tmp) / "delta").manifest
-        print(f"delta: codec {manifest.codec.name} v{manifest.codec.version}, config {manifest.codec.config}, "
-              f"{manifest.stats['stored_bytes']} bytes")  # fmt: skip
+        print(
+            f"delta: codec {manifest.codec.name} v{manifest.codec.version}, config {manifest.codec.config}, "
+            f"{manifest.stats['stored_bytes']} bytes"
+        )
         rebuilt = deltakit.apply(args.base, delta, None).state_dict
         target, base = load_state(args.finetune), load_state(args.base)
         name = next(k for k in target if target[k].ndim == 2 and "proj" in k)

@@ -35,9 +35,19 @@ def _tiny_llama(seed: int):
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-                            tie_word_embeddings=False, eos_token_id=96, bos_token_id=None, pad_token_id=96)  # fmt: skip
+    config = tf.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=96,
+        bos_token_id=None,
+        pad_token_id=96,
+    )
     return tf.LlamaForCausalLM(config)
 
 

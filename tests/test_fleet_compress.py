@@ -91,8 +91,17 @@ def test_cli_spec_json_exit_code_and_summary(fleet, tmp_path, capsys):
 
     base, good, broken = fleet
     spec = tmp_path / "fleet.json"
-    spec.write_text(json.dumps({"base": str(base), "method": "svd", "rank": 4, "tag": "s1",
-                                "finetunes": [{"name": "chat", "path": str(good[0])}, str(broken)]}))  # fmt: skip
+    spec.write_text(
+        json.dumps(
+            {
+                "base": str(base),
+                "method": "svd",
+                "rank": 4,
+                "tag": "s1",
+                "finetunes": [{"name": "chat", "path": str(good[0])}, str(broken)],
+            }
+        )
+    )
     args = ["compress-fleet", "--spec", str(spec), "--registry", str(tmp_path / "reg"), "--inline", "--json"]
     with pytest.raises(SystemExit) as exc:
         main(args)

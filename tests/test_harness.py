@@ -65,8 +65,13 @@ def test_bridge_equals_merged_checkpoint(setup):
     base, delta, merged, tasks = setup
     bridged = run_harness(base, delta, [TASK], include_path=tasks, log_samples=True)
     manager = lm_eval.tasks.TaskManager(include_path=str(tasks), include_defaults=False)
-    reference = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={merged},dtype=float32,device=cpu",
-                                        tasks=[TASK], task_manager=manager, log_samples=True)  # fmt: skip
+    reference = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={merged},dtype=float32,device=cpu",
+        tasks=[TASK],
+        task_manager=manager,
+        log_samples=True,
+    )
     acc = bridged["results"][TASK]["acc,none"]
     assert 0.0 <= acc <= 1.0 and acc == reference["results"][TASK]["acc,none"]
     got, want = _loglikelihoods(bridged), _loglikelihoods(reference)
@@ -84,8 +89,13 @@ def test_registered_model_type_through_simple_evaluate(setup):
     import deltakit.eval.harness  # noqa: F401  registers model="deltakit"
 
     base, delta, _, tasks = setup
-    out = lm_eval.simple_evaluate(model="deltakit", model_args=f"base={base},delta={delta}", tasks=[TASK],
-                                  task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks), include_defaults=False), limit=2)  # fmt: skip
+    out = lm_eval.simple_evaluate(
+        model="deltakit",
+        model_args=f"base={base},delta={delta}",
+        tasks=[TASK],
+        task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks), include_defaults=False),
+        limit=2,
+    )
     assert out["results"][TASK]["acc,none"] in (0.0, 0.5, 1.0)
 
 

@@ -114,7 +114,16 @@ def run_harness(
         )
     model = DeltakitLM(str(base), str(delta) if delta else None, dtype=dtype, device=device,
                        batch_size=batch_size)  # fmt: skip
-    out = simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit,
-                          num_fewshot=num_fewshot, log_samples=log_samples, random_seed=seed,
-                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)  # fmt: skip
+    out = simple_evaluate(
+        model=model,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     return dict(out) if out is not None else {}

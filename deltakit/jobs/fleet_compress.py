@@ -46,8 +46,10 @@ class FleetOptions:
     """How every fine-tune is compressed and where it goes.
 
     method, ratio, rank, overrides, seed: as in :func:`deltakit.compress`.
-    tag: registry tag of every delta (``NAME:TAG``). workers: parallel tasks. threads: torch threads
-    per worker (default ``max(1, cpus // workers)``). executor: ``process``, ``ray`` or ``inline``.
+    tag: registry tag of every delta (``NAME:TAG``). workers: parallel tasks (on Ray it only sets the
+    default thread count; the cluster's CPUs bound concurrency). threads: torch threads per worker
+    (default ``max(1, cpus // workers)``, cpus from this process's affinity mask).
+    executor: ``process``, ``ray`` or ``inline``.
     ray_address: Ray cluster to join (default: start a local one unless Ray is already initialised).
     overwrite: recompress a ``NAME:TAG`` that exists with another base instead of failing it.
     """
@@ -243,8 +245,11 @@ def _todo(registry, items, fingerprint: str, options: FleetOptions, collector: _
             collector.record(ItemResult(item.name, ref, "skipped", manifest=info.manifest,
                                         stored_bytes=info.stored_bytes))  # fmt: skip
         else:
-            collector.lost(item.name, f"{ref} is already in the registry from another base "
-                                      f"({info.base_fingerprint}); pass overwrite=True to replace it")  # fmt: skip
+            collector.lost(
+                item.name,
+                f"{ref} is already in the registry from another base "
+                f"({info.base_fingerprint}); pass overwrite=True to replace it",
+            )
     return todo
 
 

@@ -21,11 +21,21 @@ def _import_ray() -> Any:
     return ray
 
 
+def _largest_node_cpus(ray: Any) -> int:
+    """CPUs of the cluster's largest live node: a task reserving more would never be scheduled."""
+    cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    if not cpus or max(cpus) < 1:
+        raise UsageError("the Ray cluster has no node with a CPU to run fleet tasks on")
+    return max(cpus)
+
+
 def run_ray(todo, base, options, threads: int, collector) -> None:
     """Run one Ray task per item of ``todo``; push results through ``collector`` as they complete.
 
     Starts a local cluster (``ray.init()``) when Ray is not initialised and no ``options.ray_address`` is
-    given, and shuts it down afterwards; a cluster that was already running is left running.
+    given, and shuts it down afterwards; a cluster that was already running is left running. Each task
+    reserves ``threads`` CPUs (capped at the largest node's), so the cluster's size, not
+    ``options.workers``, bounds how many run at once. Ray workers must have deltakit installed.
     """
     ray = _import_ray()
     from deltakit.jobs.fleet_worker import compress_task
@@ -38,6 +48,7 @@ def run_ray(todo, base, options, threads: int, collector) -> None:
             ray.init(log_to_driver=False, include_dashboard=False)
         started_here = True
     try:
+        threads = min(threads, _largest_node_cpus(ray))
         remote = ray.remote(num_cpus=threads, max_retries=0)(compress_task)
         pending = {
             remote.remote(str(base), str(item.path), None, item.name, options.task_options(), threads): item
