@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import fixtures_models as fm
@@ -148,6 +150,16 @@ def test_ray_local_cluster_matches_the_pool(fleet, tmp_path, capsys):
               "--registry", str(tmp_path / "cli"), "--json"])  # fmt: skip
         cli = json.loads(capsys.readouterr().out)
         assert cli["executor"] == "ray" and cli["counts"] == {"pushed": 1, "skipped": 0, "failed": 0}
+        # another process joins this cluster by address (what --ray-address does on a real cluster)
+        address = ray.get_runtime_context().gcs_address
+        joined = subprocess.run(
+            [sys.executable, "-m", "deltakit_cli.main", "compress-fleet", "--base", str(base), str(good[1]),
+             "-m", "svd", "--rank", "4", "--ray-address", address, "--registry", str(tmp_path / "joined"),
+             "--json"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        assert json.loads(joined.stdout)["counts"]["pushed"] == 1
     finally:
         ray.shutdown()
     assert {r.name: r.status for r in report.results} == {
