@@ -100,7 +100,7 @@ def test_cli_spec_json_exit_code_and_summary(fleet, tmp_path, capsys):
                 "method": "svd",
                 "rank": 4,
                 "tag": "s1",
-                "finetunes": [{"name": "chat", "path": str(good[0])}, str(broken)],
+                "finetunes": [{"name": "team/chat", "path": str(good[0])}, str(broken)],
             }
         )
     )
@@ -112,7 +112,7 @@ def test_cli_spec_json_exit_code_and_summary(fleet, tmp_path, capsys):
     data = json.loads(out.out)
     assert data["counts"] == {"pushed": 1, "skipped": 0, "failed": 1}
     assert {r["ref"]: r["status"] for r in data["results"]} == {
-        "chat:s1": "pushed",
+        "team/chat:s1": "pushed",
         "llama-broken:s1": "failed",
     }
     assert "1 of 2 fine-tune(s) failed: llama-broken:s1" in out.err and "Traceback" not in out.err

@@ -201,6 +201,10 @@ class _Collector:
         self.registry, self.report, self.work, self.tag = registry, report, work, tag
         self.total, self.progress = total, progress
 
+    def out_dir(self, name: str) -> Path:
+        """Work directory of one task (names may hold '/', which never appears as '+' in a name)."""
+        return self.work / name.replace("/", "+")
+
     def record(self, result: ItemResult) -> None:
         self.report.results.append(result)
         if self.progress is not None:
@@ -210,7 +214,7 @@ class _Collector:
         """Push a finished task's delta (or record its failure), then drop its work directory."""
         name = raw["name"]
         ref = f"{name}:{self.tag}"
-        out_dir = self.work / name
+        out_dir = self.out_dir(name)
         if not raw["ok"]:
             self.record(ItemResult(name, ref, "failed", raw["seconds"], raw["error"], raw["exit_code"],
                                    threads=raw.get("threads")))  # fmt: skip
@@ -266,17 +270,22 @@ def _run_process(todo, base: Path, options: FleetOptions, threads: int, collecto
         workers, mp_context=context, initializer=init_worker, initargs=(threads,)
     ) as pool:
         futures = {
-            pool.submit(compress_task, str(base), str(item.path), str(collector.work / item.name),
+            pool.submit(compress_task, str(base), str(item.path), str(collector.out_dir(item.name)),
                         item.name, options.task_options(), threads): item
             for item in todo
         }  # fmt: skip
-        for future in as_completed(futures):
-            try:
-                raw = future.result()
-            except BrokenProcessPool as exc:
-                collector.lost(futures[future].name, f"worker process died: {exc}")
-                continue
-            collector.finish(raw)
+        try:
+            for future in as_completed(futures):
+                try:
+                    raw = future.result()
+                except BrokenProcessPool as exc:
+                    collector.lost(futures[future].name, f"worker process died: {exc}")
+                    continue
+                collector.finish(raw)
+        except BaseException:  # Ctrl-C or a failing push: do not start the queued tasks
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _run_inline(todo, base: Path, options: FleetOptions, threads: int, collector: _Collector) -> None:
@@ -285,7 +294,7 @@ def _run_inline(todo, base: Path, options: FleetOptions, threads: int, collector
     before = torch.get_num_threads()
     try:
         for item in todo:
-            raw = compress_task(str(base), str(item.path), str(collector.work / item.name), item.name,
+            raw = compress_task(str(base), str(item.path), str(collector.out_dir(item.name)), item.name,
                                 options.task_options(), threads)  # fmt: skip
             collector.finish(raw)
     finally:
