@@ -113,3 +113,18 @@ def test_cli_eval_harness_json_and_errors(setup, capsys):
               "--include-path", str(tasks)])  # fmt: skip
     assert exc.value.code == 2
     assert "unknown harness task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_harness_own_command_line_with_deltakit_model(setup):
+    import subprocess
+    import sys
+
+    base, delta, _, tasks = setup
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltakit.eval.harness_cli", "run", "--model", "deltakit",
+         "--model_args", f"base={base},delta={delta}", "--tasks", TASK, "--include_path", str(tasks),
+         "--device", "cpu", "--limit", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert TASK in proc.stdout and "acc" in proc.stdout
