@@ -23,6 +23,8 @@ _PLUGGED = (
     ("deltakit_cli.eval_cmds", "eval_command"),
     ("deltakit_cli.serve_cmds", "serve"),
     ("deltakit_cli.demo_cmds", "demo"),
+    ("deltakit_cli.fleet_compress_cmds", "compress_fleet"),
+    ("deltakit_cli.harness_cmds", "eval_harness"),
 )
 
 
