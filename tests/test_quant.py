@@ -168,3 +168,12 @@ def test_from_tensors_rejects_hostile_fields():
     missing = {k: v for k, v in tensors.items() if k != "p.zeros"}
     with pytest.raises(FormatError, match="missing"):
         QuantizedTensor.from_tensors(missing, params, "p.")
+
+
+@settings(max_examples=100, deadline=None)
+@given(quant_case())
+def test_mse_clipping_never_has_a_larger_squared_error_than_absmax(case):
+    x, bits, group, axis, scheme = case
+    full = dequantize(quantize(x, bits, group, axis, scheme, clip="absmax"))
+    clipped = dequantize(quantize(x, bits, group, axis, scheme, clip="mse"))
+    assert float(((clipped - x) ** 2).sum()) <= float(((full - x) ** 2).sum()) * (1 + 1e-5) + 1e-12

@@ -1,4 +1,4 @@
-"""svd_factors gives the same bytes whatever the CPU thread count, and leaves the caller's count alone."""
+"""svd_factors and quantize_factors give the same bytes whatever the CPU thread count, and leaves the caller's count alone."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import sys
 
 import torch
 
-from deltakit.ops.svd import svd_factors, torch_threads
+from deltakit.ops.svd import svd_factors
+from deltakit.ops.threads import torch_threads
 
 _SCRIPT = """
 import hashlib, sys, torch
+from deltakit.ops.factors import quantize_factors
 from deltakit.ops.svd import svd_factors
 torch.set_num_threads(int(sys.argv[1]))
 g = torch.Generator().manual_seed(0)
@@ -20,6 +22,8 @@ digest = hashlib.sha256()
 for method, rank in (("randomized", 24), ("exact", 8)):
     up, down = svd_factors(m, rank, method=method, seed=1)
     digest.update(up.numpy().tobytes() + down.numpy().tobytes())
+q = quantize_factors(up, down, 3, 32, target=m)
+digest.update(q.up.codes.numpy().tobytes() + q.down.codes.numpy().tobytes() + q.down.scales.numpy().tobytes())
 print(digest.hexdigest(), torch.get_num_threads())
 """
 

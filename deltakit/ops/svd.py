@@ -13,11 +13,11 @@ the caller's thread count restored afterwards. CUDA results do not depend on the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from deltakit.ops.threads import torch_threads
 
 
 @dataclass(frozen=True)
@@ -31,23 +31,6 @@ class TruncatedSVD:
     @property
     def rank(self) -> int:
         return int(self.S.numel())
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(count)``; the previous count is restored on exit.
-
-    The setting is process-wide, so other threads running torch ops meanwhile see it too.
-    """
-    previous = torch.get_num_threads()
-    if previous == count:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def truncated_svd(
