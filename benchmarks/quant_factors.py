@@ -68,9 +68,9 @@ def scheme_table(cases) -> list[str]:
 def refit_table(cases, group: int) -> list[str]:
     variants = [
         ("RTN", {"method": "rtn"}),
-        ("refit (down first, vs product)", {"method": "refit"}),
+        ("refit (down first, vs product)", {"method": "refit", "first": "down"}),
         ("refit (up first, vs product)", {"method": "refit", "first": "up"}),
-        ("refit (down first, vs delta)", {"method": "refit", "target": True}),
+        ("refit (up first, vs delta)", {"method": "refit", "first": "up", "target": True}),
     ]
     lines = [
         "| bits | clip | " + " | ".join(name for name, _ in variants) + " |",
