@@ -177,3 +177,19 @@ def test_mse_clipping_never_has_a_larger_squared_error_than_absmax(case):
     full = dequantize(quantize(x, bits, group, axis, scheme, clip="absmax"))
     clipped = dequantize(quantize(x, bits, group, axis, scheme, clip="mse"))
     assert float(((clipped - x) ** 2).sum()) <= float(((full - x) ** 2).sum()) * (1 + 1e-5) + 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_bytes():
+    x = torch.randn(96, 200, generator=torch.Generator().manual_seed(5))
+    for bits in SUPPORTED_BITS:
+        cpu = quantize(x, bits, 32, axis=0, clip="absmax")
+        gpu = quantize(x.cuda(), bits, 32, axis=0, clip="absmax")
+        assert gpu.codes.is_cuda and torch.equal(gpu.codes.cpu(), cpu.codes)
+        assert torch.equal(gpu.scales.cpu(), cpu.scales)
+        assert torch.allclose(dequantize(gpu).cpu(), dequantize(cpu), rtol=0, atol=1e-6)
+        clipped = quantize(x.cuda(), bits, 32, axis=0, clip="mse")
+        reference = dequantize(quantize(x, bits, 32, axis=0, clip="mse"))
+        gpu_error = float((dequantize(clipped).cpu() - x).norm())
+        assert abs(gpu_error - float((reference - x).norm())) <= 1e-4 * float(x.norm())
