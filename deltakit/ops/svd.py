@@ -4,6 +4,11 @@ The randomized algorithm (Halko, Martinsson & Tropp 2011) projects the matrix on
 oversample`` random directions, sharpens the subspace with a few power iterations (re-orthonormalised
 each time for stability) and takes an exact SVD of the small projected matrix. On a 4096×4096 matrix
 at rank 128 it costs a few large matmuls instead of a full decomposition.
+
+On the CPU the result is bit-identical whatever the thread count (``OMP_NUM_THREADS``,
+``torch.set_num_threads``): MKL's QR and SVD (and possibly its matmuls, for some shapes) sum in an order
+that depends on the number of threads, so the whole decomposition runs single-threaded on the CPU, with
+the caller's thread count restored afterwards. CUDA results do not depend on the host thread count.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from deltakit.ops.threads import torch_threads
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,19 @@ def truncated_svd(
     """Rank-``rank`` SVD of a 2-D matrix (any float dtype, any device; computed in fp32, not mutated).
 
     method: ``randomized`` or ``exact``. The randomized path falls back to the exact one when the
-    requested rank is close to the matrix's smaller side, where it would save nothing.
+    requested rank is close to the matrix's smaller side, where it would save nothing. On the CPU it runs
+    single-threaded so that the output bytes do not depend on the thread count.
     """
+    if matrix.device.type != "cpu":
+        return _truncated_svd(matrix, rank, method, oversample, power_iters, seed)
+    with torch_threads(1):
+        return _truncated_svd(matrix, rank, method, oversample, power_iters, seed)
+
+
+def _truncated_svd(
+    matrix: torch.Tensor, rank: int, method: str, oversample: int, power_iters: int, seed: int
+) -> TruncatedSVD:
+    """Body of :func:`truncated_svd` (thread count already fixed by the caller)."""
     if matrix.ndim != 2:
         raise ValueError(f"truncated_svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
     if method not in ("randomized", "exact"):

@@ -1,0 +1,285 @@
+"""Group-wise round-to-nearest quantization of float tensors to 2, 3, 4 or 8 bits, stored bit-packed.
+
+Layout. The tensor is viewed with ``axis`` moved last, as ``(lanes, length)`` in row-major order; each lane
+is cut into groups of ``group_size`` consecutive values (the last group of a lane may be shorter). Every
+group has one fp16 scale (and, for ``asymmetric``, one fp16 offset, the group's minimum), stored as a
+``(lanes, groups)`` tensor. The codes are packed in that ``(lanes, length)`` order by
+:func:`deltakit.ops.intpack.pack_codes`, so a tensor costs exactly :func:`quantized_nbytes` bytes.
+
+Schemes (``q`` = code in ``[0, 2**bits)``, ``s`` = scale, ``L = 2**bits - 1``):
+
+- ``symmetric``: ``x ≈ (q - L/2) * s`` with ``s = max|x| / (L/2)`` — all ``2**bits`` levels, symmetric
+  around zero (no exact zero level; at 2 bits the levels are ±s/2 and ±3s/2).
+- ``asymmetric``: ``x ≈ q * s + m`` with ``m = min x`` and ``s = (max x - min x) / L``.
+
+Scales are rounded *up* to fp16 (and offsets down), so every value stays inside its group's range and
+round-to-nearest keeps ``|x - dequantize(quantize(x))| <= s / 2`` per element (up to fp32 rounding).
+``symmetric`` is the default: on SVD factors of synthetic deltas with ``clip="mse"``, symmetric groups of
+32 beat asymmetric groups of 64 (the same bytes) at 2, 3 and 4 bits; with absmax scales the asymmetric
+offset is ahead by under 2% (docs/quant_factors.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deltakit.errors import FormatError, UsageError
+from deltakit.ops.intpack import pack_codes, packed_nbytes, unpack_codes
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SCHEMES = ("symmetric", "asymmetric")
+CLIPS = ("absmax", "mse")
+CLIP_RATIOS = tuple(1.0 - 0.05 * k for k in range(13))  # 1.0 down to 0.4
+PACKING = "lsb-stream"  # see deltakit.ops.intpack
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A quantized tensor as stored.
+
+    codes: 1-D uint8, packed codes of the ``(lanes, length)`` view. scales: fp16 ``(lanes, groups)``.
+    zeros: fp16 ``(lanes, groups)`` group offsets for ``asymmetric``, else None. axis: non-negative.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    shape: tuple[int, ...]
+    bits: int
+    group_size: int
+    axis: int
+    scheme: str = "symmetric"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held by the stored tensors (codes + scales + zeros)."""
+        extra = 0 if self.zeros is None else self.zeros.numel() * self.zeros.element_size()
+        return self.codes.numel() + self.scales.numel() * self.scales.element_size() + extra
+
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable description (for a manifest's codec params)."""
+        return {
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "axis": self.axis,
+            "scheme": self.scheme,
+            "packing": PACKING,
+        }
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors to store under ``prefix + "codes"``, ``"scales"`` and (asymmetric) ``"zeros"``."""
+        out = {prefix + "codes": self.codes, prefix + "scales": self.scales}
+        if self.zeros is not None:
+            out[prefix + "zeros"] = self.zeros
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], params: dict[str, Any], prefix: str
+    ) -> QuantizedTensor:
+        """Rebuild from stored tensors + params, validating every field (FormatError on anything off)."""
+        shape, bits, group_size, axis, scheme = _parse_params(params)
+        lanes, length = _lanes_length(shape, axis)
+        groups = lanes * math.ceil(length / group_size)
+        codes = _stored(tensors, prefix + "codes", torch.uint8, (packed_nbytes(lanes * length, bits),))
+        grid = (lanes, math.ceil(length / group_size))
+        scales = _stored(tensors, prefix + "scales", torch.float16, grid)
+        zeros = _stored(tensors, prefix + "zeros", torch.float16, grid) if scheme == "asymmetric" else None
+        if scheme == "symmetric" and prefix + "zeros" in tensors:
+            raise FormatError(f"tensor {prefix}zeros is not expected for scheme 'symmetric'")
+        if groups and not bool(torch.isfinite(scales).all() and (scales >= 0).all()):
+            raise FormatError(f"tensor {prefix}scales holds negative or non-finite values")
+        if zeros is not None and groups and not bool(torch.isfinite(zeros).all()):
+            raise FormatError(f"tensor {prefix}zeros holds non-finite values")
+        return cls(codes, scales, zeros, shape, bits, group_size, axis, scheme)
+
+
+def quantized_nbytes(
+    shape: tuple[int, ...] | list[int], bits: int, group_size: int, axis: int = -1, scheme: str = "symmetric"
+) -> int:
+    """Exact stored bytes of :func:`quantize` output: packed codes + 2 bytes per scale (+ per offset)."""
+    shape = tuple(int(d) for d in shape)
+    _check_args(bits, group_size, scheme)
+    lanes, length = _lanes_length(shape, _norm_axis(axis, len(shape)))
+    per_group = 2 * (2 if scheme == "asymmetric" else 1)
+    return packed_nbytes(lanes * length, bits) + per_group * lanes * math.ceil(length / group_size)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    axis: int = -1,
+    scheme: str = "symmetric",
+    clip: str = "absmax",
+) -> QuantizedTensor:
+    """Round-to-nearest quantization of a float tensor (any float dtype/device, >= 1-D; not mutated).
+
+    clip: ``absmax`` covers each group's full range (error <= scale/2 everywhere); ``mse`` tries
+    :data:`CLIP_RATIOS` of that range per group and keeps the one with the least squared error (the
+    outliers then clip, but most values round on a finer grid).
+    """
+    _check_args(bits, group_size, scheme)
+    if clip not in CLIPS:
+        raise UsageError(f"clip must be one of {CLIPS}, got {clip!r}")
+    if x.ndim == 0 or x.numel() == 0 or not x.dtype.is_floating_point:
+        raise UsageError(
+            f"quantize needs a non-empty float tensor of >= 1 dims, got {x.dtype} {tuple(x.shape)}"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise UsageError("quantize needs finite values; the tensor holds NaN or Inf")
+    axis = _norm_axis(axis, x.ndim)
+    grouped, length = _grouped(x.to(torch.float32).movedim(axis, -1), group_size)  # (lanes, groups, G)
+    ratios = CLIP_RATIOS if clip == "mse" else (1.0,)
+    valid = (torch.arange(grouped.shape[1] * group_size, device=grouped.device) < length).float()
+    valid = valid.reshape(1, grouped.shape[1], group_size)  # padding does not count in the error
+    best = None
+    for ratio in ratios:
+        codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio)
+        err = (((codes * scales.float()[..., None] + origin[..., None] - grouped) ** 2) * valid).sum(dim=-1)
+        if best is None:
+            best = [codes, scales, zeros, err]
+            continue
+        better = err < best[3]  # (lanes, groups); ties keep the wider range
+        best[0] = torch.where(better[..., None], codes, best[0])
+        best[1] = torch.where(better, scales, best[1])
+        best[2] = None if zeros is None else torch.where(better, zeros, best[2])
+        best[3] = torch.where(better, err, best[3])
+    codes, scales, zeros = best[0], best[1], best[2]
+    codes = codes.reshape(codes.shape[0], -1)[:, :length].to(torch.uint8)  # (lanes, length)
+    return QuantizedTensor(
+        pack_codes(codes, bits), scales, zeros, tuple(x.shape), bits, group_size, axis, scheme
+    )
+
+
+def _round_groups(
+    grouped: torch.Tensor, bits: int, scheme: str, ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Float codes (lanes, groups, G), fp16 scales and offsets, and the fp32 origin of each group's grid.
+
+    ``ratio`` < 1 shrinks the covered range around its centre (symmetric: zero; asymmetric: mid-range).
+    """
+    top = float((1 << bits) - 1)
+    if scheme == "symmetric":
+        scales = _fp16_up(grouped.abs().amax(dim=-1) * ratio / (top / 2))  # (lanes, groups)
+        zeros, origin = None, -(top / 2) * scales.float()
+    else:
+        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        mid, half = (low + high) / 2, (high - low) / 2 * ratio
+        zeros = _fp16_down(mid - half)
+        origin = zeros.float()
+        scales = _fp16_up((mid + half - origin) / top)
+    step = scales.float()
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.round((grouped - origin[..., None]) / safe[..., None]).clamp_(0, top)
+    return codes, scales, zeros, origin
+
+
+def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """fp32 tensor of ``q.shape`` on ``device`` (default: the codes' device)."""
+    device = torch.device(device) if device is not None else q.codes.device
+    moved = list(q.shape)
+    moved.append(moved.pop(q.axis))
+    lanes, length = _lanes_length(q.shape, q.axis)
+    codes = unpack_codes(q.codes.to(device), q.bits, lanes * length).reshape(lanes, length)
+    groups = math.ceil(length / q.group_size)
+    padded = torch.zeros(lanes, groups * q.group_size, dtype=torch.float32, device=device)
+    padded[:, :length] = codes.to(torch.float32)
+    step = q.scales.to(device).float()[..., None]  # (lanes, groups, 1)
+    if q.scheme == "symmetric":
+        origin = -((1 << q.bits) - 1) / 2 * step
+    else:
+        origin = q.zeros.to(device).float()[..., None]
+    values = padded.reshape(lanes, groups, q.group_size) * step + origin
+    return values.reshape(lanes, -1)[:, :length].reshape(moved).movedim(-1, q.axis)
+
+
+def _grouped(moved: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """(lanes, groups, G) view of an axis-last tensor, the last group padded with its lane's last value."""
+    length = moved.shape[-1]
+    flat = moved.reshape(-1, length)  # (lanes, length)
+    groups = math.ceil(length / group_size)
+    pad = groups * group_size - length
+    if pad and length:
+        flat = torch.cat([flat, flat[:, -1:].expand(-1, pad)], dim=1)
+    return flat.reshape(flat.shape[0], groups, group_size), length
+
+
+def _fp16_up(values: torch.Tensor) -> torch.Tensor:
+    """Smallest fp16 >= each fp32 value (UsageError when beyond the fp16 range)."""
+    half = values.to(torch.float16)
+    low = half.float() < values
+    half = torch.where(low, torch.nextafter(half, torch.full_like(half, math.inf)), half)
+    if half.numel() and not bool(torch.isfinite(half).all()):
+        raise UsageError(f"values too large for fp16 scales (a group scale exceeds {_FP16_MAX})")
+    return half
+
+
+def _fp16_down(values: torch.Tensor) -> torch.Tensor:
+    """Largest fp16 <= each fp32 value (UsageError when beyond the fp16 range)."""
+    return -_fp16_up(-values)
+
+
+def _check_args(bits: int, group_size: int, scheme: str) -> None:
+    if bits not in SUPPORTED_BITS or isinstance(bits, bool):
+        raise UsageError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise UsageError(f"group_size must be a positive integer, got {group_size!r}")
+    if scheme not in SCHEMES:
+        raise UsageError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+    if not isinstance(axis, int) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+        raise UsageError(f"axis={axis!r} is out of range for a {ndim}-D tensor")
+    return axis % ndim
+
+
+def _lanes_length(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    length = shape[axis]
+    lanes = math.prod(shape) // length if length else math.prod(shape[:axis] + shape[axis + 1 :])
+    return lanes, length
+
+
+def _parse_params(params: dict[str, Any]) -> tuple[tuple[int, ...], int, int, int, str]:
+    """Validated (shape, bits, group_size, axis, scheme) from stored params (FormatError otherwise)."""
+    if not isinstance(params, dict):
+        raise FormatError("quantized tensor params must be a JSON object")
+    shape, bits, group_size = params.get("shape"), params.get("bits"), params.get("group_size")
+    axis, scheme = params.get("axis"), params.get("scheme")
+    if params.get("packing") != PACKING:
+        raise FormatError(f"unknown packing {params.get('packing')!r}; expected {PACKING!r}")
+    if not isinstance(shape, list) or not shape or not all(_is_int(d) and 1 <= d < 2**40 for d in shape):
+        raise FormatError(f"quantized tensor shape must be a non-empty list of sizes, got {shape!r}")
+    if not (_is_int(bits) and bits in SUPPORTED_BITS):
+        raise FormatError(f"quantized tensor bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if not (_is_int(group_size) and 1 <= group_size <= 2**31):
+        raise FormatError(f"quantized tensor group_size must be a positive integer, got {group_size!r}")
+    if not (_is_int(axis) and 0 <= axis < len(shape)):
+        raise FormatError(f"quantized tensor axis must index its shape, got {axis!r}")
+    if scheme not in SCHEMES:
+        raise FormatError(f"quantized tensor scheme must be one of {SCHEMES}, got {scheme!r}")
+    return tuple(shape), bits, group_size, axis, scheme
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stored(
+    tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    tensor = tensors.get(name)
+    if tensor is None:
+        raise FormatError(f"tensor {name} is missing")
+    if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        raise FormatError(
+            f"tensor {name} must be {dtype} of shape {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
+        )
+    return tensor

@@ -1,0 +1,195 @@
+"""Integer-code packing and group-wise quantization: property tests plus fixed examples and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltakit.errors import FormatError, UsageError
+from deltakit.ops.intpack import pack_codes, packed_nbytes, unpack_codes
+from deltakit.ops.quant import (
+    SCHEMES,
+    SUPPORTED_BITS,
+    QuantizedTensor,
+    dequantize,
+    quantize,
+    quantized_nbytes,
+)
+
+
+@st.composite
+def codes_and_bits(draw):
+    bits = draw(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]))
+    values = draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=0, max_size=200))
+    return torch.tensor(values, dtype=torch.int64), bits
+
+
+@settings(max_examples=300, deadline=None)
+@given(codes_and_bits())
+def test_pack_unpack_codes_round_trips_for_every_width_and_length(case):
+    codes, bits = case
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (packed_nbytes(codes.numel(), bits),)
+    assert packed.numel() == math.ceil(codes.numel() * bits / 8)  # 3 bits really cost 3 bits
+    assert torch.equal(unpack_codes(packed, bits, codes.numel()), codes.to(torch.uint8))
+    used = (codes.numel() * bits) % 8
+    if used:
+        assert int(packed[-1]) >> used == 0  # padding bits are zero: the bytes are deterministic
+
+
+def test_three_bit_codes_straddle_bytes_lsb_first():
+    packed = pack_codes(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0]), 3)
+    stream = sum(v << (3 * i) for i, v in enumerate([1, 2, 3, 4, 5, 6, 7, 0]))
+    assert packed.tolist() == list(stream.to_bytes(3, "little"))
+    assert pack_codes(torch.tensor([1, 2, 3, 0]), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    assert pack_codes(torch.tensor([0xA, 0x5]), 4).tolist() == [0x5A]
+
+
+def test_pack_rejects_out_of_range_codes_and_unpack_rejects_wrong_lengths():
+    with pytest.raises(UsageError, match="codes must lie"):
+        pack_codes(torch.tensor([4]), 2)
+    with pytest.raises(UsageError, match="bits"):
+        pack_codes(torch.tensor([1]), 9)
+    with pytest.raises(FormatError, match="packed codes"):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), 3, 9)  # needs 4 bytes
+
+
+@st.composite
+def quant_case(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    seed = draw(st.integers(0, 2**16))
+    heavy = draw(st.booleans())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if heavy:  # heavy tails: Student-t-like ratio of Gaussians
+        x = x / (torch.rand(shape, generator=g) + 0.05)
+    x = x * draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    bits = draw(st.sampled_from(SUPPORTED_BITS))
+    group = draw(st.integers(1, 12))
+    axis = draw(st.integers(-ndim, ndim - 1))
+    scheme = draw(st.sampled_from(SCHEMES))
+    return x, bits, group, axis, scheme
+
+
+def _element_scales(q: QuantizedTensor) -> torch.Tensor:
+    """Each element's group scale, shaped like the tensor."""
+    moved = list(q.shape)
+    length = moved.pop(q.axis)
+    per = q.scales.float().repeat_interleave(q.group_size, dim=1)[:, :length]  # (lanes, length)
+    return per.reshape(moved + [length]).movedim(-1, q.axis)
+
+
+@settings(max_examples=300, deadline=None)
+@given(quant_case())
+def test_rtn_error_is_within_half_a_step_and_bytes_are_exact(case):
+    x, bits, group, axis, scheme = case
+    q = quantize(x, bits, group, axis, scheme)
+    out = dequantize(q)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    step = _element_scales(q)
+    assert bool(((x - out).abs() <= step / 2 * (1 + 1e-5) + 1e-6 * x.abs().max()).all())
+    assert q.nbytes == quantized_nbytes(x.shape, bits, group, axis, scheme)
+    stored = sum(t.numel() * t.element_size() for t in q.to_tensors("w.").values())
+    assert stored == q.nbytes
+    again = QuantizedTensor.from_tensors(q.to_tensors("w."), q.params(), "w.")
+    assert torch.equal(dequantize(again), out)
+
+
+def test_quantize_is_deterministic_and_does_not_mutate():
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(3))
+    copy = x.clone()
+    a, b = quantize(x, 3, 16, axis=0), quantize(x, 3, 16, axis=0)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    assert torch.equal(x, copy)
+
+
+def test_more_bits_give_smaller_error_and_8_bits_is_close():
+    x = torch.randn(128, 96, generator=torch.Generator().manual_seed(4))
+    errors = [float((dequantize(quantize(x, b, 32)) - x).norm() / x.norm()) for b in SUPPORTED_BITS]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < 0.01
+
+
+def test_zero_groups_and_tiny_values_dequantize_within_bound():
+    x = torch.zeros(4, 8)
+    x[0, :4] = 1e-9
+    q = quantize(x, 2, 4)
+    out = dequantize(q)
+    assert float((out - x).abs().max()) <= float(q.scales.float().max()) / 2 + 1e-12
+    assert torch.equal(out[1:], torch.zeros(3, 8))
+
+
+def test_quantize_rejects_bad_arguments():
+    x = torch.randn(4, 4)
+    for kwargs, match in [
+        ({"bits": 5, "group_size": 4}, "bits"),
+        ({"bits": 4, "group_size": 0}, "group_size"),
+        ({"bits": 4, "group_size": 4, "scheme": "nf4"}, "scheme"),
+        ({"bits": 4, "group_size": 4, "axis": 2}, "axis"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            quantize(x, **kwargs)
+    with pytest.raises(UsageError, match="finite"):
+        quantize(torch.tensor([1.0, float("nan")]), 4, 2)
+    with pytest.raises(UsageError, match="fp16"):
+        quantize(torch.tensor([1e30]), 4, 1)
+
+
+def test_from_tensors_rejects_hostile_fields():
+    q = quantize(torch.randn(10, 6), 3, 4, axis=0, scheme="asymmetric")
+    tensors, params = q.to_tensors("p."), q.params()
+    bad_params = [
+        dict(params, bits=5),
+        dict(params, bits=True),
+        dict(params, shape=[10, -6]),
+        dict(params, shape="10x6"),
+        dict(params, axis=2),
+        dict(params, group_size=0),
+        dict(params, scheme="nf4"),
+        dict(params, packing="msb"),
+        dict(params, shape=[10, 7]),  # codes no longer fit
+    ]
+    for bad in bad_params:
+        with pytest.raises(FormatError):
+            QuantizedTensor.from_tensors(tensors, bad, "p.")
+    for name, value in [
+        ("p.codes", tensors["p.codes"][:-1]),
+        ("p.scales", tensors["p.scales"].float()),
+        ("p.scales", torch.full_like(tensors["p.scales"], float("inf"))),
+        ("p.zeros", torch.full_like(tensors["p.zeros"], float("nan"))),
+    ]:
+        with pytest.raises(FormatError):
+            QuantizedTensor.from_tensors(dict(tensors, **{name: value}), params, "p.")
+    missing = {k: v for k, v in tensors.items() if k != "p.zeros"}
+    with pytest.raises(FormatError, match="missing"):
+        QuantizedTensor.from_tensors(missing, params, "p.")
+
+
+@settings(max_examples=100, deadline=None)
+@given(quant_case())
+def test_mse_clipping_never_has_a_larger_squared_error_than_absmax(case):
+    x, bits, group, axis, scheme = case
+    full = dequantize(quantize(x, bits, group, axis, scheme, clip="absmax"))
+    clipped = dequantize(quantize(x, bits, group, axis, scheme, clip="mse"))
+    assert float(((clipped - x) ** 2).sum()) <= float(((full - x) ** 2).sum()) * (1 + 1e-5) + 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_bytes():
+    x = torch.randn(96, 200, generator=torch.Generator().manual_seed(5))
+    for bits in SUPPORTED_BITS:
+        cpu = quantize(x, bits, 32, axis=0, clip="absmax")
+        gpu = quantize(x.cuda(), bits, 32, axis=0, clip="absmax")
+        assert gpu.codes.is_cuda and torch.equal(gpu.codes.cpu(), cpu.codes)
+        assert torch.equal(gpu.scales.cpu(), cpu.scales)
+        assert torch.allclose(dequantize(gpu).cpu(), dequantize(cpu), rtol=0, atol=1e-6)
+        clipped = quantize(x.cuda(), bits, 32, axis=0, clip="mse")
+        reference = dequantize(quantize(x, bits, 32, axis=0, clip="mse"))
+        gpu_error = float((dequantize(clipped).cpu() - x).norm())
+        assert abs(gpu_error - float((reference - x).norm())) <= 1e-4 * float(x.norm())
