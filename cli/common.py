@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -78,3 +79,22 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+#: library messages name Python parameters; the CLI shows the flag that sets each one
+_PARAMETER_FLAGS = (
+    (re.compile(r"\b(force|overwrite)=True\b"), r"--\1"),
+    (re.compile(r"\bdata=\[([A-Z_]+)\]"), r"--data \1"),
+    (re.compile(r"\bbase=([A-Z_]+)"), r"--base \1"),
+    (re.compile(r"\boverrides\[(\w+)\]"), r"--set \1"),
+    (re.compile(r"\boverrides key\b"), "--set key"),
+    (re.compile(r"\b(reduction|tokens|device|steps)=(?=[\w.<])"), r"--\1 "),
+    (re.compile(r"\b(reduction|tokens|device|steps)=(?![\w.<])"), r"--\1"),
+)
+
+
+def parameters_as_flags(message: str) -> str:
+    """``"pass force=True"`` -> ``"pass --force"``: a library message as the CLI user reads it."""
+    for pattern, flag in _PARAMETER_FLAGS:
+        message = pattern.sub(flag, message)
+    return message

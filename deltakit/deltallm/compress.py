@@ -34,11 +34,13 @@ def plan_for(model_dir: Path | str, config: DeltaLLMConfig, reduction: float | N
     reader = CheckpointReader(model_dir)
     if config.rank and reduction is not None:
         raise UsageError(
-            f"give either --reduction or --set rank=R, not both (got reduction={reduction}, "
+            f"give either reduction= or overrides[rank]=R, not both (got reduction={reduction}, "
             f"rank={config.rank})"
         )
     if not config.rank and reduction is None:
-        raise UsageError("deltallm needs a target: --reduction 0.12 (rank chosen to meet it) or --set rank=R")
+        raise UsageError(
+            "deltallm needs a target: reduction=0.12 (rank chosen to meet it) or overrides[rank]=R"
+        )
     return build_plan(
         model_layout(reader),
         layout=config.layout,
@@ -88,8 +90,8 @@ def compress(
     plan = plan_for(model_dir, config, reduction)
     if config.train and calibration is None:
         raise UsageError(
-            "deltallm distils its deltas and needs calibration text: give --data FILE "
-            "(or --set train=false for the untrained SVD initialisation)"
+            "deltallm distils its deltas and needs calibration text: pass data=[FILE_OR_DIR] "
+            "(or overrides[train]=false for the untrained SVD initialisation)"
         )
     compute_dtype = _compute_dtype(config, reader)
     weight_dtype = compute_dtype if config.train else torch.float32

@@ -167,7 +167,7 @@ def distill_deltas_(
 
             raise UsageError(
                 f"eval_every needs more than probe_windows={config.probe_windows} calibration "
-                f"windows, got {windows.shape[0]}; raise --tokens"
+                f"windows, got {windows.shape[0]}; raise tokens="
             )
         probe, windows = windows[: config.probe_windows].to(device), windows[config.probe_windows :]
     n = windows.shape[0]

@@ -68,7 +68,7 @@ def atomic_directory(final: Path | str, *, overwrite: bool = False) -> Iterator[
     """
     final = Path(final)
     if final.exists() and not overwrite:
-        raise UsageError(f"output {final} already exists; remove it or pass --overwrite")
+        raise UsageError(f"output {final} already exists; remove it or pass overwrite=True")
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -103,7 +103,7 @@ def check_windows(windows: torch.Tensor, batch_size: int) -> None:
     if n < batch_size:
         raise UsageError(
             f"calibration gives {n} window(s) of {seq} tokens ({n * seq} tokens), fewer than one batch of "
-            f"{batch_size}; raise --tokens to at least {batch_size * seq} or lower --set batch_size"
+            f"{batch_size}; raise tokens= to at least {batch_size * seq} or lower overrides[batch_size]"
         )
 
 

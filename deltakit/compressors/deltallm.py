@@ -1,8 +1,8 @@
 """``deltallm``: weights shared between neighbouring decoder blocks plus low-rank deltas, trained with PMR.
 
-A whole-model codec (``modes = ("model",)``): followers use ``W_anchor + A B``; the A, B factors start from
-the truncated SVD of ``W_follower − W_anchor`` and are distilled from the original model with Progressive
-Module Replacement. The work lives in :mod:`deltakit.deltallm`; this file adapts it to the codec contract.
+Followers use ``W_anchor + A B``; the A, B factors start from the truncated SVD of
+``W_follower − W_anchor`` and are distilled from the original model with Progressive Module
+Replacement. The work lives in :mod:`deltakit.deltallm`; this file adapts it to the compressor contract.
 """
 
 from __future__ import annotations
@@ -12,32 +12,19 @@ from typing import Any
 
 import torch
 
-from deltakit.codecs.base import Calibration, Codec, CodecConfig, EncodeContext, Encoded
-from deltakit.codecs.registry import register_codec
+from deltakit.codecs.base import Calibration, CodecConfig
+from deltakit.compressors.base import ModelCompressor
+from deltakit.compressors.registry import register_compressor
 from deltakit.deltallm.config import DeltaLLMConfig
-from deltakit.errors import UsageError
 
 
-@register_codec
-class DeltaLLMCodec(Codec):
+@register_compressor
+class DeltaLLM(ModelCompressor):
     name = "deltallm"
     version = 1
     config_class = DeltaLLMConfig
     summary = "share weights between neighbouring blocks + low-rank deltas distilled with PMR (whole model)"
     needs_data = True
-    modes = ("model",)
-
-    def encode(
-        self, base: torch.Tensor, target: torch.Tensor, config: CodecConfig, ctx: EncodeContext
-    ) -> Encoded:
-        raise UsageError(
-            "deltallm compresses whole models: deltakit compress --method deltallm MODEL_DIR -o OUT"
-        )
-
-    def decode(
-        self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        raise UsageError("deltallm compresses whole models; load them with deltakit.load_model(dir)")
 
     def compress_model(
         self,
@@ -70,7 +57,7 @@ class DeltaLLMCodec(Codec):
 
         return load_compressed(model_dir, device)
 
-    def describe_model(self, model_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    def describe_model(self, model_dir: Path, marker: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         from deltakit.deltallm.io import describe_model, format_description
 
         description = describe_model(model_dir)
