@@ -28,11 +28,10 @@ def parse_ratio(value: str | None) -> float | None:
     """``1/8`` or ``0.125`` -> 0.125."""
     if value is None:
         return None
+    from deltakit.codecs.base import parse_fraction
+
     try:
-        if "/" in value:
-            num, den = value.split("/", 1)
-            return float(num) / float(den)
-        return float(value)
+        return parse_fraction(value)
     except (ValueError, ZeroDivisionError):
         raise click.BadParameter(f"{value!r} is not a ratio (write 0.125 or 1/8)") from None
 

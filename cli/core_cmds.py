@@ -201,16 +201,11 @@ def _fmt_ratio(ratio: float | None) -> str:
 
 
 def _delta_result(delta, path: Path | None) -> dict:
-    manifest = delta.manifest
-    return {
-        "path": str(path) if path is not None else None,
-        "codec": manifest.codec.name,
-        "config": manifest.codec.config,
-        "budget": manifest.codec.budget,
-        "base": {"name": manifest.base.name, "fingerprint": manifest.base.fingerprint},
-        "target": {"name": manifest.target.name, "fingerprint": manifest.target.fingerprint},
-        "stats": manifest.stats,
-    }
+    from deltakit.core.inspect import manifest_summary
+
+    summary = manifest_summary(delta.manifest)
+    keys = ("codec", "config", "budget", "base", "target", "stats")
+    return {"path": str(path) if path is not None else None, **{k: summary[k] for k in keys}}
 
 
 def resolve_delta_arg(delta: str, registry_path: Path | None) -> Path:

@@ -15,12 +15,12 @@ from importlib.metadata import EntryPoint
 import pytest
 import test_codecs_conformance as conformance
 import torch
+from test_cli import run
 
 import deltakit
 from deltakit.codecs import registry
 from deltakit.runtime.kernels import linear_delta
 from deltakit.runtime.prepared import prepare_delta
-from deltakit_cli.main import main
 
 NEW_CODEC = textwrap.dedent(
     """
@@ -67,11 +67,8 @@ NEW_CODEC = textwrap.dedent(
 
 
 @pytest.fixture
-def new_codec(tmp_path, monkeypatch):
-    """The one-file codec on sys.path, announced through the entry-point group."""
-    registry.list_codecs()  # the built-ins register once; keep them in the copy
-    monkeypatch.setattr(registry, "_loaded", False)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+def new_codec(tmp_path, monkeypatch, fresh_registry):
+    """The one-file codec on sys.path, announced through the entry-point group next to the built-ins."""
     (tmp_path / "halves_codec.py").write_text(NEW_CODEC)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "halves_codec", raising=False)
@@ -81,16 +78,6 @@ def new_codec(tmp_path, monkeypatch):
         registry, "entry_points", lambda group: [*real(group=group), point] if group == point.group else []
     )
     return "halves"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_lists_and_compresses_with_the_new_codec(new_codec, capsys, tmp_path, llama_pair):

@@ -119,14 +119,14 @@ def _parse_value(key: str, raw: str, tp: Any) -> Any:
         if tp is int:
             return int(raw)
         if tp is float:
-            return _parse_float(raw)
+            return parse_fraction(raw)
         return str(raw)
     except ValueError:
         raise ConfigError(f"overrides[{key}]={raw!r}: expected a value of type {_type_name(tp)}") from None
 
 
-def _parse_float(raw: str) -> float:
-    """Parse ``0.125`` or a fraction such as ``1/8``."""
+def parse_fraction(raw: str) -> float:
+    """Parse ``0.125`` or a fraction such as ``1/8``; ValueError (ZeroDivisionError for ``1/0``) otherwise."""
     if "/" in raw:
         num, den = raw.split("/", 1)
         return float(num) / float(den)
@@ -343,15 +343,22 @@ class Codec(ABC):
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "version": cls.version,
-            "summary": cls.summary,
-            "default_ratio": cls.default_ratio,
-            "ratio_range": list(cls.ratio_range) if cls.ratio_range else None,
-            "needs_data": cls.needs_data,
-            "config": cls.config_class.describe(),
-        }
+        """What ``deltakit methods`` shows: name, version, summary, sizes, data needs, config fields."""
+        info = describe_plugin(cls)
+        info["default_ratio"] = cls.default_ratio
+        info["ratio_range"] = list(cls.ratio_range) if cls.ratio_range else None
+        return info
+
+
+def describe_plugin(cls: Any) -> dict[str, Any]:
+    """The fields codecs and model compressors describe alike."""
+    return {
+        "name": cls.name,
+        "version": cls.version,
+        "summary": cls.summary,
+        "needs_data": cls.needs_data,
+        "config": cls.config_class.describe(),
+    }
 
 
 def format_ratio(ratio: float) -> str:

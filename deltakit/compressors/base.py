@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from deltakit.codecs.base import Calibration, CodecConfig
+from deltakit.codecs.base import Calibration, CodecConfig, describe_plugin
 
 
 class ModelCompressor(ABC):
@@ -59,10 +59,5 @@ class ModelCompressor(ABC):
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "version": cls.version,
-            "summary": cls.summary,
-            "needs_data": cls.needs_data,
-            "config": cls.config_class.describe(),
-        }
+        """Name, version, summary, whether it needs data and its config fields (for ``methods``)."""
+        return describe_plugin(cls)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from deltakit.codecs.base import Codec, Encoded
+from deltakit.codecs.base import Budget, Codec, Encoded
 from deltakit.codecs.registry import get_codec
-from deltakit.errors import FormatError, TensorMismatchError, UnknownCodecError
+from deltakit.errors import DeltakitError, FormatError, TensorMismatchError, UnknownCodecError
 from deltakit.format import delta as storage
 from deltakit.format.delta import Delta
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED, Manifest, TensorEntry
@@ -54,11 +54,35 @@ class Decoder:
         return cls(delta, codec_for(delta.manifest))
 
     def encoded(self, name: str) -> Encoded:
-        """The :class:`Encoded` form of encoded tensor ``name`` (stored tensors loaded lazily)."""
+        """The :class:`Encoded` form of encoded tensor ``name`` (stored tensors loaded lazily).
+
+        The stored names must be the ones the codec declares for this shape and budget (when it declares
+        them): a missing or extra stored tensor is a FormatError naming the expected ones.
+        """
         entry = self.delta.entry(name)
         if entry.kind != ENCODED:
             raise FormatError(f"tensor {name}: kind {entry.kind!r} has no encoded form")
+        self._check_stored(name, entry)
         return Encoded(self.delta.codec_tensors(name), entry.params)
+
+    def _check_stored(self, name: str, entry: TensorEntry) -> None:
+        manifest = self.delta.manifest
+        try:
+            config = self.codec.config_class.from_dict(manifest.codec.config, strict=False)
+            budget = Budget(**manifest.codec.budget)
+            declared = self.codec.stored_tensors(
+                tuple(entry.shared_shape), dtype_from_name(entry.dtype), config, budget
+            )
+        except DeltakitError as exc:
+            raise FormatError(
+                f"tensor {name}: the codec cannot account for its stored tensors ({exc})"
+            ) from None
+        except TypeError as exc:
+            raise FormatError(f"tensor {name}: malformed codec config or budget ({exc})") from None
+        if declared and set(declared) != set(entry.stored):
+            raise FormatError(
+                f"tensor {name}: stores {sorted(entry.stored)}, codec {self.codec.name} expects {sorted(declared)}"
+            )
 
     def check_base(self, name: str, entry: TensorEntry, base: torch.Tensor | None) -> torch.Tensor:
         """The base tensor, present and of the shape the delta expects."""

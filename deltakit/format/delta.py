@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from deltakit.errors import FormatError, IntegrityError, TensorMismatchError
 from deltakit.format.manifest import MANIFEST_NAME, Manifest, TensorEntry
-from deltakit.format.safetensors_io import file_sha256
+from deltakit.format.safetensors_io import StreamingSafetensorsWriter, TensorSpec, file_sha256
 
 SHARD_PATTERN = "delta-{:05d}.safetensors"
 
@@ -20,7 +19,8 @@ SHARD_PATTERN = "delta-{:05d}.safetensors"
 class ShardWriter:
     """Collects stored tensors and writes them to ``delta-NNNNN.safetensors`` shards.
 
-    Memory stays at one shard (``max_shard_bytes``); tensors are written as given (not copied).
+    Memory stays at one shard (``max_shard_bytes``); tensors are written as given (not copied), through
+    the same streaming safetensors writer as checkpoints, which hashes the file on the way.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 1 << 30):
@@ -57,8 +57,11 @@ class ShardWriter:
         if not self._buffer:
             return
         path = self.out_dir / self.current_shard
-        save_file(self._buffer, str(path), metadata={"format": "deltakit"})
-        self.files[path.name] = {"sha256": file_sha256(path), "size": path.stat().st_size}
+        specs = [TensorSpec(key, t.dtype, tuple(t.shape)) for key, t in self._buffer.items()]
+        with StreamingSafetensorsWriter(path, specs, metadata={"format": "deltakit"}) as writer:
+            for key, tensor in self._buffer.items():
+                writer.write(key, tensor)
+        self.files[path.name] = {"sha256": writer.sha256, "size": writer.size}
         self._buffer = {}
         self._buffer_bytes = 0
         self._index += 1
