@@ -235,6 +235,28 @@ def test_file_paths_leaving_the_delta_directory_are_refused(path):
         Manifest.from_dict(data)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd"])
+def test_shard_outside_the_delta_directory_is_refused_even_without_a_file_table(shard):
+    with pytest.raises(FormatError, match="unsafe or reserved"):
+        Manifest.from_dict(with_tensor({**GOOD, "shard": shard}))
+
+
+@pytest.mark.parametrize(
+    "aux",
+    [
+        {"../config.json": {"source": "base", "sha256": "0" * 64, "size": 1}},
+        {"config.json": {"source": "delta", "path": "../../x", "sha256": "0" * 64, "size": 1}},
+        {"config.json": {"source": "elsewhere", "sha256": "0" * 64, "size": 1}},
+    ],
+    ids=["name", "path", "source"],
+)
+def test_aux_files_are_checked(aux):
+    data = minimal().to_dict()
+    data["aux_files"] = aux
+    with pytest.raises(FormatError, match="unsafe or reserved|source must be"):
+        Manifest.from_dict(data)
+
+
 def test_shard_must_be_a_listed_file():
     data = with_tensor({**GOOD, "shard": "other.safetensors"})
     data["files"] = {"delta-00001.safetensors": {"sha256": "0" * 64, "size": 1}}

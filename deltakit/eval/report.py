@@ -54,27 +54,10 @@ def _names_for(candidates: Mapping[str, object] | Sequence[object]) -> dict[str,
 
 
 def reconstruct_model(base_dir: str | os.PathLike[str], delta_dir: str | os.PathLike[str]) -> torch.nn.Module:
-    """base + delta as an fp32 module, rebuilt in memory (no files written).
+    """base + delta as an fp32 module, rebuilt in memory (no files written) by :func:`deltakit.apply`."""
+    from deltakit.core.apply import apply
 
-    Uses ``deltakit.apply_state_dict(base_state, delta_dir)`` when the library has it, else
-    ``deltakit.apply(base_dir, delta_dir)`` with no output dir (its report carries the state dict).
-    Imported lazily so evaluation works on checkpoint dirs and modules without the apply machinery.
-    """
-    import deltakit
-
-    apply_state_dict = getattr(deltakit, "apply_state_dict", None)
-    if apply_state_dict is not None:
-        from safetensors.torch import load_file
-
-        base_state: dict[str, torch.Tensor] = {}
-        for shard in sorted(Path(base_dir).glob("*.safetensors")):
-            base_state.update(load_file(str(shard)))
-        state = apply_state_dict(base_state, delta_dir)
-    else:
-        apply = getattr(deltakit, "apply", None)
-        if apply is None:
-            raise FormatError(f"cannot rebuild {delta_dir}: this deltakit has no apply()")
-        state = apply(base_dir, delta_dir).state_dict
+    state = apply(base_dir, delta_dir).state_dict
     model = load_model(base_dir)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]  # tied to the embedding

@@ -292,7 +292,16 @@ def _file_table(values: Any, key: str) -> dict[str, dict[str, Any]]:
             and entry["size"] >= 0,
             f"{key} {rel!r} needs a string sha256 and a non-negative integer size",
         )
-        check_relpath(entry["path"] if key == "aux_files" and "path" in entry else rel)
+        check_relpath(rel)
+        if key == "aux_files":
+            _require(
+                entry.get("source") in ("base", "delta"), f"aux_files {rel!r}: source must be base or delta"
+            )
+            _require(
+                entry["source"] == "base" or isinstance(entry.get("path"), str), f"aux_files {rel!r}: path"
+            )
+            if entry["source"] == "delta":
+                check_relpath(entry["path"])
     return values
 
 
@@ -318,6 +327,8 @@ def _build(cls: type[Manifest], data: dict[str, Any], source: str) -> Manifest:
         created=str(data.get("created", "")),
     )
     for name, entry in manifest.tensors.items():
+        if entry.shard is not None:
+            check_relpath(entry.shard)
         _require(
             entry.shard is None or not manifest.files or entry.shard in manifest.files,
             f"tensor {name!r}: shard {entry.shard!r} is not among the manifest's files",
