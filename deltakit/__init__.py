@@ -26,6 +26,7 @@ _EXPORTS = {
     "FactoredView": "deltakit.codecs.base",
     "StoredTensor": "deltakit.codecs.base",
     "ModelCompressor": "deltakit.compressors.base",
+    "ModelJob": "deltakit.compressors.base",
     "get_compressor": "deltakit.compressors.registry",
     "list_compressors": "deltakit.compressors.registry",
     "register_compressor": "deltakit.compressors.registry",
@@ -55,6 +56,7 @@ __all__ = [
     "FactoredView",
     "StoredTensor",
     "ModelCompressor",
+    "ModelJob",
     "get_compressor",
     "list_compressors",
     "register_compressor",
@@ -93,7 +95,7 @@ if TYPE_CHECKING:
         config_field,
     )
     from deltakit.codecs.registry import get_codec, list_codecs, register_codec
-    from deltakit.compressors.base import ModelCompressor
+    from deltakit.compressors.base import ModelCompressor, ModelJob
     from deltakit.compressors.registry import get_compressor, list_compressors, register_compressor
     from deltakit.core.apply import ApplyReport, apply
     from deltakit.core.compress import compress

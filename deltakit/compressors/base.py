@@ -9,12 +9,32 @@ calibration data through :class:`~deltakit.codecs.base.Calibration`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from deltakit.codecs.base import Calibration, CodecConfig, describe_plugin
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One model compression: what to compress, where to, and with which settings.
+
+    config: the compressor's own config. reduction: fraction of parameters to remove (None: the
+    compressor's config decides). calibration: where the data comes from (None when not given).
+    progress: ``progress(done, total, label)`` or None.
+    """
+
+    model_dir: Path
+    output: Path
+    config: CodecConfig
+    reduction: float | None
+    calibration: Calibration | None
+    device: torch.device
+    seed: int
+    progress: Any = None
 
 
 class ModelCompressor(ABC):
@@ -27,19 +47,8 @@ class ModelCompressor(ABC):
     needs_data: ClassVar[bool] = True
 
     @abstractmethod
-    def compress_model(
-        self,
-        model_dir: Path,
-        output: Path,
-        config: CodecConfig,
-        *,
-        reduction: float | None,
-        calibration: Calibration | None,
-        device: torch.device,
-        seed: int,
-        progress: Any = None,
-    ) -> dict[str, Any]:
-        """Compress ``model_dir`` into ``output`` (an existing empty directory); a JSON-able report."""
+    def compress_model(self, job: ModelJob) -> dict[str, Any]:
+        """Compress ``job.model_dir`` into ``job.output`` (an existing empty directory); a JSON-able report."""
 
     @abstractmethod
     def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:

@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from deltakit.codecs.base import Calibration, CodecConfig
-from deltakit.compressors.base import ModelCompressor
+from deltakit.compressors.base import ModelCompressor, ModelJob
 from deltakit.compressors.registry import register_compressor
 from deltakit.deltallm.config import DeltaLLMConfig
 
@@ -26,30 +25,19 @@ class DeltaLLM(ModelCompressor):
     summary = "share weights between neighbouring blocks + low-rank deltas distilled with PMR (whole model)"
     needs_data = True
 
-    def compress_model(
-        self,
-        model_dir: Path,
-        output: Path,
-        config: CodecConfig,
-        *,
-        reduction: float | None,
-        calibration: Calibration | None,
-        device: torch.device,
-        seed: int,
-        progress: Any = None,
-    ) -> dict[str, Any]:
+    def compress_model(self, job: ModelJob) -> dict[str, Any]:
         from deltakit.deltallm.compress import compress
 
-        assert isinstance(config, DeltaLLMConfig)
+        assert isinstance(job.config, DeltaLLMConfig)
         return compress(
-            model_dir,
-            output,
-            config,
-            reduction=reduction,
-            calibration=calibration,
-            device=device,
-            seed=seed,
-            progress=progress,
+            job.model_dir,
+            job.output,
+            job.config,
+            reduction=job.reduction,
+            calibration=job.calibration,
+            device=job.device,
+            seed=job.seed,
+            progress=job.progress,
         )
 
     def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from deltakit.codecs.base import Calibration
 from deltakit.codecs.lillama import LillamaConfig, require_calibration
-from deltakit.compressors.base import ModelCompressor
+from deltakit.compressors.base import ModelCompressor, ModelJob
 from deltakit.compressors.registry import register_compressor
 from deltakit.errors import UsageError
 
@@ -29,32 +28,22 @@ class LillamaModel(ModelCompressor):
     summary = "SVD-initialised low-rank Linears refined by block-local feature distillation (needs data)"
     needs_data = True
 
-    def compress_model(
-        self,
-        model_dir: Path,
-        output: Path,
-        config: LillamaConfig,
-        *,
-        reduction: float | None,
-        calibration: Calibration | None,
-        device: torch.device,
-        seed: int,
-        progress: Any = None,
-    ) -> dict[str, Any]:
+    def compress_model(self, job: ModelJob) -> dict[str, Any]:
         from deltakit.lillama.model import compress_model_dir, load_tokenizer
 
-        if reduction is None:
+        if job.reduction is None:
             raise UsageError(
                 "lillama model compression needs reduction= (the fraction of parameters to remove, e.g. 0.2)"
             )
-        calibration = require_calibration(calibration)
-        windows = calibration.batches(load_tokenizer(Path(model_dir)))  # (n, seq) int64
+        config: LillamaConfig = job.config  # type: ignore[assignment]
+        calibration = require_calibration(job.calibration)
+        windows = calibration.batches(load_tokenizer(Path(job.model_dir)))  # (n, seq) int64
         return compress_model_dir(
-            Path(model_dir),
-            Path(output),
-            reduction=reduction,
+            Path(job.model_dir),
+            Path(job.output),
+            reduction=job.reduction,
             windows=windows,
-            settings=config.settings(seed),
+            settings=config.settings(job.seed),
             strategy=config.strategy,
             rank_step=config.rank_step,
             min_rank_ratio=config.min_rank_ratio,
@@ -62,8 +51,8 @@ class LillamaModel(ModelCompressor):
             modules=config.modules,
             distill=config.distill,
             svd_kwargs=config.svd_kwargs(),
-            device=device,
-            progress=progress,
+            device=job.device,
+            progress=job.progress,
         )
 
     def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:

@@ -16,12 +16,13 @@ import torch
 from deltakit._version import __version__
 from deltakit.codecs.base import Calibration, CodecConfig
 from deltakit.codecs.registry import list_codecs
-from deltakit.compressors.base import ModelCompressor
+from deltakit.compressors.base import ModelCompressor, ModelJob
 from deltakit.compressors.registry import get_compressor, list_compressors
 from deltakit.core.device import resolve_device
 from deltakit.core.options import CompressOptions, build_config
 from deltakit.errors import FormatError, UsageError
 from deltakit.format.atomic import atomic_directory
+from deltakit.format.manifest import check_header, read_json
 
 MODEL_MARKER = "deltakit_model.json"
 MODEL_FORMAT = "deltakit.model"
@@ -45,16 +46,8 @@ def compress_model(
     cfg = build_config(compressor, opts.config, opts.overrides)
     dev = resolve_device(opts.device)
     with atomic_directory(output, overwrite=opts.overwrite) as tmp:
-        report = compressor.compress_model(
-            Path(model),
-            tmp,
-            cfg,
-            reduction=opts.reduction,
-            calibration=calibration,
-            device=dev,
-            seed=opts.seed,
-            progress=opts.progress,
-        )
+        job = ModelJob(Path(model), tmp, cfg, opts.reduction, calibration, dev, opts.seed, opts.progress)
+        report = compressor.compress_model(job)
         marker = _marker(compressor, cfg, model, opts.reduction, calibration, report)
         (tmp / MODEL_MARKER).write_text(json.dumps(marker, indent=1, default=str) + "\n")
     return report
@@ -89,23 +82,13 @@ def _marker(
 
 
 def read_marker(model_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``deltakit_model.json`` of a compressed-model directory (format and version checked)."""
     path = Path(model_dir) / MODEL_MARKER
-    if not path.is_file():
-        raise FormatError(f"{model_dir} is not a deltakit compressed model (no {MODEL_MARKER})")
-    try:
-        marker = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(marker, dict) or marker.get("format") != MODEL_FORMAT:
-        raise FormatError(f"{path}: not a deltakit compressed model")
-    version = marker.get("format_version", 0)
+    data = read_json(path, f"{model_dir} is not a deltakit compressed model (no {MODEL_MARKER})")
+    marker = check_header(data, str(path), MODEL_FORMAT, MODEL_FORMAT_VERSION, "deltakit compressed model")
     codec = marker.get("codec")
-    if not isinstance(version, int) or not isinstance(codec, dict) or not isinstance(codec.get("name"), str):
-        raise FormatError(f"{path}: format_version must be an integer and codec.name a string")
-    if version > MODEL_FORMAT_VERSION:
-        raise FormatError(
-            f"{path}: format version {marker['format_version']} is newer than this deltakit reads"
-        )
+    if not isinstance(codec, dict) or not isinstance(codec.get("name"), str):
+        raise FormatError(f"{path}: codec.name must be a string")
     return marker
 
 

@@ -160,7 +160,7 @@ class Manifest:
         """Validate and build a manifest from parsed JSON (version 1 is migrated first)."""
         from deltakit.format.migrate import migrate
 
-        data = migrate(_check_header(data, source), source)
+        data = migrate(check_header(data, source, FORMAT_NAME, FORMAT_VERSION, "deltakit delta"), source)
         unknown = sorted(set(data) - set(_TOP_KEYS))
         if unknown:
             warnings.warn(f"{source}: ignoring unknown manifest key(s): {', '.join(unknown)}", stacklevel=2)
@@ -172,31 +172,39 @@ class Manifest:
     @classmethod
     def read(cls, delta_dir: Path | str) -> Manifest:
         path = Path(delta_dir) / MANIFEST_NAME
-        if not path.is_file():
-            raise FormatError(f"{delta_dir} is not a delta directory (no {MANIFEST_NAME})")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path, f"{delta_dir} is not a delta directory (no {MANIFEST_NAME})")
         return cls.from_dict(data, str(path))
 
 
-def _check_header(data: Any, source: str) -> dict[str, Any]:
-    """The format name and version: a deltakit delta this reader is not too old for."""
+def check_header(data: Any, source: str, name: str, max_version: int, what: str) -> dict[str, Any]:
+    """A JSON object whose ``format`` is ``name`` and whose integer ``format_version`` this reader handles.
+
+    Shared by delta manifests and compressed-model markers; ``what`` names the thing in messages.
+    """
     if not isinstance(data, dict):
         raise FormatError(f"{source}: not a JSON object")
     fmt = data.get("format")
-    if fmt != FORMAT_NAME:
-        raise FormatError(f"{source}: not a deltakit delta (format {fmt!r}, expected {FORMAT_NAME!r})")
+    if fmt != name:
+        raise FormatError(f"{source}: not a {what} (format {fmt!r}, expected {name!r})")
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise FormatError(f"{source}: format_version missing or not an integer")
-    if version > FORMAT_VERSION:
+    if version > max_version:
         raise FormatError(
-            f"{source}: format version {version} is newer than this deltakit reads ({FORMAT_VERSION}); "
+            f"{source}: format version {version} is newer than this deltakit reads ({max_version}); "
             "upgrade deltakit"
         )
     return data
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """Parsed JSON of ``path``; ``missing`` is the FormatError message when there is no such file."""
+    if not path.is_file():
+        raise FormatError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _require(ok: bool, message: str) -> None:
