@@ -123,7 +123,7 @@ def test_resized_vocabulary_stores_new_rows_exactly(resized_pair, tmp_path):
     assert not report.matches_target
     # the grown config travels with the delta
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == fm.VOCAB + 16
-    assert delta.manifest.aux_files["config.json"]["source"] == "delta"
+    assert delta.manifest.aux_files["config.json"].source == "delta"
 
 
 def test_resized_vocabulary_lossless_is_bit_exact(resized_pair, tmp_path):

@@ -14,6 +14,7 @@ from deltakit.format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     CodecInfo,
+    FileEntry,
     Manifest,
     ModelIdentity,
     TensorEntry,
@@ -75,7 +76,7 @@ manifests = st.builds(
     removed=st.lists(names, max_size=3),
     files=st.dictionaries(
         st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9_.-]{1,8})?\.safetensors", fullmatch=True),
-        st.fixed_dictionaries({"sha256": names, "size": st.integers(0, 2**40)}),
+        st.builds(FileEntry, sha256=names, size=st.integers(0, 2**40)),
         max_size=3,
     ),
     stats=st.dictionaries(names, json_values, max_size=3),

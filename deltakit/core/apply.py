@@ -165,13 +165,13 @@ def _apply_into(
 def _copy_aux(delta: Delta, base_src: TensorSource, out_dir: Path) -> None:
     base_dir = base_src.path if isinstance(base_src, CheckpointReader) else None
     for name, entry in delta.manifest.aux_files.items():
-        if entry["source"] == "delta":
-            shutil.copyfile(delta.path / entry["path"], out_dir / name)
+        if entry.source == "delta" and entry.path is not None:
+            shutil.copyfile(delta.path / entry.path, out_dir / name)
             continue
         source = base_dir / name if base_dir is not None else None
         if source is None or not source.is_file():
             warnings.warn(f"base has no {name}; the output lacks it", stacklevel=3)
             continue
         shutil.copyfile(source, out_dir / name)
-        if file_sha256(out_dir / name) != entry["sha256"]:
+        if file_sha256(out_dir / name) != entry.sha256:
             warnings.warn(f"{name} in the base differs from the fine-tune's; copied the base's", stacklevel=3)

@@ -27,7 +27,9 @@ from deltakit.format.manifest import (
     ENCODED,
     PASSTHROUGH,
     UNCHANGED,
+    AuxFile,
     CodecInfo,
+    FileEntry,
     Manifest,
     ModelIdentity,
     TensorEntry,
@@ -264,22 +266,23 @@ class _DeltaBuilder:
         return Delta(manifest, out_dir)
 
 
-def _aux_files(base_src: TensorSource, target_src: TensorSource, out_dir: Path, files: dict) -> dict:
+def _aux_files(
+    base_src: TensorSource, target_src: TensorSource, out_dir: Path, files: dict[str, FileEntry]
+) -> dict[str, AuxFile]:
     """Record the fine-tune's config/tokenizer files: same bytes as the base's, or copied into extra/."""
     if not isinstance(target_src, CheckpointReader):
         return {}
-    aux: dict[str, dict[str, Any]] = {}
+    aux: dict[str, AuxFile] = {}
     base_dir = base_src.path if isinstance(base_src, CheckpointReader) else None
     for file in target_src.aux_files():
-        digest = file_sha256(file)
-        entry = {"sha256": digest, "size": file.stat().st_size}
+        digest, size = file_sha256(file), file.stat().st_size
         twin = base_dir / file.name if base_dir is not None else None
         if twin is not None and twin.is_file() and file_sha256(twin) == digest:
-            aux[file.name] = {"source": "base", **entry}
+            aux[file.name] = AuxFile("base", digest, size)
         else:
             rel = f"extra/{file.name}"
             (out_dir / "extra").mkdir(exist_ok=True)
             shutil.copyfile(file, out_dir / rel)
-            files[rel] = dict(entry)
-            aux[file.name] = {"source": "delta", "path": rel, **entry}
+            files[rel] = FileEntry(digest, size)
+            aux[file.name] = AuxFile("delta", digest, size, rel)
     return aux

@@ -21,7 +21,7 @@ def manifest_summary(manifest: Manifest) -> dict[str, Any]:
         "format_version": manifest.format_version,
         "tensor_kinds": manifest.kind_counts(),
         "stats": manifest.stats,
-        "files": {k: v["size"] for k, v in manifest.files.items()},
+        "files": {k: v.size for k, v in manifest.files.items()},
     }
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from deltakit.errors import FormatError, IntegrityError, TensorMismatchError
-from deltakit.format.manifest import MANIFEST_NAME, Manifest, TensorEntry
+from deltakit.format.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry
 from deltakit.format.safetensors_io import StreamingSafetensorsWriter, TensorSpec, file_sha256
 
 SHARD_PATTERN = "delta-{:05d}.safetensors"
@@ -29,7 +29,7 @@ class ShardWriter:
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._index = 1
-        self.files: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, FileEntry] = {}
         self.stored_bytes = 0
 
     @property
@@ -61,7 +61,7 @@ class ShardWriter:
         with StreamingSafetensorsWriter(path, specs, metadata={"format": "deltakit"}) as writer:
             for key, tensor in self._buffer.items():
                 writer.write(key, tensor)
-        self.files[path.name] = {"sha256": writer.sha256, "size": writer.size}
+        self.files[path.name] = FileEntry(writer.sha256, writer.size)
         self._buffer = {}
         self._buffer_bytes = 0
         self._index += 1
@@ -79,11 +79,11 @@ def verify_files(delta_dir: Path, manifest: Manifest) -> None:
         if not path.is_file():
             raise IntegrityError(f"{delta_dir}: file {rel} listed in the manifest is missing")
         size = path.stat().st_size
-        if size != entry["size"]:
+        if size != entry.size:
             raise IntegrityError(
-                f"{delta_dir}: {rel} is {size} bytes, manifest says {entry['size']} (truncated?)"
+                f"{delta_dir}: {rel} is {size} bytes, manifest says {entry.size} (truncated?)"
             )
-        if file_sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry.sha256:
             raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
 
 

@@ -75,6 +75,31 @@ class CodecInfo:
 
 
 @dataclass
+class FileEntry:
+    """One file of the delta (a shard or a copied config file): hex sha256 and size in bytes."""
+
+    sha256: str
+    size: int
+
+
+@dataclass
+class AuxFile:
+    """A config/tokenizer file of the fine-tune: the base's own bytes (``source="base"``) or a copy inside
+    the delta at ``path`` (``source="delta"``)."""
+
+    source: str
+    sha256: str
+    size: int
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.path is None:
+            del out["path"]
+        return out
+
+
+@dataclass
 class TensorEntry:
     """One tensor of the fine-tune and how the delta rebuilds it.
 
@@ -125,8 +150,8 @@ class Manifest:
     target: ModelIdentity
     tensors: dict[str, TensorEntry] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
-    aux_files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    aux_files: dict[str, AuxFile] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -143,6 +168,8 @@ class Manifest:
             asdict(self.target),
         )
         data["tensors"] = {name: entry.to_dict() for name, entry in self.tensors.items()}
+        data["files"] = {rel: asdict(entry) for rel, entry in self.files.items()}
+        data["aux_files"] = {name: entry.to_dict() for name, entry in self.aux_files.items()}
         return {key: data[key] for key in _TOP_KEYS}
 
     def to_json(self) -> str:
@@ -290,27 +317,31 @@ def _tensor_entry(name: str, values: Any, source: str) -> TensorEntry:
     return entry
 
 
-def _file_table(values: Any, key: str) -> dict[str, dict[str, Any]]:
+def _file_entry(rel: str, values: Any, source: str) -> FileEntry:
+    entry = _section(FileEntry, values, f"files {rel!r}", source)
+    ok = isinstance(entry.sha256, str) and isinstance(entry.size, int) and not isinstance(entry.size, bool)
+    _require(ok and entry.size >= 0, f"files {rel!r} needs a string sha256 and a non-negative integer size")
+    check_relpath(rel)
+    return entry
+
+
+def _aux_file(name: str, values: Any, source: str) -> AuxFile:
+    entry = _section(AuxFile, values, f"aux_files {name!r}", source)
+    ok = isinstance(entry.sha256, str) and isinstance(entry.size, int) and not isinstance(entry.size, bool)
+    _require(
+        ok and entry.size >= 0, f"aux_files {name!r} needs a string sha256 and a non-negative integer size"
+    )
+    _require(entry.source in ("base", "delta"), f"aux_files {name!r}: source must be base or delta")
+    check_relpath(name)
+    if entry.source == "delta":
+        _require(isinstance(entry.path, str), f"aux_files {name!r}: a copied file needs its path")
+        check_relpath(entry.path)
+    return entry
+
+
+def _table(values: Any, key: str, build: Any, source: str) -> dict[str, Any]:
     _require(_is_str_map(values), f"{key} must be an object")
-    for rel, entry in values.items():
-        _require(
-            isinstance(entry, dict)
-            and isinstance(entry.get("sha256"), str)
-            and isinstance(entry.get("size"), int)
-            and entry["size"] >= 0,
-            f"{key} {rel!r} needs a string sha256 and a non-negative integer size",
-        )
-        check_relpath(rel)
-        if key == "aux_files":
-            _require(
-                entry.get("source") in ("base", "delta"), f"aux_files {rel!r}: source must be base or delta"
-            )
-            _require(
-                entry["source"] == "base" or isinstance(entry.get("path"), str), f"aux_files {rel!r}: path"
-            )
-            if entry["source"] == "delta":
-                check_relpath(entry["path"])
-    return values
+    return {name: build(name, entry, source) for name, entry in values.items()}
 
 
 def _build(cls: type[Manifest], data: dict[str, Any], source: str) -> Manifest:
@@ -326,8 +357,8 @@ def _build(cls: type[Manifest], data: dict[str, Any], source: str) -> Manifest:
         target=_identity(data["target"], "target", source),
         tensors={name: _tensor_entry(name, entry, source) for name, entry in tensors.items()},
         removed=removed,
-        aux_files=_file_table(data.get("aux_files", {}), "aux_files"),
-        files=_file_table(data.get("files", {}), "files"),
+        aux_files=_table(data.get("aux_files", {}), "aux_files", _aux_file, source),
+        files=_table(data.get("files", {}), "files", _file_entry, source),
         stats=stats,
         format=data["format"],
         format_version=data["format_version"],
