@@ -122,8 +122,7 @@ def main() -> None:
     reports = {}
     for name, sets in runs.items():
         log(f"compressing {name} ({sets})")
-        reports[name] = deltakit.compress(
-            None,
+        reports[name] = deltakit.compress_model(
             model_dir,
             work / name,
             method="deltallm",

@@ -60,8 +60,7 @@ def model_mode(args: argparse.Namespace, base: Path, work: Path) -> dict[str, An
         sets = {"lr": str(args.lr), "strategy": args.strategy, "rank_step": str(args.rank_step), **sets}
         t0 = time.perf_counter()
         out_dir = work / label.replace(" ", "-").replace("(", "").replace(")", "")
-        report = deltakit.compress(
-            None,
+        report = deltakit.compress_model(
             base,
             out_dir,
             method="lillama",

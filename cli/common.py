@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -27,11 +28,10 @@ def parse_ratio(value: str | None) -> float | None:
     """``1/8`` or ``0.125`` -> 0.125."""
     if value is None:
         return None
+    from deltakit.codecs.base import parse_fraction
+
     try:
-        if "/" in value:
-            num, den = value.split("/", 1)
-            return float(num) / float(den)
-        return float(value)
+        return parse_fraction(value)
     except (ValueError, ZeroDivisionError):
         raise click.BadParameter(f"{value!r} is not a ratio (write 0.125 or 1/8)") from None
 
@@ -78,3 +78,22 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+#: library messages name Python parameters; the CLI shows the flag that sets each one
+_PARAMETER_FLAGS = (
+    (re.compile(r"\b(force|overwrite)=True\b"), r"--\1"),
+    (re.compile(r"\bdata=\[([A-Z_]+)\]"), r"--data \1"),
+    (re.compile(r"\bbase=([A-Z_]+)"), r"--base \1"),
+    (re.compile(r"\boverrides\[(\w+)\]"), r"--set \1"),
+    (re.compile(r"\boverrides key\b"), "--set key"),
+    (re.compile(r"\b(reduction|tokens|device|steps)=(?=[\w.<])"), r"--\1 "),
+    (re.compile(r"\b(reduction|tokens|device|steps)=(?![\w.<])"), r"--\1"),
+)
+
+
+def parameters_as_flags(message: str) -> str:
+    """``"pass force=True"`` -> ``"pass --force"``: a library message as the CLI user reads it."""
+    for pattern, flag in _PARAMETER_FLAGS:
+        message = pattern.sub(flag, message)
+    return message

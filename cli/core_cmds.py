@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -86,117 +85,88 @@ def compress(
 ):
     """Compress FINETUNED against --base into a delta directory (-o) or the registry (--to).
 
-    Without --base, codecs that support it (lillama, deltallm) compress FINETUNED's own weights
+    Without --base, model compressors (lillama, deltallm) compress FINETUNED's own weights
     into a smaller model directory (-o) by --reduction.
     """
-    import deltakit
+    from deltakit.core.options import CompressOptions
 
-    if base_dir is None:
-        _compress_model(
-            method,
-            finetuned,
-            output,
-            sets,
-            device,
-            seed,
-            data,
-            tokens,
-            seq_len,
-            reduction,
-            overwrite,
-            as_json,
-        )
-        return
-    if output is None and to_ref is None:
+    if base_dir is not None and output is None and to_ref is None:
         raise click.UsageError("give -o/--output DIR, --to NAME[:TAG], or both")
+    if base_dir is None and output is None:
+        raise click.UsageError("compressing a model (no --base) needs -o/--output DIR")
     ratio_value = parse_ratio(ratio)
     if ratio_value is not None and rank is not None:
         raise click.UsageError("give --ratio or --rank, not both")
+    options = CompressOptions(
+        method=method,
+        ratio=ratio_value,
+        rank=rank,
+        reduction=reduction,
+        overrides=parse_sets(sets),
+        device=device,
+        seed=seed,
+        data=tuple(data) or None,
+        tokens=tokens,
+        seq_len=seq_len,
+        target_name=target_name,
+        exclude_roles=tuple(exclude_roles),
+        overwrite=overwrite,
+    )
     started = time.perf_counter()
-    staging = None
-    if output is None:
-        import tempfile
-
-        staging = tempfile.TemporaryDirectory(prefix="deltakit-")
-        output = Path(staging.name) / "delta"
-    try:
-        with progress_bar(f"compress ({method})", enabled=not as_json) as progress:
-            delta = deltakit.compress(
-                base_dir,
-                finetuned,
-                output,
-                method=method,
-                ratio=ratio_value,
-                rank=rank,
-                overrides=parse_sets(sets),
-                device=device,
-                seed=seed,
-                target_name=target_name,
-                exclude_roles=tuple(exclude_roles),
-                overwrite=overwrite,
-                progress=progress,
-                data=list(data) or None,
-                tokens=tokens,
-                seq_len=seq_len,
-                reduction=reduction,
-            )
-        result = _delta_result(delta, output if staging is None else None)
-        result["seconds"] = round(time.perf_counter() - started, 3)
-        if to_ref is not None:
-            from deltakit.registry import Registry
-
-            registry = Registry.open(registry_path)
-            result["registry"] = registry.push(output, to_ref).to_dict()
-    finally:
-        if staging is not None:
-            staging.cleanup()
-    if as_json:
-        emit_json(result)
+    if base_dir is None:
+        _compress_model(finetuned, output, options, as_json, started)
     else:
-        stats = result["stats"]
-        where = f"{output}" if staging is None else to_ref
-        out_console.print(
-            f"[green]wrote[/] {where}: {result['codec']} · {human_bytes(stats['stored_bytes'])} stored · "
-            f"ratio {_fmt_ratio(stats.get('ratio'))} of the fp16 delta · "
-            f"{stats['encoded_tensors']} encoded, {stats['passthrough_tensors']} exact, "
-            f"{stats['unchanged_tensors']} unchanged · {result['seconds']:.1f}s"
-        )
+        _compress_delta(base_dir, finetuned, output, to_ref, registry_path, options, as_json, started)
 
 
-def _compress_model(
-    method, model_dir, output, sets, device, seed, data, tokens, seq_len, reduction, overwrite, as_json
-) -> None:
+def _compress_delta(base_dir, finetuned, output, to_ref, registry_path, options, as_json, started) -> None:
     import deltakit
 
-    if output is None:
-        raise click.UsageError("compressing a model (no --base) needs -o/--output DIR")
-    started = time.perf_counter()
-    with progress_bar(f"compress model ({method})", enabled=not as_json) as progress:
-        report = deltakit.compress(
-            None,
-            model_dir,
-            output,
-            method=method,
-            overrides=parse_sets(sets),
-            device=device,
-            seed=seed,
-            data=list(data) or None,
-            tokens=tokens,
-            seq_len=seq_len,
-            reduction=reduction,
-            overwrite=overwrite,
-            progress=progress,
-        )
+    with progress_bar(f"compress ({options.method})", enabled=not as_json) as progress:
+        if to_ref is None:
+            delta = deltakit.compress(base_dir, finetuned, output, options=options, progress=progress)
+            pushed = None
+        else:
+            from deltakit.publish import compress_to_registry
+
+            delta, pushed = compress_to_registry(
+                base_dir, finetuned, to_ref, registry=registry_path, output=output, options=options,
+                progress=progress,
+            )  # fmt: skip
+    result = _delta_result(delta, output)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    if pushed is not None:
+        result["registry"] = pushed
+    if as_json:
+        emit_json(result)
+        return
+    stats = result["stats"]
+    where = f"{output}" if output is not None else to_ref
+    out_console.print(
+        f"[green]wrote[/] {where}: {result['codec']} · {human_bytes(stats['stored_bytes'])} stored · "
+        f"ratio {_fmt_ratio(stats.get('ratio'))} of the fp16 delta · "
+        f"{stats['encoded_tensors']} encoded, {stats['passthrough_tensors']} exact, "
+        f"{stats['unchanged_tensors']} unchanged · {result['seconds']:.1f}s"
+    )
+
+
+def _compress_model(model_dir, output, options, as_json, started) -> None:
+    import deltakit
+
+    with progress_bar(f"compress model ({options.method})", enabled=not as_json) as progress:
+        report = deltakit.compress_model(model_dir, output, options=options, progress=progress)
     result = {
         "path": str(output),
-        "method": method,
+        "method": options.method,
         "report": report,
         "seconds": round(time.perf_counter() - started, 3),
     }
     if as_json:
         emit_json(result)
     else:
-        out_console.print(f"[green]wrote[/] {output}: {method} compressed model · {result['seconds']:.1f}s")
+        out_console.print(
+            f"[green]wrote[/] {output}: {options.method} compressed model · {result['seconds']:.1f}s"
+        )
 
 
 @click.command()
@@ -231,16 +201,11 @@ def _fmt_ratio(ratio: float | None) -> str:
 
 
 def _delta_result(delta, path: Path | None) -> dict:
-    manifest = delta.manifest
-    return {
-        "path": str(path) if path is not None else None,
-        "codec": manifest.codec.name,
-        "config": manifest.codec.config,
-        "budget": manifest.codec.budget,
-        "base": {"name": manifest.base.name, "fingerprint": manifest.base.fingerprint},
-        "target": {"name": manifest.target.name, "fingerprint": manifest.target.fingerprint},
-        "stats": manifest.stats,
-    }
+    from deltakit.core.inspect import manifest_summary
+
+    summary = manifest_summary(delta.manifest)
+    keys = ("codec", "config", "budget", "base", "target", "stats")
+    return {"path": str(path) if path is not None else None, **{k: summary[k] for k in keys}}
 
 
 def resolve_delta_arg(delta: str, registry_path: Path | None) -> Path:
@@ -311,45 +276,22 @@ def inspect(delta, tensors, registry_path, as_json):
 
     On a compressed model (lillama, deltallm) it shows the codec's plan and parameter counts.
     """
-    from deltakit.core.model_mode import is_compressed_model, read_marker
-    from deltakit.format.delta import load_delta, manifest_summary
+    from deltakit.core.decode import load_delta
+    from deltakit.core.inspect import inspect_delta
+    from deltakit.core.model_mode import describe_model, is_compressed_model
 
     if is_compressed_model(delta):
-        from deltakit.codecs.registry import get_codec
-
-        codec = get_codec(read_marker(delta)["codec"]["name"])
-        description, lines = codec.describe_model(Path(delta))
+        name, description, lines = describe_model(delta)
         if as_json:
             emit_json(description)
         else:
-            out_console.print(f"[bold]{delta}[/]  compressed model, codec [cyan]{codec.name}[/]")
+            out_console.print(f"[bold]{delta}[/]  compressed model, compressor [cyan]{name}[/]")
             for line in lines:
                 out_console.print(line, highlight=False)
         return
     loaded = load_delta(resolve_delta_arg(delta, registry_path), verify=False)
     manifest = loaded.manifest
-    rows = []
-    for name, entry in manifest.tensors.items():
-        stored = 0
-        fp16 = 2 * math.prod(entry.get("base_shape", entry["shape"])) if entry["kind"] == "encoded" else 0
-        if entry["kind"] == "encoded":
-            group = manifest.groups[entry["group"]]
-            stored = sum(_stored_nbytes(loaded, key, group.get("shard")) for key in group["stored"].values())
-        if "stored" in entry:
-            stored += sum(_stored_nbytes(loaded, key, entry.get("shard")) for key in entry["stored"].values())
-        rows.append(
-            {
-                "name": name,
-                "kind": entry["kind"],
-                "role": entry.get("role"),
-                "dtype": entry["dtype"],
-                "shape": entry["shape"],
-                "stored_bytes": stored,
-                "ratio": stored / fp16 if fp16 else None,
-            }
-        )
-    summary = manifest_summary(manifest)
-    summary["tensors"] = rows
+    summary = inspect_delta(loaded, tensors=tensors or as_json)
     if as_json:
         emit_json(summary)
         return
@@ -370,7 +312,7 @@ def inspect(delta, tensors, registry_path, as_json):
         table = Table(show_edge=False)
         for column in ("tensor", "kind", "role", "dtype", "shape", "stored", "ratio"):
             table.add_column(column, justify="right" if column in ("stored", "ratio") else "left")
-        for row in rows:
+        for row in summary["tensors"]:
             table.add_row(
                 row["name"],
                 row["kind"],
@@ -381,11 +323,6 @@ def inspect(delta, tensors, registry_path, as_json):
                 f"{row['ratio']:.4f}" if row["ratio"] else "",
             )
         out_console.print(table)
-
-
-def _stored_nbytes(delta, key: str, shard: str | None) -> int:
-    tensor = delta._stored_tensor(key, shard)
-    return tensor.numel() * tensor.element_size()
 
 
 @click.command()
@@ -414,15 +351,25 @@ def verify(delta, base_dir, registry_path, as_json):
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
 def methods(as_json):
-    """List the registered codecs with their config fields."""
+    """List the registered delta codecs and model compressors with their config fields."""
     from deltakit.codecs.registry import get_codec, list_codecs
+    from deltakit.compressors.registry import get_compressor, list_compressors
 
-    described = [type(get_codec(name)).describe() for name in list_codecs()]
+    described = [{**type(get_codec(name)).describe(), "kind": "codec"} for name in list_codecs()]
+    described += [
+        {**type(get_compressor(name)).describe(), "kind": "compressor", "default_ratio": None}
+        for name in list_compressors()
+    ]
     if as_json:
         emit_json(described)
         return
     for info in described:
-        ratio = f"default ratio {info['default_ratio']:g}" if info["default_ratio"] else "size not budgeted"
+        if info["kind"] == "compressor":
+            ratio = "model compressor: no --base, size by --reduction"
+        else:
+            ratio = (
+                f"default ratio {info['default_ratio']:g}" if info["default_ratio"] else "size not budgeted"
+            )
         data = " · needs calibration data" if info["needs_data"] else ""
         out_console.print(
             f"[bold cyan]{info['name']}[/] v{info['version']}: {info['summary']} ({ratio}{data})"

@@ -14,7 +14,7 @@ import click
 
 from deltakit import __version__
 from deltakit_cli import core_cmds
-from deltakit_cli.common import err_console
+from deltakit_cli.common import err_console, parameters_as_flags
 
 #: optional command modules and the click objects they export (loaded if present)
 _PLUGGED = (
@@ -54,7 +54,7 @@ for module_name, attribute in _PLUGGED:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    err_console.print(f"[yellow]warning:[/] {parameters_as_flags(str(message))}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="deltakit", standalone_mode=False)
     except DeltakitError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/] {parameters_as_flags(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         err_console.print("[red]aborted[/]")

@@ -16,9 +16,20 @@ _EXPORTS = {
     "apply": "deltakit.core.apply",
     "ApplyReport": "deltakit.core.apply",
     "verify": "deltakit.core.verify",
-    "load_delta": "deltakit.format.delta",
+    "CompressOptions": "deltakit.core.options",
+    "compress_model": "deltakit.core.model_mode",
+    "Decoder": "deltakit.core.decode",
+    "load_delta": "deltakit.core.decode",
     "Delta": "deltakit.format.delta",
     "Manifest": "deltakit.format.manifest",
+    "TensorEntry": "deltakit.format.manifest",
+    "FactoredView": "deltakit.codecs.base",
+    "StoredTensor": "deltakit.codecs.base",
+    "ModelCompressor": "deltakit.compressors.base",
+    "ModelJob": "deltakit.compressors.base",
+    "get_compressor": "deltakit.compressors.registry",
+    "list_compressors": "deltakit.compressors.registry",
+    "register_compressor": "deltakit.compressors.registry",
     "get_codec": "deltakit.codecs.registry",
     "list_codecs": "deltakit.codecs.registry",
     "register_codec": "deltakit.codecs.registry",
@@ -38,6 +49,17 @@ _EXPORTS = {
 __all__ = [
     "__version__",
     "compress",
+    "compress_model",
+    "CompressOptions",
+    "Decoder",
+    "TensorEntry",
+    "FactoredView",
+    "StoredTensor",
+    "ModelCompressor",
+    "ModelJob",
+    "get_compressor",
+    "list_compressors",
+    "register_compressor",
     "apply",
     "ApplyReport",
     "verify",
@@ -61,14 +83,29 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from deltakit.codecs.base import Budget, Codec, CodecConfig, EncodeContext, Encoded, config_field
+    from deltakit.codecs.base import (
+        Budget,
+        Calibration,
+        Codec,
+        CodecConfig,
+        EncodeContext,
+        Encoded,
+        FactoredView,
+        StoredTensor,
+        config_field,
+    )
     from deltakit.codecs.registry import get_codec, list_codecs, register_codec
+    from deltakit.compressors.base import ModelCompressor, ModelJob
+    from deltakit.compressors.registry import get_compressor, list_compressors, register_compressor
     from deltakit.core.apply import ApplyReport, apply
     from deltakit.core.compress import compress
+    from deltakit.core.decode import Decoder, load_delta
+    from deltakit.core.model_mode import compress_model, export_model, load_model
+    from deltakit.core.options import CompressOptions
     from deltakit.core.verify import verify
-    from deltakit.format.delta import Delta, load_delta
+    from deltakit.format.delta import Delta
     from deltakit.format.fingerprint import checkpoint_fingerprint
-    from deltakit.format.manifest import Manifest
+    from deltakit.format.manifest import Manifest, TensorEntry
 
 
 def __getattr__(name: str) -> Any:

@@ -93,3 +93,13 @@ def state_pair() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         else:
             target[name] = w + 1e-3 * torch.randn(w.shape, generator=g)
     return base, target
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """A codec registry that loads its plug-ins again, with the built-in codecs kept."""
+    from deltakit.codecs import registry
+
+    registry.list_codecs()  # built-ins register once, at first import: load them before copying
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

@@ -63,7 +63,7 @@ def other_base(tmp_path_factory, llama_pair):
 
 
 def test_wrong_base_is_refused_and_leaves_no_output(other_base, saved_delta, tmp_path):
-    with pytest.raises(BaseMismatchError, match="fingerprint.*--force"):
+    with pytest.raises(BaseMismatchError, match="fingerprint.*force=True"):
         deltakit.apply(other_base, saved_delta, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.tmp-*"))

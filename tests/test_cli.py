@@ -224,3 +224,29 @@ def test_cuda_requested_without_gpu_is_a_clear_error(pair, tmp_path, capsys):
         capsys, "compress", "--base", str(base), str(ft), "-o", str(tmp_path / "d"), "--device", "cuda"
     )
     assert code == 2 and "no CUDA device" in err
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("base differs; pass force=True to apply anyway", "base differs; pass --force to apply anyway"),
+        (
+            "needs calibration data: pass data=[FILE_OR_DIR] (text)",
+            "needs calibration data: pass --data FILE_OR_DIR (text)",
+        ),
+        (
+            "raise tokens= to at least 64 or lower overrides[batch_size]",
+            "raise --tokens to at least 64 or lower --set batch_size",
+        ),
+        (
+            "needs a target: reduction=0.12 or overrides[rank]=R",
+            "needs a target: --reduction 0.12 or --set rank=R",
+        ),
+        ("unknown overrides key 'x' for DQReloConfig", "unknown --set key 'x' for DQReloConfig"),
+        ("min_rank_ratio=0.25 stays as it is", "min_rank_ratio=0.25 stays as it is"),
+    ],
+)
+def test_library_parameter_names_are_shown_as_flags(message, shown):
+    from deltakit_cli.common import parameters_as_flags
+
+    assert parameters_as_flags(message) == shown

@@ -43,14 +43,6 @@ PLUGIN = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    """A registry that loads its plug-ins again, with the built-in codecs kept."""
-    registry.list_codecs()  # built-ins register once, at first import: load them before copying
-    monkeypatch.setattr(registry, "_loaded", False)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-
-
 def test_entry_point_codec_is_listed_and_round_trips(tmp_path, monkeypatch, fresh_registry):
     (tmp_path / "toy_codec_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -58,7 +58,7 @@ def test_lossy_codecs_rebuild_a_loadable_checkpoint_close_to_the_finetune(method
     assert out.keys() == ft.keys()
     for name, entry in delta.manifest.tensors.items():
         assert out[name].dtype == ft[name].dtype == torch.bfloat16
-        if entry["kind"] != "encoded":  # vectors are stored exactly
+        if entry.kind != "encoded":  # vectors are stored exactly
             assert torch.equal(out[name], ft[name]), name
             continue
         err = fm.rel_error(out[name].float() - b[name].float(), ft[name].float() - b[name].float())
@@ -83,7 +83,7 @@ def test_dqrelo_delta_is_on_budget_and_beats_bitdelta_on_a_model(llama_pair):
     dq_out = deltakit.apply(base, dq).state_dict
     bd_out = deltakit.apply(base, bd).state_dict
     for name, entry in dq.manifest.tensors.items():
-        if entry["kind"] == "encoded":
+        if entry.kind == "encoded":
             true = ft[name].float() - b[name].float()
             assert fm.rel_error(dq_out[name].float() - b[name].float(), true) < fm.rel_error(
                 bd_out[name].float() - b[name].float(), true
@@ -94,8 +94,8 @@ def test_unchanged_tensors_cost_nothing(frozen_embeddings_pair):
     base, target = frozen_embeddings_pair
     delta = deltakit.compress(base, target, method="dqrelo")
     entry = delta.manifest.tensors["model.embed_tokens.weight"]
-    assert entry["kind"] == "unchanged" and "stored" not in entry and "group" not in entry
-    assert "model.embed_tokens.weight" not in delta.manifest.groups
+    assert entry.kind == "unchanged" and not entry.stored and entry.value is None and not entry.params
+    assert entry.shard is None and entry.extra_rows is None
     assert delta.manifest.stats["unchanged_tensors"] == 1
     out = deltakit.apply(base, delta).state_dict
     assert torch.equal(out["model.embed_tokens.weight"], fm.load_state(target)["model.embed_tokens.weight"])
@@ -107,10 +107,10 @@ def test_resized_vocabulary_stores_new_rows_exactly(resized_pair, tmp_path):
     ft, b = fm.load_state(target), fm.load_state(base)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         entry = delta.manifest.tensors[name]
-        assert entry["kind"] == "encoded"
-        assert entry["base_shape"] == [fm.VOCAB, fm.HIDDEN]
-        assert entry["shape"] == [fm.VOCAB + 16, fm.HIDDEN]
-        assert "extra_rows" in entry["stored"]
+        assert entry.kind == "encoded"
+        assert entry.base_shape == [fm.VOCAB, fm.HIDDEN]
+        assert entry.shape == [fm.VOCAB + 16, fm.HIDDEN]
+        assert entry.extra_rows is not None
     report = deltakit.apply(base, tmp_path / "delta", tmp_path / "out")
     out = fm.load_state(tmp_path / "out")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -123,7 +123,7 @@ def test_resized_vocabulary_stores_new_rows_exactly(resized_pair, tmp_path):
     assert not report.matches_target
     # the grown config travels with the delta
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == fm.VOCAB + 16
-    assert delta.manifest.aux_files["config.json"]["source"] == "delta"
+    assert delta.manifest.aux_files["config.json"].source == "delta"
 
 
 def test_resized_vocabulary_lossless_is_bit_exact(resized_pair, tmp_path):
@@ -160,7 +160,7 @@ def test_compress_is_deterministic_on_disk(qwen_pair, tmp_path):
     a = deltakit.compress(base, target, tmp_path / "a", method="dqrelo", seed=3)
     b = deltakit.compress(base, target, tmp_path / "b", method="dqrelo", seed=3)
     assert a.manifest.files == b.manifest.files  # same sha256 for every shard
-    assert a.manifest.groups == b.manifest.groups
+    assert a.manifest.tensors == b.manifest.tensors
 
 
 def test_in_memory_and_on_disk_deltas_apply_identically(gpt2_pair, tmp_path):
@@ -171,14 +171,15 @@ def test_in_memory_and_on_disk_deltas_apply_identically(gpt2_pair, tmp_path):
     a = deltakit.apply(base, memory).state_dict
     b = deltakit.apply(base, tmp_path / "d").state_dict
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(g["params"]["rank"] == 4 for g in disk.manifest.groups.values())
+    encoded = [e for e in disk.manifest.tensors.values() if e.kind == "encoded"]
+    assert encoded and all(e.params["rank"] == 4 for e in encoded)
 
 
 def test_gpt2_conv1d_layout_is_recorded_and_tensors_keep_their_stored_orientation(gpt2_pair):
     base, target = gpt2_pair
     delta = deltakit.compress(base, target, method="dqrelo")
     entry = delta.manifest.tensors["transformer.h.0.attn.c_attn.weight"]
-    assert entry["layout"] == "in_out" and entry["shape"] == [fm.HIDDEN, 3 * fm.HIDDEN]
+    assert entry.layout == "in_out" and entry.shape == [fm.HIDDEN, 3 * fm.HIDDEN]
     assert "lm_head.weight" not in delta.manifest.tensors  # tied: stored once, as wte
     out = deltakit.apply(base, delta).state_dict
     assert out["transformer.h.0.attn.c_attn.weight"].shape == (fm.HIDDEN, 3 * fm.HIDDEN)
@@ -197,7 +198,7 @@ def test_exclude_roles_store_those_matrices_exactly(llama_pair):
     base, target = llama_pair
     delta = deltakit.compress(base, target, method="svd", exclude_roles=("embedding", "lm_head"))
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        assert delta.manifest.tensors[name]["kind"] == "passthrough"
+        assert delta.manifest.tensors[name].kind == "passthrough"
     out, ft = deltakit.apply(base, delta).state_dict, fm.load_state(target)
     assert torch.equal(out["lm_head.weight"], ft["lm_head.weight"])
 
@@ -209,7 +210,7 @@ def test_removed_and_new_tensors_round_trip(state_pair):
     target["score.weight"] = torch.randn(3, 64)
     delta = deltakit.compress(base, target, method="dqrelo")
     assert delta.manifest.removed == ["model.layers.0.self_attn.q_proj.weight"]
-    assert delta.manifest.tensors["score.weight"]["kind"] == "passthrough"
+    assert delta.manifest.tensors["score.weight"].kind == "passthrough"
     out = deltakit.apply(base, delta).state_dict
     assert out.keys() == target.keys()
     assert torch.equal(out["score.weight"], target["score.weight"])
@@ -250,7 +251,7 @@ def test_manifest_on_disk_records_identities_codec_and_files(qwen_pair, tmp_path
     on_disk = {str(p.relative_to(tmp_path / "delta")) for p in (tmp_path / "delta").rglob("*") if p.is_file()}
     assert on_disk - listed == {"manifest.json"}
     assert set(CheckpointReader(base).names()) == {
-        n for n, e in manifest.tensors.items() if e["kind"] != "passthrough" or e.get("in_base")
+        n for n, e in manifest.tensors.items() if e.kind != "passthrough" or e.in_base
     }
 
 
@@ -259,7 +260,7 @@ def test_changed_integer_matrices_are_stored_exactly(method):
     base = {"model.layers.0.ids": torch.arange(64).reshape(2, 32), "model.layers.0.w": torch.randn(16, 16)}
     target = {"model.layers.0.ids": base["model.layers.0.ids"] * 3, "model.layers.0.w": torch.randn(16, 16)}
     delta = deltakit.compress(base, target, method=method)
-    assert delta.manifest.tensors["model.layers.0.ids"]["kind"] == "passthrough"
+    assert delta.manifest.tensors["model.layers.0.ids"].kind == "passthrough"
     out = deltakit.apply(base, delta).state_dict
     assert out["model.layers.0.ids"].dtype == torch.int64
     assert torch.equal(out["model.layers.0.ids"], target["model.layers.0.ids"])

@@ -114,8 +114,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def _compress(tiny, name: str, **sets) -> tuple[Path, dict]:
     out = tiny["root"] / name
     overrides = {"batch_size": "4", "lr": "0.02", **{k: str(v) for k, v in sets.items()}}
-    report = deltakit.compress(
-        None,
+    report = deltakit.compress_model(
         tiny["model"],
         out,
         method="deltallm",
@@ -175,11 +174,10 @@ def test_bad_config_names_choices(tiny):
 
 
 def test_no_data_and_conflicting_targets(tiny):
-    with pytest.raises(UsageError, match="--data"):
-        deltakit.compress(None, tiny["model"], tiny["root"] / "x", method="deltallm", reduction=0.2)
+    with pytest.raises(UsageError, match="data="):
+        deltakit.compress_model(tiny["model"], tiny["root"] / "x", method="deltallm", reduction=0.2)
     with pytest.raises(UsageError, match="not both"):
-        deltakit.compress(
-            None,
+        deltakit.compress_model(
             tiny["model"],
             tiny["root"] / "y",
             method="deltallm",
@@ -310,9 +308,9 @@ def test_checkpoint_resume_matches_uninterrupted(tiny, trained):
         method="deltallm", data=[tiny["data"]], tokens=1024, seq_len=32, reduction=0.08, overrides=sets
     )
     with pytest.raises(KeyboardInterrupt):
-        deltakit.compress(None, tiny["model"], out, progress=crash, **kwargs)
+        deltakit.compress_model(tiny["model"], out, progress=crash, **kwargs)
     assert not out.exists() and json.loads((ckpt / "state.json").read_text())["step"] == 10
-    report = deltakit.compress(None, tiny["model"], out, **kwargs)
+    report = deltakit.compress_model(tiny["model"], out, **kwargs)
     assert report["training"]["resumed_from"] == 10
     from safetensors.torch import load_file
 

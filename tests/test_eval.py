@@ -260,9 +260,12 @@ def test_evaluate_delta_exact_and_half(ckpts):
 
 
 def test_evaluate_delta_routes_delta_dirs_through_apply(ckpts, models, monkeypatch, tmp_path):
-    """A dir with manifest.json is rebuilt with deltakit.apply_state_dict (stubbed here) on the base."""
-    import deltakit
+    """A dir with manifest.json is rebuilt with deltakit.apply (stubbed here) on the base."""
+    from types import SimpleNamespace
+
+    from deltakit.core import apply as apply_module
     from deltakit.eval.report import evaluate_delta
+    from deltakit.models.checkpoint import open_checkpoint
 
     _, _, delta = models
     ddir = tmp_path / "delta"
@@ -270,11 +273,15 @@ def test_evaluate_delta_routes_delta_dirs_through_apply(ckpts, models, monkeypat
     (ddir / "manifest.json").write_text("{}")
     seen = []
 
-    def fake_apply_state_dict(base_state, delta_dir):
+    def fake_apply(base_dir, delta_dir):
         seen.append(Path(delta_dir))
-        return {k: v + delta[k] if k in delta else v for k, v in base_state.items()}
+        source = open_checkpoint(base_dir)
+        base_state = {name: source.get(name) for name in source.names()}
+        return SimpleNamespace(
+            state_dict={k: v + delta[k] if k in delta else v for k, v in base_state.items()}
+        )
 
-    monkeypatch.setattr(deltakit, "apply_state_dict", fake_apply_state_dict, raising=False)
+    monkeypatch.setattr(apply_module, "apply", fake_apply)
     text = (ckpts / "text.txt").read_text()
     res = evaluate_delta(ckpts / "base", ckpts / "ft", {"d": ddir}, {"t": text}, general=False, weights=False)
     assert seen == [ddir]

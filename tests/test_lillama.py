@@ -81,8 +81,7 @@ def test_unreachable_reduction_names_the_max():
 
 def test_model_mode_roundtrip_and_export(tiny, tmp_path):
     out = tmp_path / "small"
-    report = deltakit.compress(
-        None,
+    report = deltakit.compress_model(
         tiny["base"],
         out,
         method="lillama",
@@ -136,8 +135,7 @@ def test_distillation_lowers_block_loss_vs_svd_init(tiny):
 
 def test_svd_baseline_equals_init(tiny, tmp_path):
     """distill=false writes the plain truncated-SVD model at the same ranks."""
-    report = deltakit.compress(
-        None,
+    report = deltakit.compress_model(
         tiny["base"],
         tmp_path / "svd",
         method="lillama",
@@ -173,7 +171,7 @@ def test_delta_mode_roundtrip(tiny, tmp_path):
     name = "model.layers.0.self_attn.q_proj.weight"
     assert rebuilt.get(name).shape == ft.get(name).shape
     # same storage as svd at the same ratio, but different (distilled) factors
-    assert delta.manifest.groups[name]["params"]["rank"] == svd.manifest.groups[name]["params"]["rank"]
+    assert delta.manifest.tensors[name].params["rank"] == svd.manifest.tensors[name].params["rank"]
     assert abs(delta.manifest.stats["encoded_bytes"] - svd.manifest.stats["encoded_bytes"]) == 0
     err = (rebuilt.get(name).float() - ft.get(name).float()).norm() / ft.get(name).float().norm()
     assert err < 0.5
@@ -181,10 +179,9 @@ def test_delta_mode_roundtrip(tiny, tmp_path):
 
 def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(UsageError, match="needs calibration data"):
-        deltakit.compress(None, tiny["base"], tmp_path / "a", method="lillama", reduction=0.2)
-    with pytest.raises(UsageError, match="--tokens"):  # fewer windows than one batch
-        deltakit.compress(
-            None,
+        deltakit.compress_model(tiny["base"], tmp_path / "a", method="lillama", reduction=0.2)
+    with pytest.raises(UsageError, match="tokens="):  # fewer windows than one batch
+        deltakit.compress_model(
             tiny["base"],
             tmp_path / "b",
             method="lillama",
@@ -194,9 +191,8 @@ def test_bad_inputs(tiny, tmp_path):
             reduction=0.2,
             overrides=FAST,
         )
-    with pytest.raises(UsageError, match="lower --tokens"):  # more tokens than the text holds
-        deltakit.compress(
-            None,
+    with pytest.raises(UsageError, match="lower tokens="):  # more tokens than the text holds
+        deltakit.compress_model(
             tiny["base"],
             tmp_path / "c",
             method="lillama",
@@ -207,8 +203,7 @@ def test_bad_inputs(tiny, tmp_path):
             overrides=FAST,
         )
     with pytest.raises(BudgetError, match="largest reachable reduction"):
-        deltakit.compress(
-            None,
+        deltakit.compress_model(
             tiny["base"],
             tmp_path / "d",
             method="lillama",
@@ -218,9 +213,8 @@ def test_bad_inputs(tiny, tmp_path):
             reduction=0.9,
             overrides=FAST,
         )
-    with pytest.raises(UsageError, match="--reduction"):
-        deltakit.compress(
-            None,
+    with pytest.raises(UsageError, match="reduction="):
+        deltakit.compress_model(
             tiny["base"],
             tmp_path / "e",
             method="lillama",

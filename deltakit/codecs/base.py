@@ -16,7 +16,6 @@ import typing
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -64,7 +63,7 @@ class CodecConfig:
         for key, raw in overrides.items():
             if key not in known:
                 raise ConfigError(
-                    f"unknown --set key {key!r} for {type(self).__name__}; "
+                    f"unknown overrides key {key!r} for {type(self).__name__}; "
                     f"valid keys: {', '.join(known) or '(none)'}"
                 )
             values[key] = _parse_value(key, raw, hints[key])
@@ -120,14 +119,14 @@ def _parse_value(key: str, raw: str, tp: Any) -> Any:
         if tp is int:
             return int(raw)
         if tp is float:
-            return _parse_float(raw)
+            return parse_fraction(raw)
         return str(raw)
     except ValueError:
-        raise ConfigError(f"--set {key}={raw!r}: expected a value of type {_type_name(tp)}") from None
+        raise ConfigError(f"overrides[{key}]={raw!r}: expected a value of type {_type_name(tp)}") from None
 
 
-def _parse_float(raw: str) -> float:
-    """Parse ``0.125`` or a fraction such as ``1/8``."""
+def parse_fraction(raw: str) -> float:
+    """Parse ``0.125`` or a fraction such as ``1/8``; ValueError (ZeroDivisionError for ``1/0``) otherwise."""
     if "/" in raw:
         num, den = raw.split("/", 1)
         return float(num) / float(den)
@@ -175,6 +174,35 @@ class Encoded:
 
 
 @dataclass(frozen=True)
+class StoredTensor:
+    """What a codec declares it stores under one local name: dtype name and shape (None: data-dependent)."""
+
+    dtype: str
+    shape: tuple[int, ...] | None
+
+
+@dataclass
+class FactoredView:
+    """An encoded matrix as ``scale·S + up·down``, the form the runtime's batched kernels use.
+
+    shape: (rows, cols) of the stored layout. signs: packed ±1 matrix S (uint8, 8 per byte, row-major)
+    or None. up: (rows, r), down: (r, cols), both or neither. Tensors are the encoded ones, not copies.
+    """
+
+    shape: tuple[int, int]
+    signs: torch.Tensor | None = None
+    scale: float = 0.0
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.up is None) != (self.down is None):
+            raise ValueError("a factored view has both low-rank factors or neither")
+        if self.signs is None and self.up is None:
+            raise ValueError("a factored view has a sign part, low-rank factors or both")
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Where a data-aware codec gets its calibration tokens (see :mod:`deltakit.distill.data`)."""
 
@@ -201,6 +229,8 @@ class EncodeContext:
     seed: int = 0
     #: name of the tensor being encoded (codecs derive per-tensor seeds from it)
     name: str = ""
+    #: what the codec's :meth:`Codec.prepare` returned for this run (None for data-free codecs)
+    prepared: Any = None
 
     def tensor_seed(self) -> int:
         """A seed that differs per tensor but is fixed for a given (seed, name)."""
@@ -223,8 +253,10 @@ class Codec(ABC):
     ratio_range: ClassVar[tuple[float, float] | None] = None
     #: whether the codec needs calibration data (data-aware codecs are run through deltakit.distill)
     needs_data: ClassVar[bool] = False
-    #: what the codec compresses: deltas against a base, whole models (no base), or both
-    modes: ClassVar[tuple[str, ...]] = ("delta",)
+    #: largest relative Frobenius error of the decoded delta the conformance suite accepts on its probe
+    #: matrix at 1/8 of the fp16 delta (or the default ratio); 1.0 means "better than no delta at all",
+    #: 0.0 means exact (the suite then also checks the rebuilt weight bit for bit)
+    max_error: ClassVar[float] = 1.0
 
     @abstractmethod
     def encode(
@@ -245,7 +277,7 @@ class Codec(ABC):
         base: the base tensor, needed only by codecs that store bits relative to it (``lossless``).
         """
 
-    def prepare(  # noqa: B027 - optional hook, a no-op for data-free codecs
+    def prepare(
         self,
         base: Any,
         target: Any,
@@ -255,53 +287,33 @@ class Codec(ABC):
         device: torch.device,
         seed: int,
         progress: Any = None,
-    ) -> None:
+    ) -> Any:
         """Whole-model work before the per-tensor :meth:`encode` calls (data-aware codecs distil here).
 
         base, target: :class:`deltakit.models.checkpoint.TensorSource` objects with a ``path`` when they
-        are directories. The default does nothing.
+        are directories. Returns what :meth:`encode` needs from that work; the caller hands it back to
+        every :meth:`encode` call as ``ctx.prepared`` (the codec itself keeps no state). Default: None.
         """
+        return None
 
-    def compress_model(
-        self,
-        model_dir: Path,
-        output: Path,
-        config: CodecConfig,
-        *,
-        reduction: float | None,
-        calibration: Calibration | None,
-        device: torch.device,
-        seed: int,
-        progress: Any = None,
-    ) -> dict[str, Any]:
-        """Compress a model's own weights (no base) into ``output`` (an existing empty directory).
+    def stored_tensors(
+        self, shape: tuple[int, ...], dtype: torch.dtype, config: CodecConfig, budget: Budget
+    ) -> dict[str, StoredTensor]:
+        """The tensors :meth:`encode` stores for a ``dtype`` matrix of ``shape`` under ``budget`` (dry run).
 
-        Only codecs whose ``modes`` include ``model`` implement it; returns a JSON-able report.
+        Shapes are exact where the size is known before encoding, ``None`` where it depends on the data
+        (entropy-coded streams). The default declares nothing (an empty dict means "not declared").
         """
-        from deltakit.errors import UsageError
+        return {}
 
-        raise UsageError(f"{self.name} compresses deltas only; give --base BASE_DIR")
+    def expected_error(self, encoded: Encoded) -> float | None:
+        """The relative error the codec is designed to have on ``encoded`` when it is known in closed form
+        (DARE's drop-and-rescale); None otherwise, and :attr:`max_error` bounds it instead."""
+        return None
 
-    def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:
-        """Load a directory written by :meth:`compress_model` as a working transformers model."""
-        from deltakit.errors import UsageError
-
-        raise UsageError(f"{self.name} does not write compressed models")
-
-    def describe_model(self, model_dir: Path) -> tuple[dict[str, Any], list[str]]:
-        """What ``deltakit inspect`` shows for a :meth:`compress_model` directory: a JSON-able dict and
-        plain-text lines. The default shows the report recorded at compression time."""
-        from deltakit.core.model_mode import read_marker
-
-        marker = read_marker(model_dir)
-        lines = [f"{key}: {value}" for key, value in (marker.get("report") or {}).items()]
-        return marker, lines
-
-    def export_model(self, model_dir: Path, output: Path, dtype: torch.dtype | None = None) -> None:
-        """Materialise a :meth:`compress_model` directory as a plain checkpoint in ``output``."""
-        from deltakit.errors import UsageError
-
-        raise UsageError(f"{self.name} does not write compressed models")
+    def factored(self, encoded: Encoded) -> FactoredView | None:
+        """The encoded form as ``scale·S + up·down`` for the runtime's batched path (None: no such view)."""
+        return None
 
     def reconstruct(
         self, encoded: Encoded, base: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu"
@@ -331,15 +343,22 @@ class Codec(ABC):
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "version": cls.version,
-            "summary": cls.summary,
-            "default_ratio": cls.default_ratio,
-            "ratio_range": list(cls.ratio_range) if cls.ratio_range else None,
-            "needs_data": cls.needs_data,
-            "config": cls.config_class.describe(),
-        }
+        """What ``deltakit methods`` shows: name, version, summary, sizes, data needs, config fields."""
+        info = describe_plugin(cls)
+        info["default_ratio"] = cls.default_ratio
+        info["ratio_range"] = list(cls.ratio_range) if cls.ratio_range else None
+        return info
+
+
+def describe_plugin(cls: Any) -> dict[str, Any]:
+    """The fields codecs and model compressors describe alike."""
+    return {
+        "name": cls.name,
+        "version": cls.version,
+        "summary": cls.summary,
+        "needs_data": cls.needs_data,
+        "config": cls.config_class.describe(),
+    }
 
 
 def format_ratio(ratio: float) -> str:

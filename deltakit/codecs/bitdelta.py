@@ -12,8 +12,17 @@ from dataclasses import dataclass
 import torch
 
 from deltakit.codecs._common import dense_signs, fp32_delta, require_2d, sign_part
-from deltakit.codecs.base import Codec, CodecConfig, EncodeContext, Encoded
+from deltakit.codecs.base import (
+    Budget,
+    Codec,
+    CodecConfig,
+    EncodeContext,
+    Encoded,
+    FactoredView,
+    StoredTensor,
+)
 from deltakit.codecs.registry import register_codec
+from deltakit.errors import BudgetError
 
 
 @dataclass(frozen=True)
@@ -29,14 +38,13 @@ class BitDelta(Codec):
     summary = "BitDelta: 1-bit sign of the delta with one scale per matrix (1/16 of fp16)"
     default_ratio = 1 / 16
     ratio_range = (1 / 16, 1 / 16)
+    max_error = 0.70  # measured 0.643 on the conformance probe (seed 0)
 
     def encode(
         self, base: torch.Tensor, target: torch.Tensor, config: BitDeltaConfig, ctx: EncodeContext
     ) -> Encoded:
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
         if ctx.budget.rank is not None:
-            from deltakit.errors import BudgetError
-
             raise BudgetError("bitdelta has no rank; its size is fixed at 1/16 of the fp16 delta")
         signs, scale = sign_part(fp32_delta(base, target, ctx.device))
         return Encoded({"signs": signs}, {"shape": list(shape), "scale": scale})
@@ -46,3 +54,13 @@ class BitDelta(Codec):
     ) -> torch.Tensor:
         shape = tuple(encoded.params["shape"])
         return dense_signs(encoded.tensors["signs"], shape, device) * encoded.params["scale"]
+
+    def stored_tensors(
+        self, shape: tuple[int, ...], dtype: torch.dtype, config: BitDeltaConfig, budget: Budget
+    ) -> dict[str, StoredTensor]:
+        rows, cols = require_2d("", self.name, tuple(shape))
+        return {"signs": StoredTensor("uint8", ((rows * cols + 7) // 8,))}
+
+    def factored(self, encoded: Encoded) -> FactoredView:
+        shape = tuple(encoded.params["shape"])
+        return FactoredView(shape, encoded.tensors["signs"], float(encoded.params["scale"]))

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from deltakit.codecs._common import fp32_delta, require_2d
-from deltakit.codecs.base import FP16_BYTES, Codec, CodecConfig, EncodeContext, Encoded, config_field
+from deltakit.codecs.base import (
+    FP16_BYTES,
+    Budget,
+    Codec,
+    CodecConfig,
+    EncodeContext,
+    Encoded,
+    StoredTensor,
+    config_field,
+)
 from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError
 from deltakit.ops.bitpack import pack_bits, unpack_bits
@@ -45,44 +54,69 @@ class DARE(Codec):
     summary = "DARE random drop with rescale (or magnitude top-k) of the delta entries"
     default_ratio = 1 / 8
 
+    def _plan(
+        self, shape: tuple[int, ...], config: DAREConfig, budget: Budget, name: str = ""
+    ) -> tuple[int, str]:
+        """How many entries to keep and how positions are stored (``seed``, ``mask`` or ``indices``)."""
+        if budget.rank is not None:
+            raise BudgetError("dare has no rank; give a ratio")
+        ratio = budget.ratio if budget.ratio is not None else self.default_ratio
+        numel = math.prod(shape)
+        if config.mode == "random":
+            keep, storage = math.floor(ratio * numel), "seed"
+        else:
+            nbytes = ratio * FP16_BYTES * numel
+            keep_mask = math.floor((nbytes - (numel + 7) // 8) / FP16_BYTES)
+            keep_index = math.floor(nbytes / (FP16_BYTES + 4))
+            keep, storage = (
+                min(max(keep_mask, keep_index), numel),
+                "mask" if keep_mask >= keep_index else "indices",
+            )
+        if keep < 1:
+            raise BudgetError(f"dare: ratio {ratio:g} keeps no entry of {name or 'a'} {list(shape)} tensor")
+        return keep, storage
+
+    def stored_tensors(
+        self, shape: tuple[int, ...], dtype: torch.dtype, config: DAREConfig, budget: Budget
+    ) -> dict[str, StoredTensor]:
+        keep, storage = self._plan(tuple(shape), config, budget)
+        out = {"values": StoredTensor("float16", (keep,))}
+        if storage == "mask":
+            out["mask"] = StoredTensor("uint8", ((math.prod(shape) + 7) // 8,))
+        elif storage == "indices":
+            out["indices"] = StoredTensor("int32", (keep,))
+        return out
+
     def encode(
         self, base: torch.Tensor, target: torch.Tensor, config: DAREConfig, ctx: EncodeContext
     ) -> Encoded:
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
-        if ctx.budget.rank is not None:
-            raise BudgetError("dare has no rank; give a ratio")
-        ratio = ctx.budget.ratio if ctx.budget.ratio is not None else self.default_ratio
+        keep, storage = self._plan(shape, config, ctx.budget, ctx.name)
         delta = fp32_delta(base, target, ctx.device).reshape(-1).cpu()
         numel = delta.numel()
-        if config.mode == "random":
-            keep = math.floor(ratio * numel)
-            if keep < 1:
-                raise BudgetError(
-                    f"dare: ratio {ratio:g} keeps no entry of {ctx.name or 'a'} {list(shape)} tensor"
-                )
+        if storage == "seed":
             seed = ctx.tensor_seed()
             positions = _random_positions(numel, keep, seed)
             values = (delta[positions] * (numel / keep)).to(torch.float16)
             return Encoded(
                 {"values": values}, {"shape": list(shape), "mode": "random", "keep": keep, "seed": seed}
             )
-        budget = ratio * FP16_BYTES * numel
-        keep_mask = math.floor((budget - (numel + 7) // 8) / FP16_BYTES)
-        keep_index = math.floor(budget / (FP16_BYTES + 4))
-        keep = max(keep_mask, keep_index)
-        if keep < 1:
-            raise BudgetError(
-                f"dare: ratio {ratio:g} keeps no entry of {ctx.name or 'a'} {list(shape)} tensor"
-            )
-        positions = delta.abs().topk(min(keep, numel)).indices.sort().values
+        positions = delta.abs().topk(keep).indices.sort().values
         values = delta[positions].to(torch.float16)
-        if keep_mask >= keep_index:
+        if storage == "mask":
             mask = torch.zeros(numel, dtype=torch.bool)
             mask[positions] = True
             stored = {"values": values, "mask": pack_bits(mask)}
         else:
             stored = {"values": values, "indices": positions.to(torch.int32)}
         return Encoded(stored, {"shape": list(shape), "mode": "magnitude", "keep": int(positions.numel())})
+
+    def expected_error(self, encoded: Encoded) -> float | None:
+        """Drop-and-rescale keeps fraction k with variance giving relative error sqrt((1 - k) / k)."""
+        if encoded.params["mode"] != "random":
+            return None
+        keep = encoded.params["keep"] / math.prod(encoded.params["shape"])
+        return math.sqrt((1 - keep) / keep)
 
     def decode(
         self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None

@@ -30,9 +30,12 @@ from deltakit.codecs._common import (
 )
 from deltakit.codecs.base import (
     FP16_BYTES,
+    Budget,
     Codec,
     EncodeContext,
     Encoded,
+    FactoredView,
+    StoredTensor,
     config_field,
     rank_for_bytes,
 )
@@ -59,6 +62,7 @@ class DQRelo(Codec):
     summary = "D-QRELO: 1-bit sign of the delta + truncated SVD of the residual (data-free)"
     default_ratio = 1 / 8
     ratio_range = (1 / 16, 1.0)
+    max_error = 0.60  # measured 0.534 on the conformance probe (seed 0)
 
     def rank_for(self, shape: tuple[int, int], ctx: EncodeContext, config: DQReloConfig) -> int:
         rows, cols = shape
@@ -102,3 +106,19 @@ class DQRelo(Codec):
         if "up" in encoded.tensors:
             delta += low_rank_product(encoded.tensors["up"], encoded.tensors["down"], device)
         return delta
+
+    def stored_tensors(
+        self, shape: tuple[int, ...], dtype: torch.dtype, config: DQReloConfig, budget: Budget
+    ) -> dict[str, StoredTensor]:
+        rows, cols = require_2d("", self.name, tuple(shape))
+        out = {"signs": StoredTensor("uint8", ((rows * cols + 7) // 8,))}
+        rank = self.rank_for((rows, cols), EncodeContext(budget=budget), config)
+        if rank > 0:
+            out["up"] = StoredTensor(config.factor_dtype, (rows, rank))
+            out["down"] = StoredTensor(config.factor_dtype, (rank, cols))
+        return out
+
+    def factored(self, encoded: Encoded) -> FactoredView:
+        t = encoded.tensors
+        shape = tuple(encoded.params["shape"])
+        return FactoredView(shape, t["signs"], float(encoded.params["scale"]), t.get("up"), t.get("down"))

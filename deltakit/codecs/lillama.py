@@ -1,17 +1,13 @@
 """Lillama: SVD-initialised low-rank weights refined by local (block-by-block) feature distillation.
 
 Sy, Cerisara & Illina, "Large Language Models Compression via Low-Rank Feature Distillation"
-(arXiv 2412.16719). Two uses:
+(arXiv 2412.16719). This file is the delta codec; the whole-model compressor of the same name lives in
+:mod:`deltakit.compressors.lillama` and shares :class:`LillamaConfig`.
 
-- model mode (no base): chosen Linears of a model become two Linears ``up(down(x))`` initialised from the
-  SVD of W (√S on each side) at ranks allocated to remove ``--reduction`` of the parameters, then each
-  decoder block is distilled against the original block (see :mod:`deltakit.lillama.distill`). The output
-  directory loads with :func:`deltakit.load_model` and exports to a plain checkpoint with
-  :func:`deltakit.export_model`.
-- delta mode (``--base``): each block Linear's delta Δ = W_ft − W_base starts from its truncated SVD at the
+- delta mode (``base``): each block Linear's delta Δ = W_ft − W_base starts from its truncated SVD at the
   rank the ratio gives (as in ``svd``) and the factors are distilled so that the block with
-  ``W_base + up·down`` matches the fine-tuned block. :meth:`Lillama.prepare` does the distillation; encode
-  then hands out the refined factors (other matrices, e.g. embeddings, get plain truncated SVD).
+  ``W_base + up·down`` matches the fine-tuned block. :meth:`Lillama.prepare` does the distillation and
+  returns the factors; encode then hands them out from ``ctx.prepared`` (other matrices, e.g. embeddings, get plain truncated SVD).
   decode = up @ down in fp32, like ``svd``; the delta applies through the generic apply.
 """
 
@@ -31,6 +27,8 @@ from deltakit.codecs.base import (
     CodecConfig,
     EncodeContext,
     Encoded,
+    FactoredView,
+    StoredTensor,
     config_field,
 )
 from deltakit.codecs.registry import register_codec
@@ -112,10 +110,19 @@ class LillamaConfig(CodecConfig):
         )
 
 
-def _require_calibration(calibration: Calibration | None) -> Calibration:
+def require_calibration(calibration: Calibration | None) -> Calibration:
     if calibration is None:
-        raise UsageError("lillama needs calibration data: pass --data FILE_OR_DIR (text or JSONL)")
+        raise UsageError("lillama needs calibration data: pass data=[FILE_OR_DIR] (text or JSONL)")
     return calibration
+
+
+@dataclass(frozen=True)
+class LillamaPrepared:
+    """What :meth:`Lillama.prepare` distilled: per tensor name, factors up (out, r) and down (r, in) in the
+    stored dtype, and the distillation report."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    report: dict[str, Any]
 
 
 @register_codec
@@ -123,16 +130,10 @@ class Lillama(Codec):
     name = "lillama"
     version = 1
     config_class = LillamaConfig
-    summary = "SVD-initialised low-rank weights refined by block-local feature distillation (needs --data)"
+    summary = "SVD-initialised low-rank weights refined by block-local feature distillation (needs data)"
     default_ratio = 1 / 8
     needs_data = True
-    modes = ("delta", "model")
 
-    def __init__(self) -> None:
-        self._refined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.report: dict[str, Any] = {}
-
-    # ------------------------------------------------------------------ delta mode
     def prepare(
         self,
         base: Any,
@@ -143,15 +144,15 @@ class Lillama(Codec):
         device: torch.device,
         seed: int,
         progress: Any = None,
-    ) -> None:
-        """Distil every changed block Linear's factors (kept on this instance for :meth:`encode`).
+    ) -> LillamaPrepared:
+        """Distil every changed block Linear's factors; :meth:`encode` reads them from ``ctx.prepared``.
 
         base, target: checkpoint-directory sources (``.path``); in-memory tensors cannot be run as models.
         """
         from deltakit.lillama.delta import distill_delta
         from deltakit.lillama.model import load_tokenizer
 
-        calibration = _require_calibration(calibration)
+        calibration = require_calibration(calibration)
         base_dir, target_dir = getattr(base, "path", None), getattr(target, "path", None)
         if base_dir is None or target_dir is None:
             raise UsageError(
@@ -189,16 +190,14 @@ class Lillama(Codec):
                 "this architecture renames weights on load and is not supported in delta mode"
             )
         dtype = getattr(torch, config.factor_dtype)
-        self._refined = {
-            k: (u.to(dtype).contiguous(), d.to(dtype).contiguous()) for k, (u, d) in factors.items()
-        }
-        self.report = report
+        refined = {k: (u.to(dtype).contiguous(), d.to(dtype).contiguous()) for k, (u, d) in factors.items()}
+        return LillamaPrepared(refined, report)
 
     def encode(
         self, base: torch.Tensor, target: torch.Tensor, config: LillamaConfig, ctx: EncodeContext
     ) -> Encoded:
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
-        refined = self._refined.get(ctx.name)
+        refined = ctx.prepared.factors.get(ctx.name) if isinstance(ctx.prepared, LillamaPrepared) else None
         if refined is not None and tuple(refined[0].shape[:1]) + tuple(refined[1].shape[1:]) == shape:
             up, down = refined
             return Encoded(
@@ -211,50 +210,10 @@ class Lillama(Codec):
     ) -> torch.Tensor:
         return low_rank_product(encoded.tensors["up"], encoded.tensors["down"], device)
 
-    # ------------------------------------------------------------------ model mode
-    def compress_model(
-        self,
-        model_dir: Path,
-        output: Path,
-        config: LillamaConfig,
-        *,
-        reduction: float | None,
-        calibration: Calibration | None,
-        device: torch.device,
-        seed: int,
-        progress: Any = None,
-    ) -> dict[str, Any]:
-        from deltakit.lillama.model import compress_model_dir, load_tokenizer
+    def stored_tensors(
+        self, shape: tuple[int, ...], dtype: torch.dtype, config: LillamaConfig, budget: Budget
+    ) -> dict[str, StoredTensor]:
+        return SVD().stored_tensors(shape, dtype, config.svd_config(), budget)
 
-        if reduction is None:
-            raise UsageError(
-                "lillama model compression needs --reduction (fraction of parameters to remove, e.g. 0.2)"
-            )
-        calibration = _require_calibration(calibration)
-        windows = calibration.batches(load_tokenizer(Path(model_dir)))  # (n, seq) int64
-        return compress_model_dir(
-            Path(model_dir),
-            Path(output),
-            reduction=reduction,
-            windows=windows,
-            settings=config.settings(seed),
-            strategy=config.strategy,
-            rank_step=config.rank_step,
-            min_rank_ratio=config.min_rank_ratio,
-            skip_first=config.skip_first,
-            modules=config.modules,
-            distill=config.distill,
-            svd_kwargs=config.svd_kwargs(),
-            device=device,
-            progress=progress,
-        )
-
-    def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:
-        from deltakit.lillama.model import load_compressed
-
-        return load_compressed(Path(model_dir), device)
-
-    def export_model(self, model_dir: Path, output: Path, dtype: torch.dtype | None = None) -> None:
-        from deltakit.lillama.model import export_dense
-
-        export_dense(Path(model_dir), Path(output), dtype)
+    def factored(self, encoded: Encoded) -> FactoredView:
+        return SVD().factored(encoded)

@@ -15,7 +15,15 @@ import numpy as np
 import torch
 import zstandard
 
-from deltakit.codecs.base import Budget, Codec, CodecConfig, EncodeContext, Encoded, config_field
+from deltakit.codecs.base import (
+    Budget,
+    Codec,
+    CodecConfig,
+    EncodeContext,
+    Encoded,
+    StoredTensor,
+    config_field,
+)
 from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError, FormatError
 from deltakit.format.safetensors_io import dtype_from_name, dtype_name
@@ -39,11 +47,12 @@ class Lossless(Codec):
     version = 1
     config_class = LosslessConfig
     summary = "exact delta: base-XOR bits, byte-plane zstd; apply restores the fine-tune bit for bit"
+    max_error = 0.0
 
     def check_budget(self, budget: Budget) -> None:
         if budget.ratio is not None or budget.rank is not None:
             raise BudgetError(
-                "lossless keeps every bit; its size is whatever zstd achieves (drop --ratio/--rank)"
+                "lossless keeps every bit; its size is whatever zstd achieves (leave ratio and rank unset)"
             )
 
     def encode(
@@ -104,3 +113,9 @@ class Lossless(Codec):
         if base is None:
             return target
         return target - base.to(device=device, dtype=torch.float32)
+
+    def stored_tensors(
+        self, shape: tuple[int, ...], dtype: torch.dtype, config: LosslessConfig, budget: Budget
+    ) -> dict[str, StoredTensor]:
+        planes = torch.empty((), dtype=dtype).element_size() if config.byte_planes else 1
+        return {f"plane{i}": StoredTensor("uint8", None) for i in range(planes)}  # zstd: data-dependent

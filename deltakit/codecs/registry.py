@@ -1,44 +1,27 @@
-"""The codec registry: one decorator registers a codec; third parties register through entry points.
+"""The codec registry: one decorator registers a codec; every codec is found through entry points.
 
-Built-in codecs are imported on first lookup, so ``import deltakit`` stays cheap. Third-party
-packages expose codecs through the ``deltakit.codecs`` entry-point group; each entry point names a
-module (or object) whose import registers its codecs with :func:`register_codec`.
+Packages, deltakit included, expose codecs through the ``deltakit.codecs`` entry-point group; each entry
+point names a module whose import registers its codecs with :func:`register_codec`. Entry points are
+loaded on first lookup, so ``import deltakit`` stays cheap.
 """
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from importlib.metadata import entry_points
 
 from deltakit.codecs.base import Codec
 from deltakit.errors import UnknownCodecError
+from deltakit.plugins import load_entry_points, register_named
 
 ENTRY_POINT_GROUP = "deltakit.codecs"
-_BUILTIN_MODULES = (
-    "deltakit.codecs.dqrelo",
-    "deltakit.codecs.bitdelta",
-    "deltakit.codecs.svd",
-    "deltakit.codecs.dare",
-    "deltakit.codecs.lossless",
-    "deltakit.codecs.lillama",
-    "deltakit.codecs.deltallm",
-)
 
 _REGISTRY: dict[str, type[Codec]] = {}
 _loaded = False
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:
-    """Class decorator: make ``cls`` selectable by its ``name`` (``--method NAME``)."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__qualname__} must set a non-empty class attribute `name`")
-    existing = _REGISTRY.get(name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"codec name {name!r} is already registered by {existing.__module__}")
-    _REGISTRY[name] = cls
-    return cls
+    """Class decorator: make ``cls`` selectable by its ``name`` (``method=NAME``)."""
+    return register_named(_REGISTRY, cls, "codec")
 
 
 def _load_all() -> None:
@@ -46,17 +29,7 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a codec module that exists but fails to import is a bug: say so
-                raise
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken plug-in must not break the built-in codecs
-            warnings.warn(f"could not load deltakit codec entry point {ep.name!r}: {exc}", stacklevel=2)
+    load_entry_points(entry_points(group=ENTRY_POINT_GROUP), "codec")
 
 
 def get_codec(name: str) -> Codec:

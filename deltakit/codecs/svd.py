@@ -19,9 +19,12 @@ from deltakit.codecs._common import (
 )
 from deltakit.codecs.base import (
     FP16_BYTES,
+    Budget,
     Codec,
     EncodeContext,
     Encoded,
+    FactoredView,
+    StoredTensor,
     rank_for_bytes,
 )
 from deltakit.codecs.registry import register_codec
@@ -40,6 +43,7 @@ class SVD(Codec):
     config_class = SVDConfig
     summary = "truncated SVD of the delta (low-rank / LoRA-extraction baseline)"
     default_ratio = 1 / 8
+    max_error = 0.76  # measured 0.706 on the conformance probe (seed 0)
 
     def rank_for(self, shape: tuple[int, int], ctx: EncodeContext, config: SVDConfig) -> int:
         rows, cols = shape
@@ -67,3 +71,17 @@ class SVD(Codec):
         self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
     ) -> torch.Tensor:
         return low_rank_product(encoded.tensors["up"], encoded.tensors["down"], device)
+
+    def stored_tensors(
+        self, shape: tuple[int, ...], dtype: torch.dtype, config: SVDConfig, budget: Budget
+    ) -> dict[str, StoredTensor]:
+        rows, cols = require_2d("", self.name, tuple(shape))
+        rank = self.rank_for((rows, cols), EncodeContext(budget=budget), config)
+        return {
+            "up": StoredTensor(config.factor_dtype, (rows, rank)),
+            "down": StoredTensor(config.factor_dtype, (rank, cols)),
+        }
+
+    def factored(self, encoded: Encoded) -> FactoredView:
+        shape = tuple(encoded.params["shape"])
+        return FactoredView(shape, up=encoded.tensors["up"], down=encoded.tensors["down"])

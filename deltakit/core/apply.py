@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from deltakit.core.decode import Decoder, load_delta
 from deltakit.core.device import resolve_device
 from deltakit.errors import BaseMismatchError, TensorMismatchError, UsageError
 from deltakit.format.atomic import atomic_directory
-from deltakit.format.delta import Delta, load_delta
+from deltakit.format.delta import Delta
 from deltakit.format.fingerprint import FingerprintBuilder
-from deltakit.format.manifest import PASSTHROUGH
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
 
@@ -41,9 +41,7 @@ class ApplyReport:
 
 
 def expected_base_names(delta: Delta) -> set[str]:
-    names = {
-        n for n, e in delta.manifest.tensors.items() if e["kind"] != PASSTHROUGH or e.get("in_base", False)
-    }
+    names = {n for n, e in delta.manifest.tensors.items() if e.needs_base}
     return names | set(delta.manifest.removed)
 
 
@@ -90,17 +88,17 @@ def apply(
         delta = load_delta(delta, verify=verify)
     out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
     if out_dtype is not None and not out_dtype.is_floating_point:
-        raise UsageError(f"--dtype must be a floating dtype, got {dtype}")
+        raise UsageError(f"dtype must be a floating dtype, got {dtype}")
     dev = resolve_device(device)
     base_src = open_checkpoint(base)
     check_base_keys(delta, base_src)
 
     specs = []
     for name, entry in delta.manifest.tensors.items():
-        tdtype = dtype_from_name(entry["dtype"])
+        tdtype = dtype_from_name(entry.dtype)
         if out_dtype is not None and tdtype.is_floating_point:
             tdtype = out_dtype
-        specs.append(TensorSpec(name, tdtype, tuple(entry["shape"])))
+        specs.append(TensorSpec(name, tdtype, tuple(entry.shape)))
 
     if output is None:
         state: dict[str, torch.Tensor] = {}
@@ -127,6 +125,7 @@ def _apply_into(
 ) -> ApplyReport:
     base_fp, out_fp = FingerprintBuilder(), FingerprintBuilder()
     manifest = delta.manifest
+    decoder = Decoder.of(delta)
     total = len(specs) + len(manifest.removed)
     base_names = set(base_src.names())
     for index, spec in enumerate(specs):
@@ -135,7 +134,7 @@ def _apply_into(
         base_tensor = base_src.get(spec.name) if spec.name in base_names else None
         if base_tensor is not None:
             base_fp.add(spec.name, base_tensor)
-        rebuilt = delta.reconstruct(spec.name, base_tensor, dev).to(spec.dtype).cpu()
+        rebuilt = decoder.reconstruct(spec.name, base_tensor, dev).to(spec.dtype).cpu()
         out_fp.add(spec.name, rebuilt)
         sink(spec.name, rebuilt)
     for offset, name in enumerate(manifest.removed):
@@ -151,8 +150,8 @@ def _apply_into(
             f"({manifest.base.fingerprint[:19]}…, {manifest.base.name!r})"
         )
         if not force:
-            raise BaseMismatchError(message + "; pass --force to apply anyway")
-        warnings.warn(message + "; applying anyway (--force)", stacklevel=3)
+            raise BaseMismatchError(message + "; pass force=True to apply anyway")
+        warnings.warn(message + "; applying anyway (force=True)", stacklevel=3)
     output_fingerprint = out_fp.fingerprint()
     return ApplyReport(
         None,
@@ -166,13 +165,13 @@ def _apply_into(
 def _copy_aux(delta: Delta, base_src: TensorSource, out_dir: Path) -> None:
     base_dir = base_src.path if isinstance(base_src, CheckpointReader) else None
     for name, entry in delta.manifest.aux_files.items():
-        if entry["source"] == "delta":
-            shutil.copyfile(delta.path / entry["path"], out_dir / name)
+        if entry.source == "delta" and entry.path is not None:
+            shutil.copyfile(delta.path / entry.path, out_dir / name)
             continue
         source = base_dir / name if base_dir is not None else None
         if source is None or not source.is_file():
             warnings.warn(f"base has no {name}; the output lacks it", stacklevel=3)
             continue
         shutil.copyfile(source, out_dir / name)
-        if file_sha256(out_dir / name) != entry["sha256"]:
+        if file_sha256(out_dir / name) != entry.sha256:
             warnings.warn(f"{name} in the base differs from the fine-tune's; copied the base's", stacklevel=3)

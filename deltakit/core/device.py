@@ -11,7 +11,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``cpu``/``cuda``/``cuda:N`` -> torch.device; asking for CUDA without one is an error."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device}: no CUDA device is available here; use --device cpu")
+        raise UsageError(f"device {device}: no CUDA device is available here; use device=cpu")
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"unsupported device {device!r}; choose cpu or cuda")
     return dev

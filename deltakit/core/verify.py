@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from deltakit.core.decode import load_delta
 from deltakit.errors import BaseMismatchError
-from deltakit.format.delta import load_delta
 from deltakit.format.fingerprint import FingerprintBuilder
 from deltakit.models.checkpoint import open_checkpoint
 

@@ -2,7 +2,8 @@
 
 Public pieces: :func:`build_plan` / :class:`SharingPlan` (structure), :class:`DeltaLinear` (real sharing),
 :func:`describe_model` (for ``deltakit inspect``), :func:`load_compressed` / :func:`export_plain`, and the
-baselines in :mod:`deltakit.deltallm.baselines`. The codec is ``deltakit.codecs.deltallm`` (``--method deltallm``).
+baselines in :mod:`deltakit.deltallm.baselines`. The model compressor is
+``deltakit.compressors.deltallm`` (``--method deltallm`` without ``--base``).
 """
 
 from deltakit.deltallm.config import DeltaLLMConfig

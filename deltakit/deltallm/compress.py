@@ -34,11 +34,13 @@ def plan_for(model_dir: Path | str, config: DeltaLLMConfig, reduction: float | N
     reader = CheckpointReader(model_dir)
     if config.rank and reduction is not None:
         raise UsageError(
-            f"give either --reduction or --set rank=R, not both (got reduction={reduction}, "
+            f"give either reduction= or overrides[rank]=R, not both (got reduction={reduction}, "
             f"rank={config.rank})"
         )
     if not config.rank and reduction is None:
-        raise UsageError("deltallm needs a target: --reduction 0.12 (rank chosen to meet it) or --set rank=R")
+        raise UsageError(
+            "deltallm needs a target: reduction=0.12 (rank chosen to meet it) or overrides[rank]=R"
+        )
     return build_plan(
         model_layout(reader),
         layout=config.layout,
@@ -88,8 +90,8 @@ def compress(
     plan = plan_for(model_dir, config, reduction)
     if config.train and calibration is None:
         raise UsageError(
-            "deltallm distils its deltas and needs calibration text: give --data FILE "
-            "(or --set train=false for the untrained SVD initialisation)"
+            "deltallm distils its deltas and needs calibration text: pass data=[FILE_OR_DIR] "
+            "(or overrides[train]=false for the untrained SVD initialisation)"
         )
     compute_dtype = _compute_dtype(config, reader)
     weight_dtype = compute_dtype if config.train else torch.float32
@@ -103,56 +105,14 @@ def compress(
     for module in deltas.values():
         module.lora_A.requires_grad_(config.train)
         module.lora_B.requires_grad_(config.train)
-    report: dict[str, Any] = {
-        "plan": {
-            "layout": plan.layout,
-            "share": plan.share,
-            "rank": plan.rank,
-            "followers": plan.followers,
-            "anchors": plan.anchors,
-            "groups": [g for g in plan.groups if len(g) > 1],
-        }
-    }
+    report: dict[str, Any] = {"plan": _plan_summary(plan)}
     training: dict[str, Any] | None = None
     if config.train:
         assert calibration is not None
-        tokenizer = tf.AutoTokenizer.from_pretrained(model_dir)
-        windows = calibration.batches(tokenizer)  # (n, seq_len) int64
-        ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else output / CHECKPOINT_SUBDIR
-        run_key = fingerprint(config.training_key(), plan.to_dict(), seed, _model_identity(reader), windows)
-        history = distill_deltas_(
-            model,
-            deltas,
-            plan,
-            windows,
-            config,
-            seed=seed,
-            device=device,
-            compute_dtype=compute_dtype,
-            checkpoint_dir=ckpt,
-            run_key=run_key,
-            progress=progress,
-        )
-        if not config.checkpoint_dir:
-            shutil.rmtree(ckpt, ignore_errors=True)
-        (output / TRAINING_FILE).write_text(json.dumps(history, indent=1) + "\n")
-        steps = history["steps"]
-        training = {
-            "steps": history["total_steps"],
-            "tokens": history["total_steps"] * history["tokens_per_step"],
-            "calibration_windows": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]),
-            "pmr": config.pmr,
-            "first_loss": steps[0]["loss"] if steps else None,
-            "final_loss": steps[-1]["loss"] if steps else None,
-            "final_probe_kl": history["probe"][-1]["kl"] if history["probe"] else None,
-            "resumed_from": history.get("resumed_from"),
-            "seconds": round(history.get("seconds", 0.0), 1),
-            "compute_dtype": str(compute_dtype).removeprefix("torch."),
-            "loss_curve": TRAINING_FILE,
-            "losses": [round(s["loss"], 4) for s in steps],
-            "probe_kl": [[p["step"], round(p["kl"], 4)] for p in history["probe"]],
-        }
+        training = _train(
+            model, deltas, plan, calibration, config, model_dir, output, reader, seed, device, compute_dtype,
+            progress,
+        )  # fmt: skip
     for module in deltas.values():
         module.drop_original_()
     params_after = count_parameters(model)
@@ -175,3 +135,71 @@ def compress(
         }
     )
     return report
+
+
+def _plan_summary(plan: Any) -> dict[str, Any]:
+    """The plan as the report shows it (groups of one block left out)."""
+    return {
+        "layout": plan.layout,
+        "share": plan.share,
+        "rank": plan.rank,
+        "followers": plan.followers,
+        "anchors": plan.anchors,
+        "groups": [g for g in plan.groups if len(g) > 1],
+    }
+
+
+def _train(
+    model: Any,
+    deltas: dict[str, Any],
+    plan: Any,
+    calibration: Calibration,
+    config: DeltaLLMConfig,
+    model_dir: Path,
+    output: Path,
+    reader: CheckpointReader,
+    seed: int,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    progress: Any,
+) -> dict[str, Any]:
+    """Distil the deltas in place (resumable from checkpoints), write the loss curve; the training report."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(model_dir)
+    windows = calibration.batches(tokenizer)  # (n, seq_len) int64
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else output / CHECKPOINT_SUBDIR
+    run_key = fingerprint(config.training_key(), plan.to_dict(), seed, _model_identity(reader), windows)
+    history = distill_deltas_(
+        model,
+        deltas,
+        plan,
+        windows,
+        config,
+        seed=seed,
+        device=device,
+        compute_dtype=compute_dtype,
+        checkpoint_dir=ckpt,
+        run_key=run_key,
+        progress=progress,
+    )
+    if not config.checkpoint_dir:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    (output / TRAINING_FILE).write_text(json.dumps(history, indent=1) + "\n")
+    steps = history["steps"]
+    return {
+        "steps": history["total_steps"],
+        "tokens": history["total_steps"] * history["tokens_per_step"],
+        "calibration_windows": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+        "pmr": config.pmr,
+        "first_loss": steps[0]["loss"] if steps else None,
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "final_probe_kl": history["probe"][-1]["kl"] if history["probe"] else None,
+        "resumed_from": history.get("resumed_from"),
+        "seconds": round(history.get("seconds", 0.0), 1),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "loss_curve": TRAINING_FILE,
+        "losses": [round(s["loss"], 4) for s in steps],
+        "probe_kl": [[p["step"], round(p["kl"], 4)] for p in history["probe"]],
+    }

@@ -1,4 +1,4 @@
-"""The ``deltallm`` codec's config: structure, distillation (PMR) and checkpointing knobs."""
+"""The ``deltallm`` compressor's config: structure, distillation (PMR) and checkpointing knobs."""
 
 from __future__ import annotations
 

@@ -275,7 +275,7 @@ def build_plan(
     )
     if (rank is None) == (reduction is None):
         raise ConfigError(
-            "give either a delta rank (--set rank=R) or a target --reduction, not both or neither"
+            "give either a delta rank (overrides[rank]=R) or a target reduction=R, not both or neither"
         )
     if not anchor_of:
         raise BudgetError(

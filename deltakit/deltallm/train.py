@@ -140,6 +140,81 @@ def _probe_kl(
     return float(logit_kl(logits, teacher_logits, temperature))
 
 
+def _split_probe(
+    windows: torch.Tensor, config: DeltaLLMConfig, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(probe windows on ``device`` or None, training windows): the first ``probe_windows`` are held out."""
+    if config.eval_every <= 0:
+        return None, windows
+    if windows.shape[0] <= config.probe_windows:
+        from deltakit.errors import UsageError
+
+        raise UsageError(
+            f"eval_every needs more than probe_windows={config.probe_windows} calibration "
+            f"windows, got {windows.shape[0]}; raise tokens="
+        )
+    return windows[: config.probe_windows].to(device), windows[config.probe_windows :]
+
+
+def _hidden_mse(student: Any, teacher: Any, first: int) -> torch.Tensor:
+    """Mean relative MSE of the hidden states after block ``first`` (student vs teacher)."""
+    pairs = zip(student.hidden_states[first + 1 :], teacher.hidden_states[first + 1 :], strict=True)
+    return torch.stack(
+        [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-8) for s, t in pairs]
+    ).mean()
+
+
+def _step_loss(
+    model: torch.nn.Module,
+    deltas: dict[str, DeltaLinear],
+    plan: SharingPlan,
+    batch: torch.Tensor,
+    replaced: set[int],
+    config: DeltaLLMConfig,
+    ctx: Any,
+) -> tuple[torch.Tensor, float]:
+    """One distillation loss: teacher (original path) vs student with ``replaced`` followers; (loss, KL)."""
+    want_hidden = config.hidden_mse > 0
+    set_replacement_(deltas, plan, set())
+    with torch.no_grad(), ctx():
+        teacher = model(batch, use_cache=False, output_hidden_states=want_hidden)
+    set_replacement_(deltas, plan, replaced)
+    with ctx():
+        student = model(batch, use_cache=False, output_hidden_states=want_hidden)
+        loss = logit_kl(student.logits, teacher.logits, config.temperature)
+        kl_value = float(loss.detach())
+        if want_hidden:
+            loss = loss + config.hidden_mse * _hidden_mse(student, teacher, min(replaced))
+    return loss, kl_value
+
+
+def _resume(
+    checkpoint_dir: Path,
+    run_key: str,
+    deltas: dict[str, DeltaLinear],
+    optimizer: torch.optim.Optimizer,
+    config: DeltaLLMConfig,
+    total: int,
+    seq_len: int,
+) -> tuple[int, dict[str, Any]]:
+    """(first step, history): from the run's checkpoint when one matches ``run_key`` (factors and optimizer
+    state restored in place), else a fresh start."""
+    resumed = _load_checkpoint(checkpoint_dir, run_key, deltas, optimizer)
+    if resumed is None:
+        tokens_per_step = config.batch_size * seq_len
+        return 0, {
+            "steps": [],
+            "probe": [],
+            "total_steps": total,
+            "tokens_per_step": tokens_per_step,
+            "pmr": config.pmr,
+        }
+    start = int(resumed["step"])
+    history = resumed["history"]
+    history["resumed_from"] = start
+    return start, history
+
+
 def distill_deltas_(
     model: torch.nn.Module,
     deltas: dict[str, DeltaLinear],
@@ -160,16 +235,7 @@ def distill_deltas_(
     other parameter frozen. windows: (n, seq_len) int64 calibration tokens. Returns the history: per-step
     ``loss``/``p``/``replaced`` and, with ``eval_every``, ``probe`` KL of the fully compressed student.
     """
-    probe: torch.Tensor | None = None
-    if config.eval_every > 0:
-        if windows.shape[0] <= config.probe_windows:
-            from deltakit.errors import UsageError
-
-            raise UsageError(
-                f"eval_every needs more than probe_windows={config.probe_windows} calibration "
-                f"windows, got {windows.shape[0]}; raise --tokens"
-            )
-        probe, windows = windows[: config.probe_windows].to(device), windows[config.probe_windows :]
+    probe, windows = _split_probe(windows, config, device)
     n = windows.shape[0]
     total = config.steps or config.epochs * math.ceil(n / config.batch_size)
     schedule = PMRSchedule(start=config.pmr_start if config.pmr else 1.0, ramp=config.pmr_ramp, total=total)
@@ -180,82 +246,31 @@ def distill_deltas_(
     def ctx() -> contextlib.AbstractContextManager:
         return autocast_context(device, compute_dtype)
 
-    history: dict[str, Any] = {
-        "steps": [],
-        "probe": [],
-        "total_steps": total,
-        "tokens_per_step": config.batch_size * windows.shape[1],
-        "pmr": config.pmr,
-    }
-    start = 0
-    resumed = _load_checkpoint(checkpoint_dir, run_key, deltas, optimizer)
-    if resumed is not None:
-        start = int(resumed["step"])
-        history = resumed["history"]
-        history["resumed_from"] = start
+    start, history = _resume(checkpoint_dir, run_key, deltas, optimizer, config, total, windows.shape[1])
     probe_teacher: torch.Tensor | None = None
     if probe is not None:
         set_replacement_(deltas, plan, set())
         with torch.no_grad(), ctx():
             probe_teacher = model(probe, use_cache=False).logits.float()
         if start == 0:
-            history["probe"].append(
-                {
-                    "step": 0,
-                    "kl": _probe_kl(model, deltas, plan, probe, probe_teacher, ctx, config.temperature),
-                }
-            )
+            kl = _probe_kl(model, deltas, plan, probe, probe_teacher, ctx, config.temperature)
+            history["probe"].append({"step": 0, "kl": kl})
     began = time.time()
     for step in range(start, total):
         batch = windows[batch_indices(step, n, config.batch_size, seed)].to(device)  # (b, seq)
-        want_hidden = config.hidden_mse > 0
-        set_replacement_(deltas, plan, set())
-        with torch.no_grad(), ctx():
-            teacher = model(batch, use_cache=False, output_hidden_states=want_hidden)
         mask = schedule.sample(step, len(followers), seed)
         replaced = {f for f, on in zip(followers, mask.tolist(), strict=True) if on}
-        set_replacement_(deltas, plan, replaced)
-        with ctx():
-            student = model(batch, use_cache=False, output_hidden_states=want_hidden)
-            loss = logit_kl(student.logits, teacher.logits, config.temperature)
-            kl_value = float(loss.detach())
-            if want_hidden:
-                first = min(replaced)
-                mse = torch.stack(
-                    [
-                        (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-8)
-                        for s, t in zip(
-                            student.hidden_states[first + 1 :],
-                            teacher.hidden_states[first + 1 :],
-                            strict=True,
-                        )
-                    ]
-                ).mean()
-                loss = loss + config.hidden_mse * mse
+        loss, kl_value = _step_loss(model, deltas, plan, batch, replaced, config, ctx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
         optimizer.step()
-        history["steps"].append(
-            {
-                "step": step + 1,
-                "loss": float(loss.detach()),
-                "kl": kl_value,
-                "p": schedule.p(step),
-                "replaced": len(replaced),
-            }
-        )
-        if (
-            probe is not None
-            and probe_teacher is not None
-            and ((step + 1) % config.eval_every == 0 or step + 1 == total)
-        ):
-            history["probe"].append(
-                {
-                    "step": step + 1,
-                    "kl": _probe_kl(model, deltas, plan, probe, probe_teacher, ctx, config.temperature),
-                }
-            )
+        record = {"step": step + 1, "loss": float(loss.detach()), "kl": kl_value, "p": schedule.p(step)}
+        history["steps"].append({**record, "replaced": len(replaced)})
+        due = (step + 1) % max(config.eval_every, 1) == 0 or step + 1 == total
+        if probe is not None and probe_teacher is not None and due:
+            kl = _probe_kl(model, deltas, plan, probe, probe_teacher, ctx, config.temperature)
+            history["probe"].append({"step": step + 1, "kl": kl})
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
             _save_checkpoint(
                 checkpoint_dir,

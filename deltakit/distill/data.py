@@ -92,7 +92,7 @@ def token_batches(
     if available < wanted:
         raise UsageError(
             f"calibration data has {len(stream)} tokens, fewer than the {wanted * seq_len} requested "
-            f"({wanted} windows of {seq_len}); give more text with --data or lower --tokens"
+            f"({wanted} windows of {seq_len}); give more text in data=[FILE_OR_DIR] or lower tokens="
         )
     windows = torch.tensor(stream[: available * seq_len], dtype=torch.int64).view(available, seq_len)
     order = list(range(available))

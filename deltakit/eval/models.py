@@ -73,14 +73,8 @@ def load_tokenizer(path: str | os.PathLike[str]):
 def reconstruct(
     base_dir: str | os.PathLike[str], delta_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
 ) -> Path:
-    """Materialise base + delta as a HF checkpoint dir at ``out_dir`` through ``deltakit.apply``.
+    """Materialise base + delta as a HF checkpoint dir at ``out_dir`` through ``deltakit.apply``."""
+    from deltakit.core.apply import apply
 
-    Imported lazily: the apply API lives in the library's top level, which evaluation does not need
-    otherwise.
-    """
-    try:
-        from deltakit import apply
-    except ImportError as exc:  # the library's apply is not there (an older or partial install)
-        raise FormatError(f"cannot reconstruct {delta_dir}: deltakit.apply is unavailable ({exc})") from exc
     apply(base_dir, delta_dir, out_dir)
     return Path(out_dir)

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,27 +54,10 @@ def _names_for(candidates: Mapping[str, object] | Sequence[object]) -> dict[str,
 
 
 def reconstruct_model(base_dir: str | os.PathLike[str], delta_dir: str | os.PathLike[str]) -> torch.nn.Module:
-    """base + delta as an fp32 module, rebuilt in memory (no files written).
+    """base + delta as an fp32 module, rebuilt in memory (no files written) by :func:`deltakit.apply`."""
+    from deltakit.core.apply import apply
 
-    Uses ``deltakit.apply_state_dict(base_state, delta_dir)`` when the library has it, else
-    ``deltakit.apply(base_dir, delta_dir)`` with no output dir (its report carries the state dict).
-    Imported lazily so evaluation works on checkpoint dirs and modules without the apply machinery.
-    """
-    import deltakit
-
-    apply_state_dict = getattr(deltakit, "apply_state_dict", None)
-    if apply_state_dict is not None:
-        from safetensors.torch import load_file
-
-        base_state: dict[str, torch.Tensor] = {}
-        for shard in sorted(Path(base_dir).glob("*.safetensors")):
-            base_state.update(load_file(str(shard)))
-        state = apply_state_dict(base_state, delta_dir)
-    else:
-        apply = getattr(deltakit, "apply", None)
-        if apply is None:
-            raise FormatError(f"cannot rebuild {delta_dir}: this deltakit has no apply()")
-        state = apply(base_dir, delta_dir).state_dict
+    state = apply(base_dir, delta_dir).state_dict
     model = load_model(base_dir)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]  # tied to the embedding
@@ -164,16 +148,8 @@ def evaluate_delta(
         texts[gname] = general_text() if general is True else str(general)
         kinds[gname] = "general"
 
-    tokenizer = load_tokenizer(finetune_dir)
     # 1) the fine-tune runs once per text; its log-probs are kept (≈ tokens × vocab × 4 bytes per text)
-    finetune = load_model(finetune_dir)
-    refs = {
-        t: reference_pass(
-            finetune, tokenize(tokenizer, text, max_tokens), window, stride, _cb(rep, f"finetune:{t}")
-        )
-        for t, text in texts.items()
-    }
-    del finetune
+    refs = _reference_passes(finetune_dir, texts, window, stride, max_tokens, rep)
     # 2) then one model at a time: the base, then each reconstruction (memory: one model + the references)
     comps: dict[str, dict[str, Comparison]] = {}
     weight_errs: dict[str, dict] = {}
@@ -182,13 +158,7 @@ def evaluate_delta(
         comps[name] = {t: compare_to(ref, model, _cb(rep, f"{name}:{t}")) for t, ref in refs.items()}
         if weights and name != "base":
             rep(f"{name}:weights", 0, 1)
-            recon = (
-                src if isinstance(src, (str, os.PathLike)) and is_checkpoint_dir(src) else model.state_dict()
-            )
-            err = delta_relative_error(recon, finetune_dir, base_dir)
-            err["overall"] = _finite(err["overall"])
-            err["per_tensor"] = {k: _finite(v) for k, v in err["per_tensor"].items()}
-            weight_errs[name] = err
+            weight_errs[name] = _weight_error(src, model, finetune_dir, base_dir)
             rep(f"{name}:weights", 1, 1)
         del model
 
@@ -201,29 +171,62 @@ def evaluate_delta(
         "texts": {},
     }
     for tname, ref in refs.items():
-        b = comps["base"][tname]
-        entry = {
-            "kind": kinds[tname],
-            "tokens": ref.tokens,
-            "ppl_base": b.ppl,
-            "ppl_finetune": ref.ppl,
-            "kl_ft_base": b.kl,
-            "top1_base": b.top1,
-            "candidates": {},
-        }
-        for name in named:
-            c = comps[name][tname]
-            entry["candidates"][name] = {
-                "ppl": c.ppl,
-                "kl": c.kl,
-                "kl_closed": _finite(kl_closed(c.kl, b.kl)),
-                "top1": c.top1,
-                "gain_kept": _finite(gain_kept(b.ppl, c.ppl, ref.ppl)),
-            }
-        out["texts"][tname] = entry
+        out["texts"][tname] = _text_entry(kinds[tname], ref, {n: c[tname] for n, c in comps.items()}, named)
     if weights:
         out["weights"] = weight_errs
     return out
+
+
+def _reference_passes(
+    finetune_dir: Path,
+    texts: dict[str, str],
+    window: int,
+    stride: int | None,
+    max_tokens: int | None,
+    rep: Progress,
+) -> dict[str, Any]:
+    """The fine-tune's pass over every text (its log-probs kept for the comparisons); the model is freed."""
+    tokenizer = load_tokenizer(finetune_dir)
+    finetune = load_model(finetune_dir)
+    return {
+        t: reference_pass(
+            finetune, tokenize(tokenizer, text, max_tokens), window, stride, _cb(rep, f"finetune:{t}")
+        )
+        for t, text in texts.items()
+    }
+
+
+def _weight_error(src: CandidateSource, model: torch.nn.Module, finetune_dir: Path, base_dir: Path) -> dict:
+    """Weight-space error of a candidate against the true delta (non-finite values as None)."""
+    recon = src if isinstance(src, (str, os.PathLike)) and is_checkpoint_dir(src) else model.state_dict()
+    err = delta_relative_error(recon, finetune_dir, base_dir)
+    err["overall"] = _finite(err["overall"])
+    err["per_tensor"] = {k: _finite(v) for k, v in err["per_tensor"].items()}
+    return err
+
+
+def _text_entry(kind: str, ref: Any, comps: dict[str, Comparison], named: Mapping[str, Any]) -> dict:
+    """One text's row of the report: the base's and the fine-tune's figures, then each candidate's."""
+    b = comps["base"]
+    entry: dict[str, Any] = {
+        "kind": kind,
+        "tokens": ref.tokens,
+        "ppl_base": b.ppl,
+        "ppl_finetune": ref.ppl,
+        "kl_ft_base": b.kl,
+        "top1_base": b.top1,
+        "candidates": {},
+    }
+    for name in named:
+        c = comps[name]
+        entry["candidates"][name] = {
+            "ppl": c.ppl,
+            "kl": c.kl,
+            "kl_closed": _finite(kl_closed(c.kl, b.kl)),
+            "top1": c.top1,
+            "gain_kept": _finite(gain_kept(b.ppl, c.ppl, ref.ppl)),
+        }
+    return entry
 
 
 def _cb(rep: Progress, stage: str) -> Callable[[int, int], None]:

@@ -39,6 +39,12 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(root))
 
 
+def temp_path(final: Path, tag: str = "tmp") -> Path:
+    """A unique hidden path next to ``final`` (same directory, so a rename is atomic):
+    ``.NAME.TAG-PID-RANDOM``; the PID lets a later run tell a live writer's temp from a stale one."""
+    return final.parent / f".{final.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _remove_stale_temps(final: Path) -> None:
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         with contextlib.suppress(OSError):
@@ -68,16 +74,16 @@ def atomic_directory(final: Path | str, *, overwrite: bool = False) -> Iterator[
     """
     final = Path(final)
     if final.exists() and not overwrite:
-        raise UsageError(f"output {final} already exists; remove it or pass --overwrite")
+        raise UsageError(f"output {final} already exists; remove it or pass overwrite=True")
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(final)
     tmp.mkdir()
     try:
         yield tmp
         fsync_tree(tmp)
         if final.exists():
-            trash = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            trash = temp_path(final, "old")
             os.rename(final, trash)
             os.rename(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)

@@ -8,13 +8,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from deltakit.codecs.base import Codec, Encoded
-from deltakit.codecs.registry import get_codec
-from deltakit.errors import FormatError, IntegrityError, TensorMismatchError, UnknownCodecError
-from deltakit.format.manifest import ENCODED, MANIFEST_NAME, PASSTHROUGH, UNCHANGED, Manifest
-from deltakit.format.safetensors_io import dtype_from_name, file_sha256
+from deltakit.errors import FormatError, IntegrityError, TensorMismatchError
+from deltakit.format.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry
+from deltakit.format.safetensors_io import StreamingSafetensorsWriter, TensorSpec, file_sha256
 
 SHARD_PATTERN = "delta-{:05d}.safetensors"
 
@@ -22,7 +19,8 @@ SHARD_PATTERN = "delta-{:05d}.safetensors"
 class ShardWriter:
     """Collects stored tensors and writes them to ``delta-NNNNN.safetensors`` shards.
 
-    Memory stays at one shard (``max_shard_bytes``); tensors are written as given (not copied).
+    Memory stays at one shard (``max_shard_bytes``); tensors are written as given (not copied), through
+    the same streaming safetensors writer as checkpoints, which hashes the file on the way.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 1 << 30):
@@ -31,7 +29,7 @@ class ShardWriter:
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._index = 1
-        self.files: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, FileEntry] = {}
         self.stored_bytes = 0
 
     @property
@@ -59,8 +57,11 @@ class ShardWriter:
         if not self._buffer:
             return
         path = self.out_dir / self.current_shard
-        save_file(self._buffer, str(path), metadata={"format": "deltakit"})
-        self.files[path.name] = {"sha256": file_sha256(path), "size": path.stat().st_size}
+        specs = [TensorSpec(key, t.dtype, tuple(t.shape)) for key, t in self._buffer.items()]
+        with StreamingSafetensorsWriter(path, specs, metadata={"format": "deltakit"}) as writer:
+            for key, tensor in self._buffer.items():
+                writer.write(key, tensor)
+        self.files[path.name] = FileEntry(writer.sha256, writer.size)
         self._buffer = {}
         self._buffer_bytes = 0
         self._index += 1
@@ -78,19 +79,19 @@ def verify_files(delta_dir: Path, manifest: Manifest) -> None:
         if not path.is_file():
             raise IntegrityError(f"{delta_dir}: file {rel} listed in the manifest is missing")
         size = path.stat().st_size
-        if size != entry["size"]:
+        if size != entry.size:
             raise IntegrityError(
-                f"{delta_dir}: {rel} is {size} bytes, manifest says {entry['size']} (truncated?)"
+                f"{delta_dir}: {rel} is {size} bytes, manifest says {entry.size} (truncated?)"
             )
-        if file_sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry.sha256:
             raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
 
 
 class Delta:
-    """A delta ready to apply: its manifest plus access to the stored tensors.
+    """A delta's manifest plus lazy access to its stored tensors (storage only: no codec involved).
 
     Built by :func:`load_delta` from a directory, or by :func:`deltakit.compress` in memory (then
-    ``stored`` holds the tensors). Stored tensors are loaded lazily, per group.
+    ``stored`` holds the tensors). Decoding lives in :mod:`deltakit.core.decode`.
     """
 
     def __init__(
@@ -100,82 +101,49 @@ class Delta:
         self.path = Path(path) if path is not None else None
         self._stored = stored
         self._handles: dict[str, Any] = {}
-        self.codec: Codec = get_codec(manifest.codec.name)
-        if self.codec.version < manifest.codec.version:
-            raise FormatError(
-                f"delta uses {self.codec.name} codec version {manifest.codec.version}; this deltakit has "
-                f"version {self.codec.version}: upgrade deltakit"
-            )
 
-    def _stored_tensor(self, key: str, shard: str | None) -> torch.Tensor:
+    def stored_tensor(self, key: str, shard: str | None) -> torch.Tensor:
+        """The stored tensor ``key`` (CPU, as written), read lazily from ``shard``."""
         if self._stored is not None:
+            if key not in self._stored:
+                raise FormatError(f"stored tensor {key!r} is missing")
             return self._stored[key]
         if self.path is None or shard is None:
             raise FormatError(f"stored tensor {key!r} has no shard")
         handle = self._handles.get(shard)
         if handle is None:
-            handle = safe_open(str(self.path / shard), framework="pt", device="cpu")
+            try:
+                handle = safe_open(str(self.path / shard), framework="pt", device="cpu")
+            except Exception as exc:
+                raise FormatError(f"{self.path / shard}: cannot open ({exc})") from None
             self._handles[shard] = handle
         try:
             return handle.get_tensor(key)
         except Exception as exc:
             raise FormatError(f"{self.path / shard}: cannot read {key!r} ({exc})") from None
 
-    def encoded(self, group: str) -> Encoded:
-        """The :class:`Encoded` form of one group."""
-        entry = self.manifest.groups[group]
-        tensors = {
-            local: self._stored_tensor(key, entry.get("shard")) for local, key in entry["stored"].items()
-        }
-        return Encoded(tensors, entry["params"])
-
-    def tensor_names(self) -> list[str]:
-        return list(self.manifest.tensors)
-
-    def reconstruct(
-        self, name: str, base: torch.Tensor | None, device: torch.device | str = "cpu"
-    ) -> torch.Tensor:
-        """The fine-tuned tensor ``name``, rebuilt from ``base`` (None for tensors the base lacks).
-
-        Checks the base tensor's shape against the manifest; the result has the target's dtype and shape.
-        """
+    def entry(self, name: str) -> TensorEntry:
+        """The manifest entry of tensor ``name``; a name the delta lacks is a TensorMismatchError."""
         entry = self.manifest.tensors.get(name)
         if entry is None:
             raise TensorMismatchError(f"the delta has no tensor {name!r}")
-        dtype = dtype_from_name(entry["dtype"])
-        shape = tuple(entry["shape"])
-        kind = entry["kind"]
-        if kind == PASSTHROUGH:
-            return self._stored_tensor(entry["stored"]["value"], entry.get("shard")).to(device)
-        if base is None:
-            raise TensorMismatchError(f"base model lacks tensor {name!r} that the delta modifies")
-        base_shape = tuple(entry.get("base_shape", shape))
-        if tuple(base.shape) != base_shape:
-            raise TensorMismatchError(
-                f"tensor {name}: base has shape {list(base.shape)}, the delta expects {list(base_shape)}"
-            )
-        if kind == UNCHANGED:
-            return base.to(device=device, dtype=dtype)
-        if kind != ENCODED:
-            raise FormatError(f"tensor {name}: unknown kind {kind!r}")
-        rebuilt = self.codec.reconstruct(self.encoded(entry["group"]), base, dtype, device)
-        if "extra_rows" in entry.get("stored", {}):
-            extra = self._stored_tensor(entry["stored"]["extra_rows"], entry.get("shard")).to(
-                device=device, dtype=dtype
-            )
-            rebuilt = torch.cat([rebuilt, extra], dim=0)
-        if tuple(rebuilt.shape) != shape:
-            raise FormatError(f"tensor {name}: rebuilt shape {list(rebuilt.shape)} != recorded {list(shape)}")
-        return rebuilt
+        return entry
 
-    def delta_fp32(
-        self, name: str, base: torch.Tensor, device: torch.device | str = "cpu"
-    ) -> torch.Tensor | None:
-        """Dense fp32 delta of an encoded tensor (None for unchanged ones); base shape rows only."""
-        entry = self.manifest.tensors[name]
-        if entry["kind"] != ENCODED:
-            return None
-        return self.codec.decode(self.encoded(entry["group"]), device, base=base)
+    def codec_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The codec's stored tensors of encoded tensor ``name`` (local name -> tensor)."""
+        entry = self.entry(name)
+        return {local: self.stored_tensor(key, entry.shard) for local, key in entry.stored.items()}
+
+    def exact(self, name: str, which: str = "value") -> torch.Tensor:
+        """A tensor stored bit for bit: a passthrough ``value`` or an encoded tensor's ``extra_rows``."""
+        entry = self.entry(name)
+        key = getattr(entry, which)
+        if key is None:
+            raise FormatError(f"tensor {name}: no {which} stored")
+        return self.stored_tensor(key, entry.shard)
+
+    def tensor_names(self) -> list[str]:
+        return list(self.manifest.tensors)
 
 
 def load_delta(path: Path | str, *, verify: bool = True) -> Delta:
@@ -184,30 +152,8 @@ def load_delta(path: Path | str, *, verify: bool = True) -> Delta:
     manifest = Manifest.read(path)
     if verify:
         verify_files(path, manifest)
-    try:
-        return Delta(manifest, path)
-    except UnknownCodecError as exc:
-        raise UnknownCodecError(f"{path}: {exc}") from None
+    return Delta(manifest, path)
 
 
 def fp16_delta_bytes(shape: tuple[int, ...]) -> int:
     return 2 * math.prod(shape)
-
-
-def manifest_summary(manifest: Manifest) -> dict[str, Any]:
-    """A JSON-friendly summary (used by ``deltakit inspect``)."""
-    kinds: dict[str, int] = {}
-    for entry in manifest.tensors.values():
-        kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1
-    return {
-        "codec": manifest.codec.name,
-        "codec_version": manifest.codec.version,
-        "config": manifest.codec.config,
-        "budget": manifest.codec.budget,
-        "base": {"name": manifest.base.name, "fingerprint": manifest.base.fingerprint},
-        "target": {"name": manifest.target.name, "fingerprint": manifest.target.fingerprint},
-        "format_version": manifest.format_version,
-        "tensor_kinds": kinds,
-        "stats": manifest.stats,
-        "files": {k: v["size"] for k, v in manifest.files.items()},
-    }

@@ -1,6 +1,7 @@
-"""Support code of the ``lillama`` codec: low-rank Linears, rank allocation, block-local distillation.
+"""Support code of ``lillama``: low-rank Linears, rank allocation, block-local distillation.
 
-See :mod:`deltakit.codecs.lillama` for the codec and ``docs/lillama.md`` for usage and measurements.
+See :mod:`deltakit.codecs.lillama` for the delta codec, :mod:`deltakit.compressors.lillama` for the
+model compressor, and ``docs/lillama.md`` for usage and measurements.
 """
 
 from deltakit.lillama.distill import DistillSettings, feature_loss

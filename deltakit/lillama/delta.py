@@ -38,6 +38,34 @@ def _param_name(model: nn.Module, tensor: torch.Tensor) -> str | None:
     return None
 
 
+def _embedding_factors(
+    target: nn.Module,
+    base: nn.Module,
+    windows: torch.Tensor,
+    settings: DistillSettings,
+    rank_for: RankFn,
+    seed_for: SeedFn,
+    svd_kwargs: dict[str, Any],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> Any:
+    """SVD factors of a changed input embedding (added to ``factors``) and the block inputs the student
+    sees with it, or None when the embedding is unchanged (the target is restored afterwards)."""
+    emb_t, emb_b = target.get_input_embeddings().weight, base.get_input_embeddings().weight
+    emb_name = _param_name(target, emb_t)
+    if emb_name is None or emb_t.shape != emb_b.shape or torch.equal(emb_t, emb_b):
+        return None
+    rank = rank_for(emb_name, tuple(emb_t.shape))
+    up, down = svd_factors(emb_t.detach() - emb_b.detach(), rank, seed=seed_for(emb_name), **svd_kwargs)
+    factors[emb_name] = (up, down)
+    original = emb_t.data
+    emb_t.data = emb_b.detach().float() + up @ down  # (vocab, hidden)
+    try:
+        student_hidden, _ = capture_block_inputs(target, windows, settings.batch_size)
+    finally:
+        emb_t.data = original
+    return student_hidden
+
+
 def distill_delta(
     base_dir: Path,
     target_dir: Path,
@@ -66,24 +94,10 @@ def distill_delta(
         raise ValueError(f"base has {len(b_layers)} blocks, fine-tune {len(t_layers)}")
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    emb_t, emb_b = target.get_input_embeddings().weight, base.get_input_embeddings().weight
-    emb_name = _param_name(target, emb_t)
-    student_hidden = None
     hidden, kwargs = capture_block_inputs(target, windows, settings.batch_size)
-    if emb_name is not None and emb_t.shape == emb_b.shape and not torch.equal(emb_t, emb_b):
-        up, down = svd_factors(
-            emb_t.detach() - emb_b.detach(),
-            rank_for(emb_name, tuple(emb_t.shape)),
-            seed=seed_for(emb_name),
-            **svd_kwargs,
-        )
-        factors[emb_name] = (up, down)
-        original = emb_t.data
-        emb_t.data = emb_b.detach().float() + up @ down  # (vocab, hidden)
-        try:
-            student_hidden, _ = capture_block_inputs(target, windows, settings.batch_size)
-        finally:
-            emb_t.data = original
+    student_hidden = _embedding_factors(
+        target, base, windows, settings, rank_for, seed_for, svd_kwargs, factors
+    )
     trainable = {local for local, _ in block_linears(t_layers[0], modules)}
 
     def make_student(index: int) -> nn.Module:

@@ -103,7 +103,7 @@ def check_windows(windows: torch.Tensor, batch_size: int) -> None:
     if n < batch_size:
         raise UsageError(
             f"calibration gives {n} window(s) of {seq} tokens ({n * seq} tokens), fewer than one batch of "
-            f"{batch_size}; raise --tokens to at least {batch_size * seq} or lower --set batch_size"
+            f"{batch_size}; raise tokens= to at least {batch_size * seq} or lower overrides[batch_size]"
         )
 
 
@@ -137,32 +137,24 @@ def compress_model_dir(
     specs = linear_specs(model, modules)
     total = count_params(model)
     ranks = allocate_ranks(
-        specs,
-        total,
-        reduction,
-        strategy=strategy,
-        step=rank_step,
-        min_rank_ratio=min_rank_ratio,
+        specs, total, reduction, strategy=strategy, step=rank_step, min_rank_ratio=min_rank_ratio,
         skip_first=skip_first,
-    )
+    )  # fmt: skip
     by_layer: dict[int, dict[str, int]] = {}
     for spec in specs:
         if spec.name in ranks:
-            by_layer.setdefault(spec.layer, {})[spec.name.removeprefix(f"{prefix}.{spec.layer}.")] = ranks[
-                spec.name
-            ]
+            local = spec.name.removeprefix(f"{prefix}.{spec.layer}.")
+            by_layer.setdefault(spec.layer, {})[local] = ranks[spec.name]
 
     def make_student(index: int) -> nn.Module:
         student = copy.deepcopy(layers[index])
         for p in student.parameters():
             p.requires_grad_(False)
         for local, rank in by_layer[index].items():
-            linear = student.get_submodule(local)
-            set_submodule(
-                student,
-                local,
-                LowRankLinear.from_linear(linear, rank, seed=settings.seed + index, **svd_kwargs),
+            low_rank = LowRankLinear.from_linear(
+                student.get_submodule(local), rank, seed=settings.seed + index, **svd_kwargs
             )
+            set_submodule(student, local, low_rank)
         return student
 
     active = sorted(by_layer)
@@ -182,19 +174,18 @@ def compress_model_dir(
     after = model_params_after(total, specs, ranks)
     if count_params(model) != after:
         raise AssertionError(f"parameter count {count_params(model)} differs from the plan {after}")
+    report = {"params_before": total, "params_after": after, "reduction_target": reduction}
+    report.update(reduction=1 - after / total, factorised_modules=len(ranks), blocks_distilled=len(reports))
+    report.update(_windows_report(windows), distilled=distill, blocks=reports)
+    return {**report, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _windows_report(windows: torch.Tensor) -> dict[str, int]:
+    """Calibration size as reports show it: windows, window length and tokens."""
     return {
-        "params_before": total,
-        "params_after": after,
-        "reduction_target": reduction,
-        "reduction": 1 - after / total,
-        "factorised_modules": len(ranks),
-        "blocks_distilled": len(reports),
         "calibration_windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
         "calibration_tokens": int(windows.numel()),
-        "distilled": distill,
-        "blocks": reports,
-        "seconds": round(time.perf_counter() - started, 3),
     }
 
 

@@ -82,7 +82,7 @@ def allocate_ranks(
         raise BudgetError(
             f"lillama cannot remove {reduction:.1%} of the parameters: the largest reachable reduction is "
             f"{reachable / total_params:.2%} (every chosen matrix at its smallest rank with rank_step={step}, "
-            f"min_rank_ratio={min_rank_ratio}, skip_first={skip_first}); lower --reduction, widen --set modules, "
+            f"min_rank_ratio={min_rank_ratio}, skip_first={skip_first}); lower reduction=, widen overrides[modules], "
             f"or lower min_rank_ratio"
         )
     if strategy == "uniform":

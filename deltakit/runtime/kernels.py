@@ -3,23 +3,33 @@
 For a linear layer ``y = x Wᵀ`` (``out_in``) or ``y = x W`` (GPT-2 Conv1D, ``in_out``) and a delta
 ``Δ = α·S + up·down`` (S: ±1 sign matrix; either part may be absent), the delta's share of the output
 is ``α·(x Sᵀ) + (x downᵀ) upᵀ`` (``out_in``) or ``α·(x S) + (x up) down`` (``in_out``), in fp32.
+The parts come from the codec's :class:`~deltakit.codecs.base.FactoredView` (``op.view``), never from
+stored-tensor names.
 """
 
 from __future__ import annotations
 
 import torch
 
+from deltakit.codecs.base import FactoredView
 from deltakit.ops.bitpack import unpack_signs
 from deltakit.runtime.prepared import TensorOp
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
+def _view(op: TensorOp) -> FactoredView:
+    if op.view is None:
+        raise ValueError(f"{op.name}: the codec declares no factored view of this tensor")
+    return op.view
+
+
 def sign_matrix(op: TensorOp, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The ±1 sign matrix of ``op`` in its stored layout, ``shape`` from the params, on the op's device."""
-    shape = tuple(op.params["shape"])
-    signs = op.tensors["signs"]
-    return unpack_signs(signs, shape, signs.device).to(dtype)
+    """The ±1 sign matrix of ``op``'s view in its stored layout, on the view's device."""
+    view = _view(op)
+    if view.signs is None:
+        raise ValueError(f"{op.name}: the factored view has no sign part")
+    return unpack_signs(view.signs, view.shape, view.signs.device).to(dtype)
 
 
 def gather_sign_rows(packed: torch.Tensor, rows: torch.Tensor, cols: int) -> torch.Tensor:
@@ -37,30 +47,31 @@ def linear_delta(
 
     signs: the unpacked ±1 matrix when the caller caches it (else unpacked here); op not mutated.
     """
+    view = _view(op)
     xf = x.to(torch.float32)
     out: torch.Tensor | None = None
-    if "signs" in op.tensors:
+    if view.signs is not None:
         s = signs if signs is not None else sign_matrix(op)  # (out, in) or (in, out)
         part = xf @ (s.T if layout == "out_in" else s)  # (..., out)
-        out = part.mul_(float(op.params["scale"]))
-    if "up" in op.tensors:
-        up = op.tensors["up"].to(torch.float32)  # (rows, r)
-        down = op.tensors["down"].to(torch.float32)  # (r, cols)
+        out = part.mul_(float(view.scale))
+    if view.up is not None and view.down is not None:
+        up = view.up.to(torch.float32)  # (rows, r)
+        down = view.down.to(torch.float32)  # (r, cols)
         part = (xf @ down.T) @ up.T if layout == "out_in" else (xf @ up) @ down  # (..., out)
         out = part if out is None else out.add_(part)
-    if out is None:
-        raise ValueError(f"{op.name}: encoded tensors {sorted(op.tensors)} hold neither signs nor factors")
+    assert out is not None  # a FactoredView has a sign part, factors or both
     return out
 
 
 def embedding_delta(ids: torch.Tensor, op: TensorOp) -> torch.Tensor:
     """The delta's share of an embedding lookup: ``Δ[ids]`` for ids (...,) -> fp32 (..., dim)."""
-    rows, cols = op.params["shape"]
+    view = _view(op)
+    _rows, cols = view.shape
     flat = ids.reshape(-1)
     out = torch.zeros(flat.numel(), cols, dtype=torch.float32, device=ids.device)
-    if "signs" in op.tensors:
-        out += gather_sign_rows(op.tensors["signs"], flat, cols) * float(op.params["scale"])
-    if "up" in op.tensors:
-        up = op.tensors["up"][flat].to(torch.float32)  # (n, r)
-        out += up @ op.tensors["down"].to(torch.float32)  # (n, cols)
+    if view.signs is not None:
+        out += gather_sign_rows(view.signs, flat, cols) * float(view.scale)
+    if view.up is not None and view.down is not None:
+        up = view.up[flat].to(torch.float32)  # (n, r)
+        out += up @ view.down.to(torch.float32)  # (n, cols)
     return out.reshape(*ids.shape, cols)

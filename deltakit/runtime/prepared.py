@@ -13,14 +13,12 @@ from typing import Any
 
 import torch
 
-from deltakit.codecs.base import Codec, Encoded
+from deltakit.codecs.base import Codec, Encoded, FactoredView
+from deltakit.core.decode import Decoder
 from deltakit.errors import TensorMismatchError
 from deltakit.format.delta import Delta
-from deltakit.format.manifest import ENCODED, PASSTHROUGH
+from deltakit.format.manifest import ENCODED, PASSTHROUGH, TensorEntry
 from deltakit.format.safetensors_io import dtype_from_name
-
-#: codecs whose encoded form the batched path uses directly (sign bits x scale, low-rank factors)
-FACTORED_CODECS = frozenset({"dqrelo", "bitdelta", "svd"})
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -31,8 +29,8 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 class TensorOp:
     """What one delta does to one parameter.
 
-    kind: ``encoded`` (tensors are the codec's: ``signs`` packed uint8, ``up`` (rows, r), ``down``
-    (r, cols) ...) or ``passthrough`` (``tensors["value"]`` is the exact fine-tuned tensor).
+    kind: ``encoded`` (tensors and params are the codec's; ``view`` is its factored view when it declares
+    one) or ``passthrough`` (``tensors["value"]`` is the exact fine-tuned tensor).
     dtype: the fine-tune's dtype for this tensor (what ``deltakit.apply`` writes).
     layout: ``out_in`` (nn.Linear) or ``in_out`` (GPT-2 Conv1D) as recorded in the manifest.
     """
@@ -43,6 +41,8 @@ class TensorOp:
     tensors: dict[str, torch.Tensor]
     params: dict[str, Any] = field(default_factory=dict)
     layout: str = "out_in"
+    #: the codec's factored view of an encoded op (sharing ``tensors``), None when it has none
+    view: FactoredView | None = None
 
     @property
     def nbytes(self) -> int:
@@ -53,13 +53,23 @@ class TensorOp:
 
     def to(self, device: torch.device, *, pin: bool = False, non_blocking: bool = False) -> TensorOp:
         """A copy with tensors on ``device`` (pinned host memory when ``pin``); self is not mutated."""
-        moved = {}
-        for key, tensor in self.tensors.items():
-            if pin:
-                moved[key] = tensor.contiguous().pin_memory()
-            else:
-                moved[key] = tensor.to(device, non_blocking=non_blocking)
-        return TensorOp(self.name, self.kind, self.dtype, moved, self.params, self.layout)
+        moved_by_id: dict[int, torch.Tensor] = {}
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if id(tensor) not in moved_by_id:
+                out = (
+                    tensor.contiguous().pin_memory() if pin else tensor.to(device, non_blocking=non_blocking)
+                )
+                moved_by_id[id(tensor)] = out
+            return moved_by_id[id(tensor)]
+
+        moved = {key: move(tensor) for key, tensor in self.tensors.items()}
+        view = self.view
+        if view is not None:
+            view = FactoredView(view.shape, move(view.signs), view.scale, move(view.up), move(view.down))
+        return TensorOp(self.name, self.kind, self.dtype, moved, self.params, self.layout, view)
 
 
 @dataclass
@@ -77,8 +87,9 @@ class PreparedDelta:
 
     @property
     def factored(self) -> bool:
-        """Whether the batched path can use the encoded tensors directly."""
-        return self.codec.name in FACTORED_CODECS
+        """Whether the batched path can use the encoded form directly: every encoded op has a factored
+        view (the codec declares one through :meth:`~deltakit.codecs.base.Codec.factored`)."""
+        return all(op.view is not None for op in self.ops.values() if op.kind == ENCODED)
 
     def to(self, device: torch.device, *, pin: bool = False, non_blocking: bool = False) -> PreparedDelta:
         ops = {k: op.to(device, pin=pin, non_blocking=non_blocking) for k, op in self.ops.items()}
@@ -97,22 +108,12 @@ def prepare_delta(name: str, delta: Delta, resolve) -> PreparedDelta:
             f"delta {name!r} removes {len(manifest.removed)} base tensor(s) (e.g. {manifest.removed[0]}); "
             "the hot-swap runtime cannot remove parameters: materialise it with `deltakit apply`"
         )
+    decoder = Decoder.of(delta)
     ops: dict[str, TensorOp] = {}
     for tname, entry in manifest.tensors.items():
-        kind = entry["kind"]
-        if kind not in (ENCODED, PASSTHROUGH):
+        if entry.kind not in (ENCODED, PASSTHROUGH):
             continue
-        if kind == PASSTHROUGH and not entry.get("in_base", False):
-            raise TensorMismatchError(
-                f"delta {name!r} adds tensor {tname!r} that the base lacks; the runtime serves the base's "
-                "architecture only: materialise it with `deltakit apply`"
-            )
-        stored = entry.get("stored", {})
-        if "extra_rows" in stored or tuple(entry.get("base_shape", entry["shape"])) != tuple(entry["shape"]):
-            raise TensorMismatchError(
-                f"delta {name!r} grows {tname!r} to {entry['shape']} (resized vocabulary); the resident base "
-                "cannot change shape in place: materialise it with `deltakit apply`"
-            )
+        _check_servable(name, tname, entry)
         canonical = resolve(tname)
         if canonical in ops:
             warnings.warn(
@@ -120,13 +121,32 @@ def prepare_delta(name: str, delta: Delta, resolve) -> PreparedDelta:
                 stacklevel=2,
             )
             continue
-        dtype = dtype_from_name(entry["dtype"])
-        layout = entry.get("layout", "out_in")
-        if kind == PASSTHROUGH:
-            value = delta._stored_tensor(stored["value"], entry.get("shard")).contiguous()
-            ops[canonical] = TensorOp(canonical, kind, dtype, {"value": value}, {}, layout)
-        else:
-            encoded = delta.encoded(entry["group"])
-            tensors = {k: v.contiguous() for k, v in encoded.tensors.items()}
-            ops[canonical] = TensorOp(canonical, kind, dtype, tensors, dict(encoded.params), layout)
-    return PreparedDelta(name, delta.codec, manifest.base.fingerprint, ops)
+        ops[canonical] = _op(decoder, tname, canonical, entry)
+    return PreparedDelta(name, decoder.codec, manifest.base.fingerprint, ops)
+
+
+def _check_servable(name: str, tname: str, entry: TensorEntry) -> None:
+    """Refuse entries the resident base cannot take in place (new tensors, grown rows)."""
+    if not entry.needs_base:
+        raise TensorMismatchError(
+            f"delta {name!r} adds tensor {tname!r} that the base lacks; the runtime serves the base's "
+            "architecture only: materialise it with `deltakit apply`"
+        )
+    if entry.extra_rows is not None or entry.shared_shape != entry.shape:
+        raise TensorMismatchError(
+            f"delta {name!r} grows {tname!r} to {entry.shape} (resized vocabulary); the resident base "
+            "cannot change shape in place: materialise it with `deltakit apply`"
+        )
+
+
+def _op(decoder: Decoder, tname: str, canonical: str, entry: TensorEntry) -> TensorOp:
+    """The op of one encoded or passthrough entry, with the codec's factored view when it has one."""
+    dtype = dtype_from_name(entry.dtype)
+    layout = entry.layout or "out_in"
+    if entry.kind == PASSTHROUGH:
+        value = decoder.delta.exact(tname).contiguous()
+        return TensorOp(canonical, entry.kind, dtype, {"value": value}, {}, layout)
+    encoded = decoder.encoded(tname)
+    encoded = Encoded({k: v.contiguous() for k, v in encoded.tensors.items()}, dict(encoded.params))
+    view = decoder.codec.factored(encoded)
+    return TensorOp(canonical, entry.kind, dtype, encoded.tensors, encoded.params, layout, view)

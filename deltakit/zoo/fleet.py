@@ -200,7 +200,7 @@ def build_fleet(
     ``apt`` lets a root user install missing Debian text packages (fortunes, jargon-text) first.
     """
     if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+        raise UsageError(f"steps must be >= 1, got {steps}")
     names = [parse_variant(v) for v in variants]
     if len(set(names)) != len(names):
         raise UsageError(f"duplicate variants in {names}")

@@ -1,0 +1,85 @@
+"""The options of :func:`deltakit.compress` and :func:`deltakit.compress_model`, as one dataclass.
+
+The CLI maps its flags onto these fields once (see ``deltakit_cli.core_cmds``); Python callers pass an
+object or the same names as keywords.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltakit.codecs.base import Calibration, CodecConfig
+from deltakit.errors import UsageError
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """How to compress. Sizes: ``ratio`` (fraction of the fp16 delta) or ``rank``; ``reduction`` (fraction
+    of parameters to remove) is for model compression only."""
+
+    method: str = "dqrelo"
+    ratio: float | None = None
+    rank: int | None = None
+    reduction: float | None = None
+    config: CodecConfig | dict[str, Any] | None = None
+    overrides: dict[str, str] | None = None
+    device: str | torch.device = "cpu"
+    seed: int = 0
+    #: calibration text for data-aware methods (files, directories, JSONL) and its token budget
+    data: tuple[str | Path, ...] | list[str | Path] | None = None
+    tokens: int = 65536
+    seq_len: int = 256
+    base_name: str | None = None
+    target_name: str | None = None
+    #: matrix roles (``embedding``, ``lm_head``, ``linear``, ``other``) stored exactly instead of encoded
+    exclude_roles: tuple[str, ...] = ()
+    overwrite: bool = False
+    max_shard_bytes: int = 1 << 30
+    progress: Progress | None = field(default=None, compare=False)
+
+    @classmethod
+    def build(cls, options: CompressOptions | None = None, **changes: Any) -> CompressOptions:
+        """``options`` (default: all defaults) with the given fields replaced; unknown names are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise UsageError(
+                f"unknown compress option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(options or cls(), **changes)
+
+    def calibration(self, needs_data: bool) -> Calibration | None:
+        """The calibration a data-aware method runs on; refuses a missing ``data``."""
+        if not needs_data:
+            return None
+        if not self.data:
+            raise UsageError(
+                f"method {self.method!r} needs calibration data: pass data=[FILE_OR_DIR] (text or JSONL)"
+            )
+        return Calibration(
+            tuple(str(d) for d in self.data), tokens=self.tokens, seq_len=self.seq_len, seed=self.seed
+        )
+
+
+def build_config(
+    codec: Any, config: CodecConfig | dict[str, Any] | None, overrides: dict[str, str] | None
+) -> CodecConfig:
+    """The codec's config from defaults, a dict or config object, then ``key=value`` string overrides."""
+    if config is None:
+        cfg = codec.config_class()
+    elif isinstance(config, CodecConfig):
+        if not isinstance(config, codec.config_class):
+            raise UsageError(f"config {type(config).__name__} does not belong to codec {codec.name}")
+        cfg = config
+    else:
+        cfg = codec.config_class.from_dict(dict(config))
+    cfg.validate()
+    return cfg.with_overrides(overrides) if overrides else cfg
