@@ -19,6 +19,7 @@ LAYERS = [
     ("deltakit.codecs", "deltakit.compressors", "deltakit.lillama", "deltakit.deltallm", "deltakit.distill"),
     ("deltakit.core",),
     ("deltakit.registry", "deltakit.runtime", "deltakit.eval", "deltakit.zoo", "deltakit.publish"),
+    ("deltakit.jobs",),
     ("deltakit",),
 ]
 

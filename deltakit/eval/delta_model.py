@@ -49,9 +49,9 @@ def load_delta_model(
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     if delta is not None:
-        import deltakit
+        from deltakit.core.apply import apply
 
-        state = deltakit.apply(base, delta, None).state_dict  # the fine-tune's tensors, checkpoint names
+        state = apply(base, delta, None).state_dict  # the fine-tune's tensors, checkpoint names
         result = model.load_state_dict(state, strict=False)
         missing = set(result.missing_keys) - _tied_names(model)
         if result.unexpected_keys or missing:

@@ -164,9 +164,9 @@ def _resolve_base(registry, base: str | Path) -> tuple[Path, str]:
     """(checkpoint dir, fingerprint) of a base directory, or of a base registered under that name."""
     path = Path(base)
     if path.is_dir():
-        import deltakit
+        from deltakit.format.fingerprint import checkpoint_fingerprint
 
-        return path, deltakit.checkpoint_fingerprint(path)
+        return path, checkpoint_fingerprint(path)
     return registry.resolve_base(str(base)), registry.get_base(str(base)).fingerprint
 
 

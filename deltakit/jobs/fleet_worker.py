@@ -55,10 +55,10 @@ def compress_task(
                               "threads": None}  # fmt: skip
     try:
         init_worker(threads)
-        import deltakit
+        from deltakit.core.compress import compress
 
         def run(output: Path) -> None:
-            deltakit.compress(
+            compress(
                 base,
                 target,
                 output,
