@@ -101,5 +101,5 @@ def fresh_registry(monkeypatch):
     from deltakit.codecs import registry
 
     registry.list_codecs()  # built-ins register once, at first import: load them before copying
-    monkeypatch.setattr(registry, "_loaded", False)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.CODECS, "_loaded", False)
+    monkeypatch.setattr(registry.CODECS, "_table", dict(registry.CODECS._table))

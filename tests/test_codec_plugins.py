@@ -11,6 +11,7 @@ import torch
 
 import deltakit
 from deltakit.codecs import registry
+from deltakit.errors import UnknownCodecError
 
 PLUGIN = textwrap.dedent(
     """
@@ -48,7 +49,9 @@ def test_entry_point_codec_is_listed_and_round_trips(tmp_path, monkeypatch, fres
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "toy_codec_plugin", raising=False)
     point = EntryPoint(name="toy", value="toy_codec_plugin", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == point.group else [])
+    monkeypatch.setattr(
+        registry.CODECS, "entry_points", lambda group: [point] if group == point.group else []
+    )
 
     assert "toy-fp16" in deltakit.list_codecs()
     assert "dqrelo" in deltakit.list_codecs()
@@ -61,7 +64,32 @@ def test_entry_point_codec_is_listed_and_round_trips(tmp_path, monkeypatch, fres
 
 def test_broken_entry_point_warns_and_keeps_builtins(monkeypatch, fresh_registry):
     point = EntryPoint(name="broken", value="no_such_module_for_deltakit", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [point])
+    monkeypatch.setattr(registry.CODECS, "entry_points", lambda group: [point])
     with pytest.warns(UserWarning, match="broken"):
         names = deltakit.list_codecs()
     assert {"dqrelo", "svd", "lossless"} <= set(names)
+
+
+def test_builtin_modules_are_found_without_a_list(tmp_path, monkeypatch):
+    """A package's every public module is imported on first lookup: a new built-in is one new file."""
+    from deltakit.plugins import PluginTable
+
+    package = tmp_path / "fake_builtins"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "base.py").write_text("raise RuntimeError('infrastructure modules are not imported')\n")
+    (package / "_helpers.py").write_text("raise RuntimeError('private modules are not imported')\n")
+    (package / "shiny.py").write_text(
+        "from fake_builtins_table import TABLE\n\n\n@TABLE.register\nclass Shiny:\n    name = 'shiny'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    table = PluginTable(
+        "codec", "no.such.group", "fake_builtins", ("base",), label="method", plural="methods"
+    )
+    fake_module = type(sys)("fake_builtins_table")
+    fake_module.TABLE = table
+    monkeypatch.setitem(sys.modules, "fake_builtins_table", fake_module)
+    assert table.names() == ["shiny"]
+    assert type(table.get("shiny")).__name__ == "Shiny"
+    with pytest.raises(UnknownCodecError, match="unknown method 'dull'; known methods: shiny"):
+        table.get("dull")

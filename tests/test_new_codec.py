@@ -1,7 +1,8 @@
 """A codec written as one file is picked up everywhere: the CLI, the conformance checks, the runtime.
 
-The codec below lives in one module, registered through the ``deltakit.codecs`` entry-point group
-exactly as the built-ins are. It stores its low-rank factors under its own names (``left``/``right``),
+The codec below lives in one module, announced through the ``deltakit.codecs`` entry-point group as a
+third-party package's would be (a built-in is one module in ``deltakit/codecs/``, found the same way by
+its register decorator: see ``test_builtin_modules_are_found_without_a_list``). It stores its low-rank factors under its own names (``left``/``right``),
 so the runtime can only find them through the factored view the codec declares.
 """
 
@@ -73,9 +74,11 @@ def new_codec(tmp_path, monkeypatch, fresh_registry):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "halves_codec", raising=False)
     point = EntryPoint(name="halves", value="halves_codec", group=registry.ENTRY_POINT_GROUP)
-    real = registry.entry_points
+    real = registry.CODECS.entry_points
     monkeypatch.setattr(
-        registry, "entry_points", lambda group: [*real(group=group), point] if group == point.group else []
+        registry.CODECS,
+        "entry_points",
+        lambda group: [*real(group=group), point] if group == point.group else [],
     )
     return "halves"
 

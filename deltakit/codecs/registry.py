@@ -1,49 +1,33 @@
-"""The codec registry: one decorator registers a codec; every codec is found through entry points.
+"""The codec registry: one decorator registers a codec.
 
-Packages, deltakit included, expose codecs through the ``deltakit.codecs`` entry-point group; each entry
-point names a module whose import registers its codecs with :func:`register_codec`. Entry points are
-loaded on first lookup, so ``import deltakit`` stays cheap.
+Every public module of ``deltakit/codecs/`` is imported on the first lookup (a built-in codec is one new
+file there), then every entry point of the ``deltakit.codecs`` group (third-party packages); importing a
+module runs its :func:`register_codec` decorators. Nothing loads before the first lookup, so
+``import deltakit`` stays cheap.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
 from deltakit.codecs.base import Codec
-from deltakit.errors import UnknownCodecError
-from deltakit.plugins import load_entry_points, register_named
+from deltakit.plugins import PluginTable
 
 ENTRY_POINT_GROUP = "deltakit.codecs"
 
-_REGISTRY: dict[str, type[Codec]] = {}
-_loaded = False
+CODECS: PluginTable[Codec] = PluginTable(
+    "codec", ENTRY_POINT_GROUP, "deltakit.codecs", ("base", "registry"), label="method", plural="methods"
+)
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:
     """Class decorator: make ``cls`` selectable by its ``name`` (``method=NAME``)."""
-    return register_named(_REGISTRY, cls, "codec")
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    load_entry_points(entry_points(group=ENTRY_POINT_GROUP), "codec")
+    return CODECS.register(cls)
 
 
 def get_codec(name: str) -> Codec:
     """An instance of the codec registered as ``name``; unknown names list the known ones."""
-    _load_all()
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise UnknownCodecError(
-            f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return CODECS.get(name)
 
 
 def list_codecs() -> list[str]:
     """Names of every registered codec, sorted."""
-    _load_all()
-    return sorted(_REGISTRY)
+    return CODECS.names()
