@@ -24,14 +24,14 @@ IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
 LINEARS = {"llama": ("q_proj", "v_proj", "down_proj"), "gpt2": ("c_attn", "c_fc")}
 
 
-def _lowrank_pair(root: Path, arch: str) -> tuple[Path, Path]:
-    """fp32 base and a fine-tune that moves only some linear weights by a rank-3 update."""
+def _lowrank_pair(root: Path, arch: str, moved: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """fp32 base and a fine-tune that moves some linear weights (and ``moved`` ones) by a rank-3 update."""
     model = build_model(arch)
     base = save_model(model, root / f"{arch}-base", torch.float32)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(".weight") and any(f".{m}." in name for m in LINEARS[arch]):
+            if name.endswith(".weight") and any(f".{m}." in f".{name}" for m in LINEARS[arch] + moved):
                 rows, cols = param.shape
                 param += 0.05 * torch.randn(rows, 3, generator=gen) @ torch.randn(3, cols, generator=gen)
     return base, save_model(model, root / f"{arch}-ft", torch.float32)
@@ -154,3 +154,16 @@ def test_import_refuses_unknown_keys(tmp_path):
     adapter = _write_adapter(tmp_path / "bad", {"peft_type": "LORA", "r": 4, "lora_alpha": 4}, tensors)
     with pytest.raises(FormatError, match="cannot import: base_model.model.model.norm.weight"):
         import_peft(adapter, base, tmp_path / "out")
+
+
+def test_untied_embeddings_export_and_tied_ones_refuse(tmp_path):
+    base, target = _lowrank_pair(tmp_path, "llama", ("embed_tokens", "lm_head"))
+    deltakit.compress(base, target, tmp_path / "delta", method="svd", rank=3)
+    report = export_peft(tmp_path / "delta", tmp_path / "adapter")
+    assert {"model.embed_tokens", "lm_head"} <= set(report.lora_modules)
+    reference = _logits(load_delta_model(base, tmp_path / "delta"))
+    torch.testing.assert_close(_peft_logits(base, tmp_path / "adapter"), reference, atol=1e-4, rtol=1e-4)
+    gbase, gtarget = _lowrank_pair(tmp_path / "g", "gpt2", ("wte",))
+    deltakit.compress(gbase, gtarget, tmp_path / "gdelta", method="svd", rank=3)
+    with pytest.raises(UsageError, match=r"transformer.wte.weight \(embedding, tied to the output head\)"):
+        export_peft(tmp_path / "gdelta", tmp_path / "gadapter")

@@ -1,10 +1,11 @@
 """A low-rank deltakit delta as a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 Conventions (PEFT LoRA): one target module per encoded ``<module>.weight``; keys
-``base_model.model.<module>.lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r); ``scaling = alpha / r``
+``base_model.model.<module>.lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r) (untied embeddings:
+``lora_embedding_A`` (r, vocab) and ``lora_embedding_B`` (dim, r)); ``scaling = alpha / r``
 is kept at 1 by ``lora_alpha = r`` and ``alpha_pattern[module] = rank_pattern[module]``; GPT-2 Conv1D
 layers (``in_out`` layout) set ``fan_in_fan_out``. Factors come from the codec's :class:`FactoredView`.
-What an adapter cannot hold (passthrough tensors such as norms and biases, embeddings, grown rows) is
+What an adapter cannot hold (passthrough tensors such as norms and biases, tied embeddings, grown rows) is
 refused; a sign part is refused unless ``fold_rank`` folds sign part + low rank into a rank-R SVD.
 """
 
@@ -91,10 +92,15 @@ class _Plan:
             self.report.unchanged += 1
             return
         module = _module_of(name)
-        if entry.kind == ENCODED and module and entry.role in ("linear", "lm_head") and not entry.extra_rows:
+        lora_role = entry.role in ("linear", "lm_head") or (entry.role == "embedding" and self._untied())
+        if entry.kind == ENCODED and module and lora_role and not entry.extra_rows:
             self._add_encoded(name, module, entry)
         else:
-            why = "sign part" if entry.kind == ENCODED and entry.role == "linear" else entry.kind
+            why = (
+                "tied to the output head"
+                if entry.role == "embedding" and entry.kind == ENCODED
+                else entry.kind
+            )
             self.refused.append(f"{name} ({entry.role}, {why})")
 
     def _add_encoded(self, name: str, module: str, entry: TensorEntry) -> None:
@@ -110,11 +116,20 @@ class _Plan:
         else:
             self.refused.append(f"{name} (sign part)")
             return
-        lora_a, lora_b = _lora_pair(up, down, entry.layout)
-        self.tensors[f"{PREFIX}{module}.lora_A.weight"] = lora_a  # (r, in)
-        self.tensors[f"{PREFIX}{module}.lora_B.weight"] = lora_b  # (out, r)
+        if entry.role == "embedding":  # PEFT: ΔW (vocab, dim) = (B·A)ᵀ with A (r, vocab), B (dim, r)
+            lora_a, lora_b = _lora_pair(up, down, "in_out")
+            self.tensors[f"{PREFIX}{module}.lora_embedding_A"] = lora_a
+            self.tensors[f"{PREFIX}{module}.lora_embedding_B"] = lora_b
+        else:
+            lora_a, lora_b = _lora_pair(up, down, entry.layout)
+            self.tensors[f"{PREFIX}{module}.lora_A.weight"] = lora_a  # (r, in)
+            self.tensors[f"{PREFIX}{module}.lora_B.weight"] = lora_b  # (out, r)
+            self.layouts.add(entry.layout or "out_in")
         self.report.lora_modules[module] = int(lora_a.shape[0])
-        self.layouts.add(entry.layout or "out_in")
+
+    def _untied(self) -> bool:
+        """Whether the checkpoint stores its own output head (PEFT's embedding LoRA does not reach a tied one)."""
+        return any(n.endswith("lm_head.weight") for n in self.decoder.delta.manifest.tensors)
 
 
 def adapter_config(ranks: dict[str, int], base_name: str, fan_in_fan_out: bool) -> dict[str, Any]:
