@@ -13,6 +13,7 @@ from deltakit_cli.common import emit_json, out_console, parse_ratio
 @click.argument("delta")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="adapter directory")
 @click.option("--fold-rank", type=click.IntRange(min=1), help="fold sign parts into rank-R LoRA factors")
+@click.option("--modules-to-save", is_flag=True, help="write exactly stored modules (norms) whole")
 @click.option("--base", help="base model dir or registry base name: report the KL to the delta's apply")
 @click.option("--check-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="text for the KL check (default: seeded random tokens)")  # fmt: skip
@@ -20,13 +21,18 @@ from deltakit_cli.common import emit_json, out_console, parse_ratio
 @click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
-def export_peft(delta, output, fold_rank, base, check_text, base_name, registry_path, overwrite, as_json):
+def export_peft(
+    delta, output, fold_rank, modules_to_save, base, check_text, base_name, registry_path, overwrite, as_json
+):
     """Write low-rank DELTA (a directory or NAME[:TAG]) as a PEFT LoRA adapter directory."""
     from deltakit.interop.peft_export import export_peft as run
     from deltakit.refs import resolve_base_dir, resolve_delta_dir
 
     delta_dir = resolve_delta_dir(delta, registry_path)
-    report = run(delta_dir, output, fold_rank=fold_rank, base_name=base_name, overwrite=overwrite)
+    report = run(
+        delta_dir, output, fold_rank=fold_rank, modules_to_save=modules_to_save, base_name=base_name,
+        overwrite=overwrite,
+    )  # fmt: skip
     if base is not None or check_text is not None:
         from deltakit.interop.peft_check import adapter_kl
 
@@ -48,6 +54,8 @@ def export_peft(delta, output, fold_rank, base, check_text, base_name, registry_
         out_console.print(
             f"folded {len(report.folded)} sign part(s) at rank {fold_rank}; worst rel. error {worst:.4f}"
         )
+    if report.modules_to_save:
+        out_console.print(f"modules_to_save (whole, exact): {', '.join(report.modules_to_save)}")
     if report.kl is not None:
         out_console.print(f"KL(delta apply ‖ adapter) {report.kl:.3g} nats/token")
 

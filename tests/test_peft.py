@@ -167,3 +167,23 @@ def test_untied_embeddings_export_and_tied_ones_refuse(tmp_path):
     deltakit.compress(gbase, gtarget, tmp_path / "gdelta", method="svd", rank=3)
     with pytest.raises(UsageError, match=r"transformer.wte.weight \(embedding, tied to the output head\)"):
         export_peft(tmp_path / "gdelta", tmp_path / "gadapter")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_modules_to_save_carries_changed_norms(tmp_path, arch):
+    base, target = _lowrank_pair(tmp_path, arch)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    norm = "model.norm" if arch == "llama" else "transformer.ln_f"
+    with torch.no_grad():
+        for param in model.get_submodule(norm).parameters():
+            param.add_(0.1)
+    save_model(model, tmp_path / "ft2", torch.float32)
+    deltakit.compress(base, tmp_path / "ft2", tmp_path / "delta", method="svd", rank=3)
+    with pytest.raises(UsageError, match="modules_to_save=True"):
+        export_peft(tmp_path / "delta", tmp_path / "refused")
+    report = export_peft(tmp_path / "delta", tmp_path / "adapter", modules_to_save=True)
+    assert report.modules_to_save == [norm]
+    reference = _logits(load_delta_model(base, tmp_path / "delta"))
+    torch.testing.assert_close(_peft_logits(base, tmp_path / "adapter"), reference, atol=1e-4, rtol=1e-4)

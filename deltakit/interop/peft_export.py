@@ -6,7 +6,8 @@ Conventions (PEFT LoRA): one target module per encoded ``<module>.weight``; keys
 is kept at 1 by ``lora_alpha = r`` and ``alpha_pattern[module] = rank_pattern[module]``; GPT-2 Conv1D
 layers (``in_out`` layout) set ``fan_in_fan_out``. Factors come from the codec's :class:`FactoredView`.
 What an adapter cannot hold (passthrough tensors such as norms and biases, tied embeddings, grown rows) is
-refused; a sign part is refused unless ``fold_rank`` folds sign part + low rank into a rank-R SVD.
+refused; a sign part is refused unless ``fold_rank`` folds sign part + low rank into a rank-R SVD, and
+modules whose tensors are all stored exactly (norms) are written whole as ``modules_to_save`` on request.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from deltakit.core.decode import Decoder, load_delta
 from deltakit.errors import UsageError
 from deltakit.format.atomic import atomic_directory
-from deltakit.format.manifest import ENCODED, UNCHANGED, TensorEntry
+from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED, TensorEntry
 from deltakit.ops.bitpack import unpack_signs
 from deltakit.ops.svd import svd_factors
 
@@ -39,6 +40,7 @@ class ExportReport:
     output: str
     lora_modules: dict[str, int] = field(default_factory=dict)  # module -> rank
     folded: dict[str, float] = field(default_factory=dict)  # module -> relative error of the fold
+    modules_to_save: list[str] = field(default_factory=list)  # modules written whole (exact tensors)
     unchanged: int = 0
     kl: float | None = None
 
@@ -80,8 +82,9 @@ def _fold(view: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
 class _Plan:
     """Sorting a delta's tensors into LoRA pairs, full tensors to save, and refusals."""
 
-    def __init__(self, decoder: Decoder, fold_rank: int | None):
-        self.decoder, self.fold_rank = decoder, fold_rank
+    def __init__(self, decoder: Decoder, fold_rank: int | None, modules_to_save: bool = False):
+        self.decoder, self.fold_rank, self.save_full = decoder, fold_rank, modules_to_save
+        self.full: dict[str, torch.Tensor] = {}  # checkpoint name -> exact tensor
         self.tensors: dict[str, torch.Tensor] = {}
         self.report = ExportReport("")
         self.refused: list[str] = []
@@ -95,6 +98,8 @@ class _Plan:
         lora_role = entry.role in ("linear", "lm_head") or (entry.role == "embedding" and self._untied())
         if entry.kind == ENCODED and module and lora_role and not entry.extra_rows:
             self._add_encoded(name, module, entry)
+        elif self.save_full and entry.kind == PASSTHROUGH and entry.in_base and "." in name:
+            self.full[name] = self.decoder.delta.exact(name)
         else:
             why = (
                 "tied to the output head"
@@ -127,12 +132,30 @@ class _Plan:
             self.layouts.add(entry.layout or "out_in")
         self.report.lora_modules[module] = int(lora_a.shape[0])
 
+    def finish_full(self) -> None:
+        """Modules whose every tensor is stored exactly become ``modules_to_save``; the others are refused.
+
+        PEFT saves such a module whole, so a module with a LoRA-targeted or unchanged tensor cannot be one.
+        """
+        names = self.decoder.delta.manifest.tensors
+        for module in sorted({n.rsplit(".", 1)[0] for n in self.full}):
+            own = [n for n in names if n.rsplit(".", 1)[0] == module]
+            if module in self.report.lora_modules or any(n not in self.full for n in own):
+                self.refused += [
+                    f"{n} (passthrough in a module with other changes)" for n in own if n in self.full
+                ]
+                continue
+            self.report.modules_to_save.append(module)
+            self.tensors.update({f"{PREFIX}{n}": self.full[n].contiguous() for n in own})
+
     def _untied(self) -> bool:
         """Whether the checkpoint stores its own output head (PEFT's embedding LoRA does not reach a tied one)."""
         return any(n.endswith("lm_head.weight") for n in self.decoder.delta.manifest.tensors)
 
 
-def adapter_config(ranks: dict[str, int], base_name: str, fan_in_fan_out: bool) -> dict[str, Any]:
+def adapter_config(
+    ranks: dict[str, int], base_name: str, fan_in_fan_out: bool, modules_to_save: list[str] | None = None
+) -> dict[str, Any]:
     """PEFT LoRA config for ``ranks`` (module -> r) with scaling alpha/r = 1 for every module."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: k for m, k in sorted(ranks.items()) if k != r}
@@ -150,7 +173,7 @@ def adapter_config(ranks: dict[str, int], base_name: str, fan_in_fan_out: bool) 
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save or None,
         "inference_mode": True,
     }
 
@@ -160,24 +183,29 @@ def export_peft(
     output: str | os.PathLike[str],
     *,
     fold_rank: int | None = None,
+    modules_to_save: bool = False,
     base_name: str | None = None,
     overwrite: bool = False,
 ) -> ExportReport:
     """Write delta directory ``delta`` as a PEFT LoRA adapter directory ``output`` (atomically).
 
     fold_rank: fold sign parts (with their low rank) into rank-``fold_rank`` SVD factors instead of
-    refusing them. base_name: ``base_model_name_or_path`` (default: the delta's recorded base name).
+    refusing them. modules_to_save: write modules whose tensors are all stored exactly (norms, GPT-2
+    layer norms) whole, as PEFT ``modules_to_save``. base_name: ``base_model_name_or_path`` (default: the delta's recorded base name).
     Raises UsageError listing every tensor the adapter cannot hold; mixed Conv1D and Linear layouts are
     refused (PEFT's ``fan_in_fan_out`` is one flag per adapter).
     """
     if fold_rank is not None and fold_rank < 1:
         raise UsageError(f"fold_rank must be >= 1, got {fold_rank}")
     decoder = Decoder.of(load_delta(delta))
-    plan = _Plan(decoder, fold_rank)
+    plan = _Plan(decoder, fold_rank, modules_to_save)
     for name, entry in decoder.delta.manifest.tensors.items():
         plan.add(name, entry)
+    plan.finish_full()
     if plan.refused:
         hint = " (fold_rank= folds sign parts)" if any("sign part" in r for r in plan.refused) else ""
+        if not modules_to_save and any("passthrough" in r for r in plan.refused):
+            hint += " (modules_to_save=True writes exact norms whole)"
         raise UsageError(
             f"a LoRA adapter cannot hold {len(plan.refused)} tensor(s){hint}: {', '.join(plan.refused)}"
         )
@@ -189,6 +217,7 @@ def export_peft(
         plan.report.lora_modules,
         base_name or decoder.delta.manifest.base.name,
         plan.layouts == {"in_out"},
+        plan.report.modules_to_save,
     )
     with atomic_directory(output, overwrite=overwrite) as tmp:
         save_file(plan.tensors, str(Path(tmp) / WEIGHTS_FILE), metadata={"format": "pt"})
