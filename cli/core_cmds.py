@@ -210,16 +210,20 @@ def _delta_result(delta, path: Path | None) -> dict:
 
 def resolve_delta_arg(delta: str, registry_path: Path | None) -> Path:
     """A delta argument is a directory, or a registry reference NAME[:TAG] when no such directory exists."""
-    path = Path(delta)
-    if path.exists():
-        return path
-    from deltakit.registry import Registry
+    from deltakit.refs import resolve_delta_dir
 
-    return Registry.open(registry_path).resolve_delta(delta)
+    return resolve_delta_dir(delta, registry_path)
+
+
+def resolve_base_arg(base: str, registry_path: Path | None) -> Path:
+    """A base argument is a model directory, or a registry base name when no such directory exists."""
+    from deltakit.refs import resolve_base_dir
+
+    return resolve_base_dir(base, registry_path)
 
 
 @click.command()
-@click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("base")
 @click.argument("delta")
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="model directory to write"
@@ -237,6 +241,7 @@ def apply(base, delta, output, dtype, device, force, overwrite, registry_path, a
     import deltakit
 
     delta_path = resolve_delta_arg(delta, registry_path)
+    base = resolve_base_arg(base, registry_path)
     started = time.perf_counter()
     with progress_bar("apply", enabled=not as_json) as progress:
         report = deltakit.apply(
@@ -330,8 +335,7 @@ def inspect(delta, tensors, registry_path, as_json):
 @click.option(
     "--base",
     "base_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="also check that this is the base the delta was made from",
+    help="also check that this is the base the delta was made from (directory or registry base name)",
 )
 @click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
@@ -339,6 +343,7 @@ def verify(delta, base_dir, registry_path, as_json):
     """Check a delta's file hashes (and its base's fingerprint with --base)."""
     import deltakit
 
+    base_dir = resolve_base_arg(base_dir, registry_path) if base_dir is not None else None
     report = deltakit.verify(resolve_delta_arg(delta, registry_path), base=base_dir)
     report["ok"] = True
     if as_json:

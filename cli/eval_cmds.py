@@ -12,14 +12,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
-def _resolve(spec: str) -> Path:
-    """A path as given, or else a fleet variant name (``base``, ``shakespeare``...)."""
+def _resolve(spec: str, registry_path: Path | None = None) -> Path:
+    """A path as given, a fleet variant name (``base``, ``shakespeare``...), or a registry base name."""
     path = Path(spec)
     if path.exists():
         return path
+    from deltakit.errors import DeltakitError
     from deltakit.zoo.fleet import variant_path
 
-    return variant_path(spec)
+    try:
+        return variant_path(spec)
+    except DeltakitError:
+        from deltakit.refs import resolve_base_dir
+
+        return resolve_base_dir(spec, registry_path)
+
+
+def _resolve_candidate(spec: str, registry_path: Path | None) -> Path:
+    """A reconstruction: a delta or checkpoint directory, or a registry delta ref ``NAME[:TAG]``."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    from deltakit.refs import resolve_delta_dir
+
+    return resolve_delta_dir(spec, registry_path)
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -45,6 +61,9 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 )
 @click.option("--window", type=click.IntRange(min=2), default=256, show_default=True, help="Context window.")
 @click.option("--no-weights", is_flag=True, help="Skip weight-space error against the true delta.")
+@click.option(
+    "--registry", "registry_path", type=click.Path(path_type=Path), help="Registry for NAME:TAG refs."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON on stdout.")
 def eval_command(
     base: str,
@@ -55,9 +74,10 @@ def eval_command(
     max_tokens: int,
     window: int,
     no_weights: bool,
+    registry_path: Path | None,
     as_json: bool,
 ) -> None:
-    """Compare reconstructions DELTAS (delta dirs or checkpoint dirs) with the fine-tune.
+    """Compare reconstructions DELTAS (delta dirs, checkpoint dirs or registry refs) with the fine-tune.
 
     Reports KL(fine-tune ‖ recon) per token, KL closed = 1 − KL(ft‖recon)/KL(ft‖base), top-1 agreement,
     perplexity and gain kept on the domain text, perplexity on general text, and weight error relative to
@@ -65,7 +85,7 @@ def eval_command(
     """
     from deltakit.eval.report import evaluate_delta
 
-    base_dir, ft_dir = _resolve(base), _resolve(finetune)
+    base_dir, ft_dir = _resolve(base, registry_path), _resolve(finetune, registry_path)
     texts = {p.name: p.read_text(encoding="utf-8", errors="replace") for p in text_files} or None
     err = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -80,7 +100,7 @@ def eval_command(
         result = evaluate_delta(
             base_dir,
             ft_dir,
-            [Path(d) for d in deltas],
+            [_resolve_candidate(d, registry_path) for d in deltas],
             texts,
             general=not no_general,
             window=window,

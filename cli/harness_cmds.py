@@ -15,24 +15,6 @@ from rich.table import Table
 from deltakit_cli.common import emit_json, err_console, out_console
 
 
-def _resolve_base(base: str, registry_path: Path | None) -> Path:
-    path = Path(base)
-    if path.is_dir():
-        return path
-    from deltakit.registry import Registry
-
-    return Registry.open(registry_path, create=False).resolve_base(base)
-
-
-def _resolve_delta(delta: str, registry_path: Path | None) -> Path:
-    path = Path(delta)
-    if path.is_dir():
-        return path
-    from deltakit.registry import Registry
-
-    return Registry.open(registry_path, create=False).resolve_delta(delta)
-
-
 def _metrics(results: dict) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` keeping numeric values (the harness also reports aliases and names)."""
     return {
@@ -83,11 +65,13 @@ def eval_harness(base, deltas, tasks, include_paths, with_base, limit, num_fewsh
     if not deltas and not with_base:
         raise click.UsageError("give at least one DELTA, or --with-base")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    base_dir = _resolve_base(base, registry_path)
+    from deltakit.refs import resolve_base_dir, resolve_delta_dir
+
+    base_dir = resolve_base_dir(base, registry_path)
     limit_value = int(limit) if limit is not None and limit >= 1 else limit
     rows = []
     for delta in ([None] if with_base else []) + list(deltas):
-        delta_dir = _resolve_delta(delta, registry_path) if delta else None
+        delta_dir = resolve_delta_dir(delta, registry_path) if delta else None
         if not as_json:
             err_console.print(f"evaluating {delta or 'base'} on {', '.join(names)}", highlight=False)
         out = run_harness(

@@ -25,6 +25,8 @@ _PLUGGED = (
     ("deltakit_cli.demo_cmds", "demo"),
     ("deltakit_cli.fleet_compress_cmds", "compress_fleet"),
     ("deltakit_cli.harness_cmds", "eval_harness"),
+    ("deltakit_cli.peft_cmds", "export_peft"),
+    ("deltakit_cli.peft_cmds", "import_peft"),
 )
 
 

@@ -353,3 +353,24 @@ def test_inspect_shows_plan_and_parameter_counts(untrained, capsys):
     main(["inspect", str(out_dir)])
     text = capsys.readouterr().out
     assert "deltallm" in text and "params" in text
+
+
+def test_compressed_dir_refuses_plain_transformers_load(tiny, untrained):
+    """A plain from_pretrained would build random follower weights: the sealed config makes it refuse."""
+    import json
+
+    import transformers as tf
+
+    out, _ = untrained
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "deltakit_deltallm" and config["deltakit_model_type"] == "llama"
+    with pytest.raises(ValueError, match="deltakit_deltallm"):
+        tf.AutoModelForCausalLM.from_pretrained(str(out))
+    plain = tiny["root"] / "plain-sealed"
+    deltakit.export_model(out, plain)
+    assert json.loads((plain / "config.json").read_text())["model_type"] == "llama"
+    ids = torch.randint(0, 30, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported = tf.AutoModelForCausalLM.from_pretrained(str(plain)).eval()(ids).logits
+        loaded = deltakit.load_model(out)(ids).logits
+    torch.testing.assert_close(exported, loaded, atol=1e-4, rtol=1e-4)

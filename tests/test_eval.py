@@ -341,3 +341,35 @@ def test_eval_cli_json_and_table(ckpts):
     print_result(out, console)
     table = console.export_text()
     assert "KL closed" in table and "exact" in table and "finetune" in table
+
+
+def test_eval_cli_takes_registry_refs(ckpts, tmp_path):
+    """``deltakit eval`` resolves a registry base name and a NAME:TAG delta through the registry."""
+    from click.testing import CliRunner
+
+    import deltakit
+    from deltakit.registry import Registry
+    from deltakit_cli.eval_cmds import eval_command
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.add_base("evalbase", ckpts / "base")
+    deltakit.compress(ckpts / "base", ckpts / "ft", tmp_path / "d", method="lossless")
+    reg.push(tmp_path / "d", "exactft:v1")
+    args = [
+        "--base",
+        "evalbase",
+        "--finetune",
+        str(ckpts / "ft"),
+        "exactft:v1",
+        "--registry",
+        str(tmp_path / "reg"),
+    ]
+    args += ["--text", str(ckpts / "text.txt"), "--no-general", "--window", "64", "--json"]
+    res = CliRunner().invoke(eval_command, args)
+    assert res.exit_code == 0, res.output
+    (candidate,) = json.loads(res.stdout)["texts"]["text.txt"]["candidates"].values()
+    assert candidate["kl"] < 1e-6 and candidate["top1"] == 1.0
+    missing = CliRunner().invoke(eval_command, [*args[:4], "nosuch:v9", *args[5:]])
+    assert missing.exit_code != 0 and "neither a delta directory nor a registry ref" in str(
+        missing.exception or missing.output
+    )

@@ -31,7 +31,13 @@ def run_example(name: str, *args: str) -> str:
 
 def test_every_example_has_a_docstring_and_a_test():
     scripts = sorted(p.name for p in EXAMPLES.glob("[0-9][0-9]_*.py"))
-    tested = {"01_compress_apply.py", "02_fleet_registry.py", "03_serve_openai.py", "04_codec_plugin.py"}
+    tested = {
+        "01_compress_apply.py",
+        "02_fleet_registry.py",
+        "03_serve_openai.py",
+        "04_codec_plugin.py",
+        "05_peft_export.py",
+    }
     assert tested <= set(scripts)
     for name in scripts:
         source = (EXAMPLES / name).read_text()
@@ -70,3 +76,13 @@ def test_04_codec_plugin():
     assert "delta: codec example-rowint v1, config {'bits': 6}" in out
     err = float(re.search(r"error after apply is ([0-9.e+-]+)", out)[1])
     assert 0 < err < 0.2 and out.rstrip().endswith("OK")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the peft extra")
+def test_05_peft_export():
+    out = run_example("05_peft_export.py")
+    assert re.search(r"adapter: 16 LoRA modules, r=8, lora_alpha=8", out), out
+    gap, moved = map(
+        float, re.search(r"= ([0-9.e+-]+) \(the delta itself moves logits by ([0-9.e+-]+)\)", out).groups()
+    )
+    assert gap < 0.1 * moved and out.rstrip().endswith("OK")

@@ -18,7 +18,15 @@ LAYERS = [
     ("deltakit.format", "deltakit.models"),
     ("deltakit.codecs", "deltakit.compressors", "deltakit.lillama", "deltakit.deltallm", "deltakit.distill"),
     ("deltakit.core",),
-    ("deltakit.registry", "deltakit.runtime", "deltakit.eval", "deltakit.zoo", "deltakit.publish"),
+    (
+        "deltakit.registry",
+        "deltakit.runtime",
+        "deltakit.eval",
+        "deltakit.zoo",
+        "deltakit.publish",
+        "deltakit.refs",
+        "deltakit.interop",
+    ),
     ("deltakit.jobs",),
     ("deltakit",),
 ]

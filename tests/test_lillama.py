@@ -223,3 +223,24 @@ def test_bad_inputs(tiny, tmp_path):
             seq_len=32,
             overrides=FAST,
         )
+
+
+def test_compressed_dir_refuses_plain_transformers_load(tiny, tmp_path):
+    """The low-rank modules do not fit the source architecture: transformers refuses, load_model works."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sealed"
+    deltakit.compress_model(
+        tiny["base"], out, method="lillama", data=[tiny["text"]], tokens=512, seq_len=32, reduction=0.2,
+        overrides={**FAST, "distill": "false"},
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "deltakit_lillama" and config["deltakit_model_type"] == "llama"
+    with pytest.raises(ValueError, match="deltakit_lillama"):
+        AutoModelForCausalLM.from_pretrained(str(out))
+    model = deltakit.load_model(out)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    exported = deltakit.export_model(out, tmp_path / "plain")
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "llama"

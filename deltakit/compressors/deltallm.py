@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from deltakit.compressors.base import ModelCompressor, ModelJob
+from deltakit.compressors.hf_config import seal
 from deltakit.compressors.registry import register_compressor
 from deltakit.deltallm.config import DeltaLLMConfig
 
@@ -29,7 +30,7 @@ class DeltaLLM(ModelCompressor):
         from deltakit.deltallm.compress import compress
 
         assert isinstance(job.config, DeltaLLMConfig)
-        return compress(
+        report = compress(
             job.model_dir,
             job.output,
             job.config,
@@ -39,6 +40,8 @@ class DeltaLLM(ModelCompressor):
             seed=job.seed,
             progress=job.progress,
         )
+        seal(Path(job.output), self.name)
+        return report
 
     def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:
         from deltakit.deltallm.io import load_compressed

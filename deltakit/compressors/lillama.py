@@ -16,6 +16,7 @@ import torch
 
 from deltakit.codecs.lillama import LillamaConfig, require_calibration
 from deltakit.compressors.base import ModelCompressor, ModelJob
+from deltakit.compressors.hf_config import seal
 from deltakit.compressors.registry import register_compressor
 from deltakit.errors import UsageError
 
@@ -38,7 +39,7 @@ class LillamaModel(ModelCompressor):
         config: LillamaConfig = job.config  # type: ignore[assignment]
         calibration = require_calibration(job.calibration)
         windows = calibration.batches(load_tokenizer(Path(job.model_dir)))  # (n, seq) int64
-        return compress_model_dir(
+        report = compress_model_dir(
             Path(job.model_dir),
             Path(job.output),
             reduction=job.reduction,
@@ -54,6 +55,8 @@ class LillamaModel(ModelCompressor):
             device=job.device,
             progress=job.progress,
         )
+        seal(Path(job.output), self.name)
+        return report
 
     def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:
         from deltakit.lillama.model import load_compressed

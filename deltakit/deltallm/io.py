@@ -130,7 +130,9 @@ def load_compressed(
     plan = SharingPlan.from_dict(meta["plan"])
     if dtype is None:
         dtype = dtype_from_name(meta["source_tensors"][0][1])
-    config = tf.AutoConfig.from_pretrained(model_dir)
+    from deltakit.compressors.hf_config import load_config
+
+    config = load_config(model_dir)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_deltas_(model, plan, init="zeros", dtype=dtype)
     state: dict[str, torch.Tensor] = {}
@@ -178,6 +180,9 @@ def export_plain(model_dir: Path | str, output: Path, dtype: torch.dtype | None 
     copy_aux_files(
         [p for p in sorted(model_dir.iterdir()) if p.is_file() and p.name not in OWN_FILES], output
     )
+    from deltakit.compressors.hf_config import unseal
+
+    unseal(output)
     if dtype is not None and (output / "config.json").is_file():
         config = json.loads((output / "config.json").read_text())
         config["dtype"] = dtype_name(dtype)

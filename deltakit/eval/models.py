@@ -53,6 +53,11 @@ def load_model(
     if isinstance(source, torch.nn.Module):
         return source.eval()
     path = Path(source)
+    from deltakit.core.model_mode import is_compressed_model
+    from deltakit.core.model_mode import load_model as load_compressed
+
+    if is_compressed_model(path):  # lillama / deltallm: their own modules, not the source architecture
+        return load_compressed(path).to(dtype).eval()
     if not is_checkpoint_dir(path):
         raise FormatError(f"not a Hugging Face checkpoint dir (no config.json): {path}")
     from transformers import AutoModelForCausalLM

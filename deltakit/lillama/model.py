@@ -233,14 +233,16 @@ def save_compressed(model: nn.Module, output: Path, ranks: dict[str, int], sourc
 def load_compressed(model_dir: Path, device: torch.device | str = "cpu") -> nn.Module:
     """A transformers model with :class:`LowRankLinear` modules from a directory written by
     :func:`save_compressed`; weights in their stored dtype, on ``device``, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from deltakit.compressors.hf_config import load_config
 
     path = Path(model_dir)
     table = json.loads((path / RANKS_FILE).read_text())
     if table.get("format") != "deltakit.lillama" or table.get("format_version", 0) > FORMAT_VERSION:
         raise FormatError(f"{path / RANKS_FILE}: not a lillama rank table this deltakit reads")
     dtype = getattr(torch, table.get("dtype", "float32"))
-    config = AutoConfig.from_pretrained(str(path))
+    config = load_config(path)
     model = AutoModelForCausalLM.from_config(config)
     for name, rank in table["ranks"].items():
         linear = model.get_submodule(name)

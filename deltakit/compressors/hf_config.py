@@ -1,0 +1,74 @@
+"""The ``config.json`` of a compressed-model directory, sealed so transformers refuses to load it plainly.
+
+A lillama or deltallm directory's weights do not fit the source architecture, and a plain
+``AutoModelForCausalLM.from_pretrained`` would build the model with random weights in their place. Sealing
+sets ``model_type`` to ``deltakit_<compressor>`` (unknown to transformers, which then raises a clear
+error) and keeps the original under ``deltakit_model_type``; :func:`load_config` undoes it for
+:func:`deltakit.load_model`, and :func:`unseal` gives exported plain checkpoints their original config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from deltakit.errors import FormatError
+
+CONFIG_FILE = "config.json"
+ORIGINAL_KEY = "deltakit_model_type"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: unreadable config ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise FormatError(f"{path}: config.json must be an object with a string model_type")
+    return data
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def seal(model_dir: Path, compressor: str) -> None:
+    """Rewrite ``model_dir/config.json`` in place: model_type ``deltakit_<compressor>``, original kept."""
+    path = Path(model_dir) / CONFIG_FILE
+    data = _read(path)
+    if ORIGINAL_KEY not in data:
+        data[ORIGINAL_KEY] = data["model_type"]
+    data["model_type"] = f"deltakit_{compressor}"
+    _write(path, data)
+
+
+def plain_config_dict(model_dir: Path) -> dict[str, Any]:
+    """The source model's config as a dict (sealed or not)."""
+    data = _read(Path(model_dir) / CONFIG_FILE)
+    original = data.pop(ORIGINAL_KEY, None)
+    if original is not None:
+        if not isinstance(original, str):
+            raise FormatError(f"{model_dir}/{CONFIG_FILE}: {ORIGINAL_KEY} must be a string")
+        data["model_type"] = original
+    return data
+
+
+def load_config(model_dir: Path) -> Any:
+    """A transformers ``PretrainedConfig`` of the source architecture from a (sealed) directory."""
+    from transformers import AutoConfig
+
+    data = plain_config_dict(model_dir)
+    model_type = data.pop("model_type")
+    data.pop("transformers_version", None)
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as exc:
+        raise FormatError(f"{model_dir}: model_type {model_type!r} unknown to transformers ({exc})") from None
+
+
+def unseal(model_dir: Path) -> None:
+    """Give ``model_dir/config.json`` back its original model_type (no-op on a plain config)."""
+    path = Path(model_dir) / CONFIG_FILE
+    if path.is_file():
+        _write(path, plain_config_dict(model_dir))

@@ -1,0 +1,1 @@
+"""Interoperability with other tools' formats (PEFT LoRA adapters)."""
