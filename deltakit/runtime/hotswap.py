@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from deltakit.codecs.base import Codec
+from deltakit.core.rebuild import rebuild
 from deltakit.errors import (
     BaseMismatchError,
     DeltakitError,
@@ -58,8 +60,10 @@ class DeltaEntry:
         return self.path
 
 
-#: codecs that restore the exact bits of the fine-tune's dtype: the served parameter must have that dtype
-EXACT_CODECS = frozenset({"lossless"})
+def restores_exact_bits(codec: Codec) -> bool:
+    """Whether ``codec`` restores the exact bits of the fine-tune's dtype (it declares ``max_error = 0``):
+    the served parameter must then have that dtype."""
+    return codec.max_error == 0.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -247,12 +251,12 @@ class HotSwapRuntime:
     def _validate(self, prepared: PreparedDelta) -> None:
         """Refuse, before it is ever swapped in, a delta whose swap would fail or write garbage.
 
-        Checks that an exact codec (``EXACT_CODECS``) finds the served parameters in the dtype whose
+        Checks that an exact codec (:func:`restores_exact_bits`) finds the served parameters in the dtype whose
         bits it restores, then decodes every tensor once onto its pristine base (on ``self.device``,
         one tensor at a time) and checks shape, dtype and finiteness (:func:`check_rebuilt`).
         The model is not written.
         """
-        exact = prepared.codec.name in EXACT_CODECS
+        exact = restores_exact_bits(prepared.codec)
         for canonical, op in prepared.ops.items():
             param = self.resident.param(canonical)
             if exact and op.kind == "encoded" and op.dtype != param.dtype:
@@ -375,17 +379,27 @@ class HotSwapRuntime:
             pristine = self.resident.pristine(canonical)
             base = pristine.to(self.device, non_blocking=True)
             restored += pristine.numel() * pristine.element_size()
-            value = self._rebuild(prepared, op, base)
-            check_rebuilt(prepared.name, canonical, value, param)
-            self._write_param(canonical, value)
+            self._write_param(canonical, PendingRebuild(prepared, op, base))
             written += param.numel() * param.element_size()
         self._active_ops = set(new_ops)
         self.active = name
         return len(previous | set(new_ops)), restored, written
 
-    def _write_param(self, canonical: str, value: torch.Tensor) -> None:
-        """Copy ``value`` (same shape; cast to the parameter dtype) into parameter ``canonical``, in place."""
-        self.resident.param(canonical).data.copy_(value, non_blocking=True)
+    def _write_param(self, canonical: str, value: torch.Tensor | PendingRebuild) -> None:
+        """Write ``value`` into parameter ``canonical``, in place (cast to the parameter dtype).
+
+        A tensor is copied as is. A :class:`PendingRebuild` is rebuilt straight into ``param.data`` where
+        the fused path applies (one pass; it checks finiteness tile by tile), else rebuilt, checked
+        (:func:`check_rebuilt`) and copied.
+        """
+        param = self.resident.param(canonical)
+        if isinstance(value, PendingRebuild):
+            rebuilt = self._rebuild(value.prepared, value.op, value.base, out=param.data)
+            if rebuilt is param.data:
+                return
+            check_rebuilt(value.prepared.name, canonical, rebuilt, param)
+            value = rebuilt
+        param.data.copy_(value, non_blocking=True)
 
     def _roll_back(self, source: str | None) -> str | None:
         """After a failed swap: pristine into every touched parameter, then ``source`` again if it was a
@@ -415,8 +429,24 @@ class HotSwapRuntime:
         return stats
 
     @staticmethod
-    def _rebuild(prepared: PreparedDelta, op: TensorOp, base: torch.Tensor) -> torch.Tensor:
-        """The fine-tuned tensor exactly as ``Delta.reconstruct`` computes it, on ``base``'s device."""
-        if op.kind == "passthrough":
-            return op.tensors["value"].to(base.device).to(op.dtype)
-        return prepared.codec.reconstruct(op.encoded(), base, op.dtype, base.device)
+    def _rebuild(
+        prepared: PreparedDelta, op: TensorOp, base: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The fine-tuned tensor with the bits of ``Decoder.reconstruct``, on ``base``'s device.
+
+        out: a tensor of the parameter's shape the fused path writes into (and returns); other paths
+        return a new tensor (see :func:`deltakit.core.rebuild.rebuild`).
+        """
+        label = f"delta {prepared.name!r}: {op.name}"
+        return rebuild(
+            prepared.codec, op.kind, op.dtype, op.tensors, op.params, base, view=op.view, out=out, name=label
+        )
+
+
+@dataclass(frozen=True)
+class PendingRebuild:
+    """A parameter write still to be decoded: delta ``prepared``'s ``op`` onto ``base`` (device copy)."""
+
+    prepared: PreparedDelta
+    op: TensorOp
+    base: torch.Tensor
