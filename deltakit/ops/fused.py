@@ -86,19 +86,25 @@ def fused_rebuild(
     step = tile if tile is not None else tile_rows(rows, cols, device)
     if step < rows and step % TILE_ALIGN:
         raise ValueError(f"{name}: tile={step} is not a multiple of {TILE_ALIGN} rows")
-    bad = torch.zeros((), dtype=torch.bool, device=device) if check_finite else None
+    extremes = []  # per tile (min, max) of the fp32 sums: NaN propagates; rounding is monotonic
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         acc = _tile_sum(base, table, packed, up32, down32, r0, r1)  # (r1 - r0, cols) fp32
-        target = out[r0:r1]
-        target.copy_(acc if out.dtype == dtype else acc.to(dtype))
-        if bad is not None:
-            bad |= ~torch.isfinite(target).all()
-            if device.type == "cpu" and bool(bad):
+        out[r0:r1].copy_(acc if out.dtype == dtype else acc.to(dtype))
+        if check_finite:
+            extremes.append(torch.stack(torch.aminmax(acc)))
+            if device.type == "cpu" and not _finite(extremes[-1:], dtype, out.dtype):
                 break
-    if bad is not None and bool(bad):
+    if check_finite and not _finite(extremes, dtype, out.dtype):
         raise NonFiniteError(f"{name} decodes to NaN or Inf values")
     return out
+
+
+def _finite(extremes: list[torch.Tensor], dtype: torch.dtype, written: torch.dtype) -> bool:
+    """Whether every value between these fp32 extremes stays finite once rounded to ``dtype`` and then
+    to the written dtype (the extremes round to the extremes of the rounded values)."""
+    values = torch.cat(extremes).to(dtype).to(written)
+    return bool(torch.isfinite(values).all())
 
 
 def _tile_sum(
@@ -119,9 +125,9 @@ def _tile_sum(
         n = (r1 - r0) * cols
         first = r0 * cols // 8  # exact: r0 is a multiple of TILE_ALIGN (or the tile is the whole matrix)
         raw = packed[first : first + (n + 7) // 8]
-        signed = torch.index_select(table, 0, raw.to(torch.int32))  # (bytes, 8) ±α
+        signed = torch.index_select(table, 0, raw.long())  # (bytes, 8) ±α
         signed = signed.reshape(-1)[:n].reshape(r1 - r0, cols)
         acc = signed if acc is None else acc.add_(signed)
     if acc is None:
         return base[r0:r1].to(torch.float32)
-    return acc.add_(base[r0:r1])
+    return acc.add_(base[r0:r1].to(torch.float32))
