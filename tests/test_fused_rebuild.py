@@ -92,3 +92,18 @@ def test_tiles_must_keep_sign_bytes_aligned():
     view = codec.factored(encoded)
     with pytest.raises(ValueError, match="multiple of 8"):
         fused_rebuild(base, torch.float32, signs=view.signs, scale=view.scale, tile=12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("codec_name", ["dqrelo", "bitdelta", "svd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_on_cuda_equals_the_cuda_reference(codec_name, dtype):
+    codec, base, encoded = _encode(codec_name, (301, 200), dtype)
+    base = base.cuda()
+    reference = codec.reconstruct(encoded, base, dtype, "cuda")
+    got = rebuild(codec, "encoded", dtype, encoded.tensors, encoded.params, base)
+    assert got.is_cuda and torch.equal(got, reference)
+    out = torch.empty_like(reference)
+    rebuild(codec, "encoded", dtype, encoded.tensors, encoded.params, base, out=out)
+    assert torch.equal(out, reference)

@@ -78,7 +78,7 @@ def fused_rebuild(
     elif tuple(out.shape) != (rows, cols):
         raise ValueError(f"{name}: out has shape {list(out.shape)}, expected {[rows, cols]}")
     table = _sign_table(device) * float(scale) if signs is not None else None  # (256, 8) ±α
-    packed = signs.reshape(-1) if signs is not None else None
+    packed = signs.reshape(-1).to(device) if signs is not None else None
     if packed is not None and packed.numel() * 8 < rows * cols:
         raise ValueError(f"{name}: {packed.numel()} sign bytes cannot hold {rows}x{cols} bits")
     up32 = up.to(device=device, dtype=torch.float32) if up is not None else None  # (rows, r)
