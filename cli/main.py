@@ -13,8 +13,11 @@ import warnings
 import click
 
 from deltakit import __version__
-from deltakit_cli import core_cmds
-from deltakit_cli.common import err_console, parameters_as_flags
+from deltakit.ops.threads import passive_wait_policy, set_threads
+
+passive_wait_policy()  # before torch starts its OpenMP pool: idle threads sleep instead of spinning
+from deltakit_cli import core_cmds  # noqa: E402 (after the wait policy)
+from deltakit_cli.common import err_console, parameters_as_flags  # noqa: E402
 
 #: optional command modules and the click objects they export (loaded if present)
 _PLUGGED = (
@@ -32,8 +35,15 @@ _PLUGGED = (
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deltakit")
-def cli() -> None:
+@click.option(
+    "--threads",
+    default=None,
+    metavar="N",
+    help="torch CPU threads (default: the CPUs this process may use that other work leaves free)",
+)
+def cli(threads: str | None) -> None:
     """deltakit: one base model, many small compressed fine-tune deltas."""
+    set_threads(threads)
 
 
 for command in (

@@ -44,10 +44,14 @@ _EXPORTS = {
     "load_model": "deltakit.core.model_mode",
     "export_model": "deltakit.core.model_mode",
     "Calibration": "deltakit.codecs.base",
+    "set_threads": "deltakit.ops.threads",
+    "available_cpus": "deltakit.ops.threads",
 }
 
 __all__ = [
     "__version__",
+    "set_threads",
+    "available_cpus",
     "compress",
     "compress_model",
     "CompressOptions",

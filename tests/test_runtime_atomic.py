@@ -116,8 +116,8 @@ def test_non_finite_decode_at_swap_time_is_refused_and_rolled_back(fleet, base_s
     original = HotSwapRuntime._rebuild
     victim = list(rt.host_delta("dqrelo-0")[0].ops)[3]
 
-    def poisoned(prepared, op, base):
-        value = original(prepared, op, base)
+    def poisoned(prepared, op, base, out=None):
+        value = original(prepared, op, base, out=out)
         if op.name == victim:
             value = value.clone()
             value.view(-1)[5] = float("nan")
@@ -134,8 +134,8 @@ def test_shape_that_only_broadcasts_is_refused_at_swap(fleet, base_state, monkey
     rt = _runtime(fleet)
     original = HotSwapRuntime._rebuild
 
-    def broadcasting(prepared, op, base):
-        value = original(prepared, op, base)
+    def broadcasting(prepared, op, base, out=None):
+        value = original(prepared, op, base, out=out)
         return value[:1] if value.ndim == 2 else value  # (1, cols): copy_ would broadcast it
 
     monkeypatch.setattr(HotSwapRuntime, "_rebuild", staticmethod(broadcasting))

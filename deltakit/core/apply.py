@@ -18,6 +18,7 @@ import torch
 
 from deltakit.core.decode import Decoder, load_delta
 from deltakit.core.device import resolve_device
+from deltakit.core.rebuild import reconstruct
 from deltakit.errors import BaseMismatchError, TensorMismatchError, UsageError
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta
@@ -134,7 +135,9 @@ def _apply_into(
         base_tensor = base_src.get(spec.name) if spec.name in base_names else None
         if base_tensor is not None:
             base_fp.add(spec.name, base_tensor)
-        rebuilt = decoder.reconstruct(spec.name, base_tensor, dev).to(spec.dtype).cpu()
+        rebuilt = (
+            reconstruct(decoder, spec.name, base_tensor, dev).to(spec.dtype).cpu()
+        )  # fused where it applies
         out_fp.add(spec.name, rebuilt)
         sink(spec.name, rebuilt)
     for offset, name in enumerate(manifest.removed):

@@ -7,20 +7,13 @@ a one-line ``error`` with the exit code deltakit would use for them.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+from deltakit.ops.threads import available_cpus
 
 
 def threads_per_worker(workers: int, cpus: int | None = None) -> int:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from deltakit.codecs.base import Codec
+from deltakit.core.rebuild import rebuild
 from deltakit.errors import (
     BaseMismatchError,
     DeltakitError,
@@ -31,6 +33,7 @@ from deltakit.errors import (
 from deltakit.format.delta import Delta, load_delta
 from deltakit.format.manifest import Manifest
 from deltakit.runtime.lru import ByteLRU
+from deltakit.runtime.prefetch import Prefetcher
 from deltakit.runtime.prepared import PreparedDelta, TensorOp, prepare_delta
 from deltakit.runtime.resident import ResidentModel
 from deltakit.runtime.stats import SwapStats
@@ -58,8 +61,10 @@ class DeltaEntry:
         return self.path
 
 
-#: codecs that restore the exact bits of the fine-tune's dtype: the served parameter must have that dtype
-EXACT_CODECS = frozenset({"lossless"})
+def restores_exact_bits(codec: Codec) -> bool:
+    """Whether ``codec`` restores the exact bits of the fine-tune's dtype (it declares ``max_error = 0``):
+    the served parameter must then have that dtype."""
+    return codec.max_error == 0.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -126,6 +131,7 @@ class HotSwapRuntime:
         self._active_ops: set[str] = set()  # canonical names the active delta changed
         self.history: deque[SwapStats] = deque(maxlen=history)
         self.lock = threading.RLock()
+        self.prefetcher = Prefetcher(resident.resolve, self.device)
 
     @classmethod
     def from_pretrained(
@@ -218,6 +224,7 @@ class HotSwapRuntime:
             del self.entries[name]
             self.host_cache.pop(name)
             self.device_cache.pop(name)
+            self.prefetcher.discard(name)
 
     def names(self) -> list[str]:
         with self.lock:
@@ -232,14 +239,21 @@ class HotSwapRuntime:
 
     def _prepare(self, entry: DeltaEntry, delta: Delta) -> PreparedDelta:
         prepared = prepare_delta(entry.name, delta, self.resident.resolve)
-        self._check_base(entry.name, prepared.base_fingerprint, delta.manifest.base.name)
+        return self._admit(entry, prepared, delta.manifest.base.name)
+
+    def _admit(
+        self, entry: DeltaEntry, prepared: PreparedDelta, base_name: str, *, pinned: bool = False
+    ) -> PreparedDelta:
+        """Check, take pristine copies for, validate (once) and cache a prepared delta; its host copy."""
+        self._check_base(entry.name, prepared.base_fingerprint, base_name)
         for canonical in prepared.ops:
             self.resident.ensure_pristine(canonical)
         if not entry.validated:
             self._validate(prepared)
             entry.validated = True
         entry.stored_bytes = prepared.nbytes
-        host = prepared.to(self.device, pin=True) if self.device.type == "cuda" else prepared
+        pin = self.device.type == "cuda" and not pinned
+        host = prepared.to(self.device, pin=True) if pin else prepared
         self.host_cache.put(entry.name, host)
         return host
 
@@ -247,12 +261,12 @@ class HotSwapRuntime:
     def _validate(self, prepared: PreparedDelta) -> None:
         """Refuse, before it is ever swapped in, a delta whose swap would fail or write garbage.
 
-        Checks that an exact codec (``EXACT_CODECS``) finds the served parameters in the dtype whose
+        Checks that an exact codec (:func:`restores_exact_bits`) finds the served parameters in the dtype whose
         bits it restores, then decodes every tensor once onto its pristine base (on ``self.device``,
         one tensor at a time) and checks shape, dtype and finiteness (:func:`check_rebuilt`).
         The model is not written.
         """
-        exact = prepared.codec.name in EXACT_CODECS
+        exact = restores_exact_bits(prepared.codec)
         for canonical, op in prepared.ops.items():
             param = self.resident.param(canonical)
             if exact and op.kind == "encoded" and op.dtype != param.dtype:
@@ -276,32 +290,65 @@ class HotSwapRuntime:
     # -- cache lookups -------------------------------------------------------------------------
     def host_delta(self, name: str) -> tuple[PreparedDelta, bool]:
         """The host copy of a delta (from the cache, else read from disk); (delta, cache hit)."""
+        prepared, hit, _read = self._host_delta(name)
+        return prepared, hit
+
+    def _host_delta(self, name: str) -> tuple[PreparedDelta, bool, int]:
+        """(host copy, cache hit, bytes read from disk); a prefetched copy counts as no read."""
         with self.lock:
             entry = self.entries.get(name)
             if entry is None:
                 raise NotFoundError(f"no delta named {name!r} is loaded")
             cached = self.host_cache.get(name)
             if cached is not None:
-                return cached, True
+                return cached, True, 0
             if entry.delta is not None:
-                return self._prepare(entry, entry.delta), False
+                return self._prepare(entry, entry.delta), False, 0
+            ahead = self.prefetcher.take(name)
+            if ahead is not None:
+                host = self._admit(entry, ahead.host, "?", pinned=self.device.type == "cuda")
+                device = ahead.device_copy()
+                if device is not None:
+                    self.device_cache.put(name, device)
+                return host, False, 0
             first_use = entry.path is None
             delta = load_delta(entry.resolve_path(), verify=first_use)
-            return self._prepare(entry, delta), False
+            prepared = self._prepare(entry, delta)
+            return prepared, False, prepared.nbytes
+
+    def prefetch(self, names: list[str | None]) -> threading.Thread | None:
+        """Read the deltas ``names`` that are in no cache from disk on a background thread (without the
+        runtime lock), so that their next swap does not wait for the disk. Unknown names, the base
+        (None), in-memory and not yet resolved lazy deltas are skipped. Returns the thread or None."""
+        jobs = []
+        for name in dict.fromkeys(n for n in names if n is not None):
+            entry = self.entries.get(name)
+            if entry is None or entry.delta is not None or entry.path is None or not entry.validated:
+                continue
+            if name in self.host_cache or name in self.device_cache:
+                continue
+            jobs.append((name, entry.path))
+        return self.prefetcher.start(jobs)
 
     def device_delta(self, name: str) -> tuple[PreparedDelta, dict[str, object]]:
         """The device copy of a delta; info: host/device hits and bytes moved to the device."""
         with self.lock:
+            used = self.prefetcher.used
             if self.device.type == "cpu":
-                host, hit = self.host_delta(name)
-                return host, {"host_hit": hit, "device_hit": hit, "moved": 0}
+                host, hit, read = self._host_delta(name)
+                ahead = self.prefetcher.used > used
+                return host, {"host_hit": hit, "device_hit": hit, "moved": 0, "read": read, "ahead": ahead}
             cached = self.device_cache.get(name)
             if cached is not None:
-                return cached, {"host_hit": True, "device_hit": True, "moved": 0}
-            host, hit = self.host_delta(name)
-            on_device = host.to(self.device, non_blocking=True)
-            self.device_cache.put(name, on_device)
-            return on_device, {"host_hit": hit, "device_hit": False, "moved": host.nbytes}
+                return cached, {"host_hit": True, "device_hit": True, "moved": 0, "read": 0, "ahead": False}
+            host, hit, read = self._host_delta(name)
+            ahead = self.prefetcher.used > used
+            on_device = self.device_cache.get(name) if ahead else None  # copied on the prefetch stream
+            if on_device is None:
+                on_device = host.to(self.device, non_blocking=True)
+                self.device_cache.put(name, on_device)
+            info = {"host_hit": hit, "device_hit": False, "moved": host.nbytes, "read": read, "ahead": ahead}
+            return on_device, info
 
     # -- swapping ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -351,6 +398,8 @@ class HotSwapRuntime:
                 bool(info["host_hit"]),
                 bool(info["device_hit"]),
                 str(self.device),
+                int(info.get("read", 0)),
+                bool(info.get("ahead", False)),
             )
             return self._record(stats)
 
@@ -375,17 +424,27 @@ class HotSwapRuntime:
             pristine = self.resident.pristine(canonical)
             base = pristine.to(self.device, non_blocking=True)
             restored += pristine.numel() * pristine.element_size()
-            value = self._rebuild(prepared, op, base)
-            check_rebuilt(prepared.name, canonical, value, param)
-            self._write_param(canonical, value)
+            self._write_param(canonical, PendingRebuild(prepared, op, base))
             written += param.numel() * param.element_size()
         self._active_ops = set(new_ops)
         self.active = name
         return len(previous | set(new_ops)), restored, written
 
-    def _write_param(self, canonical: str, value: torch.Tensor) -> None:
-        """Copy ``value`` (same shape; cast to the parameter dtype) into parameter ``canonical``, in place."""
-        self.resident.param(canonical).data.copy_(value, non_blocking=True)
+    def _write_param(self, canonical: str, value: torch.Tensor | PendingRebuild) -> None:
+        """Write ``value`` into parameter ``canonical``, in place (cast to the parameter dtype).
+
+        A tensor is copied as is. A :class:`PendingRebuild` is rebuilt straight into ``param.data`` where
+        the fused path applies (one pass; it checks finiteness tile by tile), else rebuilt, checked
+        (:func:`check_rebuilt`) and copied.
+        """
+        param = self.resident.param(canonical)
+        if isinstance(value, PendingRebuild):
+            rebuilt = self._rebuild(value.prepared, value.op, value.base, out=param.data)
+            if rebuilt is param.data:
+                return
+            check_rebuilt(value.prepared.name, canonical, rebuilt, param)
+            value = rebuilt
+        param.data.copy_(value, non_blocking=True)
 
     def _roll_back(self, source: str | None) -> str | None:
         """After a failed swap: pristine into every touched parameter, then ``source`` again if it was a
@@ -415,8 +474,24 @@ class HotSwapRuntime:
         return stats
 
     @staticmethod
-    def _rebuild(prepared: PreparedDelta, op: TensorOp, base: torch.Tensor) -> torch.Tensor:
-        """The fine-tuned tensor exactly as ``Delta.reconstruct`` computes it, on ``base``'s device."""
-        if op.kind == "passthrough":
-            return op.tensors["value"].to(base.device).to(op.dtype)
-        return prepared.codec.reconstruct(op.encoded(), base, op.dtype, base.device)
+    def _rebuild(
+        prepared: PreparedDelta, op: TensorOp, base: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The fine-tuned tensor with the bits of ``Decoder.reconstruct``, on ``base``'s device.
+
+        out: a tensor of the parameter's shape the fused path writes into (and returns); other paths
+        return a new tensor (see :func:`deltakit.core.rebuild.rebuild`).
+        """
+        label = f"delta {prepared.name!r}: {op.name}"
+        return rebuild(
+            prepared.codec, op.kind, op.dtype, op.tensors, op.params, base, view=op.view, out=out, name=label
+        )
+
+
+@dataclass(frozen=True)
+class PendingRebuild:
+    """A parameter write still to be decoded: delta ``prepared``'s ``op`` onto ``base`` (device copy)."""
+
+    prepared: PreparedDelta
+    op: TensorOp
+    base: torch.Tensor

@@ -40,6 +40,28 @@ def gather_sign_rows(packed: torch.Tensor, rows: torch.Tensor, cols: int) -> tor
     return value.to(torch.float32) * 2 - 1
 
 
+def sign_share(x: torch.Tensor, op: TensorOp, layout: str, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """``α·(x Sᵀ)`` (``out_in``) or ``α·(x S)`` (``in_out``) for x (..., in) -> fp32 (..., out).
+
+    signs: the unpacked ±1 matrix when the caller caches it (fp32, or the activations' 16-bit dtype,
+    in which the product is then taken); else unpacked here in fp32. op not mutated.
+    """
+    view = _view(op)
+    s = signs if signs is not None else sign_matrix(op)  # (out, in) or (in, out)
+    xs = x.to(s.dtype)
+    part = xs @ (s.T if layout == "out_in" else s)  # (..., out)
+    return part.to(torch.float32).mul_(float(view.scale))
+
+
+def low_rank_share(x: torch.Tensor, op: TensorOp, layout: str) -> torch.Tensor:
+    """``(x downᵀ) upᵀ`` (``out_in``) or ``(x up) down`` (``in_out``): two thin fp32 matmuls -> (..., out)."""
+    view = _view(op)
+    xf = x.to(torch.float32)
+    up = view.up.to(torch.float32)  # (rows, r)
+    down = view.down.to(torch.float32)  # (r, cols)
+    return (xf @ down.T) @ up.T if layout == "out_in" else (xf @ up) @ down
+
+
 def linear_delta(
     x: torch.Tensor, op: TensorOp, layout: str, signs: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -48,16 +70,11 @@ def linear_delta(
     signs: the unpacked ±1 matrix when the caller caches it (else unpacked here); op not mutated.
     """
     view = _view(op)
-    xf = x.to(torch.float32)
     out: torch.Tensor | None = None
     if view.signs is not None:
-        s = signs if signs is not None else sign_matrix(op)  # (out, in) or (in, out)
-        part = xf @ (s.T if layout == "out_in" else s)  # (..., out)
-        out = part.mul_(float(view.scale))
+        out = sign_share(x, op, layout, signs)
     if view.up is not None and view.down is not None:
-        up = view.up.to(torch.float32)  # (rows, r)
-        down = view.down.to(torch.float32)  # (r, cols)
-        part = (xf @ down.T) @ up.T if layout == "out_in" else (xf @ up) @ down  # (..., out)
+        part = low_rank_share(x, op, layout)
         out = part if out is None else out.add_(part)
     assert out is not None  # a FactoredView has a sign part, factors or both
     return out

@@ -18,6 +18,7 @@ Hooks exist only inside ``assign``; outside it the model is untouched.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -26,11 +27,19 @@ from torch import nn
 
 from deltakit.errors import UsageError
 from deltakit.runtime.hotswap import HotSwapRuntime
-from deltakit.runtime.kernels import embedding_delta, linear_delta, sign_matrix
+from deltakit.runtime.kernels import embedding_delta, low_rank_share, sign_matrix, sign_share
 from deltakit.runtime.lru import ByteLRU
 from deltakit.runtime.prepared import PreparedDelta, TensorOp
 
 _guard = threading.local()
+COST_KEYS = ("sign_s", "low_rank_s", "dense_s", "hooks_s")
+
+
+def row_selector(rows: list[int]) -> slice | torch.Tensor:
+    """A slice when ``rows`` are consecutive (a view, no gather), else an index tensor (CPU)."""
+    if rows and rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def module_layout(module: nn.Module) -> str | None:
@@ -47,12 +56,18 @@ def module_layout(module: nn.Module) -> str | None:
 class MultiDeltaExecutor:
     """Runs mixed-delta batches on a :class:`HotSwapRuntime`'s resident model.
 
-    sign_cache_bytes: budget for unpacked ±1 sign matrices (fp32, on the device) reused across the
-    forward passes of a generation; 0 unpacks on every forward.
+    sign_cache_bytes: budget for unpacked ±1 sign matrices (on the device, in the activations' dtype:
+    fp32 for fp32 models, bf16/fp16 for 16-bit ones) reused across the forward passes of a
+    generation; 0 unpacks on every forward.
+    profile: accumulate the seconds spent in each part of the delta shares in :attr:`costs`
+    (``sign_s``, ``low_rank_s``, ``dense_s``, ``hooks_s``; the device is synchronised around each part,
+    which slows the forward a little). The base matmuls are the forward's time minus ``hooks_s``.
     """
 
-    def __init__(self, runtime: HotSwapRuntime, *, sign_cache_bytes: int = 256 << 20):
+    def __init__(self, runtime: HotSwapRuntime, *, sign_cache_bytes: int = 256 << 20, profile: bool = False):
         self.runtime = runtime
+        self.profile = profile
+        self.costs: dict[str, float] = dict.fromkeys(COST_KEYS, 0.0)
         self.sign_cache: ByteLRU[tuple[torch.Tensor, torch.Tensor]] = ByteLRU(
             sign_cache_bytes, lambda item: item[1].numel() * item[1].element_size()
         )
@@ -75,8 +90,8 @@ class MultiDeltaExecutor:
             deltas: dict[str, PreparedDelta] = {}
             for name in dict.fromkeys(a for a in assignment if a is not None):
                 deltas[name] = runtime.device_delta(name)[0]
-            rows = {
-                name: torch.tensor([i for i, a in enumerate(assignment) if a == name], device=runtime.device)
+            rows = {  # grouped once per batch: every hook reuses these selectors
+                name: _on(row_selector([i for i, a in enumerate(assignment) if a == name]), runtime.device)
                 for name in deltas
             }
             per_module: dict[nn.Module, dict[str, dict[str, TensorOp]]] = {}
@@ -104,26 +119,58 @@ class MultiDeltaExecutor:
         self,
         ops: dict[str, dict[str, TensorOp]],
         deltas: dict[str, PreparedDelta],
-        rows: dict[str, torch.Tensor],
+        rows: dict[str, slice | torch.Tensor],
         batch: int,
     ):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
             if getattr(_guard, "active", False):
                 return None
-            x = args[0] if args else next(iter(kwargs.values()))
-            if x.shape[0] == 1 and batch > 1:  # broadcast input (GPT-2's position ids): same for every row
-                x = x.expand(batch, *x.shape[1:])
-                output = output.expand(batch, *output.shape[1:])
-            elif x.shape[0] != batch:
-                raise UsageError(f"module input has {x.shape[0]} rows, the delta assignment has {batch}")
-            result = output.clone()
-            for name, attr_ops in ops.items():
-                idx = rows[name]
-                new = self._rows_output(module, attr_ops, deltas[name], x[idx], output[idx], args, kwargs)
-                result[idx] = new.to(result.dtype)
+            start = self._tick(output)
+            result = self._hook_body(module, args, kwargs, output, ops, deltas, rows, batch)
+            self._tock("hooks_s", start, result)
             return result
 
         return hook
+
+    def _tick(self, tensor: torch.Tensor) -> float:
+        """A start time for :meth:`_tock` (device synchronised when profiling)."""
+        if not self.profile:
+            return 0.0
+        if tensor.device.type == "cuda":
+            torch.cuda.synchronize(tensor.device)
+        return time.perf_counter()
+
+    def _tock(self, key: str, start: float, tensor: torch.Tensor) -> None:
+        if self.profile:
+            self.costs[key] += self._tick(tensor) - start
+
+    def reset_costs(self) -> None:
+        self.costs = dict.fromkeys(COST_KEYS, 0.0)
+
+    def _hook_body(
+        self,
+        module: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        output: torch.Tensor,
+        ops: dict[str, dict[str, TensorOp]],
+        deltas: dict[str, PreparedDelta],
+        rows: dict[str, slice | torch.Tensor],
+        batch: int,
+    ) -> torch.Tensor:
+        """The hook's work: base output plus every row group's delta share."""
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[0] == 1 and batch > 1:  # broadcast input (GPT-2's position ids): same for every row
+            x = x.expand(batch, *x.shape[1:])
+            output = output.expand(batch, *output.shape[1:])
+        elif x.shape[0] != batch:
+            raise UsageError(f"module input has {x.shape[0]} rows, the delta assignment has {batch}")
+        result = output.clone()
+        for name, attr_ops in ops.items():
+            idx = rows[name]
+            new = self._rows_output(module, attr_ops, deltas[name], x[idx], output[idx], args, kwargs)
+            result[idx] = new.to(result.dtype)
+        return result
 
     def _rows_output(
         self,
@@ -146,26 +193,39 @@ class MultiDeltaExecutor:
             and (bias is None or (bias.kind == "passthrough" and layout != "embedding"))
         )
         if not fast:
-            return self._dense_rerun(module, attr_ops, prepared, x, args, kwargs)
+            start = self._tick(x)
+            dense = self._dense_rerun(module, attr_ops, prepared, x, args, kwargs)
+            self._tock("dense_s", start, dense)
+            return dense
         out = base_out.to(torch.float32)
         if weight is not None:
+            view = weight.view
             if layout == "embedding":
                 out = out + embedding_delta(x, weight)
             else:
-                signs = self._signs(prepared.name, weight) if "signs" in weight.tensors else None
-                out = out + linear_delta(x, weight, layout, signs)
+                if view.signs is not None:
+                    start = self._tick(x)
+                    out = out + sign_share(x, weight, layout, self._signs(prepared.name, weight, x.dtype))
+                    self._tock("sign_s", start, out)
+                if view.up is not None:
+                    start = self._tick(x)
+                    out = out + low_rank_share(x, weight, layout)
+                    self._tock("low_rank_s", start, out)
         if bias is not None:
             pristine = self.runtime.resident.pristine(bias.name).to(out.device, torch.float32)
             out = out + (bias.tensors["value"].to(out.device, torch.float32) - pristine)
         return out
 
-    def _signs(self, delta: str, op: TensorOp) -> torch.Tensor:
-        key = f"{delta}\0{op.name}"
+    def _signs(self, delta: str, op: TensorOp, activations: torch.dtype) -> torch.Tensor:
+        """The ±1 matrix of ``op`` in the dtype the product is taken in (16-bit activations: theirs)."""
+        dtype = activations if activations in (torch.bfloat16, torch.float16) else torch.float32
+        key = f"{delta}\0{op.name}\0{dtype}"
+        packed = op.view.signs
         cached = self.sign_cache.get(key)
-        if cached is not None and cached[0] is op.tensors["signs"]:
+        if cached is not None and cached[0] is packed:
             return cached[1]
-        dense = sign_matrix(op)
-        self.sign_cache.put(key, (op.tensors["signs"], dense))
+        dense = sign_matrix(op, dtype)
+        self.sign_cache.put(key, (packed, dense))
         return dense
 
     def _dense_rerun(
@@ -189,3 +249,7 @@ class MultiDeltaExecutor:
             return torch.func.functional_call(module, params, (x, *args[1:]), kwargs)
         finally:
             _guard.active = False
+
+
+def _on(selector: slice | torch.Tensor, device: torch.device) -> slice | torch.Tensor:
+    return selector if isinstance(selector, slice) else selector.to(device)

@@ -165,9 +165,15 @@ class Scheduler:
             return False
         return True
 
+    def waiting_models(self) -> list[str | None]:
+        """Models of the requests queued behind the running batch, in arrival order."""
+        with self._queue.mutex:
+            return [job.model for job in self._queue.queue if job is not None]
+
     def _generate(self, live: list[Job]) -> None:
         runtime = self.runtime
         models = [job.model for job in live]
+        runtime.prefetch([m for m in self.waiting_models() if m not in models])  # read while this runs
         requests = [job.request for job in live]
         start = time.perf_counter()
         if len(set(models)) == 1:

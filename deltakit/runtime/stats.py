@@ -12,7 +12,8 @@ class SwapStats:
 
     ``restored_bytes``: pristine base bytes copied into the model (host -> device on CUDA);
     ``delta_bytes``: compressed delta bytes moved to the device (0 on a device-cache hit or on CPU);
-    ``written_bytes``: bytes of model parameters overwritten in place.
+    ``written_bytes``: bytes of model parameters overwritten in place;
+    ``read_bytes``: compressed delta bytes read from disk by this swap.
     """
 
     source: str | None  # delta active before (None: the base)
@@ -27,6 +28,8 @@ class SwapStats:
     host_cache_hit: bool
     device_cache_hit: bool
     device: str
+    read_bytes: int = 0  # compressed delta bytes read from disk for this swap (0: cached or prefetched)
+    prefetched: bool = False  # the delta had been read ahead by :meth:`HotSwapRuntime.prefetch`
 
     @property
     def bytes_moved(self) -> int:

@@ -1,0 +1,91 @@
+"""Rebuilding one tensor from parts already in memory: the kind dispatch shared by apply and the runtime.
+
+:func:`rebuild` takes what a delta stores for one tensor (its kind, the fine-tune's dtype, the stored
+tensors and codec parameters) and the base tensor, and returns the fine-tuned tensor with the same bits as
+:meth:`deltakit.core.decode.Decoder.reconstruct`. Encoded tensors whose codec has a factored view and
+keeps the generic ``base + decode`` arithmetic (it does not override ``Codec.reconstruct``) go through
+the single-pass :func:`deltakit.ops.fused.fused_rebuild`; everything else through the codec.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deltakit.codecs.base import Codec, Encoded, FactoredView
+from deltakit.core.decode import Decoder
+from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
+from deltakit.format.safetensors_io import dtype_from_name
+from deltakit.ops.fused import fused_rebuild
+
+
+def fusable(codec: Codec) -> bool:
+    """Whether the codec's rebuilt weight is the generic ``cast(base + decode)`` (no own reconstruct)."""
+    return type(codec).reconstruct is Codec.reconstruct
+
+
+def factored_view(codec: Codec, encoded: Encoded) -> FactoredView | None:
+    """The codec's factored view when the fused path computes its reconstruct exactly, else None."""
+    if not fusable(codec):
+        return None
+    view = codec.factored(encoded)
+    return view if view is not None and len(view.shape) == 2 else None
+
+
+def rebuild(
+    codec: Codec,
+    kind: str,
+    dtype: torch.dtype,
+    tensors: dict[str, torch.Tensor],
+    params: dict[str, Any],
+    base: torch.Tensor,
+    *,
+    view: FactoredView | None = None,
+    out: torch.Tensor | None = None,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """The fine-tuned tensor of one entry, on ``base``'s device.
+
+    kind: ``passthrough`` (``tensors["value"]`` is the tensor), ``unchanged`` or ``encoded``. view: the
+    codec's factored view of ``(tensors, params)`` when the caller has it (looked up otherwise).
+    out: written in place by the fused path (which then also checks every value is finite, raising
+    NonFiniteError naming ``name``) and returned; other paths return a new tensor and leave ``out``
+    alone. base is not mutated.
+    """
+    if kind == PASSTHROUGH:
+        return tensors["value"].to(base.device).to(dtype)
+    if kind == UNCHANGED:
+        return base.to(dtype)
+    if kind != ENCODED:
+        raise ValueError(f"{name}: unknown tensor kind {kind!r}")
+    encoded = Encoded(tensors, params)
+    if view is None or not fusable(codec):
+        view = factored_view(codec, encoded)
+    if view is None or tuple(view.shape) != tuple(base.shape):
+        return codec.reconstruct(encoded, base, dtype, base.device)
+    return fused_rebuild(
+        base,
+        dtype,
+        signs=view.signs,
+        scale=view.scale,
+        up=view.up,
+        down=view.down,
+        out=out,
+        check_finite=out is not None,
+        name=name,
+    )
+
+
+def reconstruct(
+    decoder: Decoder, name: str, base: torch.Tensor | None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """:meth:`Decoder.reconstruct` of tensor ``name``, through the fused path where it applies."""
+    entry = decoder.delta.entry(name)
+    if entry.kind != ENCODED or entry.extra_rows is not None or not fusable(decoder.codec):
+        return decoder.reconstruct(name, base, device)
+    base = decoder.check_base(name, entry, base).to(device)
+    encoded = decoder.encoded(name)
+    return rebuild(
+        decoder.codec, ENCODED, dtype_from_name(entry.dtype), encoded.tensors, encoded.params, base, name=name
+    )

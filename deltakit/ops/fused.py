@@ -1,0 +1,133 @@
+"""Single-pass rebuild of a factored weight: ``cast(base + (scale·S + up·down))`` written once.
+
+The reference computes the same sum as several full fp32 passes over the matrix (unpack the signs, scale
+them, add the low-rank product, add the upcast base, cast). Here each tile of rows is read once (base
+rows, sign bytes, ``up`` rows), summed in fp32 in a buffer that stays in cache, cast, and written once
+into ``out``.
+
+Bit-exactness with the reference (``(base.float() + (S·α + up.float() @ down.float())).to(dtype)``):
+
+* ``S·α`` is exact (a sign flip of ``α`` in fp32); the lookup table holds those products;
+* fp32 addition is commutative, so ``(L + S·α) + base`` rounds as ``base + (S·α + L)``;
+* the low-rank product of a row tile equals those rows of the full product when the matmul kernel sums
+  over the rank in an order that does not depend on the number of rows. CPU tiles are multiples of
+  :data:`TILE_ALIGN` rows and at least :data:`MIN_TILE_ROWS`; on CUDA the product is taken over the whole
+  matrix (cuBLAS may pick another kernel for other shapes), so the tile is the whole matrix there.
+  Tests compare every built-in codec's result with the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltakit.errors import NonFiniteError
+
+#: rows of a CPU tile: fp32 (rows, cols) buffers of a few hundred KiB for cols ≈ 1–4 K
+TILE_ROWS = 64
+#: tile starts stay multiples of 8 rows, so every tile's sign bits start on a byte boundary
+TILE_ALIGN = 8
+MIN_TILE_ROWS = 32
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) fp32: row b holds the ±1 values of byte b's bits, least significant bit first."""
+    table = _TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256, dtype=torch.int64).reshape(-1, 1) >> torch.arange(8)) & 1  # (256, 8)
+        table = (bits.to(torch.float32) * 2 - 1).to(device)
+        _TABLES[device] = table
+    return table
+
+
+def tile_rows(rows: int, cols: int, device: torch.device) -> int:
+    """Rows per tile: the whole matrix on CUDA, else about 256 KiB of fp32 (multiple of TILE_ALIGN)."""
+    if device.type != "cpu":
+        return rows
+    target = max(MIN_TILE_ROWS, (1 << 16) // max(cols, 1))
+    return max(TILE_ALIGN, target // TILE_ALIGN * TILE_ALIGN)
+
+
+def fused_rebuild(
+    base: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    signs: torch.Tensor | None = None,
+    scale: float = 0.0,
+    up: torch.Tensor | None = None,
+    down: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    check_finite: bool = False,
+    name: str = "tensor",
+    tile: int | None = None,
+) -> torch.Tensor:
+    """``cast(base.float() + (scale·S + up.float() @ down.float()), dtype)`` for a 2-D ``base``.
+
+    base: (rows, cols), any float dtype, on the compute device; not mutated. signs: packed ±1 bits of S
+    (uint8, row-major, least significant bit first) or None. up (rows, r) and down (r, cols): both or
+    neither. out: (rows, cols) tensor written in place (its own dtype; values are rounded to ``dtype``
+    first), or None to allocate one of ``dtype``. check_finite: raise NonFiniteError (naming ``name``)
+    when a written value is NaN or Inf; rows before the bad tile are already written. tile: rows per tile
+    (a multiple of TILE_ALIGN; default :func:`tile_rows`). Returns ``out``.
+    """
+    rows, cols = base.shape
+    device = base.device
+    if out is None:
+        out = torch.empty((rows, cols), dtype=dtype, device=device)
+    elif tuple(out.shape) != (rows, cols):
+        raise ValueError(f"{name}: out has shape {list(out.shape)}, expected {[rows, cols]}")
+    table = _sign_table(device) * float(scale) if signs is not None else None  # (256, 8) ±α
+    packed = signs.reshape(-1).to(device) if signs is not None else None
+    if packed is not None and packed.numel() * 8 < rows * cols:
+        raise ValueError(f"{name}: {packed.numel()} sign bytes cannot hold {rows}x{cols} bits")
+    up32 = up.to(device=device, dtype=torch.float32) if up is not None else None  # (rows, r)
+    down32 = down.to(device=device, dtype=torch.float32) if down is not None else None  # (r, cols)
+    step = tile if tile is not None else tile_rows(rows, cols, device)
+    if step < rows and step % TILE_ALIGN:
+        raise ValueError(f"{name}: tile={step} is not a multiple of {TILE_ALIGN} rows")
+    extremes = []  # per tile (min, max) of the fp32 sums: NaN propagates; rounding is monotonic
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        acc = _tile_sum(base, table, packed, up32, down32, r0, r1)  # (r1 - r0, cols) fp32
+        out[r0:r1].copy_(acc if out.dtype == dtype else acc.to(dtype))
+        if check_finite:
+            extremes.append(torch.stack(torch.aminmax(acc)))
+            if device.type == "cpu" and not _finite(extremes[-1:], dtype, out.dtype):
+                break
+    if check_finite and not _finite(extremes, dtype, out.dtype):
+        raise NonFiniteError(f"{name} decodes to NaN or Inf values")
+    return out
+
+
+def _finite(extremes: list[torch.Tensor], dtype: torch.dtype, written: torch.dtype) -> bool:
+    """Whether every value between these fp32 extremes stays finite once rounded to ``dtype`` and then
+    to the written dtype (the extremes round to the extremes of the rounded values)."""
+    values = torch.cat(extremes).to(dtype).to(written)
+    return bool(torch.isfinite(values).all())
+
+
+def _tile_sum(
+    base: torch.Tensor,
+    table: torch.Tensor | None,
+    packed: torch.Tensor | None,
+    up32: torch.Tensor | None,
+    down32: torch.Tensor | None,
+    r0: int,
+    r1: int,
+) -> torch.Tensor:
+    """fp32 rows r0:r1 of ``L + S·α + base`` (L, S·α: the parts present), summed in that order."""
+    cols = base.shape[1]
+    acc: torch.Tensor | None = None
+    if up32 is not None and down32 is not None:
+        acc = up32[r0:r1] @ down32  # (tile, cols)
+    if table is not None and packed is not None:
+        n = (r1 - r0) * cols
+        first = r0 * cols // 8  # exact: r0 is a multiple of TILE_ALIGN (or the tile is the whole matrix)
+        raw = packed[first : first + (n + 7) // 8]
+        signed = torch.index_select(table, 0, raw.long())  # (bytes, 8) ±α
+        signed = signed.reshape(-1)[:n].reshape(r1 - r0, cols)
+        acc = signed if acc is None else acc.add_(signed)
+    if acc is None:
+        return base[r0:r1].to(torch.float32)
+    return acc.add_(base[r0:r1].to(torch.float32))
