@@ -249,3 +249,10 @@ def low_rank_candidates(
 def spectrum_of(matrix: torch.Tensor) -> torch.Tensor:
     """Singular values (descending, fp32 on the CPU) of a 2-D fp32 matrix."""
     return torch.linalg.svdvals(matrix.to(torch.float32)).cpu()
+
+
+def view_factors(encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors for a :class:`FactoredView`: the stored float tensors themselves, or fp32 dequantized ones."""
+    if "up" in encoded.tensors:
+        return encoded.tensors["up"], encoded.tensors["down"]
+    return load_factors(encoded)

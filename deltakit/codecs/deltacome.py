@@ -151,8 +151,13 @@ class DeltaCoMe(Codec):
                 or pieces["down"].axis != 1
                 or list(pieces["up"].shape) != [shape[0], pieces["down"].shape[0]]
                 or pieces["down"].shape[1] != shape[1]
+                or block.get("bits") != pieces["up"].bits
+                or block.get("bits") != pieces["down"].bits
+                or block.get("rank") != pieces["up"].shape[1]
             ):
-                raise FormatError(f"deltacome block shapes do not match {shape}")
+                raise FormatError(
+                    f"deltacome block {block.get('bits')!r} bits: shapes or widths do not match {shape}"
+                )
             ups.append(dequantize(pieces["up"], device))
             downs.append(dequantize(pieces["down"], device))
         extra = [n for n in NAMES if offsets[n] != t[n].shape[0]]
@@ -199,7 +204,7 @@ class DeltaCoMe(Codec):
                 continue
             seen.add(split.nbytes)
             label = "/".join(str(split.counts.get(b, 0)) for b in config.widths())
-            budget = Budget(ratio=min(1.0, split.nbytes / fp16))
+            budget = Budget(ratio=min(1.0, level / fp16))
             out.append(
                 Candidate(split.nbytes, split.model_error, budget, f"split {label} ({config.bit_widths})")
             )

@@ -34,6 +34,7 @@ from deltakit.codecs._common import (
     sign_part,
     spectrum_of,
     store_factors,
+    view_factors,
 )
 from deltakit.codecs.base import (
     FP16_BYTES,
@@ -134,10 +135,17 @@ class DQRelo(Codec):
     def candidates(
         self, shape: tuple[int, int], spectrum: torch.Tensor, config: DQReloConfig
     ) -> list[Candidate]:
-        fixed = (shape[0] * shape[1] + 7) // 8 + 4  # sign bits + the fp32 scale
-        return low_rank_candidates(shape, spectrum, config, fixed_bytes=fixed, min_rank=0)
+        sign_bytes = (shape[0] * shape[1] + 7) // 8
+        fixed = sign_bytes + self.param_bytes  # sign bits + the fp32 scale
+        signs_only = Candidate(
+            fixed,
+            float((spectrum.to(torch.float64) ** 2).sum()),
+            Budget(ratio=sign_bytes / (FP16_BYTES * shape[0] * shape[1])),
+            "signs only",
+        )
+        return [signs_only, *low_rank_candidates(shape, spectrum, config, fixed_bytes=fixed)]
 
     def factored(self, encoded: Encoded) -> FactoredView:
         shape = tuple(encoded.params["shape"])
-        up, down = load_factors(encoded) if has_factors(encoded) else (None, None)
+        up, down = view_factors(encoded) if has_factors(encoded) else (None, None)
         return FactoredView(shape, encoded.tensors["signs"], float(encoded.params["scale"]), up, down)

@@ -19,6 +19,7 @@ from deltakit.codecs._common import (
     require_2d,
     spectrum_of,
     store_factors,
+    view_factors,
 )
 from deltakit.codecs.base import (
     FP16_BYTES,
@@ -95,5 +96,5 @@ class SVD(Codec):
 
     def factored(self, encoded: Encoded) -> FactoredView:
         shape = tuple(encoded.params["shape"])
-        up, down = load_factors(encoded)
+        up, down = view_factors(encoded)
         return FactoredView(shape, up=up, down=down)

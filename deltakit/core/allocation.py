@@ -144,7 +144,10 @@ def coded_target(
 def dry_run_bytes(codec: Codec, config: CodecConfig, shape: tuple[int, int], budget: Budget) -> int:
     """Exact bytes ``codec`` stores for ``shape`` under ``budget`` (declared shapes + float params)."""
     total = codec.param_bytes
-    for name, spec in codec.stored_tensors(shape, torch.float32, config, budget).items():
+    declared = codec.stored_tensors(shape, torch.float32, config, budget)
+    if not declared:
+        raise BudgetError(f"{codec.name} cannot predict the size of its tensors; give ratio= instead")
+    for name, spec in declared.items():
         if spec.shape is None:
             raise BudgetError(
                 f"{codec.name} cannot predict the size of {name}; use allocation='rd' or give ratio="
@@ -166,17 +169,16 @@ def plan_uniform(codec: Codec, config: CodecConfig, found: Survey, target: int) 
                 raise
             return False
 
+    ratio = high
     if not fits(high):
-        if low == 0.0 or not fits(low):
-            raise BudgetError(
-                f"{codec.name} cannot fit its encoded matrices in {target} bytes at any single ratio"
-            )
-        for _ in range(50):
+        for _ in range(50):  # invariant: ``high`` does not fit; ``low`` fits or is the range's floor
             mid = (low + high) / 2
             low, high = (mid, high) if fits(mid) else (low, mid)
         ratio = low
-    else:
-        ratio = high
+        if ratio <= 0 or not fits(ratio):
+            raise BudgetError(
+                f"{codec.name} cannot fit its encoded matrices in {target} bytes at any single ratio"
+            )
     budget = Budget(ratio=ratio)
     return Plan(budget, dict.fromkeys(found.shapes, budget), {}, target, "uniform")
 

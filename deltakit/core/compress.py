@@ -100,6 +100,8 @@ def _plan(
     dev: torch.device,
 ) -> alloc.Plan:
     """First pass for a size target: survey the tensors, then plan the bytes (uniform or rd)."""
+    if codec.default_ratio is None and codec.ratio_range is None:
+        raise BudgetError(f"{codec.name} has no size budget; size= and bits_per_weight= do not apply")
     mode = opts.allocation
     if mode is None:
         mode = "rd" if codec.allocatable else "uniform"

@@ -67,7 +67,7 @@ class CompressOptions:
         """Whether the bytes are planned across tensors (a size, bits per weight, or ``allocation="rd"``);
         refuses conflicting or malformed sizes."""
         given = [k for k in ("ratio", "rank", "bits_per_weight", "size") if getattr(self, k) is not None]
-        if len(given) > 1:
+        if len(given) > 1 and not set(given) <= {"ratio", "rank"}:  # ratio with rank: Budget refuses it
             raise UsageError(
                 f"give one size ({', '.join(given)} were given): ratio, rank, bits_per_weight or size"
             )
