@@ -7,9 +7,14 @@ weight, compress and apply time, peak memory (each step a ``deltakit`` process u
 perplexity, KL(fine-tune ‖ reconstruction), KL closed, top-1 agreement and gain kept on the variant's
 held-out domain text, and perplexity on general text (base retention).
 
+With ``--bits-per-weight 2,1,0.5,0.25`` the settings are size targets instead (``--bits-per-weight B``
+with ``--allocation uniform`` and ``rd`` where the codec takes part), and ``--factor-bits 16,4,3`` adds
+the low-rank codecs at each factor width (``--set factor_bits=N``).
+
 Writes docs/fleet_benchmark.json, docs/fleet_benchmark.md and docs/fleet_benchmark.png.
 
     python benchmarks/fleet_codecs.py [--variants a,b] [--max-tokens 2048] [--methods dqrelo,svd,...]
+        [--bits-per-weight 2,1,0.5,0.25] [--factor-bits 16,4,3] [--dry-run]
 """
 
 from __future__ import annotations
@@ -51,13 +56,39 @@ def reachable(method: str, ratio: float) -> bool:
     return True
 
 
-def settings_for(methods: list[str]) -> list[tuple[str, str | None]]:
-    out = []
+def settings_for(
+    methods: list[str], bits: list[float] | None = None, factor_bits: list[int] | None = None
+) -> list[tuple[str, str | None, list[str]]]:
+    """(codec, label, extra compress arguments) per setting: ratios, or size targets when ``bits``."""
+    from deltakit import get_codec
+
+    out: list[tuple[str, str | None, list[str]]] = []
     for method in methods:
         if method == "lossless":
-            out.append((method, None))
+            out.append((method, None, []))
             continue
-        out.extend((method, label) for label, r in RATIOS.items() if reachable(method, r))
+        if not bits:
+            out.extend(
+                (method, label, ["--ratio", label]) for label, r in RATIOS.items() if reachable(method, r)
+            )
+            continue
+        codec = get_codec(method)
+        lowrank = any(f["name"] == "factor_bits" for f in codec.config_class.describe())
+        widths = factor_bits if lowrank and factor_bits else [None]
+        allocations = ["uniform", "rd"] if codec.allocatable else ["uniform"]
+        for b in bits:
+            if not reachable(method, min(1.0, b / 16)):
+                continue
+            for width in widths:
+                for allocation in allocations:
+                    if allocation == "uniform" and method == "deltacome":
+                        continue  # its size is data-dependent: rd only
+                    extra = ["--bits-per-weight", f"{b:g}", "--allocation", allocation]
+                    label = f"{b:g}bpw-{allocation}"
+                    if width is not None:
+                        extra += ["--set", f"factor_bits={width}"]
+                        label += f"-f{width}"
+                    out.append((method, label, extra))
     return out
 
 
@@ -67,13 +98,16 @@ def bench_variant(variant: dict, base: Path, settings, work: Path, max_tokens: i
     ft = Path(variant["path"])
     cli = [sys.executable, "-m", "deltakit_cli.main"]
     rows, candidates = [], {}
-    for method, label in settings:
+    for method, label, extra in settings:
         name = f"{method}@{label}" if label else method
         delta, rebuilt = work / f"delta-{method}-{(label or 'x').replace('/', '_')}", work / f"out-{name}"
         cmd = [*cli, "compress", "-m", method, "--base", str(base), str(ft), "-o", str(delta), "--json"]
-        if label:
-            cmd += ["--ratio", label]
-        result, compress_wall, compress_rss = run_timed(cmd)
+        cmd += extra
+        try:
+            result, compress_wall, compress_rss = run_timed(cmd)
+        except RuntimeError as exc:  # e.g. a sign codec at exactly 1 bit/weight: its scales do not fit
+            log(f"  {variant['name']} {name}: skipped ({str(exc).strip().splitlines()[-1]})")
+            continue
         applied, apply_wall, apply_rss = run_timed(
             [*cli, "apply", str(base), str(delta), "-o", str(rebuilt), "--json"]
         )
@@ -303,7 +337,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--machine", default="a shared 2-core CPU machine (no GPU)")
     parser.add_argument("--render-only", action="store_true", help="redo the table and plot from the JSON")
+    parser.add_argument("--bits-per-weight", help="comma-separated size targets, e.g. 2,1,0.5,0.25")
+    parser.add_argument(
+        "--factor-bits", help="comma-separated factor widths for low-rank codecs, e.g. 16,4,3"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the settings and exit")
     args = parser.parse_args()
+    bits = [float(b) for b in args.bits_per_weight.split(",")] if args.bits_per_weight else None
+    factor_bits = [int(b) for b in args.factor_bits.split(",")] if args.factor_bits else None
     if args.render_only:
         from deltakit.zoo.fleet import list_fleet
 
@@ -317,16 +358,20 @@ def main() -> None:
     from deltakit.zoo.base import base_dir
     from deltakit.zoo.fleet import list_fleet
 
+    methods = (
+        args.methods.split(",") if args.methods else [m for m in list_codecs() if not get_codec(m).needs_data]
+    )
+    settings = settings_for(methods, bits, factor_bits)
+    if args.dry_run:
+        for method, label, extra in settings:
+            print(method, label or "exact", " ".join(extra))
+        return
     fleet = list_fleet()
     if args.variants:
         wanted = args.variants.split(",")
         fleet = [v for v in fleet if v["name"] in wanted]
     if not fleet:
         sys.exit("no fleet variants built: run `deltakit fleet build` first")
-    methods = (
-        args.methods.split(",") if args.methods else [m for m in list_codecs() if not get_codec(m).needs_data]
-    )
-    settings = settings_for(methods)
     command = "python benchmarks/fleet_codecs.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     rows: list[dict] = []

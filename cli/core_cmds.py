@@ -37,6 +37,15 @@ DEVICE = click.Choice(["cpu", "cuda"])
 @click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
 @click.option("--ratio", help="size as a fraction of the fp16 delta, e.g. 1/8 or 0.125")
 @click.option("--rank", type=int, help="fixed rank for low-rank codecs (instead of --ratio)")
+@click.option(
+    "--bits-per-weight", "bits_per_weight", type=float, help="coded bits per weight of the encoded matrices"
+)
+@click.option("--size", "size", help="size of the whole delta's stored tensors: 123456, 12MB or 12MiB")
+@click.option(
+    "--allocation",
+    type=click.Choice(["uniform", "rd"]),
+    help="spread a size target: one ratio everywhere, or rate-distortion (default rd where the codec can)",
+)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="codec config field (repeatable)")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -71,6 +80,9 @@ def compress(
     registry_path,
     ratio,
     rank,
+    bits_per_weight,
+    size,
+    allocation,
     sets,
     device,
     seed,
@@ -101,6 +113,9 @@ def compress(
         method=method,
         ratio=ratio_value,
         rank=rank,
+        bits_per_weight=bits_per_weight,
+        size=parse_size(size),
+        allocation=allocation,
         reduction=reduction,
         overrides=parse_sets(sets),
         device=device,
@@ -117,6 +132,25 @@ def compress(
         _compress_model(finetuned, output, options, as_json, started)
     else:
         _compress_delta(base_dir, finetuned, output, to_ref, registry_path, options, as_json, started)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: str | None) -> int | None:
+    """``123456``, ``12MB`` (10^6) or ``12MiB`` (2^20) -> bytes (whole, floored)."""
+    if value is None:
+        return None
+    text = value.strip()
+    number = text.rstrip("kKmMgGiIbB ")
+    unit = text[len(number) :].strip().upper()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in _UNITS or not amount > 0:
+        raise click.BadParameter(f"{value!r} is not a size (write 123456, 12MB or 12MiB)")
+    return int(amount * _UNITS[unit])
 
 
 def _compress_delta(base_dir, finetuned, output, to_ref, registry_path, options, as_json, started) -> None:

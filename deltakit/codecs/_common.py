@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from deltakit.codecs.base import CodecConfig, config_field
-from deltakit.errors import BudgetError
+from deltakit.codecs.base import Budget, Candidate, CodecConfig, Encoded, StoredTensor, config_field
+from deltakit.errors import BudgetError, ConfigError, FormatError
 from deltakit.ops.bitpack import pack_signs, unpack_signs
+from deltakit.ops.factors import factors_nbytes, quantize_factors
+from deltakit.ops.mixed import measure_error_factors
+from deltakit.ops.quant import QuantizedTensor, dequantize
 from deltakit.ops.svd import svd_factors
 
 FACTOR_DTYPES = ("float16", "bfloat16", "float32")
+FACTOR_BITS = (16, 8, 4, 3, 2)
+QUANT_NAMES = ("up_codes", "up_scales", "down_codes", "down_scales")
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,68 @@ class LowRankConfig(CodecConfig):
     oversample: int = config_field(10, "extra random directions for the randomized SVD")
     power_iters: int = config_field(2, "power iterations for the randomized SVD")
     factor_dtype: str = config_field("float16", "dtype of the stored low-rank factors", choices=FACTOR_DTYPES)
+    factor_bits: int = config_field(
+        16,
+        "bits per stored factor value: 16 = float factors in factor_dtype; 8/4/3/2 = quantized",
+        FACTOR_BITS,
+    )
+    factor_group: int = config_field(64, "values per fp16 scale when factor_bits < 16")
+    factor_rounding: str = config_field(
+        "refit", "quantized factors: rtn, or refit (round up, least-squares re-fit down)", ("rtn", "refit")
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.factor_group, int) or self.factor_group < 1:
+            raise ConfigError(f"factor_group must be a positive integer, got {self.factor_group!r}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.factor_bits < 16
+
+    def pair_nbytes(self, rows: int, cols: int, rank: int) -> int:
+        """Exact stored bytes of a rank-``rank`` factor pair under this config."""
+        if rank == 0:
+            return 0
+        if self.quantized:
+            return factors_nbytes(rows, cols, rank, self.factor_bits, self.factor_group)
+        return factor_bytes(self.factor_dtype) * (rows + cols) * rank
+
+    def rank_for_bytes(self, rows: int, cols: int, nbytes: float) -> int:
+        """Largest rank (<= min(rows, cols)) whose factor pair fits in ``nbytes`` (0 when none does)."""
+        limit = min(rows, cols)
+        low, high = 0, limit
+        while low < high:  # pair_nbytes grows with the rank
+            mid = (low + high + 1) // 2
+            if self.pair_nbytes(rows, cols, mid) <= nbytes:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def rel_sq_error(self) -> float:
+        """Modelled relative squared error one quantized singular pair adds (0 for float factors)."""
+        if not self.quantized:
+            return 0.0
+        eps = measure_error_factors((self.factor_bits,), self.factor_group)[self.factor_bits]
+        return min(1.0, 2 * eps + eps**2)
+
+    def stored(self, rows: int, cols: int, rank: int, prefix: str = "") -> dict[str, StoredTensor]:
+        """The tensors :func:`store_factors` writes for a rank-``rank`` pair (declared shapes exact)."""
+        if rank == 0:
+            return {}
+        if not self.quantized:
+            return {
+                prefix + "up": StoredTensor(self.factor_dtype, (rows, rank)),
+                prefix + "down": StoredTensor(self.factor_dtype, (rank, cols)),
+            }
+        g, bits = self.factor_group, self.factor_bits
+        return {
+            prefix + "up_codes": StoredTensor("uint8", ((rows * rank * bits + 7) // 8,)),
+            prefix + "up_scales": StoredTensor("float16", (rank, -(-rows // g))),
+            prefix + "down_codes": StoredTensor("uint8", ((rank * cols * bits + 7) // 8,)),
+            prefix + "down_scales": StoredTensor("float16", (rank, -(-cols // g))),
+        }
 
     def factors(self, matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``low_rank_factors`` of ``matrix`` with this config's SVD settings."""
@@ -86,3 +154,105 @@ def require_2d(name: str, codec: str, shape: tuple[int, ...]) -> tuple[int, int]
 
 def factor_bytes(factor_dtype: str) -> int:
     return torch.empty((), dtype=getattr(torch, factor_dtype)).element_size()
+
+
+def store_factors(
+    up: torch.Tensor, down: torch.Tensor, config: LowRankConfig, target: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and params storing ``up`` (rows, r) and ``down`` (r, cols) as ``config`` says.
+
+    Float factors: ``{"up", "down"}`` in ``factor_dtype`` and no params. Quantized: the codes and scales of
+    :func:`deltakit.ops.factors.quantize_factors` (symmetric groups along each singular vector, MSE clip),
+    with ``params["factors"] = {"up": ..., "down": ...}`` (bits, group size, axis, scheme, packing).
+    target: the (rows, cols) matrix the ``refit`` rounding fits (default the product). Inputs not mutated.
+    """
+    if not config.quantized:
+        dtype = getattr(torch, config.factor_dtype)
+        return {"up": up.to(dtype).cpu(), "down": down.to(dtype).cpu()}, {}
+    q = quantize_factors(
+        up,
+        down,
+        config.factor_bits,
+        config.factor_group,
+        method=config.factor_rounding,
+        target=target,
+        clip="mse",
+    )
+    tensors = {k: v.cpu() for k, v in {**q.up.to_tensors("up_"), **q.down.to_tensors("down_")}.items()}
+    return tensors, {"factors": {"up": q.up.params(), "down": q.down.params()}}
+
+
+def has_factors(encoded: Encoded) -> bool:
+    return "up" in encoded.tensors or "up_codes" in encoded.tensors
+
+
+def load_factors(encoded: Encoded, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(up (rows, r), down (r, cols))`` of a stored pair, float or quantized (validated)."""
+    t = encoded.tensors
+    if "up" in t:
+        return t["up"].to(device=device, dtype=torch.float32), t["down"].to(
+            device=device, dtype=torch.float32
+        )
+    meta = encoded.params.get("factors")
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("up"), dict)
+        or not isinstance(meta.get("down"), dict)
+    ):
+        raise FormatError("quantized factors need params.factors with 'up' and 'down' descriptions")
+    q_up = QuantizedTensor.from_tensors(t, meta["up"], "up_")
+    q_down = QuantizedTensor.from_tensors(t, meta["down"], "down_")
+    shape = encoded.params.get("shape")
+    if (
+        len(q_up.shape) != 2
+        or len(q_down.shape) != 2
+        or q_up.axis != 0
+        or q_down.axis != 1
+        or q_up.shape[1] != q_down.shape[0]
+        or (isinstance(shape, list) and [q_up.shape[0], q_down.shape[1]] != shape)
+    ):
+        raise FormatError(f"quantized factors {list(q_up.shape)} x {list(q_down.shape)} do not match {shape}")
+    return dequantize(q_up, device), dequantize(q_down, device)
+
+
+def low_rank_candidates(
+    shape: tuple[int, int],
+    spectrum: torch.Tensor,
+    config: LowRankConfig,
+    *,
+    fixed_bytes: int = 0,
+    min_rank: int = 1,
+    max_options: int = 256,
+) -> list[Candidate]:
+    """Rank options for a factor pair approximating a matrix with singular values ``spectrum`` (desc.).
+
+    Each option stores ``fixed_bytes`` (sign bits, float params) plus the pair; its modelled squared error
+    is the dropped tail ``Σ_{i>=r} σ_i²`` plus ``rel_sq_error() · Σ_{i<r} σ_i²`` for quantized factors.
+    Ranks run from ``min_rank`` to min(rows, cols) in at most ``max_options`` even steps.
+    """
+    rows, cols = shape
+    sigma2 = spectrum.detach().to(torch.float64).cpu().reshape(-1) ** 2
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sigma2, 0)])  # (k + 1,)
+    total, q = float(prefix[-1]), config.rel_sq_error()
+    limit = min(rows, cols)
+    step = max(1, -(-(limit - min_rank + 1) // max_options))
+    ranks = sorted({*range(min_rank, limit + 1, step), limit}) if limit >= min_rank else []
+    out = []
+    for r in ranks:
+        kept = float(prefix[min(r, sigma2.numel())])
+        error = max(0.0, total - kept) + q * kept
+        nbytes = fixed_bytes + config.pair_nbytes(rows, cols, r)
+        out.append(Candidate(nbytes, error, Budget(rank=r), f"rank {r} @ {config.factor_bits} bits"))
+    return out
+
+
+def spectrum_of(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending, fp32 on the CPU) of a 2-D fp32 matrix."""
+    return torch.linalg.svdvals(matrix.to(torch.float32)).cpu()
+
+
+def view_factors(encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors for a :class:`FactoredView`: the stored float tensors themselves, or fp32 dequantized ones."""
+    if "up" in encoded.tensors:
+        return encoded.tensors["up"], encoded.tensors["down"]
+    return load_factors(encoded)

@@ -181,6 +181,21 @@ class StoredTensor:
     shape: tuple[int, ...] | None
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One way to encode a matrix for cross-tensor allocation.
+
+    nbytes: exact stored bytes (tensors + 4 bytes per float param). error: modelled squared Frobenius
+    error of the decoded delta (absolute, so errors of different matrices add). budget: the per-tensor
+    budget that makes :meth:`Codec.encode` produce exactly this option. label: e.g. ``"rank 12 @ 4 bits"``.
+    """
+
+    nbytes: int
+    error: float
+    budget: Budget
+    label: str = ""
+
+
 @dataclass
 class FactoredView:
     """An encoded matrix as ``scale·S + up·down``, the form the runtime's batched kernels use.
@@ -257,6 +272,8 @@ class Codec(ABC):
     #: matrix at 1/8 of the fp16 delta (or the default ratio); 1.0 means "better than no delta at all",
     #: 0.0 means exact (the suite then also checks the rebuilt weight bit for bit)
     max_error: ClassVar[float] = 1.0
+    #: bytes of float params an encoded matrix carries (4 per top-level float, as the delta counts them)
+    param_bytes: ClassVar[int] = 0
 
     @abstractmethod
     def encode(
@@ -305,6 +322,25 @@ class Codec(ABC):
         (entropy-coded streams). The default declares nothing (an empty dict means "not declared").
         """
         return {}
+
+    def spectrum(self, delta: torch.Tensor, config: CodecConfig) -> torch.Tensor | None:
+        """What :meth:`candidates` needs from one fp32 delta (out, in): by default None (no allocation).
+
+        Low-rank codecs return the singular values of the part their factors approximate.
+        """
+        return None
+
+    def candidates(
+        self, shape: tuple[int, int], spectrum: torch.Tensor, config: CodecConfig
+    ) -> list[Candidate] | None:
+        """The options a cross-tensor allocator may choose from for a matrix of ``shape``, whose
+        :meth:`spectrum` is ``spectrum``; None when the codec does not take part in allocation."""
+        return None
+
+    @property
+    def allocatable(self) -> bool:
+        """Whether the codec offers :meth:`candidates` (takes part in rate–distortion allocation)."""
+        return type(self).candidates is not Codec.candidates
 
     def expected_error(self, encoded: Encoded) -> float | None:
         """The relative error the codec is designed to have on ``encoded`` when it is known in closed form

@@ -38,6 +38,7 @@ class BitDelta(Codec):
     summary = "BitDelta: 1-bit sign of the delta with one scale per matrix (1/16 of fp16)"
     default_ratio = 1 / 16
     ratio_range = (1 / 16, 1 / 16)
+    param_bytes = 4
     max_error = 0.70  # measured 0.643 on the conformance probe (seed 0)
 
     def encode(

@@ -11,6 +11,10 @@ Size: signs cost numel/8 bytes, i.e. 1/16 of the fp16 delta; the rank takes the 
 r = floor((ρ·2·n·m − n·m/8) / (2·(n+m))), the paper's r = n·m·ρ₁/(n+m) with ρ = ρ₁ + 1/16,
 floored so the budget is not exceeded (4096×4096 at ρ = 1/8 gives the paper's r = 128). The fp32
 scale (4 bytes a matrix) lives in the manifest and is counted in the delta's reported size.
+
+With ``factor_bits`` < 16 the residual factors are quantized (codes + fp16 scales, counted exactly), so
+at 1/16 plus a little the residual still gets a rank. Below 1/16 the sign bits alone do not fit and the
+codec refuses with a BudgetError naming the codecs that go lower (``svd``, ``deltacome``, ``dare``).
 """
 
 from __future__ import annotations
@@ -22,22 +26,26 @@ import torch
 from deltakit.codecs._common import (
     LowRankConfig,
     dense_signs,
-    factor_bytes,
     fp32_delta,
-    low_rank_product,
+    has_factors,
+    load_factors,
+    low_rank_candidates,
     require_2d,
     sign_part,
+    spectrum_of,
+    store_factors,
+    view_factors,
 )
 from deltakit.codecs.base import (
     FP16_BYTES,
     Budget,
+    Candidate,
     Codec,
     EncodeContext,
     Encoded,
     FactoredView,
     StoredTensor,
     config_field,
-    rank_for_bytes,
 )
 from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError
@@ -62,6 +70,7 @@ class DQRelo(Codec):
     summary = "D-QRELO: 1-bit sign of the delta + truncated SVD of the residual (data-free)"
     default_ratio = 1 / 8
     ratio_range = (1 / 16, 1.0)
+    param_bytes = 4
     max_error = 0.60  # measured 0.534 on the conformance probe (seed 0)
 
     def rank_for(self, shape: tuple[int, int], ctx: EncodeContext, config: DQReloConfig) -> int:
@@ -73,10 +82,10 @@ class DQRelo(Codec):
         sign_bytes = (rows * cols + 7) // 8
         if budget_bytes < sign_bytes * (1 - 1e-6):
             raise BudgetError(
-                f"dqrelo needs at least 1/16 of the fp16 delta for its sign bits; ratio {ratio:g} is below"
+                f"dqrelo needs at least 1/16 of the fp16 delta for its sign bits; ratio {ratio:g} is below "
+                "(svd, deltacome and dare reach lower ratios)"
             )
-        rank = rank_for_bytes(rows, cols, budget_bytes - sign_bytes, factor_bytes(config.factor_dtype))
-        return min(rank, rows, cols)
+        return config.rank_for_bytes(rows, cols, budget_bytes - sign_bytes)
 
     def encode(
         self, base: torch.Tensor, target: torch.Tensor, config: DQReloConfig, ctx: EncodeContext
@@ -87,24 +96,27 @@ class DQRelo(Codec):
         sign_dense = torch.where(delta >= 0, 1.0, -1.0)  # same ±1 matrix the packed bits hold
         rank = self.rank_for(shape, ctx, config)
         tensors: dict[str, torch.Tensor] = {"signs": signs}
+        params: dict = {}
         if rank > 0:
             rounds = config.rounds if config.compensation == "alternate" else 1
             for _ in range(max(1, rounds)):
                 residual = delta - scale * sign_dense
                 up, down = config.factors(residual, rank, ctx.tensor_seed())
+                stored, params = store_factors(up, down, config, target=residual)
                 if config.compensation != "none":
-                    low_rank = low_rank_product(up, down, ctx.device)
-                    scale = float(((delta - low_rank) * sign_dense).mean())
-            tensors["up"], tensors["down"] = up, down
-        return Encoded(tensors, {"shape": list(shape), "scale": scale, "rank": rank})
+                    q_up, q_down = load_factors(Encoded(stored, {"shape": list(shape), **params}), ctx.device)
+                    scale = float(((delta - q_up @ q_down) * sign_dense).mean())
+            tensors.update(stored)
+        return Encoded(tensors, {"shape": list(shape), "scale": scale, "rank": rank, **params})
 
     def decode(
         self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
     ) -> torch.Tensor:
         shape = tuple(encoded.params["shape"])
         delta = dense_signs(encoded.tensors["signs"], shape, device) * encoded.params["scale"]
-        if "up" in encoded.tensors:
-            delta += low_rank_product(encoded.tensors["up"], encoded.tensors["down"], device)
+        if has_factors(encoded):
+            up, down = load_factors(encoded, device)
+            delta += up @ down
         return delta
 
     def stored_tensors(
@@ -113,12 +125,27 @@ class DQRelo(Codec):
         rows, cols = require_2d("", self.name, tuple(shape))
         out = {"signs": StoredTensor("uint8", ((rows * cols + 7) // 8,))}
         rank = self.rank_for((rows, cols), EncodeContext(budget=budget), config)
-        if rank > 0:
-            out["up"] = StoredTensor(config.factor_dtype, (rows, rank))
-            out["down"] = StoredTensor(config.factor_dtype, (rank, cols))
-        return out
+        return {**out, **config.stored(rows, cols, rank)}
+
+    def spectrum(self, delta: torch.Tensor, config: DQReloConfig) -> torch.Tensor:
+        """Singular values of what the sign stage leaves, Δ − mean|Δ|·sign(Δ)."""
+        sign_dense = torch.where(delta >= 0, 1.0, -1.0)
+        return spectrum_of(delta - delta.abs().mean() * sign_dense)
+
+    def candidates(
+        self, shape: tuple[int, int], spectrum: torch.Tensor, config: DQReloConfig
+    ) -> list[Candidate]:
+        sign_bytes = (shape[0] * shape[1] + 7) // 8
+        fixed = sign_bytes + self.param_bytes  # sign bits + the fp32 scale
+        signs_only = Candidate(
+            fixed,
+            float((spectrum.to(torch.float64) ** 2).sum()),
+            Budget(ratio=sign_bytes / (FP16_BYTES * shape[0] * shape[1])),
+            "signs only",
+        )
+        return [signs_only, *low_rank_candidates(shape, spectrum, config, fixed_bytes=fixed)]
 
     def factored(self, encoded: Encoded) -> FactoredView:
-        t = encoded.tensors
         shape = tuple(encoded.params["shape"])
-        return FactoredView(shape, t["signs"], float(encoded.params["scale"]), t.get("up"), t.get("down"))
+        up, down = view_factors(encoded) if has_factors(encoded) else (None, None)
+        return FactoredView(shape, encoded.tensors["signs"], float(encoded.params["scale"]), up, down)

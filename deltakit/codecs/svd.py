@@ -1,7 +1,8 @@
 """Plain truncated SVD of the delta: the LoRA-extraction baseline.
 
 Δ ≈ (U√S)(√S·Vᵀ) at the largest rank that fits the budget, r = floor(ρ·n·m/(n+m)) for fp16
-factors.
+factors. With ``factor_bits`` < 16 the factors are quantized (:func:`deltakit.codecs._common.store_factors`)
+and the rank is the largest whose exact quantized bytes (codes + fp16 scales) fit the budget.
 """
 
 from __future__ import annotations
@@ -12,20 +13,23 @@ import torch
 
 from deltakit.codecs._common import (
     LowRankConfig,
-    factor_bytes,
     fp32_delta,
-    low_rank_product,
+    load_factors,
+    low_rank_candidates,
     require_2d,
+    spectrum_of,
+    store_factors,
+    view_factors,
 )
 from deltakit.codecs.base import (
     FP16_BYTES,
     Budget,
+    Candidate,
     Codec,
     EncodeContext,
     Encoded,
     FactoredView,
     StoredTensor,
-    rank_for_bytes,
 )
 from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError
@@ -50,38 +54,47 @@ class SVD(Codec):
         if ctx.budget.rank is not None:
             return min(ctx.budget.rank, rows, cols)
         ratio = ctx.budget.ratio if ctx.budget.ratio is not None else self.default_ratio
-        rank = rank_for_bytes(rows, cols, ratio * FP16_BYTES * rows * cols, factor_bytes(config.factor_dtype))
+        rank = config.rank_for_bytes(rows, cols, ratio * FP16_BYTES * rows * cols)
         if rank < 1:
-            smallest = (rows + cols) * factor_bytes(config.factor_dtype) / (FP16_BYTES * rows * cols)
+            smallest = config.pair_nbytes(rows, cols, 1) / (FP16_BYTES * rows * cols)
             raise BudgetError(
                 f"svd: ratio {ratio:g} is below one rank for {ctx.name or 'a'} {rows}x{cols} matrix "
                 f"(smallest reachable ratio {smallest:.4g})"
             )
-        return min(rank, rows, cols)
+        return rank
 
     def encode(
         self, base: torch.Tensor, target: torch.Tensor, config: SVDConfig, ctx: EncodeContext
     ) -> Encoded:
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
         rank = self.rank_for(shape, ctx, config)
-        up, down = config.factors(fp32_delta(base, target, ctx.device), rank, ctx.tensor_seed())
-        return Encoded({"up": up, "down": down}, {"shape": list(shape), "rank": rank})
+        delta = fp32_delta(base, target, ctx.device)  # (out, in)
+        up, down = config.factors(delta, rank, ctx.tensor_seed())
+        tensors, params = store_factors(up, down, config, target=delta)
+        return Encoded(tensors, {"shape": list(shape), "rank": rank, **params})
 
     def decode(
         self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return low_rank_product(encoded.tensors["up"], encoded.tensors["down"], device)
+        up, down = load_factors(encoded, device)
+        return up @ down
 
     def stored_tensors(
         self, shape: tuple[int, ...], dtype: torch.dtype, config: SVDConfig, budget: Budget
     ) -> dict[str, StoredTensor]:
         rows, cols = require_2d("", self.name, tuple(shape))
         rank = self.rank_for((rows, cols), EncodeContext(budget=budget), config)
-        return {
-            "up": StoredTensor(config.factor_dtype, (rows, rank)),
-            "down": StoredTensor(config.factor_dtype, (rank, cols)),
-        }
+        return config.stored(rows, cols, rank)
+
+    def spectrum(self, delta: torch.Tensor, config: SVDConfig) -> torch.Tensor:
+        return spectrum_of(delta)
+
+    def candidates(
+        self, shape: tuple[int, int], spectrum: torch.Tensor, config: SVDConfig
+    ) -> list[Candidate]:
+        return low_rank_candidates(shape, spectrum, config)
 
     def factored(self, encoded: Encoded) -> FactoredView:
         shape = tuple(encoded.params["shape"])
-        return FactoredView(shape, up=encoded.tensors["up"], down=encoded.tensors["down"])
+        up, down = view_factors(encoded)
+        return FactoredView(shape, up=up, down=down)

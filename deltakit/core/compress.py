@@ -16,10 +16,11 @@ import torch
 
 from deltakit.codecs.base import Budget, Codec, CodecConfig, EncodeContext
 from deltakit.codecs.registry import get_codec
+from deltakit.core import allocation as alloc
 from deltakit.core.decode import load_delta
 from deltakit.core.device import resolve_device
 from deltakit.core.options import CompressOptions, build_config
-from deltakit.errors import NonFiniteError, TensorMismatchError, UsageError
+from deltakit.errors import BudgetError, NonFiniteError, TensorMismatchError, UsageError
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta, ShardWriter, fp16_delta_bytes, write_manifest
 from deltakit.format.fingerprint import FingerprintBuilder
@@ -36,7 +37,7 @@ from deltakit.format.manifest import (
 )
 from deltakit.format.safetensors_io import dtype_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, TensorSource, open_checkpoint
-from deltakit.models.roles import EMBEDDING, LM_HEAD, TensorRole, infer_roles
+from deltakit.models.roles import TensorRole, infer_roles
 
 __all__ = ["CompressOptions", "build_config", "compress"]
 
@@ -71,19 +72,46 @@ def compress(
             "reduction= applies to model compression (compress_model); for deltas give ratio= or rank="
         )
     cfg = build_config(codec, opts.config, opts.overrides)
+    planned = opts.size_target()
     budget = Budget(ratio=opts.ratio, rank=opts.rank)
     codec.check_budget(budget)
     if opts.ratio is None and opts.rank is None and codec.default_ratio is not None:
         budget = Budget(ratio=codec.default_ratio)
     dev = resolve_device(opts.device)
     base_src, target_src = open_checkpoint(base), open_checkpoint(target)
+    plan = _plan(codec, cfg, base_src, target_src, opts, dev) if planned else None
+    if plan is not None:
+        budget = plan.budget
     prepared = codec.prepare(base_src, target_src, cfg, budget, calibration, dev, opts.seed, opts.progress)
-    builder = _DeltaBuilder(codec, cfg, budget, dev, opts, prepared)
+    builder = _DeltaBuilder(codec, cfg, budget, dev, opts, prepared, plan)
     if output is None:
         return builder.run(base_src, target_src, None)
     with atomic_directory(output, overwrite=opts.overwrite) as tmp:
         builder.run(base_src, target_src, tmp)
     return load_delta(output, verify=False)
+
+
+def _plan(
+    codec: Codec,
+    cfg: CodecConfig,
+    base_src: TensorSource,
+    target_src: TensorSource,
+    opts: CompressOptions,
+    dev: torch.device,
+) -> alloc.Plan:
+    """First pass for a size target: survey the tensors, then plan the bytes (uniform or rd)."""
+    if codec.default_ratio is None and codec.ratio_range is None:
+        raise BudgetError(f"{codec.name} has no size budget; size= and bits_per_weight= do not apply")
+    mode = opts.allocation
+    if mode is None:
+        mode = "rd" if codec.allocatable else "uniform"
+    found = alloc.survey(codec, cfg, base_src, target_src, opts.exclude_roles, dev, spectra=mode == "rd")
+    if not found.shapes:
+        return alloc.Plan(Budget(ratio=opts.ratio) if opts.ratio else Budget(), {}, {}, 0, mode)
+    target = alloc.coded_target(found, size=opts.size, bits_per_weight=opts.bits_per_weight, ratio=opts.ratio)
+    if mode == "rd":
+        return alloc.plan_rd(codec, cfg, found, target)
+    return alloc.plan_uniform(codec, cfg, found, target)
 
 
 def _check_finite(name: str, tensor: torch.Tensor, which: str) -> None:
@@ -96,17 +124,6 @@ def _model_name(source: TensorSource, given: str | None) -> str:
         return given
     path = getattr(source, "path", None)
     return Path(path).name if path is not None else "in-memory"
-
-
-def _grown(base: torch.Tensor, target: torch.Tensor, role: TensorRole) -> bool:
-    """Whether ``target`` is ``base`` with rows appended (a resized embedding or head)."""
-    return (
-        target.ndim == 2
-        and base.ndim == 2
-        and target.shape[1] == base.shape[1]
-        and target.shape[0] > base.shape[0]
-        and role.role in (EMBEDDING, LM_HEAD)
-    )
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -124,6 +141,7 @@ class _DeltaBuilder:
         dev: torch.device,
         opts: CompressOptions,
         prepared: Any,
+        plan: alloc.Plan | None = None,
     ):
         self.codec, self.cfg, self.budget, self.dev, self.opts, self.prepared = (
             codec,
@@ -133,6 +151,7 @@ class _DeltaBuilder:
             opts,
             prepared,
         )
+        self.plan = plan
         self.memory: dict[str, torch.Tensor] = {}
         self.shards: ShardWriter | None = None
         self.tensors: dict[str, TensorEntry] = {}
@@ -169,11 +188,16 @@ class _DeltaBuilder:
     ) -> TensorEntry:
         """Encode the rows ``t`` shares with ``b`` through the codec; grown rows are stored exactly."""
         shared = t[: b.shape[0]] if grown else t  # (base rows, cols)
+        budget = self.plan.per_tensor.get(name, self.budget) if self.plan is not None else self.budget
         ctx = EncodeContext(
-            budget=self.budget, device=self.dev, seed=self.opts.seed, name=name, prepared=self.prepared
+            budget=budget, device=self.dev, seed=self.opts.seed, name=name, prepared=self.prepared
         )
         encoded = self.codec.encode(b, shared, self.cfg, ctx)
         entry.kind, entry.params = ENCODED, encoded.params
+        if self.plan is not None and name in self.plan.info:
+            delta = shared.to(torch.float32) - b.to(torch.float32)
+            actual = alloc.relative_error(delta, self.codec.decode(encoded, "cpu", base=b))
+            entry.params = {**encoded.params, "allocation": {**self.plan.info[name], "actual_error": actual}}
         for local, tensor in encoded.tensors.items():
             entry.stored[local] = key = f"{name}::{local}"
             entry.shard = self.store(key, tensor)
@@ -199,7 +223,7 @@ class _DeltaBuilder:
         if same_shape and b.dtype == t.dtype and torch.equal(b, t):
             self.stats["unchanged_tensors"] += 1
             return entry
-        grown = not same_shape and _grown(b, t, role)
+        grown = not same_shape and alloc.grown(b, t, role)
         if not same_shape and not grown:
             raise TensorMismatchError(
                 f"tensor {name}: base shape {list(b.shape)} and fine-tune shape {list(t.shape)} differ "
@@ -246,6 +270,12 @@ class _DeltaBuilder:
         coded = stats["encoded_bytes"] + stats["param_bytes"]
         stats["ratio"] = coded / stats["fp16_delta_bytes"] if stats["fp16_delta_bytes"] else None
         stats["stored_bytes"] = coded + stats["passthrough_bytes"]
+        if self.plan is not None:
+            _check_target(self.plan, coded, self.opts)
+            stats["allocation"] = self.plan.allocation
+            stats["target_bytes"] = self.plan.target_bytes + (
+                stats["passthrough_bytes"] if self.opts.size else 0
+            )
         codec = self.codec
         return Manifest(
             codec=CodecInfo(codec.name, codec.version, dataclasses.asdict(self.cfg), self.budget.to_dict()),
@@ -264,6 +294,14 @@ class _DeltaBuilder:
         manifest.aux_files = _aux_files(base_src, target_src, out_dir, manifest.files)
         write_manifest(out_dir, manifest)
         return Delta(manifest, out_dir)
+
+
+def _check_target(plan: alloc.Plan, coded: int, opts: CompressOptions) -> None:
+    """The planned bytes are exact; a delta over its target is refused rather than written."""
+    if plan.per_tensor and coded > plan.target_bytes:
+        raise BudgetError(
+            f"the encoded matrices take {coded} bytes, over the {plan.target_bytes} bytes planned for them"
+        )
 
 
 def _aux_files(

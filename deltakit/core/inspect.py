@@ -31,8 +31,30 @@ def _stored_bytes(delta: Delta, entry: TensorEntry) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def allocation_info(entry: TensorEntry) -> dict[str, Any] | None:
+    """An encoded tensor's rank, factor bits and (size targets) its allocation: option, predicted and actual
+    relative error. None for other kinds."""
+    if entry.kind != ENCODED:
+        return None
+    params = entry.params
+    info: dict[str, Any] = {"rank": params.get("rank")}
+    factors = params.get("factors")
+    if isinstance(factors, dict) and isinstance(factors.get("up"), dict):
+        info["bits"] = factors["up"].get("bits")
+    elif isinstance(params.get("blocks"), list):
+        info["bits"] = "/".join(
+            f"{b.get('rank')}@{b.get('bits')}" for b in params["blocks"] if isinstance(b, dict)
+        )
+    planned = params.get("allocation")
+    if isinstance(planned, dict):
+        for key in ("option", "predicted_error", "actual_error"):
+            info[key] = planned.get(key)
+    return info
+
+
 def tensor_rows(delta: Delta) -> list[dict[str, Any]]:
-    """Per tensor: name, kind, role, dtype, shape, stored bytes and ratio to its fp16 delta (encoded only)."""
+    """Per tensor: name, kind, role, dtype, shape, stored bytes, ratio to its fp16 delta (encoded only) and
+    :func:`allocation_info` (encoded only)."""
     rows = []
     for name, entry in delta.manifest.tensors.items():
         stored = _stored_bytes(delta, entry)
@@ -46,6 +68,7 @@ def tensor_rows(delta: Delta) -> list[dict[str, Any]]:
                 "shape": entry.shape,
                 "stored_bytes": stored,
                 "ratio": stored / fp16 if fp16 else None,
+                "allocation": allocation_info(entry),
             }
         )
     return rows

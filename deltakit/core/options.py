@@ -22,12 +22,19 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass(frozen=True)
 class CompressOptions:
-    """How to compress. Sizes: ``ratio`` (fraction of the fp16 delta) or ``rank``; ``reduction`` (fraction
-    of parameters to remove) is for model compression only."""
+    """How to compress. Sizes: ``ratio`` (fraction of the fp16 delta), ``rank``, ``bits_per_weight`` (coded
+    bits per weight of the encoded matrices) or ``size`` (bytes of the whole delta's stored tensors), at
+    most one; ``allocation`` spreads a size target across tensors (``uniform``: one ratio everywhere;
+    ``rd``: rate–distortion, see :mod:`deltakit.core.allocation`; None: ``rd`` for ``size`` and
+    ``bits_per_weight`` when the codec offers candidates, else ``uniform``). ``reduction`` (fraction of
+    parameters to remove) is for model compression only."""
 
     method: str = "dqrelo"
     ratio: float | None = None
     rank: int | None = None
+    bits_per_weight: float | None = None
+    size: int | None = None
+    allocation: str | None = None
     reduction: float | None = None
     config: CodecConfig | dict[str, Any] | None = None
     overrides: dict[str, str] | None = None
@@ -55,6 +62,31 @@ class CompressOptions:
                 f"unknown compress option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
             )
         return dataclasses.replace(options or cls(), **changes)
+
+    def size_target(self) -> bool:
+        """Whether the bytes are planned across tensors (a size, bits per weight, or ``allocation="rd"``);
+        refuses conflicting or malformed sizes."""
+        given = [k for k in ("ratio", "rank", "bits_per_weight", "size") if getattr(self, k) is not None]
+        if len(given) > 1 and not set(given) <= {"ratio", "rank"}:  # ratio with rank: Budget refuses it
+            raise UsageError(
+                f"give one size ({', '.join(given)} were given): ratio, rank, bits_per_weight or size"
+            )
+        if self.allocation not in (None, "uniform", "rd"):
+            raise UsageError(f"allocation={self.allocation!r} is not valid; choose uniform or rd")
+        if self.size is not None and (
+            not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1
+        ):
+            raise UsageError(f"size must be a positive number of bytes, got {self.size!r}")
+        bpw = self.bits_per_weight
+        if bpw is not None and (
+            isinstance(bpw, bool) or not isinstance(bpw, int | float) or not 0 < bpw <= 16
+        ):
+            raise UsageError(f"bits_per_weight must lie in (0, 16], got {bpw!r}")
+        if self.rank is not None and self.allocation == "rd":
+            raise UsageError("allocation='rd' plans bytes; give ratio=, bits_per_weight= or size=, not rank=")
+        return (
+            self.size is not None or bpw is not None or (self.allocation == "rd" and self.ratio is not None)
+        )
 
     def calibration(self, needs_data: bool) -> Calibration | None:
         """The calibration a data-aware method runs on; refuses a missing ``data``."""

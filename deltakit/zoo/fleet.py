@@ -31,9 +31,20 @@ from deltakit.zoo.corpora import domain_split, ensure_sources, general_text, get
 from deltakit.zoo.paths import atomic_dir, atomic_write_text, zoo_dir
 from deltakit.zoo.train import Recipe, finetune, save_checkpoint
 
-DEFAULT_VARIANTS = ("shakespeare", "milton", "fortunes-computers", "jargon")
 DEFAULT_STEPS = 40
 DEFAULT_LR = 3e-4
+#: variants whose recipe differs from the shared one: name -> (domain, steps, peak lr). ``shakespeare-heavy``
+#: trains 5x longer at 10/3 the peak lr (2000 steps·lr units against 12), aiming at KL(ft||base) >= 3x the
+#: default variants' ~0.5 nats: a larger, less compressible delta. Its KL is measured by the fleet build.
+HEAVY_VARIANTS: dict[str, tuple[str, int, float]] = {"shakespeare-heavy": ("shakespeare", 200, 1e-3)}
+DEFAULT_VARIANTS = (
+    "shakespeare",
+    "milton",
+    "fortunes-computers",
+    "jargon",
+    "fortunes-politics",
+    "shakespeare-heavy",
+)
 EVAL_WINDOW = 256
 EVAL_MAX_TOKENS = 4096
 RECORD = "zoo.json"
@@ -182,8 +193,19 @@ def build_variant(name: str, recipe: Recipe, force: bool = False, report: Report
 
 
 def parse_variant(spec: str) -> str:
-    """A variant spec is a domain name (``shakespeare``, ``fortunes-<category>``, ...); checked here."""
+    """A variant spec is a domain name (``shakespeare``, ``fortunes-<category>``, ...) or a name in
+    :data:`HEAVY_VARIANTS`; checked here."""
+    if spec in HEAVY_VARIANTS:
+        return spec
     return get_domain(spec).name
+
+
+def variant_recipe(name: str, steps: int, lr: float, seed: int) -> Recipe:
+    """The recipe of variant ``name``: the shared ``steps``/``lr``, or its own for a heavy variant."""
+    if name in HEAVY_VARIANTS:
+        domain, heavy_steps, heavy_lr = HEAVY_VARIANTS[name]
+        return Recipe(domain=domain, steps=heavy_steps, lr=heavy_lr, seed=seed)
+    return Recipe(domain=name, steps=steps, lr=lr, seed=seed)
 
 
 def build_fleet(
@@ -204,5 +226,6 @@ def build_fleet(
     names = [parse_variant(v) for v in variants]
     if len(set(names)) != len(names):
         raise UsageError(f"duplicate variants in {names}")
-    ensure_sources(names, apt=apt)
-    return [build_variant(n, Recipe(domain=n, steps=steps, lr=lr, seed=seed), force, report) for n in names]
+    recipes = {n: variant_recipe(n, steps, lr, seed) for n in names}
+    ensure_sources(sorted({r.domain for r in recipes.values()}), apt=apt)
+    return [build_variant(n, recipes[n], force, report) for n in names]

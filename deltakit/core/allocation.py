@@ -1,0 +1,235 @@
+"""Size targets and the allocation of a delta's bytes across its tensors.
+
+A size target is one of ``size`` (bytes of the whole delta), ``bits_per_weight`` (coded bits per weight
+of the encoded matrices) or, with ``allocation="rd"``, ``ratio``. A first pass (:func:`survey`) reads every
+tensor pair once and records which tensors are encoded, what passthrough tensors cost and, for the
+rate–distortion allocation, each encoded matrix's :meth:`Codec.spectrum`. Then:
+
+- ``uniform``: the largest single ratio whose dry-run bytes (:meth:`Codec.stored_tensors` shapes plus
+  :attr:`Codec.param_bytes`) fit, found by bisection: the same ratio everywhere, as with ``ratio=``;
+- ``rd``: each matrix offers :meth:`Codec.candidates` ``(bytes, modelled squared error)``;
+  :func:`deltakit.ops.allocate.allocate` picks one per matrix minimising the summed squared Frobenius
+  error within the bytes (data-free: every matrix's error weighs the same).
+
+What a target counts: ``size`` = encoded tensor bytes + 4 bytes per float param + passthrough tensor
+bytes (the delta's ``stats.stored_bytes``); manifest JSON and safetensors headers are not counted.
+``bits_per_weight`` = (encoded tensor bytes + float params) × 8 / weights of the encoded matrices, i.e.
+``16 × ratio``; ``ratio`` counts the same bytes against the fp16 delta.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deltakit.codecs.base import FP16_BYTES, Budget, Codec, CodecConfig
+from deltakit.errors import BudgetError, UsageError
+from deltakit.models.checkpoint import TensorSource
+from deltakit.models.roles import EMBEDDING, LM_HEAD, TensorRole, infer_roles
+from deltakit.ops.allocate import allocate
+
+ALLOCATIONS = ("uniform", "rd")
+UNCHANGED_KIND, PASSTHROUGH_KIND, ENCODED_KIND = "unchanged", "passthrough", "encoded"
+
+
+def grown(base: torch.Tensor, target: torch.Tensor, role: TensorRole) -> bool:
+    """Whether ``target`` is ``base`` with rows appended (a resized embedding or head)."""
+    return (
+        target.ndim == 2
+        and base.ndim == 2
+        and target.shape[1] == base.shape[1]
+        and target.shape[0] > base.shape[0]
+        and role.role in (EMBEDDING, LM_HEAD)
+    )
+
+
+def classify(
+    t: torch.Tensor, b: torch.Tensor | None, role: TensorRole, exclude_roles: tuple[str, ...]
+) -> tuple[str, bool]:
+    """(kind, grown) of one fine-tune tensor: unchanged, passthrough or encoded (shape errors are the
+    caller's to raise)."""
+    if b is None:
+        return PASSTHROUGH_KIND, False
+    same_shape = tuple(b.shape) == tuple(t.shape)
+    if same_shape and b.dtype == t.dtype and torch.equal(b, t):
+        return UNCHANGED_KIND, False
+    is_grown = not same_shape and grown(b, t, role)
+    if t.ndim != 2 or not t.is_floating_point() or role.role in exclude_roles:
+        return PASSTHROUGH_KIND, is_grown
+    return ENCODED_KIND, is_grown
+
+
+@dataclass
+class Survey:
+    """What the first pass found: per encoded matrix its shape, squared norm and (rd) spectrum."""
+
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    norms2: dict[str, float] = field(default_factory=dict)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    passthrough_bytes: int = 0
+
+    @property
+    def fp16_bytes(self) -> int:
+        return sum(FP16_BYTES * r * c for r, c in self.shapes.values())
+
+
+@dataclass
+class Plan:
+    """The outcome: the manifest's budget, a budget per encoded tensor and the rows ``inspect`` shows."""
+
+    budget: Budget
+    per_tensor: dict[str, Budget]
+    info: dict[str, dict[str, Any]]
+    target_bytes: int
+    allocation: str
+
+
+def survey(
+    codec: Codec,
+    config: CodecConfig,
+    base_src: TensorSource,
+    target_src: TensorSource,
+    exclude_roles: tuple[str, ...],
+    device: torch.device,
+    spectra: bool,
+) -> Survey:
+    """Read every tensor pair once; record encoded shapes, passthrough bytes and (``spectra``) spectra."""
+    out = Survey()
+    names, base_names = target_src.names(), set(base_src.names())
+    roles = infer_roles({n: target_src.spec(n) for n in names})
+    for name in names:
+        t = target_src.get(name)
+        b = base_src.get(name) if name in base_names else None
+        kind, is_grown = classify(t, b, roles[name], exclude_roles)
+        if kind == PASSTHROUGH_KIND:
+            out.passthrough_bytes += t.numel() * t.element_size()
+        if kind != ENCODED_KIND:
+            continue
+        rows = b.shape[0] if b is not None else t.shape[0]
+        if is_grown:
+            out.passthrough_bytes += (t.shape[0] - rows) * t.shape[1] * t.element_size()
+        delta = t[:rows].to(device=device, dtype=torch.float32) - b.to(device=device, dtype=torch.float32)
+        out.shapes[name] = (int(rows), int(t.shape[1]))
+        out.norms2[name] = float((delta.double() ** 2).sum())
+        if spectra:
+            spectrum = codec.spectrum(delta, config)
+            if spectrum is None:
+                raise UsageError(f"allocation='rd' needs a codec with candidates; {codec.name} has none")
+            out.spectra[name] = spectrum
+    return out
+
+
+def coded_target(
+    found: Survey, *, size: int | None, bits_per_weight: float | None, ratio: float | None
+) -> int:
+    """Bytes the encoded matrices (tensors + float params) may take under the given target."""
+    if size is not None:
+        left = size - found.passthrough_bytes
+        if left < 0:
+            raise BudgetError(
+                f"size={size} bytes is below the {found.passthrough_bytes} bytes of tensors stored exactly"
+            )
+        return left
+    weights = found.fp16_bytes // FP16_BYTES
+    if bits_per_weight is not None:
+        return math.floor(bits_per_weight * weights / 8)
+    if ratio is None:
+        raise UsageError("a size target needs size=, bits_per_weight= or ratio=")
+    return math.floor(ratio * found.fp16_bytes)
+
+
+def dry_run_bytes(codec: Codec, config: CodecConfig, shape: tuple[int, int], budget: Budget) -> int:
+    """Exact bytes ``codec`` stores for ``shape`` under ``budget`` (declared shapes + float params)."""
+    total = codec.param_bytes
+    declared = codec.stored_tensors(shape, torch.float32, config, budget)
+    if not declared:
+        raise BudgetError(f"{codec.name} cannot predict the size of its tensors; give ratio= instead")
+    for name, spec in declared.items():
+        if spec.shape is None:
+            raise BudgetError(
+                f"{codec.name} cannot predict the size of {name}; use allocation='rd' or give ratio="
+            )
+        total += math.prod(spec.shape) * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    return total
+
+
+def plan_uniform(codec: Codec, config: CodecConfig, found: Survey, target: int) -> Plan:
+    """The largest single ratio whose dry-run bytes fit ``target`` (bisection over the reachable range)."""
+    low, high = codec.ratio_range or (0.0, 1.0)
+
+    def fits(ratio: float) -> bool:
+        try:
+            budget = Budget(ratio=ratio)
+            return sum(dry_run_bytes(codec, config, s, budget) for s in found.shapes.values()) <= target
+        except BudgetError as exc:
+            if "cannot predict" in str(exc):
+                raise
+            return False
+
+    ratio = high
+    if not fits(high):
+        for _ in range(50):  # invariant: ``high`` does not fit; ``low`` fits or is the range's floor
+            mid = (low + high) / 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        ratio = low
+        if ratio <= 0 or not fits(ratio):
+            raise BudgetError(
+                f"{codec.name} cannot fit its encoded matrices in {target} bytes at any single ratio"
+            )
+    budget = Budget(ratio=ratio)
+    return Plan(budget, dict.fromkeys(found.shapes, budget), {}, target, "uniform")
+
+
+def _reference_budget(codec: Codec, config: CodecConfig, found: Survey, target: int) -> Budget:
+    """The manifest's budget: the target ratio when every shape accepts it, else rank 1 (it declares the
+    stored names decode checks; the chosen budgets are in each tensor's params)."""
+    ratio = min(1.0, max(target / max(found.fp16_bytes, 1), 1e-9))
+    for budget in (Budget(ratio=ratio), Budget(rank=1)):
+        try:
+            codec.check_budget(budget)
+            for shape in found.shapes.values():
+                codec.stored_tensors(shape, torch.float32, config, budget)
+            return budget
+        except BudgetError:
+            continue
+    raise BudgetError(f"{codec.name} cannot reach {target} bytes for its encoded matrices")
+
+
+def plan_rd(codec: Codec, config: CodecConfig, found: Survey, target: int) -> Plan:
+    """Rate–distortion allocation over each matrix's candidates (see the module docstring)."""
+    reference = _reference_budget(codec, config, found, target)
+    names = list(found.shapes)
+    options = []
+    for name in names:
+        shape = found.shapes[name]
+        names_ref = set(codec.stored_tensors(shape, torch.float32, config, reference))
+        kept = [
+            c
+            for c in codec.candidates(shape, found.spectra[name], config) or []
+            if set(codec.stored_tensors(shape, torch.float32, config, c.budget)) == names_ref
+        ]
+        if not kept:
+            raise BudgetError(f"{codec.name} offers no size option for {name} {list(shape)}")
+        options.append(kept)
+    chosen = allocate([[(c.nbytes, c.error) for c in opts] for opts in options], target)
+    per_tensor, info = {}, {}
+    for name, opts, k in zip(names, options, chosen.choices, strict=True):
+        c, norm2 = opts[k], found.norms2[name]
+        per_tensor[name] = c.budget
+        predicted = math.sqrt(c.error / norm2) if norm2 > 0 else 0.0
+        info[name] = {
+            "option": c.label,
+            "bytes": c.nbytes,
+            "predicted_error": predicted,
+            **c.budget.to_dict(),
+        }
+    return Plan(reference, per_tensor, info, target, "rd")
+
+
+def relative_error(delta: torch.Tensor, decoded: torch.Tensor) -> float:
+    """‖Δ − decoded‖ / ‖Δ‖ in float64 (0 for a zero delta)."""
+    norm = float(delta.double().norm())
+    return float((delta.double() - decoded.double()).norm()) / norm if norm > 0 else 0.0
