@@ -81,7 +81,8 @@ def compress(
     builder = _DeltaBuilder(codec, cfg, budget, dev, opts, prepared)
     if output is None:
         return builder.run(base_src, target_src, None)
-    with atomic_directory(output, overwrite=opts.overwrite) as tmp:
+    inputs = (getattr(base_src, "path", None), getattr(target_src, "path", None))
+    with atomic_directory(output, overwrite=opts.overwrite, inputs=inputs) as tmp:
         builder.run(base_src, target_src, tmp)
     return load_delta(output, verify=False)
 
@@ -269,7 +270,11 @@ class _DeltaBuilder:
 def _aux_files(
     base_src: TensorSource, target_src: TensorSource, out_dir: Path, files: dict[str, FileEntry]
 ) -> dict[str, AuxFile]:
-    """Record the fine-tune's config/tokenizer files: same bytes as the base's, or copied into extra/."""
+    """Record the fine-tune's config/tokenizer files: same bytes as the base's, or copied into extra/.
+
+    Only the allowlisted plain files :meth:`CheckpointReader.aux_files` returns are considered; the base's
+    twin counts only when it is a plain file too.
+    """
     if not isinstance(target_src, CheckpointReader):
         return {}
     aux: dict[str, AuxFile] = {}
@@ -277,7 +282,7 @@ def _aux_files(
     for file in target_src.aux_files():
         digest, size = file_sha256(file), file.stat().st_size
         twin = base_dir / file.name if base_dir is not None else None
-        if twin is not None and twin.is_file() and file_sha256(twin) == digest:
+        if twin is not None and not twin.is_symlink() and twin.is_file() and file_sha256(twin) == digest:
             aux[file.name] = AuxFile("base", digest, size)
         else:
             rel = f"extra/{file.name}"

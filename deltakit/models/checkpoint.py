@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from deltakit.errors import FormatError, TensorMismatchError
+from deltakit.format.paths import AUX_FILE_NAMES
 from deltakit.format.safetensors_io import (
     ST_TO_DTYPE,
     StreamingSafetensorsWriter,
@@ -175,11 +176,12 @@ class CheckpointReader:
             raise FormatError(f"cannot read tensor {name} from {file}: {exc}") from None
 
     def aux_files(self) -> list[Path]:
-        """Non-weight files of the directory (config, tokenizer, generation config...)."""
+        """The directory's config/tokenizer files: names in :data:`AUX_FILE_NAMES`, plain files only.
+
+        Symbolic links, dotfiles and any other file (notes, caches, weights) are left out.
+        """
         return sorted(
-            p
-            for p in self.path.iterdir()
-            if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in WEIGHT_INDEXES
+            p for p in self.path.iterdir() if p.name in AUX_FILE_NAMES and not p.is_symlink() and p.is_file()
         )
 
 
