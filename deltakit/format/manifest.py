@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -246,7 +247,11 @@ def read_json(path: Path, missing: str) -> Any:
         raise FormatError(f"{path}: JSON nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
-    if _depth(data) > MAX_JSON_DEPTH:
+    try:
+        depth = _depth(data)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+    if depth > MAX_JSON_DEPTH:
         raise FormatError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return data
 
@@ -265,10 +270,15 @@ def _no_constant(name: str) -> Any:
 
 
 def _depth(data: Any) -> int:
-    """Nesting depth of parsed JSON (iterative, so any depth the parser accepted can be measured)."""
+    """Nesting depth of parsed JSON (iterative, so any depth the parser accepted can be measured).
+
+    A number too large for a float (``1e999`` parses as inf) is a FormatError.
+    """
     deepest, stack = 0, [(data, 1)]
     while stack:
         value, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FormatError("JSON holds a number out of float range")
         if isinstance(value, (dict, list)):
             deepest = max(deepest, depth)
             children = value.values() if isinstance(value, dict) else value
