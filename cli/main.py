@@ -85,9 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         err_console.print("[red]aborted[/]")
         sys.exit(130)
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")
         sys.exit(130)

@@ -540,3 +540,13 @@ def test_compress_copies_only_allowlisted_aux_files(world, tmp_path, capsys):
         names = {p.name for p in root.rglob("*")}
         assert not names & {".env", "notes.txt", "vocab.json"}
         assert all(SECRET not in p.read_text(errors="ignore") for p in root.rglob("*") if p.is_file())
+
+
+def test_base_index_naming_outside_file(world, case, capsys, tmp_path):
+    """A checkpoint index whose weight_map names a file above the base directory is refused."""
+    base = tmp_path / "base"
+    shutil.copytree(world["base"], base)
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "../secret.txt"}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    case["base"] = base
+    assert_refused(capsys, case, apply_argv(case), 3, "unsafe or reserved file path")

@@ -177,7 +177,8 @@ def _copy_aux(delta: Delta, base_src: TensorSource, out_dir: Path) -> None:
     """Copy the fine-tune's config/tokenizer files: from the delta (checked) or the base.
 
     Names are allowlisted plain names (the manifest refuses others); a copy from the delta is read only
-    from a plain file inside the delta directory and must match its recorded sha256.
+    from a plain file inside the delta directory and must match its recorded sha256. The base is the
+    caller's own directory: its files may be links (a Hugging Face cache snapshot).
     """
     base_dir = base_src.path if isinstance(base_src, CheckpointReader) else None
     for name, entry in delta.manifest.aux_files.items():
@@ -193,10 +194,8 @@ def _copy_aux(delta: Delta, base_src: TensorSource, out_dir: Path) -> None:
                 raise IntegrityError(f"{delta.path}: aux file {entry.path} does not match its sha256")
             continue
         source = base_dir / name if base_dir is not None else None
-        if source is None or source.is_symlink() or not source.is_file():
-            warnings.warn(
-                f"base has no {name} (or it is not a plain file); the output lacks it", stacklevel=3
-            )
+        if source is None or not source.is_file():
+            warnings.warn(f"base has no {name}; the output lacks it", stacklevel=3)
             continue
         shutil.copyfile(source, target)
         if file_sha256(target) != entry.sha256:

@@ -272,8 +272,7 @@ def _aux_files(
 ) -> dict[str, AuxFile]:
     """Record the fine-tune's config/tokenizer files: same bytes as the base's, or copied into extra/.
 
-    Only the allowlisted plain files :meth:`CheckpointReader.aux_files` returns are considered; the base's
-    twin counts only when it is a plain file too.
+    Only the allowlisted plain files :meth:`CheckpointReader.aux_files` returns are considered.
     """
     if not isinstance(target_src, CheckpointReader):
         return {}
@@ -282,7 +281,7 @@ def _aux_files(
     for file in target_src.aux_files():
         digest, size = file_sha256(file), file.stat().st_size
         twin = base_dir / file.name if base_dir is not None else None
-        if twin is not None and not twin.is_symlink() and twin.is_file() and file_sha256(twin) == digest:
+        if twin is not None and twin.is_file() and file_sha256(twin) == digest:
             aux[file.name] = AuxFile("base", digest, size)
         else:
             rel = f"extra/{file.name}"
