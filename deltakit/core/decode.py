@@ -83,6 +83,7 @@ class Decoder:
         if entry.kind != ENCODED:
             return
         self._check_stored(name, entry)
+        _check_params(name, entry.params)
         shape = entry.params.get("shape")
         if shape is not None and shape != entry.shared_shape:
             raise FormatError(f"tensor {name}: params shape {shape!r} differs from {entry.shared_shape}")
@@ -192,6 +193,27 @@ class Decoder:
             return None
         encoded = self.encoded(name)
         return _codec_call(name, lambda: self.codec.decode(encoded, device, base=base))
+
+
+#: codec params with a fixed JSON type across the built-in codecs: counts are integers, scales numbers
+_INT_PARAMS = ("rank", "keep", "seed")
+_NUMBER_PARAMS = ("scale",)
+
+
+def _check_params(name: str, params: dict) -> None:
+    """The well-known params have their types: ``rank``/``keep``/``seed`` non-negative integers, ``scale``
+    a number, ``shape`` a list of non-negative integers (JSON booleans are neither)."""
+    for key, value in params.items():
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if key in _INT_PARAMS and not (is_int and value >= 0):
+            raise FormatError(f"tensor {name}: params {key} must be a non-negative integer, not {value!r}")
+        if key in _NUMBER_PARAMS and not (is_int or isinstance(value, float)):
+            raise FormatError(f"tensor {name}: params {key} must be a number, not {value!r}")
+        if key == "shape" and not (
+            isinstance(value, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+        ):
+            raise FormatError(f"tensor {name}: params shape must be a list of non-negative integers")
 
 
 def _check_finite(what: str, tensor: torch.Tensor) -> None:
