@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 #: progress and messages go to stderr so stdout stays clean for --json
@@ -54,15 +55,15 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator:
         yield None
         return
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("[bold]{task.description}"),  # description escaped below: names are not markup
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[item]}", style="dim"),
+        TextColumn("{task.fields[item]}", style="dim", markup=False),
         console=err_console,
         transient=True,
     ) as progress:
-        task = progress.add_task(description, total=None, item="")
+        task = progress.add_task(escape(description), total=None, item="")
 
         def update(done: int, total: int, name: str) -> None:
             progress.update(task, completed=done, total=total, item=name[-60:])

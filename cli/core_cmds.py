@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from deltakit_cli.common import (
     emit_json,
@@ -177,7 +179,7 @@ def _compress_delta(base_dir, finetuned, output, to_ref, registry_path, options,
     stats = result["stats"]
     where = f"{output}" if output is not None else to_ref
     out_console.print(
-        f"[green]wrote[/] {where}: {result['codec']} · {human_bytes(stats['stored_bytes'])} stored · "
+        f"[green]wrote[/] {escape(str(where))}: {escape(result['codec'])} · {human_bytes(stats['stored_bytes'])} stored · "
         f"ratio {_fmt_ratio(stats.get('ratio'))} of the fp16 delta · "
         f"{stats['encoded_tensors']} encoded, {stats['passthrough_tensors']} exact, "
         f"{stats['unchanged_tensors']} unchanged · {result['seconds']:.1f}s"
@@ -199,7 +201,8 @@ def _compress_model(model_dir, output, options, as_json, started) -> None:
         emit_json(result)
     else:
         out_console.print(
-            f"[green]wrote[/] {output}: {options.method} compressed model · {result['seconds']:.1f}s"
+            f"[green]wrote[/] {escape(str(output))}: {escape(options.method)} compressed model · "
+            f"{result['seconds']:.1f}s"
         )
 
 
@@ -225,7 +228,7 @@ def export(model_dir, output, dtype, overwrite, as_json):
     if as_json:
         emit_json(result)
     else:
-        out_console.print(f"[green]wrote[/] {output} ({result['seconds']:.1f}s)")
+        out_console.print(f"[green]wrote[/] {escape(str(output))} ({result['seconds']:.1f}s)")
 
 
 def _fmt_ratio(ratio: float | None) -> str:
@@ -301,7 +304,7 @@ def apply(base, delta, output, dtype, device, force, overwrite, registry_path, a
     else:
         exact = "bit-exact fine-tune" if report.matches_target else "approximate fine-tune"
         out_console.print(
-            f"[green]wrote[/] {output}: {report.tensors} tensors, {exact}, {result['seconds']:.1f}s"
+            f"[green]wrote[/] {escape(str(output))}: {report.tensors} tensors, {exact}, {result['seconds']:.1f}s"
         )
 
 
@@ -324,9 +327,11 @@ def inspect(delta, tensors, registry_path, as_json):
         if as_json:
             emit_json(description)
         else:
-            out_console.print(f"[bold]{delta}[/]  compressed model, compressor [cyan]{name}[/]")
+            out_console.print(
+                f"[bold]{escape(delta)}[/]  compressed model, compressor [cyan]{escape(name)}[/]"
+            )
             for line in lines:
-                out_console.print(line, highlight=False)
+                out_console.print(line, highlight=False, markup=False)
         return
     loaded = load_delta(resolve_delta_arg(delta, registry_path), verify=False)
     manifest = loaded.manifest
@@ -336,12 +341,12 @@ def inspect(delta, tensors, registry_path, as_json):
         return
     stats = manifest.stats
     out_console.print(
-        f"[bold]{delta}[/]  codec [cyan]{manifest.codec.name}[/] v{manifest.codec.version}  "
+        f"[bold]{escape(delta)}[/]  codec [cyan]{escape(manifest.codec.name)}[/] v{manifest.codec.version}  "
         f"format v{manifest.format_version}"
     )
-    out_console.print(f"base   {manifest.base.name}  {manifest.base.fingerprint[:23]}…")
-    out_console.print(f"target {manifest.target.name}  {manifest.target.fingerprint[:23]}…")
-    out_console.print(f"config {manifest.codec.config}  budget {manifest.codec.budget}")
+    out_console.print(f"base   {manifest.base.name}  {manifest.base.fingerprint[:23]}…", markup=False)
+    out_console.print(f"target {manifest.target.name}  {manifest.target.fingerprint[:23]}…", markup=False)
+    out_console.print(f"config {manifest.codec.config}  budget {manifest.codec.budget}", markup=False)
     out_console.print(
         f"stored {human_bytes(stats.get('stored_bytes'))} (encoded {human_bytes(stats.get('encoded_bytes'))}, "
         f"exact {human_bytes(stats.get('passthrough_bytes'))}) · fp16 delta {human_bytes(stats.get('fp16_delta_bytes'))}"
@@ -353,10 +358,10 @@ def inspect(delta, tensors, registry_path, as_json):
             table.add_column(column, justify="right" if column in ("stored", "ratio") else "left")
         for row in summary["tensors"]:
             table.add_row(
-                row["name"],
-                row["kind"],
-                row["role"] or "",
-                row["dtype"],
+                Text(row["name"]),
+                Text(row["kind"]),
+                Text(row["role"] or ""),
+                Text(row["dtype"]),
                 "×".join(map(str, row["shape"])),
                 human_bytes(row["stored_bytes"]),
                 f"{row['ratio']:.4f}" if row["ratio"] else "",
@@ -384,7 +389,9 @@ def verify(delta, base_dir, registry_path, as_json):
         emit_json(report)
     else:
         base_note = ", base fingerprint matches" if report["base_checked"] else ""
-        out_console.print(f"[green]ok[/] {delta}: {report['files_checked']} file(s) verified{base_note}")
+        out_console.print(
+            f"[green]ok[/] {escape(delta)}: {report['files_checked']} file(s) verified{base_note}"
+        )
 
 
 @click.command()

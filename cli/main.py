@@ -1,16 +1,20 @@
 """The ``deltakit`` command: a click group over deltakit's public API.
 
 Errors from deltakit (:class:`deltakit.errors.DeltakitError`) are printed as one line on stderr and
-turned into the error's exit code; warnings are printed as ``warning: ...`` lines.
+turned into the error's exit code; any other exception escaping a command is one ``error:`` line and
+exit code 1 (``DELTAKIT_DEBUG=1`` re-raises it, traceback included). Warnings are printed as
+``warning: ...`` lines. Messages are printed literally (never read as rich markup).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 
 import click
+from rich.markup import escape
 
 from deltakit import __version__
 from deltakit.ops.threads import passive_wait_policy, set_threads
@@ -66,31 +70,50 @@ for module_name, attribute in _PLUGGED:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    err_console.print(f"[yellow]warning:[/] {parameters_as_flags(str(message))}", highlight=False)
+    err_console.print(
+        f"[yellow]warning:[/] {escape(_one_line(parameters_as_flags(str(message))))}", highlight=False
+    )
+
+
+def _one_line(text: str) -> str:
+    """The message on one line: line breaks (from a library's multi-line error) become spaces."""
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[red]error:[/] {escape(_one_line(message))}", highlight=False)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, mapping deltakit errors to one-line messages and exit codes."""
+    """Entry point: run the CLI, mapping every error to a one-line message and an exit code."""
     from deltakit.errors import DeltakitError
 
     warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="deltakit", standalone_mode=False)
     except DeltakitError as exc:
-        err_console.print(f"[red]error:[/] {parameters_as_flags(str(exc))}", highlight=False)
-        sys.exit(exc.exit_code)
+        _fail(parameters_as_flags(str(exc)), exc.exit_code)
     except click.exceptions.Abort:
         err_console.print("[red]aborted[/]")
         sys.exit(130)
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")
         sys.exit(130)
-    except OSError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
-        sys.exit(1)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a Rust panic from safetensors is a BaseException
+        if os.environ.get("DELTAKIT_DEBUG") == "1" or isinstance(exc, (GeneratorExit, MemoryError)):
+            raise
+        detail = str(exc) or type(exc).__name__
+        prefix = "" if isinstance(exc, OSError) else f"unexpected {type(exc).__name__}: "
+        _fail(prefix + detail, 1)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,18 @@ import torch
 from deltakit.core.decode import Decoder, load_delta
 from deltakit.core.device import resolve_device
 from deltakit.core.rebuild import reconstruct
-from deltakit.errors import BaseMismatchError, TensorMismatchError, UsageError
+from deltakit.errors import (
+    BaseMismatchError,
+    FormatError,
+    IntegrityError,
+    NonFiniteError,
+    TensorMismatchError,
+    UsageError,
+)
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta
 from deltakit.format.fingerprint import FingerprintBuilder
+from deltakit.format.paths import check_aux_name, confined
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
 
@@ -106,7 +114,8 @@ def apply(
         report = _apply_into(delta, base_src, specs, dev, force, progress, state.__setitem__)
         report.state_dict = state
         return report
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    inputs = (getattr(base_src, "path", None), delta.path)
+    with atomic_directory(output, overwrite=overwrite, inputs=inputs) as tmp:
         writer = CheckpointWriter(tmp, specs, max_shard_bytes)
         report = _apply_into(delta, base_src, specs, dev, force, progress, writer.write)
         writer.close()
@@ -135,9 +144,9 @@ def _apply_into(
         base_tensor = base_src.get(spec.name) if spec.name in base_names else None
         if base_tensor is not None:
             base_fp.add(spec.name, base_tensor)
-        rebuilt = (
-            reconstruct(decoder, spec.name, base_tensor, dev).to(spec.dtype).cpu()
-        )  # fused where it applies
+        rebuilt = reconstruct(decoder, spec.name, base_tensor, dev).to(spec.dtype).cpu()  # fused if it can
+        if rebuilt.is_floating_point() and not bool(torch.isfinite(rebuilt).all()):
+            raise NonFiniteError(f"tensor {spec.name}: the rebuilt weights contain NaN or Inf")
         out_fp.add(spec.name, rebuilt)
         sink(spec.name, rebuilt)
     for offset, name in enumerate(manifest.removed):
@@ -166,15 +175,29 @@ def _apply_into(
 
 
 def _copy_aux(delta: Delta, base_src: TensorSource, out_dir: Path) -> None:
+    """Copy the fine-tune's config/tokenizer files: from the delta (checked) or the base.
+
+    Names are allowlisted plain names (the manifest refuses others); a copy from the delta is read only
+    from a plain file inside the delta directory and must match its recorded sha256. The base is the
+    caller's own directory: its files may be links (a Hugging Face cache snapshot).
+    """
     base_dir = base_src.path if isinstance(base_src, CheckpointReader) else None
     for name, entry in delta.manifest.aux_files.items():
+        target = out_dir / check_aux_name(name)
         if entry.source == "delta" and entry.path is not None:
-            shutil.copyfile(delta.path / entry.path, out_dir / name)
+            if delta.path is None:
+                raise FormatError(f"aux file {name}: an in-memory delta holds no files")
+            source = confined(delta.path, entry.path)
+            if not source.is_file():
+                raise FormatError(f"{delta.path}: aux file {entry.path} is missing")
+            shutil.copyfile(source, target)
+            if file_sha256(target) != entry.sha256:
+                raise IntegrityError(f"{delta.path}: aux file {entry.path} does not match its sha256")
             continue
         source = base_dir / name if base_dir is not None else None
         if source is None or not source.is_file():
             warnings.warn(f"base has no {name}; the output lacks it", stacklevel=3)
             continue
-        shutil.copyfile(source, out_dir / name)
-        if file_sha256(out_dir / name) != entry.sha256:
+        shutil.copyfile(source, target)
+        if file_sha256(target) != entry.sha256:
             warnings.warn(f"{name} in the base differs from the fine-tune's; copied the base's", stacklevel=3)

@@ -86,7 +86,8 @@ def compress(
     builder = _DeltaBuilder(codec, cfg, budget, dev, opts, prepared, plan)
     if output is None:
         return builder.run(base_src, target_src, None)
-    with atomic_directory(output, overwrite=opts.overwrite) as tmp:
+    inputs = (getattr(base_src, "path", None), getattr(target_src, "path", None))
+    with atomic_directory(output, overwrite=opts.overwrite, inputs=inputs) as tmp:
         builder.run(base_src, target_src, tmp)
     return load_delta(output, verify=False)
 
@@ -307,7 +308,10 @@ def _check_target(plan: alloc.Plan, coded: int, opts: CompressOptions) -> None:
 def _aux_files(
     base_src: TensorSource, target_src: TensorSource, out_dir: Path, files: dict[str, FileEntry]
 ) -> dict[str, AuxFile]:
-    """Record the fine-tune's config/tokenizer files: same bytes as the base's, or copied into extra/."""
+    """Record the fine-tune's config/tokenizer files: same bytes as the base's, or copied into extra/.
+
+    Only the allowlisted plain files :meth:`CheckpointReader.aux_files` returns are considered.
+    """
     if not isinstance(target_src, CheckpointReader):
         return {}
     aux: dict[str, AuxFile] = {}

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from deltakit.codecs.base import Budget, Codec, Encoded
+from deltakit.codecs.base import Budget, Codec, Encoded, StoredTensor
 from deltakit.codecs.registry import get_codec
-from deltakit.errors import DeltakitError, FormatError, TensorMismatchError, UnknownCodecError
+from deltakit.errors import DeltakitError, FormatError, NonFiniteError, TensorMismatchError, UnknownCodecError
 from deltakit.format import delta as storage
 from deltakit.format.delta import Delta
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED, Manifest, TensorEntry
-from deltakit.format.safetensors_io import dtype_from_name
+from deltakit.format.safetensors_io import dtype_from_name, dtype_name
 
 
 def codec_for(manifest: Manifest) -> Codec:
@@ -54,35 +54,92 @@ class Decoder:
         return cls(delta, codec_for(delta.manifest))
 
     def encoded(self, name: str) -> Encoded:
-        """The :class:`Encoded` form of encoded tensor ``name`` (stored tensors loaded lazily).
+        """The :class:`Encoded` form of encoded tensor ``name`` (stored tensors loaded, checked finite).
 
-        The stored names must be the ones the codec declares for this shape and budget (when it declares
-        them): a missing or extra stored tensor is a FormatError naming the expected ones.
+        The stored tensors must be exactly the ones the codec declares for this shape and budget (when it
+        declares them): same names, dtypes and shapes; anything else is a FormatError naming the
+        expected ones. NaN/Inf in a stored floating tensor is a NonFiniteError.
         """
         entry = self.delta.entry(name)
         if entry.kind != ENCODED:
             raise FormatError(f"tensor {name}: kind {entry.kind!r} has no encoded form")
-        self._check_stored(name, entry)
-        return Encoded(self.delta.codec_tensors(name), entry.params)
+        self.check_entry(name)
+        tensors = self.delta.codec_tensors(name)
+        for local, tensor in tensors.items():
+            _check_finite(f"tensor {name}: stored {local!r}", tensor)
+        return Encoded(tensors, entry.params)
 
-    def _check_stored(self, name: str, entry: TensorEntry) -> None:
+    def check_entry(self, name: str) -> None:
+        """Check an entry's stored tensors against the manifest and the codec, reading headers only.
+
+        encoded: the codec's declared names, dtypes and shapes (exactly; no broadcasting); ``params.shape``
+        when given equals the shared shape. passthrough ``value``: the entry's dtype and shape. Grown
+        ``extra_rows``: the entry's dtype and the new rows' shape.
+        """
+        entry = self.delta.entry(name)
+        if entry.kind == PASSTHROUGH:
+            self._check_exact(name, entry, entry.value, entry.shape)
+            return
+        if entry.kind != ENCODED:
+            return
+        self._check_stored(name, entry)
+        _check_params(name, entry.params)
+        shape = entry.params.get("shape")
+        if shape is not None and shape != entry.shared_shape:
+            raise FormatError(f"tensor {name}: params shape {shape!r} differs from {entry.shared_shape}")
+        if entry.extra_rows is not None:
+            if entry.base_shape is None or len(entry.shape) != 2 or len(entry.base_shape) != 2:
+                raise FormatError(f"tensor {name}: extra_rows needs 2-D shape and base_shape")
+            grown = [entry.shape[0] - entry.base_shape[0], entry.shape[1]]
+            if grown[0] <= 0 or entry.base_shape[1] != entry.shape[1]:
+                raise FormatError(
+                    f"tensor {name}: base_shape {entry.base_shape} does not grow to {entry.shape}"
+                )
+            self._check_exact(name, entry, entry.extra_rows, grown)
+        elif entry.base_shape is not None and entry.base_shape != entry.shape:
+            raise FormatError(f"tensor {name}: base_shape differs from shape but no extra_rows are stored")
+
+    def _check_exact(self, name: str, entry: TensorEntry, key: str | None, shape: list[int]) -> None:
+        if key is None:
+            raise FormatError(f"tensor {name}: no stored key")
+        spec = self.delta.stored_spec(key, entry.shard)
+        if list(spec.shape) != list(shape) or spec.dtype != dtype_from_name(entry.dtype):
+            raise FormatError(
+                f"tensor {name}: stored {key!r} is {dtype_name(spec.dtype)} {list(spec.shape)}, "
+                f"the manifest says {entry.dtype} {list(shape)}"
+            )
+
+    def _declared(self, name: str, entry: TensorEntry) -> dict[str, StoredTensor]:
         manifest = self.delta.manifest
         try:
             config = self.codec.config_class.from_dict(manifest.codec.config, strict=False)
             budget = Budget(**manifest.codec.budget)
-            declared = self.codec.stored_tensors(
+            return self.codec.stored_tensors(
                 tuple(entry.shared_shape), dtype_from_name(entry.dtype), config, budget
             )
         except DeltakitError as exc:
             raise FormatError(
                 f"tensor {name}: the codec cannot account for its stored tensors ({exc})"
             ) from None
-        except TypeError as exc:
+        except (TypeError, ValueError, KeyError) as exc:
             raise FormatError(f"tensor {name}: malformed codec config or budget ({exc})") from None
+
+    def _check_stored(self, name: str, entry: TensorEntry) -> None:
+        declared = self._declared(name, entry)
         if declared and set(declared) != set(entry.stored):
             raise FormatError(
                 f"tensor {name}: stores {sorted(entry.stored)}, codec {self.codec.name} expects {sorted(declared)}"
             )
+        for local, want in declared.items():
+            spec = self.delta.stored_spec(entry.stored[local], entry.shard)
+            if dtype_name(spec.dtype) != want.dtype or (
+                want.shape is not None and tuple(spec.shape) != tuple(want.shape)
+            ):
+                shape = list(want.shape) if want.shape is not None else "any shape"
+                raise FormatError(
+                    f"tensor {name}: stored {local!r} is {dtype_name(spec.dtype)} {list(spec.shape)}, "
+                    f"codec {self.codec.name} expects {want.dtype} {shape}"
+                )
 
     def check_base(self, name: str, entry: TensorEntry, base: torch.Tensor | None) -> torch.Tensor:
         """The base tensor, present and of the shape the delta expects."""
@@ -99,21 +156,32 @@ class Decoder:
     ) -> torch.Tensor:
         """The fine-tuned tensor ``name`` rebuilt from ``base`` (None for tensors the base lacks).
 
-        Checks the base tensor's shape against the manifest; the result has the target's dtype and shape,
-        on ``device``. base is not mutated.
+        Checks the base tensor's shape against the manifest and the stored tensors against the codec; the
+        result has the target's dtype and shape, on ``device``. base is not mutated. A codec failing on
+        the stored data is a FormatError.
         """
         entry = self.delta.entry(name)
-        if entry.kind == PASSTHROUGH:
-            return self.delta.exact(name).to(device)
-        base = self.check_base(name, entry, base)
         dtype = dtype_from_name(entry.dtype)
+        if entry.kind == PASSTHROUGH:
+            self.check_entry(name)
+            value = self.delta.exact(name)
+            _check_finite(f"tensor {name}: stored value", value)
+            return value.to(device)
+        base = self.check_base(name, entry, base)
         if entry.kind == UNCHANGED:
-            return base.to(device=device, dtype=dtype)
-        rebuilt = self.codec.reconstruct(self.encoded(name), base, dtype, device)  # (base rows, cols)
+            if base.dtype != dtype:
+                raise TensorMismatchError(
+                    f"tensor {name}: base is {dtype_name(base.dtype)}, the delta records it unchanged "
+                    f"as {entry.dtype}"
+                )
+            return base.to(device=device)
+        encoded = self.encoded(name)
+        rebuilt = _codec_call(name, lambda: self.codec.reconstruct(encoded, base, dtype, device))
         if entry.extra_rows is not None:
             extra = self.delta.exact(name, "extra_rows").to(device=device, dtype=dtype)
+            _check_finite(f"tensor {name}: stored extra_rows", extra)
             rebuilt = torch.cat([rebuilt, extra], dim=0)
-        if list(rebuilt.shape) != entry.shape:
+        if list(rebuilt.shape) != entry.shape or rebuilt.dtype != dtype:
             raise FormatError(f"tensor {name}: rebuilt shape {list(rebuilt.shape)} != recorded {entry.shape}")
         return rebuilt
 
@@ -123,4 +191,43 @@ class Decoder:
         """Dense fp32 delta of an encoded tensor (None for other kinds); base shape rows only."""
         if self.delta.entry(name).kind != ENCODED:
             return None
-        return self.codec.decode(self.encoded(name), device, base=base)
+        encoded = self.encoded(name)
+        return _codec_call(name, lambda: self.codec.decode(encoded, device, base=base))
+
+
+#: codec params with a fixed JSON type across the built-in codecs: counts are integers, scales numbers
+_INT_PARAMS = ("rank", "keep", "seed")
+_NUMBER_PARAMS = ("scale",)
+
+
+def _check_params(name: str, params: dict) -> None:
+    """The well-known params have their types: ``rank``/``keep``/``seed`` non-negative integers, ``scale``
+    a number, ``shape`` a list of non-negative integers (JSON booleans are neither)."""
+    for key, value in params.items():
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if key in _INT_PARAMS and not (is_int and value >= 0):
+            raise FormatError(f"tensor {name}: params {key} must be a non-negative integer, not {value!r}")
+        if key in _NUMBER_PARAMS and not (is_int or isinstance(value, float)):
+            raise FormatError(f"tensor {name}: params {key} must be a number, not {value!r}")
+        if key == "shape" and not (
+            isinstance(value, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+        ):
+            raise FormatError(f"tensor {name}: params shape must be a list of non-negative integers")
+
+
+def _check_finite(what: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(f"{what} contains NaN or Inf")
+
+
+def _codec_call(name: str, call):
+    """Run a codec's decode on stored data; its Python errors on bad params become one FormatError."""
+    try:
+        return call()
+    except DeltakitError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError, OverflowError) as exc:
+        text = str(exc).strip().splitlines()
+        detail = text[0][:160] if text else type(exc).__name__
+        raise FormatError(f"tensor {name}: the codec cannot decode its stored data ({detail})") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deltakit.core.decode import load_delta
+from deltakit.core.decode import Decoder, load_delta
 from deltakit.errors import BaseMismatchError
 from deltakit.format.fingerprint import FingerprintBuilder
 from deltakit.models.checkpoint import open_checkpoint
@@ -14,10 +14,15 @@ from deltakit.models.checkpoint import open_checkpoint
 def verify(delta_dir: str | Path, base: str | Path | dict | None = None) -> dict[str, Any]:
     """Verify a delta directory; raise a :class:`deltakit.errors.DeltakitError` on any problem.
 
-    Checks every file's size and sha256 and that its codec is known; with ``base`` also that the
-    base's fingerprint is the one the delta was made from. Returns a report dict.
+    Checks the manifest (paths confined to the directory, allowlisted aux names), every file's size and
+    sha256, that its codec is known, and every tensor entry's stored tensors against the manifest and the
+    codec (names, dtypes and shapes, from the shard headers); with ``base`` also that the base's
+    fingerprint is the one the delta was made from. Returns a report dict.
     """
     delta = load_delta(delta_dir, verify=True)
+    decoder = Decoder.of(delta)
+    for name in delta.tensor_names():
+        decoder.check_entry(name)
     report: dict[str, Any] = {
         "delta": str(delta_dir),
         "files_checked": len(delta.manifest.files),

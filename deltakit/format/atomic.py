@@ -1,12 +1,16 @@
 """Atomic directory output: write into a hidden temp directory, fsync, then rename into place.
 
 An interrupted run (crash, Ctrl-C, SIGKILL) leaves no half-written output under the final name; at
-worst a hidden ``.NAME.tmp-*`` directory stays behind, which the next run for the same output removes.
+worst a hidden ``.NAME.tmp-*`` directory (or the ``.NAME.old-*`` of an interrupted replace) stays behind,
+which the next run for the same output removes once its writer's process is gone (an old output whose
+replacement never arrived is put back). Two writers of one output cannot both succeed: each holds the
+exclusive lock file ``.NAME.lock`` while it writes, and the second is refused with a UsageError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import uuid
@@ -14,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from deltakit.errors import UsageError
+from deltakit.format.paths import overlaps
 
 
 def fsync_dir(path: Path) -> None:
@@ -45,13 +50,70 @@ def temp_path(final: Path, tag: str = "tmp") -> Path:
     return final.parent / f".{final.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _writer_pid(path: Path) -> int | None:
+    try:
+        return int(path.name.rsplit("-", 2)[-2])
+    except (ValueError, IndexError):
+        return None
+
+
 def _remove_stale_temps(final: Path) -> None:
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        with contextlib.suppress(OSError):
-            pid = int(stale.name.rsplit("-", 2)[-2])
-            if pid_alive(pid):
+    """Remove temp and old directories of writers that are gone; restore an old output left alone."""
+    for tag in ("tmp", "old"):
+        for stale in final.parent.glob(f".{glob.escape(final.name)}.{tag}-*"):
+            pid = _writer_pid(stale)
+            if pid is None or pid_alive(pid) or stale.is_symlink():
                 continue
-        shutil.rmtree(stale, ignore_errors=True)
+            if tag == "old" and not final.exists():
+                with contextlib.suppress(OSError):
+                    os.rename(stale, final)
+                    continue
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writer_lock(final: Path) -> Iterator[None]:
+    """Hold ``.NAME.lock`` next to ``final`` (created exclusively, holding our pid) for the block.
+
+    A lock whose writer is gone is taken over; a live one is a UsageError.
+    """
+    lock = final.parent / f".{final.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid) or not pid and _young(lock):
+                raise UsageError(
+                    f"output {final} is being written by another process (pid {pid or '?'}); "
+                    f"wait for it, or remove {lock.name} if no writer is running"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    else:
+        raise UsageError(f"output {final}: cannot take the writer lock {lock.name}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _young(path: Path, seconds: float = 10.0) -> bool:
+    """Whether ``path`` was modified in the last few seconds (a lock whose pid is not written yet)."""
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:
@@ -66,30 +128,41 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    final: Path | str, *, overwrite: bool = False, inputs: tuple[Path | str | None, ...] = ()
+) -> Iterator[Path]:
     """Yield a temp directory that becomes ``final`` when the block exits without error.
 
     final: the output directory; must not exist unless ``overwrite`` (then it is replaced whole).
+    inputs: directories the writer reads; ``final`` may not be, contain or lie inside any of them.
     On error the temp directory is removed and ``final`` is left as it was.
     """
     final = Path(final)
+    for source in inputs:
+        if source is not None and overlaps(final, source):
+            raise UsageError(f"output {final} is, contains or lies inside the input {source}; choose another")
     if final.exists() and not overwrite:
         raise UsageError(f"output {final} already exists; remove it or pass overwrite=True")
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(final)
-    tmp = temp_path(final)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if final.exists():
-            trash = temp_path(final, "old")
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writer_lock(final):
+        _remove_stale_temps(final)
+        if (final.exists() or final.is_symlink()) and not overwrite:
+            raise UsageError(f"output {final} already exists; remove it or pass overwrite=True")
+        if final.is_symlink() or final.exists() and not final.is_dir():
+            raise UsageError(f"output {final} is not a directory; refusing to replace it")
+        tmp = temp_path(final)
+        tmp.mkdir()
+        try:
+            yield tmp
+            fsync_tree(tmp)
+            if final.exists():
+                trash = temp_path(final, "old")
+                os.rename(final, trash)
+                os.rename(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -11,7 +11,13 @@ from safetensors import safe_open
 
 from deltakit.errors import FormatError, IntegrityError, TensorMismatchError
 from deltakit.format.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry
-from deltakit.format.safetensors_io import StreamingSafetensorsWriter, TensorSpec, file_sha256
+from deltakit.format.paths import confined
+from deltakit.format.safetensors_io import (
+    StreamingSafetensorsWriter,
+    TensorSpec,
+    checked_header,
+    file_sha256,
+)
 
 SHARD_PATTERN = "delta-{:05d}.safetensors"
 
@@ -72,10 +78,16 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> None:
 
 
 def verify_files(delta_dir: Path, manifest: Manifest) -> None:
-    """Check every file the manifest lists: present, right size, right sha256; nothing unlisted."""
+    """Check every file the manifest lists: a plain file inside the directory, right size, right sha256.
+
+    Every shard a tensor entry names must be one of the listed files.
+    """
     delta_dir = Path(delta_dir)
+    for name, entry in manifest.tensors.items():
+        if entry.shard is not None and entry.shard not in manifest.files:
+            raise IntegrityError(f"{delta_dir}: tensor {name}: shard {entry.shard!r} is not a listed file")
     for rel, entry in manifest.files.items():
-        path = delta_dir / rel
+        path = confined(delta_dir, rel)
         if not path.is_file():
             raise IntegrityError(f"{delta_dir}: file {rel} listed in the manifest is missing")
         size = path.stat().st_size
@@ -85,6 +97,11 @@ def verify_files(delta_dir: Path, manifest: Manifest) -> None:
             )
         if file_sha256(path) != entry.sha256:
             raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """Interrupts pass through; anything else a reader raises (a Rust panic included) is bad data."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError))
 
 
 class Delta:
@@ -101,6 +118,7 @@ class Delta:
         self.path = Path(path) if path is not None else None
         self._stored = stored
         self._handles: dict[str, Any] = {}
+        self._specs: dict[str, dict[str, TensorSpec]] = {}
 
     def stored_tensor(self, key: str, shard: str | None) -> torch.Tensor:
         """The stored tensor ``key`` (CPU, as written), read lazily from ``shard``."""
@@ -108,19 +126,42 @@ class Delta:
             if key not in self._stored:
                 raise FormatError(f"stored tensor {key!r} is missing")
             return self._stored[key]
-        if self.path is None or shard is None:
-            raise FormatError(f"stored tensor {key!r} has no shard")
-        handle = self._handles.get(shard)
-        if handle is None:
-            try:
-                handle = safe_open(str(self.path / shard), framework="pt", device="cpu")
-            except Exception as exc:
-                raise FormatError(f"{self.path / shard}: cannot open ({exc})") from None
-            self._handles[shard] = handle
+        self.stored_spec(key, shard)
+        handle = self._handles[shard]
         try:
             return handle.get_tensor(key)
-        except Exception as exc:
-            raise FormatError(f"{self.path / shard}: cannot read {key!r} ({exc})") from None
+        except BaseException as exc:
+            if _is_fatal(exc):
+                raise
+            raise FormatError(f"{self.path / shard}: cannot read {key!r} ({_one_line(exc)})") from None
+
+    def stored_spec(self, key: str, shard: str | None) -> TensorSpec:
+        """Name, dtype and shape of stored tensor ``key`` without reading its data (shard header only)."""
+        if self._stored is not None:
+            tensor = self.stored_tensor(key, shard)
+            return TensorSpec(key, tensor.dtype, tuple(tensor.shape))
+        if self.path is None or shard is None:
+            raise FormatError(f"stored tensor {key!r} has no shard")
+        if shard not in self._handles:
+            self._open(shard)
+        spec = self._specs[shard].get(key)
+        if spec is None:
+            raise FormatError(f"{self.path / shard}: holds no tensor {key!r}")
+        return spec
+
+    def _open(self, shard: str) -> None:
+        if self.manifest.files and shard not in self.manifest.files:
+            raise FormatError(f"{self.path}: shard {shard!r} is not among the manifest's files")
+        path = confined(self.path, shard)
+        specs = checked_header(path)
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except BaseException as exc:
+            if _is_fatal(exc):
+                raise
+            raise FormatError(f"{self.path / shard}: cannot open ({_one_line(exc)})") from None
+        self._specs[shard] = specs
+        self._handles[shard] = handle
 
     def entry(self, name: str) -> TensorEntry:
         """The manifest entry of tensor ``name``; a name the delta lacks is a TensorMismatchError."""
@@ -153,6 +194,11 @@ def load_delta(path: Path | str, *, verify: bool = True) -> Delta:
     if verify:
         verify_files(path, manifest)
     return Delta(manifest, path)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def fp16_delta_bytes(shape: tuple[int, ...]) -> int:

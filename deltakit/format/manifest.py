@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,12 +36,15 @@ from typing import Any
 
 from deltakit._version import __version__
 from deltakit.errors import FormatError
-from deltakit.format.paths import check_relpath
-from deltakit.format.safetensors_io import dtype_from_name
+from deltakit.format.paths import check_aux_name, check_relpath
+from deltakit.format.safetensors_io import DTYPE_TO_ST, dtype_from_name
 
 FORMAT_NAME = "deltakit.delta"
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+#: largest manifest read (a manifest of a very large model is a few MiB) and deepest JSON nesting
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
 
 UNCHANGED, ENCODED, PASSTHROUGH = "unchanged", "encoded", "passthrough"
 TENSOR_KINDS = (UNCHANGED, ENCODED, PASSTHROUGH)
@@ -225,13 +229,61 @@ def check_header(data: Any, source: str, name: str, max_version: int, what: str)
 
 
 def read_json(path: Path, missing: str) -> Any:
-    """Parsed JSON of ``path``; ``missing`` is the FormatError message when there is no such file."""
-    if not path.is_file():
-        raise FormatError(missing)
+    """Parsed JSON of ``path``; ``missing`` is the FormatError message when there is no such file.
+
+    Strict: at most :data:`MAX_MANIFEST_BYTES`, no duplicate keys, no NaN/Infinity literals, nesting at
+    most :data:`MAX_JSON_DEPTH` deep; anything else is one FormatError naming ``path``.
+    """
+    if path.is_symlink() or not path.is_file():
+        raise FormatError(missing if not path.is_symlink() else f"{path} is a symbolic link")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{path}: {size} bytes is larger than a manifest may be ({MAX_MANIFEST_BYTES})")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+        data = json.loads(path.read_bytes(), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{path}: JSON nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    try:
+        depth = _depth(data)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+    if depth > MAX_JSON_DEPTH:
+        raise FormatError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise FormatError(f"duplicate JSON key {key[:60]!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise FormatError(f"JSON holds {name}, which is not a number a manifest may carry")
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON (iterative, so any depth the parser accepted can be measured).
+
+    A number too large for a float (``1e999`` parses as inf) is a FormatError.
+    """
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FormatError("JSON holds a number out of float range")
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _require(ok: bool, message: str) -> None:
@@ -290,9 +342,14 @@ def _tensor_entry(name: str, values: Any, source: str) -> TensorEntry:
     )
     _require(isinstance(entry.dtype, str), f"{what}: dtype must be a string")
     try:
-        dtype_from_name(entry.dtype)
+        dtype = dtype_from_name(entry.dtype)
     except FormatError:
         raise ValueError(f"{what}: unknown dtype {entry.dtype!r}") from None
+    _require(dtype in DTYPE_TO_ST, f"{what}: dtype {entry.dtype!r} cannot be stored in safetensors")
+    _require(
+        entry.kind != ENCODED or dtype.is_floating_point,
+        f"{what}: an encoded weight must have a floating dtype, not {entry.dtype!r}",
+    )
     _check_shape(entry.shape, f"{what} shape")
     if entry.base_shape is not None:
         _check_shape(entry.base_shape, f"{what} base_shape")
@@ -325,23 +382,29 @@ def _file_entry(rel: str, values: Any, source: str) -> FileEntry:
     return entry
 
 
-def _aux_file(name: str, values: Any, source: str) -> AuxFile:
+def _aux_file(name: str, values: Any, source: str, files: dict[str, FileEntry]) -> AuxFile:
     entry = _section(AuxFile, values, f"aux_files {name!r}", source)
     ok = isinstance(entry.sha256, str) and isinstance(entry.size, int) and not isinstance(entry.size, bool)
     _require(
         ok and entry.size >= 0, f"aux_files {name!r} needs a string sha256 and a non-negative integer size"
     )
     _require(entry.source in ("base", "delta"), f"aux_files {name!r}: source must be base or delta")
-    check_relpath(name)
+    check_aux_name(name)
     if entry.source == "delta":
         _require(isinstance(entry.path, str), f"aux_files {name!r}: a copied file needs its path")
         check_relpath(entry.path)
+        _require(entry.path in files, f"aux_files {name!r}: its path {entry.path!r} is not a listed file")
     return entry
 
 
 def _table(values: Any, key: str, build: Any, source: str) -> dict[str, Any]:
     _require(_is_str_map(values), f"{key} must be an object")
     return {name: build(name, entry, source) for name, entry in values.items()}
+
+
+def _aux_table(values: Any, files: dict[str, FileEntry], source: str) -> dict[str, AuxFile]:
+    _require(_is_str_map(values), "aux_files must be an object")
+    return {name: _aux_file(name, entry, source, files) for name, entry in values.items()}
 
 
 def _build(cls: type[Manifest], data: dict[str, Any], source: str) -> Manifest:
@@ -351,14 +414,15 @@ def _build(cls: type[Manifest], data: dict[str, Any], source: str) -> Manifest:
     _require(isinstance(removed, list) and all(isinstance(n, str) for n in removed), "removed: list of names")
     stats = data.get("stats", {})
     _require(_is_str_map(stats), "stats must be an object")
+    files = _table(data.get("files", {}), "files", _file_entry, source)
     manifest = cls(
         codec=_codec_info(data["codec"], source),
         base=_identity(data["base"], "base", source),
         target=_identity(data["target"], "target", source),
         tensors={name: _tensor_entry(name, entry, source) for name, entry in tensors.items()},
         removed=removed,
-        aux_files=_table(data.get("aux_files", {}), "aux_files", _aux_file, source),
-        files=_table(data.get("files", {}), "files", _file_entry, source),
+        aux_files=_aux_table(data.get("aux_files", {}), files, source),
+        files=files,
         stats=stats,
         format=data["format"],
         format_version=data["format_version"],

@@ -80,8 +80,61 @@ def read_header(path: Path) -> dict[str, Any]:
             raise FormatError(f"{path} is not a safetensors file (header length {length})")
         try:
             return json.loads(fh.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
             raise FormatError(f"{path} has a damaged safetensors header: {exc}") from None
+
+
+def checked_header(path: Path) -> dict[str, TensorSpec]:
+    """The tensors of a safetensors file, after checking its header against the file itself.
+
+    Every entry must have a known dtype, a shape of non-negative integers and data offsets that tile the
+    data section exactly (in order, no gaps, no overlap, ending at the end of the file), with a byte
+    length equal to ``numel * element_size``. Returns name -> spec; one FormatError otherwise.
+    """
+    header = read_header(path)
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object")
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+    data_size = Path(path).stat().st_size - 8 - length
+    specs: dict[str, TensorSpec] = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        spec, span = _header_entry(path, name, entry)
+        specs[name] = spec
+        spans.append(span)
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            raise FormatError(f"{path}: safetensors data offsets overlap or leave gaps")
+        end = stop
+    if end != data_size:
+        raise FormatError(f"{path}: safetensors data section is {data_size} bytes, header says {end}")
+    return specs
+
+
+def _header_entry(path: Path, name: str, entry: Any) -> tuple[TensorSpec, tuple[int, int]]:
+    ok = isinstance(entry, dict) and entry.get("dtype") in ST_TO_DTYPE
+    shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
+    ints = (list, tuple)
+    ok = (
+        ok
+        and isinstance(shape, ints)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        and isinstance(offsets, ints)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+    )
+    if not ok:
+        raise FormatError(f"{path}: malformed safetensors header entry {name[:80]!r}")
+    spec = TensorSpec(name, ST_TO_DTYPE[entry["dtype"]], tuple(shape))
+    if offsets[1] - offsets[0] != spec.nbytes:
+        raise FormatError(
+            f"{path}: tensor {name[:80]!r} spans {offsets[1] - offsets[0]} bytes, not {spec.nbytes}"
+        )
+    return spec, (offsets[0], offsets[1])
 
 
 class StreamingSafetensorsWriter:

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from deltakit.errors import FormatError, TensorMismatchError
+from deltakit.format.paths import AUX_FILE_NAMES, check_relpath
 from deltakit.format.safetensors_io import (
     ST_TO_DTYPE,
     StreamingSafetensorsWriter,
@@ -97,9 +98,13 @@ class CheckpointReader:
             if index.exists():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError) as exc:
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                     raise FormatError(f"{index} is not a valid index: {exc}") from None
-                files = sorted({self.path / f for f in weight_map.values()})
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) for f in weight_map.values()
+                ):
+                    raise FormatError(f"{index} is not a valid index: weight_map must map names to files")
+                files = sorted({self.path / check_relpath(f) for f in weight_map.values()})
                 missing = [f.name for f in files if not f.exists()]
                 if missing:
                     raise FormatError(f"{index} names missing shard(s): {', '.join(missing)}")
@@ -175,11 +180,12 @@ class CheckpointReader:
             raise FormatError(f"cannot read tensor {name} from {file}: {exc}") from None
 
     def aux_files(self) -> list[Path]:
-        """Non-weight files of the directory (config, tokenizer, generation config...)."""
+        """The directory's config/tokenizer files: names in :data:`AUX_FILE_NAMES`, plain files only.
+
+        Symbolic links, dotfiles and any other file (notes, caches, weights) are left out.
+        """
         return sorted(
-            p
-            for p in self.path.iterdir()
-            if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in WEIGHT_INDEXES
+            p for p in self.path.iterdir() if p.name in AUX_FILE_NAMES and not p.is_symlink() and p.is_file()
         )
 
 
