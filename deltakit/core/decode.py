@@ -113,7 +113,7 @@ class Decoder:
         manifest = self.delta.manifest
         try:
             config = self.codec.config_class.from_dict(manifest.codec.config, strict=False)
-            budget = Budget(**manifest.codec.budget)
+            budget = _tensor_budget(entry) or Budget(**manifest.codec.budget)
             return self.codec.stored_tensors(
                 tuple(entry.shared_shape), dtype_from_name(entry.dtype), config, budget
             )
@@ -231,3 +231,21 @@ def _codec_call(name: str, call):
         text = str(exc).strip().splitlines()
         detail = text[0][:160] if text else type(exc).__name__
         raise FormatError(f"tensor {name}: the codec cannot decode its stored data ({detail})") from None
+
+
+def _tensor_budget(entry: TensorEntry) -> Budget | None:
+    """The budget a size target gave this tensor (``params.allocation``: ``ratio`` or ``rank``), if any.
+
+    Under a size target each matrix has its own budget; the manifest's codec budget is the overall one.
+    """
+    allocation = entry.params.get("allocation")
+    if allocation is None:
+        return None
+    if not isinstance(allocation, dict):
+        raise TypeError("params.allocation is not an object")
+    ratio, rank = allocation.get("ratio"), allocation.get("rank")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+        raise TypeError("params.allocation.ratio is not a number")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise TypeError("params.allocation.rank is not an integer")
+    return Budget(ratio=ratio, rank=rank)
