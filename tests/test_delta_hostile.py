@@ -121,10 +121,17 @@ def one_line(err: str) -> bool:
     return len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
 
 
+def watched_state(case) -> tuple:
+    """What a command must not change: every file of the case's directory (but the output) and of the
+    module's base/fine-tune/delta tree, and the names next to the case's directory (a file planted there
+    shows up; other fixtures' live directories, such as a running S3 server's, are not read)."""
+    siblings = sorted(p.name for p in case["tmp"].parent.iterdir())
+    return snapshot(case["tmp"], case["out"]), snapshot(case["root"], None), siblings
+
+
 def assert_refused(capsys, case, argv: list, code: int, match: str | None = None) -> str:
     """Run argv; check exit code, one error line, nothing written outside the output, secret unread."""
-    watched = case["tmp"].parent
-    before = snapshot(watched, case["out"])
+    before = watched_state(case)
     got, _out, err = run_cli(capsys, *argv)
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
     assert got == code, err
@@ -132,7 +139,7 @@ def assert_refused(capsys, case, argv: list, code: int, match: str | None = None
     assert "Traceback" not in err
     if match is not None:
         assert match in lines[0], lines[0]
-    assert snapshot(watched, case["out"]) == before
+    assert watched_state(case) == before
     assert not case["out"].exists()
     if os.environ.get("SHOW_REFUSALS"):
         print(f"REFUSAL {code} {lines[0][:150]}", file=sys.__stderr__)

@@ -50,18 +50,20 @@ def temp_path(final: Path, tag: str = "tmp") -> Path:
     return final.parent / f".{final.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _writer_pid(path: Path) -> int | None:
-    try:
-        return int(path.name.rsplit("-", 2)[-2])
-    except (ValueError, IndexError):
+def writer_pid(name: str) -> int | None:
+    """The process id in a name made by :func:`temp_path` (``.NAME.TAG-PID-RANDOM``), else None."""
+    head, _, tail = name.rpartition("-")
+    _, sep, pid = head.rpartition("-")
+    if not name.startswith(".") or not sep or not pid.isdigit() or not tail:
         return None
+    return int(pid)
 
 
 def _remove_stale_temps(final: Path) -> None:
     """Remove temp and old directories of writers that are gone; restore an old output left alone."""
     for tag in ("tmp", "old"):
         for stale in final.parent.glob(f".{glob.escape(final.name)}.{tag}-*"):
-            pid = _writer_pid(stale)
+            pid = writer_pid(stale.name)
             if pid is None or pid_alive(pid) or stale.is_symlink():
                 continue
             if tag == "old" and not final.exists():

@@ -36,12 +36,11 @@ from typing import Any
 
 from deltakit._version import __version__
 from deltakit.errors import FormatError
-from deltakit.format.paths import check_aux_name, check_relpath
+from deltakit.format.paths import MANIFEST_NAME, check_aux_name, check_relpath
 from deltakit.format.safetensors_io import DTYPE_TO_ST, dtype_from_name
 
 FORMAT_NAME = "deltakit.delta"
 FORMAT_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 #: largest manifest read (a manifest of a very large model is a few MiB) and deepest JSON nesting
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64

@@ -11,7 +11,11 @@ from pathlib import Path
 
 from deltakit.errors import FormatError
 
-_SAFE_PART = re.compile(r"^[^\x00-\x1f\x7f\\:]+$")
+#: a path component: no control characters, no backslash, no ':' (drive letters, NTFS streams)
+_SAFE_PART = re.compile(r"[^\x00-\x1f\x7f\\:]+")
+MANIFEST_NAME = "manifest.json"
+MAX_PATH_CHARS = 1024
+MAX_PART_CHARS = 255
 
 #: config/tokenizer files a delta may carry or take from the base (plain names, nothing else)
 AUX_FILE_NAMES = frozenset(
@@ -33,19 +37,23 @@ AUX_FILE_NAMES = frozenset(
 )
 
 
-def check_relpath(path: str, reserved: tuple[str, ...] = ("manifest.json",)) -> str:
-    """Return ``path`` if it is a safe relative POSIX path (no ``..``, not absolute, no control chars).
+def check_relpath(path: object, *, allow_manifest: bool = False) -> str:
+    """Return ``path`` if it is a safe relative POSIX path, else raise FormatError.
 
-    reserved: names a listed file may not take (the manifest itself).
+    Safe: a non-empty string of at most MAX_PATH_CHARS characters, '/'-separated plain components
+    (no empty, '.', '..' or hidden component starting with '.', none longer than MAX_PART_CHARS), no
+    leading '/', no backslash, ':', NUL or other control character, and not the manifest itself
+    (unless ``allow_manifest``: a base checkpoint may hold a file of that name).
     """
-    parts = path.split("/") if isinstance(path, str) else [""]
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH_CHARS:
+        raise FormatError(f"manifest lists an unsafe file path {str(path)[:80]!r}")
+    parts = path.split("/")
     if (
-        not path
-        or path.startswith("/")
-        or any(p in ("", ".", "..") or not _SAFE_PART.match(p) for p in parts)
-        or path in reserved
+        path.startswith("/")
+        or any(p.startswith(".") or len(p) > MAX_PART_CHARS or not _SAFE_PART.fullmatch(p) for p in parts)
+        or (path == MANIFEST_NAME and not allow_manifest)
     ):
-        raise FormatError(f"manifest lists an unsafe or reserved file path {path!r}")
+        raise FormatError(f"manifest lists an unsafe or reserved file path {path[:80]!r}")
     return path
 
 

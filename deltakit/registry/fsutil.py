@@ -9,33 +9,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from deltakit.format.atomic import fsync_dir as fsync_dir  # re-exported for the registry modules
+from deltakit.format.atomic import temp_path as format_temp_path
+from deltakit.format.atomic import writer_pid as temp_owner  # noqa: F401  re-exported: pid in a temp name
 from deltakit.format.safetensors_io import file_sha256 as file_sha256  # re-exported, see above
 
 CHUNK = 4 << 20  # 4 MiB read/write chunk
-TEMP_MARK = ".tmp-"
 
 
 def temp_path(directory: Path, stem: str) -> Path:
-    """A unique hidden temp path ``directory/.<stem>.tmp-<pid>-<hex>`` (same folder: rename is atomic).
-
-    The process id in the name lets cleanup tell a live writer's file from a dead one's.
-    """
-    return directory / f".{stem}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
-def temp_owner(name: str) -> int | None:
-    """The process id in a name made by :func:`temp_path`, or None for any other name."""
-    head, sep, tail = name.rpartition(TEMP_MARK)
-    pid, _, rest = tail.partition("-")
-    if not sep or not head.startswith(".") or not pid.isdigit() or not rest:
-        return None
-    return int(pid)
+    """A unique hidden temp path ``directory/.<stem>.tmp-<pid>-<hex>`` (same folder: rename is atomic),
+    named as the format layer names its temps; :func:`temp_owner` reads the writer's pid back."""
+    return format_temp_path(directory / stem)
 
 
 def write_synced(path: Path, data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""The few manifest fields the registry relies on, checked without importing the format package.
+"""The few manifest fields the registry relies on, checked with the format layer's path rules.
 
 The registry treats a manifest as opaque bytes (stored as a blob, byte for byte) and reads only:
 ``format``, ``files`` (path -> sha256/size), and the descriptive fields it catalogs.
@@ -12,15 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from deltakit.errors import FormatError
+from deltakit.format.paths import MANIFEST_NAME as MANIFEST_NAME  # re-exported for the registry
+from deltakit.format.paths import check_relpath as check_relpath  # re-exported: one path check
 from deltakit.registry.jsondoc import parse_object
 
-MANIFEST_NAME = "manifest.json"
-MAX_PATH_CHARS = 1024
-MAX_PART_CHARS = 255
 MAX_FILE_BYTES = 1 << 50
 _HEX = re.compile(r"[0-9a-f]{64}")
-# a path component: no control characters, no backslash, no ':' (drive letters, NTFS streams)
-_SAFE_PART = re.compile(r"[^\x00-\x1f\x7f\\:]+")
 
 
 @dataclass(frozen=True)
@@ -30,26 +27,6 @@ class FileEntry:
     path: str
     sha256: str
     size: int
-
-
-def check_relpath(path: object, *, allow_manifest: bool = False) -> str:
-    """Return ``path`` if it is a safe relative POSIX path, else raise FormatError.
-
-    Safe: a non-empty string of at most MAX_PATH_CHARS characters, '/'-separated plain components
-    (no empty, '.', '..' or hidden component starting with '.', none longer than MAX_PART_CHARS), no
-    leading '/', no backslash, ':', NUL or other control character, and not the manifest itself
-    (unless ``allow_manifest``: a base checkpoint may hold a file of that name).
-    """
-    if not isinstance(path, str) or not path or len(path) > MAX_PATH_CHARS:
-        raise FormatError(f"manifest lists an unsafe file path {str(path)[:80]!r}")
-    parts = path.split("/")
-    if (
-        path.startswith("/")
-        or any(p.startswith(".") or len(p) > MAX_PART_CHARS or not _SAFE_PART.fullmatch(p) for p in parts)
-        or (path == MANIFEST_NAME and not allow_manifest)
-    ):
-        raise FormatError(f"manifest lists an unsafe or reserved file path {path[:80]!r}")
-    return path
 
 
 def check_file_entry(path: str, entry: object, where: str, *, allow_manifest: bool = False) -> FileEntry:
