@@ -196,3 +196,45 @@ def test_directory_without_modeling_file_still_loads_with_deltakit(dirs, name, t
             deltakit.load_model(old)(_ids()).logits, deltakit.load_model(dirs[name])(_ids()).logits,
             atol=0, rtol=0,
         )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> Path:
+    """A tied-embedding Llama and a Qwen2 (q/k/v biases), both 6 blocks, with the byte tokenizer."""
+    import transformers as tf
+    from lillama_helpers import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("hf_remote_variants")
+    make_llama(root / "tied", layers=6, tie=True)
+    torch.manual_seed(0)
+    config = tf.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    tf.Qwen2ForCausalLM(config).save_pretrained(str(root / "qwen2"))
+    byte_tokenizer().save_pretrained(str(root / "qwen2"))
+    write_text(root / "cal.txt", 40)
+    return root
+
+
+@pytest.mark.parametrize("source", ["tied", "qwen2"])
+@pytest.mark.parametrize("name", COMPRESSORS)
+def test_tied_and_biased_sources_load_exactly(variants, source, name):
+    overrides, reduction = OVERRIDES[name]
+    out = variants / f"{source}-{name}"
+    deltakit.compress_model(
+        variants / source, out, method=name, data=[variants / "cal.txt"], tokens=512, seq_len=32,
+        reduction=reduction, overrides=overrides,
+    )  # fmt: skip
+    model, info = _remote_load(out)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    reference = deltakit.load_model(out)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    if source == "tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        replaced = [m for m in model.modules() if type(m).__name__ == MODULE_CLASS[name]]
+        biases = [m.up.bias if name == "lillama" else m.bias for m in replaced]
+        assert any(b is not None for b in biases), "no replaced q/k/v projection kept its bias"
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(_ids()).logits, reference(_ids()).logits, atol=1e-5, rtol=0)
