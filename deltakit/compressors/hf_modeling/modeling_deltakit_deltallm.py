@@ -36,6 +36,10 @@ class DeltakitDeltaLLMConfig(PretrainedConfig):
         self.deltakit_plan = dict(deltakit_plan or {})
         super().__init__(**kwargs)
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Every field, not only those differing from defaults: the source class's defaults are not ours."""
+        return self.to_dict()
+
     def source_config(self) -> PretrainedConfig:
         """The source architecture's config (e.g. a ``LlamaConfig``) built from the same fields."""
         data = {k: v for k, v in self.to_dict().items() if k not in _OWN_KEYS}
@@ -96,10 +100,12 @@ class _CompressedMixin:
     """Put before the source causal-LM class: builds it from the source config, then installs the plan."""
 
     def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any):
-        deltakit_config = config if isinstance(config, DeltakitDeltaLLMConfig) else None
-        super().__init__(config.source_config() if deltakit_config else config, *args, **kwargs)
-        if deltakit_config is None:
-            raise ValueError("a deltakit deltallm model needs a DeltakitDeltaLLMConfig")
+        if not isinstance(config, DeltakitDeltaLLMConfig):
+            raise ValueError(
+                f"a deltakit deltallm model needs a DeltakitDeltaLLMConfig, got {type(config).__name__}"
+            )
+        deltakit_config = config
+        super().__init__(config.source_config(), *args, **kwargs)
         self.deltakit_config = deltakit_config
         plan = deltakit_config.deltakit_plan
         _install_shared(self, plan.get("shared", []), int(plan.get("rank", 0)))
@@ -108,7 +114,9 @@ class _CompressedMixin:
         """Weights as the source class saves them; the compressed config and this file beside them."""
         super().save_pretrained(save_directory, *args, **kwargs)
         self.deltakit_config.save_pretrained(save_directory)
-        shutil.copyfile(__file__, Path(save_directory) / Path(__file__).name)
+        target = Path(save_directory) / Path(__file__).name
+        if not target.exists() or not target.samefile(__file__):
+            shutil.copyfile(__file__, target)
 
 
 _CLASSES: dict[type, type] = {}

@@ -34,6 +34,10 @@ class DeltakitLillamaConfig(PretrainedConfig):
         self.deltakit_plan = dict(deltakit_plan or {})
         super().__init__(**kwargs)
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Every field, not only those differing from defaults: the source class's defaults are not ours."""
+        return self.to_dict()
+
     def source_config(self) -> PretrainedConfig:
         """The source architecture's config (e.g. a ``LlamaConfig``) built from the same fields."""
         data = {k: v for k, v in self.to_dict().items() if k not in _OWN_KEYS}
@@ -77,10 +81,12 @@ class _CompressedMixin:
     """Put before the source causal-LM class: builds it from the source config, then installs the plan."""
 
     def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any):
-        deltakit_config = config if isinstance(config, DeltakitLillamaConfig) else None
-        super().__init__(config.source_config() if deltakit_config else config, *args, **kwargs)
-        if deltakit_config is None:
-            raise ValueError("a deltakit lillama model needs a DeltakitLillamaConfig")
+        if not isinstance(config, DeltakitLillamaConfig):
+            raise ValueError(
+                f"a deltakit lillama model needs a DeltakitLillamaConfig, got {type(config).__name__}"
+            )
+        deltakit_config = config
+        super().__init__(config.source_config(), *args, **kwargs)
         self.deltakit_config = deltakit_config
         _install_low_rank(self, deltakit_config.deltakit_plan.get("ranks", {}))
 
@@ -88,7 +94,9 @@ class _CompressedMixin:
         """Weights as the source class saves them; the compressed config and this file beside them."""
         super().save_pretrained(save_directory, *args, **kwargs)
         self.deltakit_config.save_pretrained(save_directory)
-        shutil.copyfile(__file__, Path(save_directory) / Path(__file__).name)
+        target = Path(save_directory) / Path(__file__).name
+        if not target.exists() or not target.samefile(__file__):
+            shutil.copyfile(__file__, target)
 
 
 _CLASSES: dict[type, type] = {}
