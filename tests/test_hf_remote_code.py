@@ -238,3 +238,17 @@ def test_tied_and_biased_sources_load_exactly(variants, source, name):
         assert any(b is not None for b in biases), "no replaced q/k/v projection kept its bias"
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(_ids()).logits, reference(_ids()).logits, atol=1e-5, rtol=0)
+
+
+def test_seal_with_a_plan_needs_a_shipped_modeling_file(tmp_path):
+    from deltakit.compressors.hf_config import seal
+    from deltakit.errors import UsageError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UsageError, match="plan=None"):
+        seal(tmp_path, "other", plan={})
+    seal(tmp_path, "other")
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "model_type": "deltakit_other",
+        "deltakit_model_type": "llama",
+    }

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from deltakit.errors import FormatError
+from deltakit.errors import FormatError, UsageError
 
 CONFIG_FILE = "config.json"
 ORIGINAL_KEY = "deltakit_model_type"
@@ -60,6 +60,8 @@ def seal(model_dir: Path, compressor: str, plan: dict[str, Any] | None = None) -
         data[ORIGINAL_KEY] = data["model_type"]
     data["model_type"] = f"deltakit_{compressor}"
     if plan is not None:
+        if compressor not in _CLASS_NAMES:
+            raise UsageError(f"no modeling file ships for compressor {compressor!r}; seal it with plan=None")
         name = modeling_file_name(compressor)
         shutil.copyfile(MODELING_DIR / name, Path(model_dir) / name)
         module, prefix = name.removesuffix(".py"), _CLASS_NAMES[compressor]
