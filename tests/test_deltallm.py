@@ -356,7 +356,7 @@ def test_inspect_shows_plan_and_parameter_counts(untrained, capsys):
 
 
 def test_compressed_dir_refuses_plain_transformers_load(tiny, untrained):
-    """A plain from_pretrained would build random follower weights: the sealed config makes it refuse."""
+    """A plain from_pretrained would build random follower weights: without trust_remote_code it refuses."""
     import json
 
     import transformers as tf
@@ -364,7 +364,7 @@ def test_compressed_dir_refuses_plain_transformers_load(tiny, untrained):
     out, _ = untrained
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "deltakit_deltallm" and config["deltakit_model_type"] == "llama"
-    with pytest.raises(ValueError, match="deltakit_deltallm"):
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
         tf.AutoModelForCausalLM.from_pretrained(str(out))
     plain = tiny["root"] / "plain-sealed"
     deltakit.export_model(out, plain)

@@ -28,6 +28,7 @@ class DeltaLLM(ModelCompressor):
 
     def compress_model(self, job: ModelJob) -> dict[str, Any]:
         from deltakit.deltallm.compress import compress
+        from deltakit.deltallm.io import remote_code_plan, write_weight_index
 
         assert isinstance(job.config, DeltaLLMConfig)
         report = compress(
@@ -40,7 +41,8 @@ class DeltaLLM(ModelCompressor):
             seed=job.seed,
             progress=job.progress,
         )
-        seal(Path(job.output), self.name)
+        write_weight_index(Path(job.output))
+        seal(Path(job.output), self.name, remote_code_plan(Path(job.output)))
         return report
 
     def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:

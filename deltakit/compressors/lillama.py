@@ -30,7 +30,7 @@ class LillamaModel(ModelCompressor):
     needs_data = True
 
     def compress_model(self, job: ModelJob) -> dict[str, Any]:
-        from deltakit.lillama.model import compress_model_dir, load_tokenizer
+        from deltakit.lillama.model import compress_model_dir, load_tokenizer, remote_code_plan
 
         if job.reduction is None:
             raise UsageError(
@@ -55,7 +55,7 @@ class LillamaModel(ModelCompressor):
             device=job.device,
             progress=job.progress,
         )
-        seal(Path(job.output), self.name)
+        seal(Path(job.output), self.name, remote_code_plan(Path(job.output)))
         return report
 
     def load_model(self, model_dir: Path, device: torch.device | str = "cpu") -> Any:

@@ -6,10 +6,12 @@ Directory layout::
     deltallm.safetensors   every source tensor except the followers' shared matrices, plus
                            ``<follower module>.lora_A`` (out, r) and ``.lora_B`` (r, in)
     training.json          loss curve (when trained)
-    config.json, tokenizer files ...   copied from the source
+    model.safetensors.index.json   every stored tensor -> deltallm.safetensors (for transformers' loader)
+    modeling_deltakit_deltallm.py  the config/model classes for ``trust_remote_code=True``
+    config.json, tokenizer files ...   copied from the source, then sealed (``compressors.hf_config``)
 
-There is deliberately no ``model.safetensors``: ``from_pretrained`` on this directory fails loudly instead of
-silently initialising the followers' missing weights at random.
+There is deliberately no ``model.safetensors``, and the sealed config makes a plain ``from_pretrained``
+refuse instead of silently initialising the followers' missing weights at random.
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ FORMAT_VERSION = 1
 META_FILE = "deltallm.json"
 TENSOR_FILE = "deltallm.safetensors"
 TRAINING_FILE = "training.json"
-OWN_FILES = (META_FILE, TENSOR_FILE, TRAINING_FILE, "deltakit_model.json")
+INDEX_FILE = "model.safetensors.index.json"
+OWN_FILES = (
+    META_FILE,
+    TENSOR_FILE,
+    TRAINING_FILE,
+    INDEX_FILE,
+    "deltakit_model.json",
+    "modeling_deltakit_deltallm.py",
+)
 
 
 def follower_weight_names(plan: SharingPlan) -> dict[str, str]:
@@ -87,6 +97,29 @@ def write_compressed(
     }
     (output / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def write_weight_index(model_dir: Path) -> None:
+    """Write ``model.safetensors.index.json`` mapping every tensor of ``deltallm.safetensors`` to that file.
+
+    transformers' loader finds the stored tensors through it under their own names (nothing is copied).
+    """
+    model_dir = Path(model_dir)
+    with safe_open(str(model_dir / TENSOR_FILE), framework="pt", device="cpu") as fh:
+        names = sorted(fh.keys())
+    size = (model_dir / TENSOR_FILE).stat().st_size
+    index = {"metadata": {"total_size": size}, "weight_map": dict.fromkeys(names, TENSOR_FILE)}
+    (model_dir / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+
+
+def remote_code_plan(model_dir: Path) -> dict[str, Any]:
+    """The plan the shipped modeling file needs (``config.json``'s ``deltakit_plan``).
+
+    shared: ``[follower module, anchor module]`` pairs (the follower uses the anchor's weight plus its own
+    ``lora_A`` (out, r) @ ``lora_B`` (r, in)); rank: r.
+    """
+    plan = SharingPlan.from_dict(read_meta(model_dir)["plan"])
+    return {"format": FORMAT, "rank": plan.rank, "shared": [list(pair) for pair in plan.shared_modules()]}
 
 
 def param_summary(plan: SharingPlan) -> dict[str, Any]:

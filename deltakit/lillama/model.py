@@ -33,7 +33,7 @@ RANKS_FILE = "lillama.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 #: files written by us that must not be copied from the source directory
-_OWN_FILES = (RANKS_FILE, WEIGHTS_FILE, "deltakit_model.json")
+_OWN_FILES = (RANKS_FILE, WEIGHTS_FILE, "deltakit_model.json", "modeling_deltakit_lillama.py")
 
 
 def quiet_load(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -228,6 +228,12 @@ def save_compressed(model: nn.Module, output: Path, ranks: dict[str, int], sourc
             and not file.name.endswith(".index.json")
         ):
             shutil.copyfile(file, output / file.name)
+
+
+def remote_code_plan(model_dir: Path) -> dict[str, Any]:
+    """The plan the shipped modeling file needs (``config.json``'s ``deltakit_plan``): ranks and tied names."""
+    table = json.loads((Path(model_dir) / RANKS_FILE).read_text())
+    return {"format": "deltakit.lillama", "ranks": dict(table["ranks"]), "tied": list(table.get("tied", []))}
 
 
 def load_compressed(model_dir: Path, device: torch.device | str = "cpu") -> nn.Module:
