@@ -176,7 +176,7 @@ class Decoder:
                 )
             return base.to(device=device)
         encoded = self.encoded(name)
-        rebuilt = _codec_call(name, lambda: self.codec.reconstruct(encoded, base, dtype, device))
+        rebuilt = codec_call(name, lambda: self.codec.reconstruct(encoded, base, dtype, device))
         if entry.extra_rows is not None:
             extra = self.delta.exact(name, "extra_rows").to(device=device, dtype=dtype)
             _check_finite(f"tensor {name}: stored extra_rows", extra)
@@ -192,7 +192,7 @@ class Decoder:
         if self.delta.entry(name).kind != ENCODED:
             return None
         encoded = self.encoded(name)
-        return _codec_call(name, lambda: self.codec.decode(encoded, device, base=base))
+        return codec_call(name, lambda: self.codec.decode(encoded, device, base=base))
 
 
 #: codec params with a fixed JSON type across the built-in codecs: counts are integers, scales numbers
@@ -221,7 +221,7 @@ def _check_finite(what: str, tensor: torch.Tensor) -> None:
         raise NonFiniteError(f"{what} contains NaN or Inf")
 
 
-def _codec_call(name: str, call):
+def codec_call(name: str, call):
     """Run a codec's decode on stored data; its Python errors on bad params become one FormatError."""
     try:
         return call()

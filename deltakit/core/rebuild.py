@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from deltakit.codecs.base import Codec, Encoded, FactoredView
-from deltakit.core.decode import Decoder
+from deltakit.core.decode import Decoder, codec_call
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
 from deltakit.format.safetensors_io import dtype_from_name
 from deltakit.ops.fused import fused_rebuild
@@ -61,9 +61,9 @@ def rebuild(
         raise ValueError(f"{name}: unknown tensor kind {kind!r}")
     encoded = Encoded(tensors, params)
     if view is None or not fusable(codec):
-        view = factored_view(codec, encoded)
+        view = codec_call(name, lambda: factored_view(codec, encoded))
     if view is None or tuple(view.shape) != tuple(base.shape):
-        return codec.reconstruct(encoded, base, dtype, base.device)
+        return codec_call(name, lambda: codec.reconstruct(encoded, base, dtype, base.device))
     return fused_rebuild(
         base,
         dtype,
