@@ -7,6 +7,7 @@ memory is one tensor pair plus the codec's work and one output shard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
@@ -38,6 +39,7 @@ from deltakit.format.manifest import (
 from deltakit.format.safetensors_io import dtype_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, TensorSource, open_checkpoint
 from deltakit.models.roles import TensorRole, infer_roles
+from deltakit.ops.threads import torch_threads
 
 __all__ = ["CompressOptions", "build_config", "compress"]
 
@@ -106,13 +108,15 @@ def _plan(
     mode = opts.allocation
     if mode is None:
         mode = "rd" if codec.allocatable else "uniform"
-    found = alloc.survey(codec, cfg, base_src, target_src, opts.exclude_roles, dev, spectra=mode == "rd")
+    with encode_threads(dev):
+        found = alloc.survey(codec, cfg, base_src, target_src, opts.exclude_roles, dev, spectra=mode == "rd")
     if not found.shapes:
         return alloc.Plan(Budget(ratio=opts.ratio) if opts.ratio else Budget(), {}, {}, 0, mode)
     target = alloc.coded_target(found, size=opts.size, bits_per_weight=opts.bits_per_weight, ratio=opts.ratio)
-    if mode == "rd":
-        return alloc.plan_rd(codec, cfg, found, target)
-    return alloc.plan_uniform(codec, cfg, found, target)
+    with encode_threads(dev):
+        if mode == "rd":
+            return alloc.plan_rd(codec, cfg, found, target)
+        return alloc.plan_uniform(codec, cfg, found, target)
 
 
 def _check_finite(name: str, tensor: torch.Tensor, which: str) -> None:
@@ -193,11 +197,13 @@ class _DeltaBuilder:
         ctx = EncodeContext(
             budget=budget, device=self.dev, seed=self.opts.seed, name=name, prepared=self.prepared
         )
-        encoded = self.codec.encode(b, shared, self.cfg, ctx)
+        with encode_threads(self.dev):
+            encoded = self.codec.encode(b, shared, self.cfg, ctx)
         entry.kind, entry.params = ENCODED, encoded.params
         if self.plan is not None and name in self.plan.info:
             delta = shared.to(torch.float32) - b.to(torch.float32)
-            actual = alloc.relative_error(delta, self.codec.decode(encoded, "cpu", base=b))
+            with encode_threads(self.dev):
+                actual = alloc.relative_error(delta, self.codec.decode(encoded, "cpu", base=b))
             entry.params = {**encoded.params, "allocation": {**self.plan.info[name], "actual_error": actual}}
         for local, tensor in encoded.tensors.items():
             entry.stored[local] = key = f"{name}::{local}"
@@ -328,3 +334,10 @@ def _aux_files(
             files[rel] = FileEntry(digest, size)
             aux[file.name] = AuxFile("delta", digest, size, rel)
     return aux
+
+
+def encode_threads(device: torch.device):
+    """One intra-op thread for a codec's numerics on the CPU, so the stored bytes (and a delta's content
+    address) do not depend on the thread count: parallel reductions and BLAS kernels sum in an order that
+    changes with it. Fleet compression runs one worker per core instead (``deltakit compress-fleet``)."""
+    return torch_threads(1) if device.type == "cpu" else contextlib.nullcontext()
