@@ -87,6 +87,7 @@ def test_models_lists_deltas_with_parent(client, fleet):
     ids = [m["id"] for m in data]
     assert ids[0] == "base" and set(fleet["delta"]) <= set(ids)
     assert all(m["parent"] == "base" for m in data[1:])
+    assert str(fleet["root"]) not in json.dumps(data)  # the cards reveal no server paths
 
 
 def test_mixed_batch_through_scheduler_gives_each_model_its_output(engine, expected, fleet):

@@ -131,7 +131,7 @@ class ServingEngine:
         raise NotFoundError(f"The model `{model}` does not exist.")
 
     def models(self) -> list[dict[str, Any]]:
-        """OpenAI model cards: the base, then every delta with the base as ``parent``."""
+        """OpenAI model cards: the base, then every delta with the base as ``parent``; no server paths."""
         cards = [
             {
                 "id": self.base_name,
@@ -149,7 +149,7 @@ class ServingEngine:
                     "object": "model",
                     "created": 0,
                     "owned_by": "deltakit",
-                    "root": str(entry.path) if entry.path else name,
+                    "root": name,  # never the server path it was read from
                     "parent": self.base_name,
                     "codec": entry.codec,
                 }
