@@ -84,6 +84,9 @@ def human_bytes(n: float | None) -> str:
 #: library messages name Python parameters; the CLI shows the flag that sets each one
 _PARAMETER_FLAGS = (
     (re.compile(r"\b(force|overwrite)=True\b"), r"--\1"),
+    (re.compile(r"\bmodules_to_save=True\b"), "--modules-to-save"),
+    (re.compile(r"\bfold_rank="), "--fold-rank R"),
+    (re.compile(r"\b(bits_per_weight|size)="), lambda m: "--" + m.group(1).replace("_", "-")),
     (re.compile(r"\bdata=\[([A-Z_]+)\]"), r"--data \1"),
     (re.compile(r"\bbase=([A-Z_]+)"), r"--base \1"),
     (re.compile(r"\boverrides\[(\w+)\]"), r"--set \1"),

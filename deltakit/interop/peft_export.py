@@ -192,7 +192,7 @@ def export_peft(
     fold_rank: fold sign parts (with their low rank) into rank-``fold_rank`` SVD factors instead of
     refusing them. modules_to_save: write modules whose tensors are all stored exactly (norms, GPT-2
     layer norms) whole, as PEFT ``modules_to_save``. base_name: ``base_model_name_or_path`` (default: the delta's recorded base name).
-    Raises UsageError listing every tensor the adapter cannot hold; mixed Conv1D and Linear layouts are
+    Raises UsageError counting the tensors the adapter cannot hold (naming the first four); mixed Conv1D and Linear layouts are
     refused (PEFT's ``fan_in_fan_out`` is one flag per adapter).
     """
     if fold_rank is not None and fold_rank < 1:
@@ -206,9 +206,10 @@ def export_peft(
         hint = " (fold_rank= folds sign parts)" if any("sign part" in r for r in plan.refused) else ""
         if not modules_to_save and any("passthrough" in r for r in plan.refused):
             hint += " (modules_to_save=True writes exact norms whole)"
-        raise UsageError(
-            f"a LoRA adapter cannot hold {len(plan.refused)} tensor(s){hint}: {', '.join(plan.refused)}"
+        shown = ", ".join(plan.refused[:4]) + (
+            f", … ({len(plan.refused) - 4} more)" if len(plan.refused) > 4 else ""
         )
+        raise UsageError(f"a LoRA adapter cannot hold {len(plan.refused)} tensor(s){hint}: {shown}")
     if not plan.tensors:
         raise UsageError(f"{delta}: the delta changes no low-rank linear layer; nothing to export")
     if len(plan.layouts) > 1:
