@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _tiny import ensure_pair, pair_parser, parse_pair
 from safetensors.torch import load_file
 
 import deltakit
@@ -37,26 +38,17 @@ def relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=Path)
-    parser.add_argument("--finetune", type=Path)
-    parser.add_argument("--tiny", action="store_true", help="build tiny local models instead")
+    parser = pair_parser(__doc__.splitlines()[0])
     parser.add_argument("--method", default="svd")
     parser.add_argument("--ratio", type=float, default=0.25)
-    args = parser.parse_args()
-    if not args.tiny and (args.base is None or args.finetune is None):
-        parser.error("give --base and --finetune, or --tiny")
+    args = parse_pair(parser)
     with tempfile.TemporaryDirectory(prefix="deltakit-example-") as tmp:
         return run(args, Path(tmp))
 
 
 def run(args: argparse.Namespace, work: Path) -> int:
     """Compress, inspect, apply and check; ``work`` holds the delta (and the tiny models)."""
-    if args.tiny:
-        from _tiny import build_base, build_finetune
-
-        args.base = build_base(work / "base")
-        args.finetune = build_finetune(args.base, work / "finetune", seed=1)
+    ensure_pair(args, work)
 
     delta = deltakit.compress(args.base, args.finetune, work / "delta", method=args.method, ratio=args.ratio)
     manifest = deltakit.load_delta(work / "delta").manifest

@@ -12,13 +12,13 @@ the same class through the ``deltakit.codecs`` entry-point group instead of impo
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _tiny import ensure_pair, pair_parser, parse_pair
 
 import deltakit
 from deltakit.codecs import Codec, CodecConfig, EncodeContext, Encoded, config_field, register_codec
@@ -68,22 +68,13 @@ def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=Path)
-    parser.add_argument("--finetune", type=Path)
-    parser.add_argument("--tiny", action="store_true", help="build tiny local models instead")
+    parser = pair_parser(__doc__.splitlines()[0])
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    if not args.tiny and (args.base is None or args.finetune is None):
-        parser.error("give --base and --finetune, or --tiny")
+    args = parse_pair(parser)
     print(f"registered codecs: {', '.join(deltakit.list_codecs())}")
     overrides = dict(item.split("=", 1) for item in args.sets)
     with tempfile.TemporaryDirectory(prefix="deltakit-example-") as tmp:
-        if args.tiny:
-            from _tiny import build_base, build_finetune
-
-            args.base = build_base(Path(tmp) / "base")
-            args.finetune = build_finetune(args.base, Path(tmp) / "finetune", seed=1)
+        ensure_pair(args, Path(tmp))
         delta = deltakit.compress(args.base, args.finetune, Path(tmp) / "delta", method=RowIntCodec.name,
                                   overrides=overrides)  # fmt: skip
         manifest = deltakit.load_delta(Path(tmp) / "delta").manifest

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _tiny import ensure_pair, pair_parser, parse_pair
 
 import deltakit
 from deltakit.eval.delta_model import load_delta_model
@@ -25,14 +26,9 @@ from deltakit.interop.peft_export import export_peft
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=Path)
-    parser.add_argument("--finetune", type=Path)
-    parser.add_argument("--tiny", action="store_true", help="build tiny local models instead")
+    parser = pair_parser(__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=8)
-    args = parser.parse_args()
-    if not args.tiny and (args.base is None or args.finetune is None):
-        parser.error("give --base and --finetune, or --tiny")
+    args = parse_pair(parser)
     with tempfile.TemporaryDirectory(prefix="deltakit-example-") as tmp:
         return run(args, Path(tmp))
 
@@ -41,11 +37,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     """Compress, export, load in PEFT and compare; ``work`` holds the delta, adapter (and tiny models)."""
     from peft import PeftModel
 
-    if args.tiny:
-        from _tiny import build_base, build_finetune
-
-        args.base = build_base(work / "base")
-        args.finetune = build_finetune(args.base, work / "finetune", seed=1)
+    ensure_pair(args, work)
     delta = work / "delta"
     deltakit.compress(args.base, args.finetune, delta, method="svd", rank=args.rank)
     report = export_peft(delta, work / "adapter")

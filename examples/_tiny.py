@@ -7,6 +7,7 @@ low-rank change and a little noise on every matrix, which is what real fine-tuni
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -82,3 +83,27 @@ def build_fleet(root: Path, count: int) -> tuple[Path, list[Path]]:
     """A base and ``count`` fine-tunes under ``root``: (base_dir, [finetune dirs])."""
     base = build_base(Path(root) / "base")
     return base, [build_finetune(base, Path(root) / f"ft-{i}", seed=100 + i) for i in range(count)]
+
+
+def pair_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the examples' shared ``--base``, ``--finetune`` and ``--tiny`` arguments."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--base", type=Path)
+    parser.add_argument("--finetune", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="build tiny local models instead")
+    return parser
+
+
+def parse_pair(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parsed arguments; ``--base`` and ``--finetune`` are required unless ``--tiny`` is given."""
+    args = parser.parse_args()
+    if not args.tiny and (args.base is None or args.finetune is None):
+        parser.error("give --base and --finetune, or --tiny")
+    return args
+
+
+def ensure_pair(args: argparse.Namespace, work: Path) -> None:
+    """With ``--tiny``, build a tiny base and fine-tune under ``work`` and point ``args`` at them."""
+    if args.tiny:
+        args.base = build_base(work / "base")
+        args.finetune = build_finetune(args.base, work / "finetune", seed=1)
