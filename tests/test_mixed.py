@@ -112,3 +112,51 @@ def test_split_rejects_bad_input():
         split_mixed_precision(torch.tensor([1.0]), 8, 8, 100, bit_widths=(5,))
     with pytest.raises(UsageError, match="budget"):
         split_mixed_precision(torch.tensor([1.0]), 8, 8, -3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(0.01, 10, allow_nan=False), min_size=1, max_size=40),
+    st.integers(12, 200),
+    st.integers(12, 200),
+    st.integers(100, 20000),
+)
+def test_lagrangian_split_is_within_budget_and_never_beats_the_exact_one(values, rows, cols, budget):
+    import deltakit.ops.mixed as mixed
+
+    sigma = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
+    exact = split_mixed_precision(sigma, rows, cols, budget, group_size=16, error_factors=EPS)
+    saved = mixed.EXACT_CELLS
+    mixed.EXACT_CELLS = 0  # force the Lagrangian search
+    try:
+        lagrangian = split_mixed_precision(sigma, rows, cols, budget, group_size=16, error_factors=EPS)
+    finally:
+        mixed.EXACT_CELLS = saved
+    assert lagrangian.nbytes <= budget
+    assert list(lagrangian.bits) == sorted(lagrangian.bits, reverse=True)
+    assert math.isclose(lagrangian.model_error, _model(sigma.tolist(), lagrangian.bits), rel_tol=1e-9)
+    assert lagrangian.model_error >= exact.model_error * (1 - 1e-9) - 1e-12
+
+
+def test_hull_splits_trade_bytes_for_error_and_match_the_exact_split_at_their_bytes():
+    from deltakit.ops.mixed import lagrangian_splits
+
+    sigma = torch.linspace(5, 0.1, 60) ** 2
+    hull = lagrangian_splits(sigma, 64, 128, group_size=32, error_factors=EPS)
+    assert len(hull) > 10
+    assert all(b.nbytes > a.nbytes and b.model_error < a.model_error for a, b in itertools.pairwise(hull))
+    for split in hull[:: max(1, len(hull) // 8)]:
+        assert math.isclose(split.model_error, _model(sigma.tolist(), split.bits), rel_tol=1e-9)
+        exact = split_mixed_precision(sigma, 64, 128, split.nbytes + 8, group_size=32, error_factors=EPS)
+        assert exact.model_error <= split.model_error * (1 + 1e-9)
+
+
+def test_large_splits_use_the_lagrangian_search_within_budget():
+    import deltakit.ops.mixed as mixed
+
+    sigma = torch.logspace(0, -3, 576, dtype=torch.float64)
+    budget = 400_000  # most of a 1536x576 fp16 delta: far more staircases than EXACT_CELLS
+    per_vector = [(1536 + 576) * b + 16 * (24 + 9) for b in (8, 4, 3)] + [0]
+    assert mixed._staircases(576, per_vector[:3] + [1], 8 * budget) > mixed.EXACT_CELLS
+    split = split_mixed_precision(sigma, 1536, 576, budget)
+    assert split.nbytes <= budget and split.counts[8] > 0

@@ -39,7 +39,7 @@ from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError, ConfigError, FormatError
 from deltakit.ops.factors import quantize_factors
 from deltakit.ops.intpack import packed_nbytes
-from deltakit.ops.mixed import split_mixed_precision
+from deltakit.ops.mixed import MixedSplit, lagrangian_splits, split_mixed_precision
 from deltakit.ops.quant import SUPPORTED_BITS, QuantizedTensor, dequantize
 from deltakit.ops.threads import torch_threads
 
@@ -188,25 +188,46 @@ class DeltaCoMe(Codec):
     def candidates(
         self, shape: tuple[int, int], spectrum: torch.Tensor, config: DeltaCoMeConfig
     ) -> list[Candidate]:
-        """Byte levels from one 2-bit pair to all pairs at the widest width, geometrically spaced."""
+        """Up to ``candidate_levels`` splits from the lower hull of (bytes, model error)
+        (:func:`deltakit.ops.mixed.lagrangian_splits`), at geometrically spaced byte levels.
+
+        Each hull split's bytes, plus the 2 bytes per width the split keeps for partial code bytes, are
+        the candidate's budget; its bytes and error are those of the split :meth:`encode` makes at that
+        budget (this hull split or a better one), so the allocator is priced exactly.
+        """
         rows, cols = shape
-        sigma = spectrum.to(torch.float64)
         fp16 = FP16_BYTES * rows * cols
-        smallest = _pair_bytes(rows, cols, min(config.widths()), config.factor_group) + 8
-        largest = min(
-            fp16, _pair_bytes(rows, cols, max(config.widths()), config.factor_group) * sigma.numel() + 8
-        )
-        out, seen = [], set()
+        slack = 2 * len(config.widths())
+        hull = [
+            s
+            for s in lagrangian_splits(
+                spectrum, rows, cols, bit_widths=config.widths(), group_size=config.factor_group
+            )
+            if s.nbytes + slack <= fp16
+        ]
+        if not hull:
+            return []
+        smallest, largest = hull[0].nbytes, hull[-1].nbytes
+        picked: dict[int, MixedSplit] = {}
         for k in range(config.candidate_levels):
-            level = int(smallest * (largest / smallest) ** (k / (config.candidate_levels - 1)))
-            split = self.split(sigma, shape, level, config)
-            if split.nbytes in seen or sum(split.counts.values()) == 0:
+            level = smallest * (largest / smallest) ** (k / max(1, config.candidate_levels - 1))
+            best = max((s for s in hull if s.nbytes <= level * (1 + 1e-9)), key=lambda s: s.nbytes)
+            picked[best.nbytes] = best
+        out, seen = [], set()
+        for level in sorted(picked):
+            budget = level + slack  # what encode's split sees: this split fits, a better one may
+            split = self.split(spectrum, shape, budget, config)
+            if split.nbytes in seen:
                 continue
             seen.add(split.nbytes)
             label = "/".join(str(split.counts.get(b, 0)) for b in config.widths())
-            budget = Budget(ratio=min(1.0, level / fp16))
             out.append(
-                Candidate(split.nbytes, split.model_error, budget, f"split {label} ({config.bit_widths})")
+                Candidate(
+                    split.nbytes,
+                    split.model_error,
+                    Budget(ratio=budget / fp16),
+                    f"split {label} ({config.bit_widths})",
+                )
             )
         return out
 

@@ -12,10 +12,14 @@ clipping (:func:`measure_error_factors`), or on any tensor the caller passes (e.
 
 Choice. Every vector costs the same bytes at a given width, so in an optimal split the widths never
 increase with ``i`` (swapping widths towards larger ``σ`` cannot raise the model error): the split is a
-staircase ``n_8, n_4, n_3, n_2``. All staircases within the budget are enumerated (the last width takes
-as many vectors as still fit, which never hurts since ``2 ε + ε² < 1``) and the one with the least model
-error wins. Bytes are counted exactly as :func:`deltakit.ops.factors.factors_nbytes` stores one block per
-width.
+staircase ``n_8, n_4, n_3, n_2``. When there are at most :data:`EXACT_CELLS` staircases, all of them
+within the budget are enumerated (the last width takes as many vectors as still fit, which never hurts
+since ``2 ε + ε² < 1``) and the one with the least model error wins. Larger searches (high budgets on
+wide matrices, where the enumeration grows with the cube of the rank) take the best Lagrangian split
+within the budget instead (:func:`lagrangian_splits`: each vector independently picks the width that
+minimises ``σ_i² f_b + λ·cost_b``, over every λ at which some vector changes width): optimal among the
+splits on the lower convex hull of (bytes, error), and at most one vector's step from the exact optimum.
+Bytes are counted exactly as :func:`deltakit.ops.factors.factors_nbytes` stores one block per width.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from deltakit.ops.factors import factors_nbytes
 from deltakit.ops.quant import SUPPORTED_BITS, dequantize, quantize
 
 DEFAULT_BIT_WIDTHS = (8, 4, 3, 2)
+#: staircases enumerated exactly at most; beyond, the Lagrangian split (about 1 s of search at this size)
+EXACT_CELLS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -118,12 +124,133 @@ def split_mixed_precision(
     if bits_left < 0:
         raise BudgetError(f"budget={budget} bytes is too small for any split")
     prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sigma**2, 0)])  # (r + 1,)
-    counts, error = _best_staircase(prefix, factor, per_vector, bits_left)
+    if _staircases(sigma.numel(), per_vector, bits_left) <= EXACT_CELLS:
+        counts, error = _best_staircase(prefix, factor, per_vector, bits_left)
+    else:
+        counts, error = _best_lagrangian(sigma, factor, per_vector, bits_left)
+    return _as_split(sigma.numel(), widths, counts, error, rows, cols, group_size)
+
+
+def _as_split(
+    total: int,
+    widths: tuple[int, ...],
+    counts: list[int],
+    error: float,
+    rows: int,
+    cols: int,
+    group_size: int,
+) -> MixedSplit:
     split = {b: n for b, n in zip(widths, counts, strict=True)}
     bits = [b for b, n in zip(widths, counts, strict=True) for _ in range(n)]
-    bits += [0] * (sigma.numel() - len(bits))
-    nbytes = mixed_nbytes(rows, cols, split, group_size)
-    return MixedSplit(tuple(bits), split, nbytes, error)
+    bits += [0] * (total - len(bits))
+    return MixedSplit(tuple(bits), split, mixed_nbytes(rows, cols, split, group_size), error)
+
+
+def _staircases(total: int, per_vector: list[int], bits_left: int) -> int:
+    """Upper bound on the staircases :func:`_best_staircase` visits (every width but the last free)."""
+    cells = 1
+    for cost in per_vector[:-1]:
+        cells *= min(total, bits_left // cost) + 1
+    return cells
+
+
+def _lagrangian_counts(
+    sigma: torch.Tensor, factor: torch.Tensor, per_vector: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every Lagrangian split: (counts (L, m), bits (L,), model error (L,)), one row per λ breakpoint.
+
+    sigma: (r,) non-increasing. For a multiplier λ each vector takes the option (a width, or dropped)
+    minimising ``σ² f + λ·cost``. Only options on the lower convex hull of (cost, f) are ever taken; hull
+    option k beats option k - 1 when ``σ² > λ·s_k`` with ``s_k`` increasing along the hull, so the
+    vectors taking option k or wider are a prefix of the spectrum and every split is a staircase. The
+    splits change only at ``λ = σ_i² / s_k``; those λ (and 0) give all of them. O(r·m) memory.
+    """
+    sigma2 = sigma**2  # (r,) non-increasing
+    r, m = sigma2.numel(), len(per_vector)
+    options = sorted(
+        (
+            (0.0, 1.0, -1),
+            *(
+                (float(c), float(f), k)
+                for k, (c, f) in enumerate(zip(per_vector, factor.tolist(), strict=True))
+            ),
+        )
+    )
+    hull: list[tuple[float, float, int]] = []  # lower convex hull, cost ascending
+    for point in options:
+        while len(hull) >= 2 and _cross(hull[-2], hull[-1], point) <= 0:
+            hull.pop()
+        hull.append(point)
+    hull = [p for i, p in enumerate(hull) if i == 0 or p[1] < hull[i - 1][1]]  # strictly better only
+    thresholds = torch.tensor(
+        [(hull[k][0] - hull[k - 1][0]) / (hull[k - 1][1] - hull[k][1]) for k in range(1, len(hull))],
+        dtype=torch.float64,
+    )  # (H,) increasing
+    lambdas = torch.unique(
+        torch.cat([torch.zeros(1, dtype=torch.float64), (sigma2[:, None] / thresholds).reshape(-1)])
+    )
+    ascending = sigma2.flip(0).contiguous()
+    # ends[:, k]: vectors taking hull option k + 1 or wider, i.e. with σ² > λ·s_k (strict: ties go cheaper)
+    ends = r - torch.searchsorted(ascending, lambdas[:, None] * thresholds[None, :], right=True)  # (L, H)
+    ends = torch.cat([ends, torch.zeros_like(ends[:, :1])], 1)  # (L, H + 1)
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sigma2, 0)])  # (r + 1,)
+    counts = torch.zeros(lambdas.numel(), m, dtype=torch.int64)
+    bits = torch.zeros(lambdas.numel(), dtype=torch.float64)
+    error = torch.full((lambdas.numel(),), float(prefix[-1]), dtype=torch.float64)
+    for k in range(1, len(hull)):
+        cost, f, width = hull[k]
+        n = ends[:, k - 1] - ends[:, k]  # vectors taking exactly hull option k
+        counts[:, width] = n
+        bits += cost * n
+        error -= (1 - f) * (prefix[ends[:, k - 1]] - prefix[ends[:, k]])
+    return counts, bits, error
+
+
+def _cross(o: tuple[float, ...], a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def lagrangian_splits(
+    singular_values: torch.Tensor,
+    rows: int,
+    cols: int,
+    *,
+    bit_widths: tuple[int, ...] = DEFAULT_BIT_WIDTHS,
+    group_size: int = 64,
+    error_factors: dict[int, float] | None = None,
+) -> list[MixedSplit]:
+    """The splits on the lower convex hull of (bytes, model error), fewest bytes first (no budget).
+
+    One :func:`split_mixed_precision` search costs up to the cube of the rank; these cost one pass per
+    λ breakpoint, which is what a cross-tensor allocator wants as its options. Arguments as for
+    :func:`split_mixed_precision`.
+    """
+    sigma = singular_values.detach().to(torch.float64).cpu().reshape(-1)
+    widths = tuple(sorted(set(bit_widths), reverse=True))
+    eps = error_factors if error_factors is not None else measure_error_factors(widths, group_size)
+    factor = torch.tensor([min(1.0, 2 * eps[b] + eps[b] ** 2) for b in widths], dtype=torch.float64)
+    scale_bits = 16 * (math.ceil(rows / group_size) + math.ceil(cols / group_size))
+    per_vector = [(rows + cols) * b + scale_bits for b in widths]
+    counts, _bits, error = _lagrangian_counts(sigma, factor, per_vector)
+    out, seen = [], set()
+    for row, err in zip(counts.tolist(), error.tolist(), strict=True):
+        if tuple(row) in seen or sum(row) == 0:
+            continue
+        seen.add(tuple(row))
+        out.append(_as_split(sigma.numel(), widths, row, err, rows, cols, group_size))
+    return sorted(out, key=lambda s: (s.nbytes, s.model_error))
+
+
+def _best_lagrangian(
+    sigma: torch.Tensor, factor: torch.Tensor, per_vector: list[int], bits_left: int
+) -> tuple[list[int], float]:
+    """Counts and model error of the least-error Lagrangian split within ``bits_left`` bits."""
+    counts, bits, error = _lagrangian_counts(sigma, factor, per_vector)
+    error = torch.where(bits <= bits_left, error, torch.full_like(error, float("inf")))
+    k = int(torch.argmin(error))
+    if not math.isfinite(float(error[k])):
+        return [0] * len(per_vector), float((sigma**2).sum())
+    return [int(c) for c in counts[k]], float(error[k])
 
 
 def _best_staircase(
