@@ -39,7 +39,7 @@ from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError, ConfigError, FormatError
 from deltakit.ops.factors import quantize_factors
 from deltakit.ops.intpack import packed_nbytes
-from deltakit.ops.mixed import MixedSplit, lagrangian_splits, split_mixed_precision
+from deltakit.ops.mixed import lagrangian_splits, split_mixed_precision
 from deltakit.ops.quant import SUPPORTED_BITS, QuantizedTensor, dequantize
 from deltakit.ops.threads import torch_threads
 
@@ -198,24 +198,18 @@ class DeltaCoMe(Codec):
         rows, cols = shape
         fp16 = FP16_BYTES * rows * cols
         slack = 2 * len(config.widths())
-        hull = [
-            s
-            for s in lagrangian_splits(
-                spectrum, rows, cols, bit_widths=config.widths(), group_size=config.factor_group
-            )
-            if s.nbytes + slack <= fp16
-        ]
-        if not hull:
-            return []
-        smallest, largest = hull[0].nbytes, hull[-1].nbytes
-        picked: dict[int, MixedSplit] = {}
-        for k in range(config.candidate_levels):
-            level = smallest * (largest / smallest) ** (k / max(1, config.candidate_levels - 1))
-            best = max((s for s in hull if s.nbytes <= level * (1 + 1e-9)), key=lambda s: s.nbytes)
-            picked[best.nbytes] = best
+        hull = lagrangian_splits(
+            spectrum,
+            rows,
+            cols,
+            levels=config.candidate_levels,
+            max_bytes=fp16 - slack,
+            bit_widths=config.widths(),
+            group_size=config.factor_group,
+        )
         out, seen = [], set()
-        for level in sorted(picked):
-            budget = level + slack  # what encode's split sees: this split fits, a better one may
+        for hull_split in hull:
+            budget = hull_split.nbytes + slack  # what encode's split sees: this split fits, a better one may
             split = self.split(spectrum, shape, budget, config)
             if split.nbytes in seen:
                 continue

@@ -24,6 +24,7 @@ Bytes are counted exactly as :func:`deltakit.ops.factors.factors_nbytes` stores 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from deltakit.ops.factors import factors_nbytes
 from deltakit.ops.quant import SUPPORTED_BITS, dequantize, quantize
 
 DEFAULT_BIT_WIDTHS = (8, 4, 3, 2)
-#: staircases enumerated exactly at most; beyond, the Lagrangian split (about 1 s of search at this size)
-EXACT_CELLS = 2_000_000
+#: staircases enumerated exactly at most (about 15 ms of search); beyond, the Lagrangian split
+EXACT_CELLS = 250_000
 
 
 @dataclass(frozen=True)
@@ -215,15 +216,18 @@ def lagrangian_splits(
     rows: int,
     cols: int,
     *,
+    levels: int | None = None,
+    max_bytes: int | None = None,
     bit_widths: tuple[int, ...] = DEFAULT_BIT_WIDTHS,
     group_size: int = 64,
     error_factors: dict[int, float] | None = None,
 ) -> list[MixedSplit]:
-    """The splits on the lower convex hull of (bytes, model error), fewest bytes first (no budget).
+    """Splits on the lower convex hull of (bytes, model error), fewest bytes first (no budget).
 
     One :func:`split_mixed_precision` search costs up to the cube of the rank; these cost one pass per
-    λ breakpoint, which is what a cross-tensor allocator wants as its options. Arguments as for
-    :func:`split_mixed_precision`.
+    λ breakpoint, which is what a cross-tensor allocator wants as its options. levels: keep at most this
+    many, the largest hull split within each of ``levels`` geometrically spaced byte levels (default:
+    all). max_bytes: drop splits above it. Other arguments as for :func:`split_mixed_precision`.
     """
     sigma = singular_values.detach().to(torch.float64).cpu().reshape(-1)
     widths = tuple(sorted(set(bit_widths), reverse=True))
@@ -232,13 +236,32 @@ def lagrangian_splits(
     scale_bits = 16 * (math.ceil(rows / group_size) + math.ceil(cols / group_size))
     per_vector = [(rows + cols) * b + scale_bits for b in widths]
     counts, _bits, error = _lagrangian_counts(sigma, factor, per_vector)
-    out, seen = [], set()
-    for row, err in zip(counts.tolist(), error.tolist(), strict=True):
-        if tuple(row) in seen or sum(row) == 0:
-            continue
-        seen.add(tuple(row))
-        out.append(_as_split(sigma.numel(), widths, row, err, rows, cols, group_size))
-    return sorted(out, key=lambda s: (s.nbytes, s.model_error))
+    nbytes = torch.zeros(counts.shape[0], dtype=torch.int64)
+    for k, b in enumerate(widths):  # exactly mixed_nbytes, one width at a time
+        n = counts[:, k]
+        nbytes += (rows * n * b + 7) // 8 + (n * cols * b + 7) // 8
+        nbytes += 2 * n * (math.ceil(rows / group_size) + math.ceil(cols / group_size))
+    keep = counts.sum(1) > 0
+    if max_bytes is not None:
+        keep &= nbytes <= max_bytes
+    size, err = nbytes.tolist(), error.tolist()
+    order = sorted(torch.nonzero(keep).reshape(-1).tolist(), key=lambda i: (size[i], err[i]))
+    hull: list[int] = []
+    for i in order:  # fewer bytes first; a split is kept only when it lowers the error
+        if not hull or (size[i] > size[hull[-1]] and err[i] < err[hull[-1]]):
+            hull.append(i)
+    if levels is not None and len(hull) > levels:
+        sizes = [size[i] for i in hull]
+        small, large = sizes[0], sizes[-1]
+        picked = []
+        for k in range(levels):
+            level = small * (large / small) ** (k / max(1, levels - 1)) * (1 + 1e-9)
+            picked.append(hull[bisect.bisect_right(sizes, level) - 1])  # largest split within the level
+        hull = list(dict.fromkeys(picked))
+    return [
+        _as_split(sigma.numel(), widths, counts[i].tolist(), float(error[i]), rows, cols, group_size)
+        for i in hull
+    ]
 
 
 def _best_lagrangian(
