@@ -116,8 +116,8 @@ def test_non_finite_decode_at_swap_time_is_refused_and_rolled_back(fleet, base_s
     original = HotSwapRuntime._rebuild
     victim = list(rt.host_delta("dqrelo-0")[0].ops)[3]
 
-    def poisoned(prepared, op, base, out=None):
-        value = original(prepared, op, base, out=out)
+    def poisoned(prepared, op, base, out=None, **options):
+        value = original(prepared, op, base, out=out, **options)
         if op.name == victim:
             value = value.clone()
             value.view(-1)[5] = float("nan")
@@ -130,12 +130,37 @@ def test_non_finite_decode_at_swap_time_is_refused_and_rolled_back(fleet, base_s
     _assert_params_equal(rt.model, base_state)
 
 
+def test_a_new_copy_of_a_delta_is_checked_for_non_finite_values_on_its_first_swap(fleet, base_state):
+    """The fused write skips the finiteness check only for a copy already written once without fault."""
+    from dataclasses import replace
+
+    from deltakit.runtime.prepared import PreparedDelta
+
+    rt = _runtime(fleet)
+    name = "dqrelo-0"
+    host = rt.host_delta(name)[0]
+    assert host.checked  # validated when it was added
+    canonical, op = next((c, o) for c, o in host.ops.items() if o.view is not None and o.view.up is not None)
+    up = op.view.up.clone()
+    up.view(-1)[0] = float("inf")
+    ops = dict(host.ops)
+    ops[canonical] = replace(op, view=replace(op.view, up=up))
+    rt.host_cache.put(name, PreparedDelta(host.name, host.codec, host.base_fingerprint, ops))  # unchecked
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        rt.activate(name)
+    assert rt.active is None
+    _assert_params_equal(rt.model, base_state)
+    rt.host_cache.put(name, host)
+    rt.activate(name)
+    assert rt.active == name
+
+
 def test_shape_that_only_broadcasts_is_refused_at_swap(fleet, base_state, monkeypatch):
     rt = _runtime(fleet)
     original = HotSwapRuntime._rebuild
 
-    def broadcasting(prepared, op, base, out=None):
-        value = original(prepared, op, base, out=out)
+    def broadcasting(prepared, op, base, out=None, **options):
+        value = original(prepared, op, base, out=out, **options)
         return value[:1] if value.ndim == 2 else value  # (1, cols): copy_ would broadcast it
 
     monkeypatch.setattr(HotSwapRuntime, "_rebuild", staticmethod(broadcasting))

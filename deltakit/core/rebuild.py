@@ -43,15 +43,16 @@ def rebuild(
     *,
     view: FactoredView | None = None,
     out: torch.Tensor | None = None,
+    check_finite: bool | None = None,
     name: str = "tensor",
 ) -> torch.Tensor:
     """The fine-tuned tensor of one entry, on ``base``'s device.
 
     kind: ``passthrough`` (``tensors["value"]`` is the tensor), ``unchanged`` or ``encoded``. view: the
     codec's factored view of ``(tensors, params)`` when the caller has it (looked up otherwise).
-    out: written in place by the fused path (which then also checks every value is finite, raising
-    NonFiniteError naming ``name``) and returned; other paths return a new tensor and leave ``out``
-    alone. base is not mutated.
+    out: written in place by the fused path and returned; other paths return a new tensor and leave
+    ``out`` alone. check_finite: whether the fused path checks every value is finite (raising
+    NonFiniteError naming ``name``); default: when it writes into ``out``. base is not mutated.
     """
     if kind == PASSTHROUGH:
         return tensors["value"].to(base.device).to(dtype)
@@ -72,7 +73,7 @@ def rebuild(
         up=view.up,
         down=view.down,
         out=out,
-        check_finite=out is not None,
+        check_finite=out is not None if check_finite is None else check_finite,
         name=name,
     )
 

@@ -22,8 +22,10 @@ import torch
 
 from deltakit.errors import NonFiniteError
 
-#: rows of a CPU tile: fp32 (rows, cols) buffers of a few hundred KiB for cols ≈ 1–4 K
-TILE_ROWS = 64
+#: fp32 values per CPU tile (4 MiB): on the SmolLM2-135M swap, 64 K-value tiles spent more time in
+#: per-tile Python and dispatch than in arithmetic (0.54 s a swap against 0.25 s at 1 M; whole matrices
+#: are no faster), see docs/speed.md
+TILE_ELEMENTS = 1 << 20
 #: tile starts stay multiples of 8 rows, so every tile's sign bits start on a byte boundary
 TILE_ALIGN = 8
 MIN_TILE_ROWS = 32
@@ -42,10 +44,10 @@ def _sign_table(device: torch.device) -> torch.Tensor:
 
 
 def tile_rows(rows: int, cols: int, device: torch.device) -> int:
-    """Rows per tile: the whole matrix on CUDA, else about 256 KiB of fp32 (multiple of TILE_ALIGN)."""
+    """Rows per tile: the whole matrix on CUDA, else about TILE_ELEMENTS values (multiple of TILE_ALIGN)."""
     if device.type != "cpu":
         return rows
-    target = max(MIN_TILE_ROWS, (1 << 16) // max(cols, 1))
+    target = max(MIN_TILE_ROWS, TILE_ELEMENTS // max(cols, 1))
     return max(TILE_ALIGN, target // TILE_ALIGN * TILE_ALIGN)
 
 

@@ -250,7 +250,7 @@ class HotSwapRuntime:
             self.resident.ensure_pristine(canonical)
         if not entry.validated:
             self._validate(prepared)
-            entry.validated = True
+            entry.validated = prepared.checked = True
         entry.stored_bytes = prepared.nbytes
         pin = self.device.type == "cuda" and not pinned
         host = prepared.to(self.device, pin=True) if pin else prepared
@@ -426,6 +426,8 @@ class HotSwapRuntime:
             restored += pristine.numel() * pristine.element_size()
             self._write_param(canonical, PendingRebuild(prepared, op, base))
             written += param.numel() * param.element_size()
+        if prepared is not None:
+            prepared.checked = True  # this copy's rebuilds were all finite
         self._active_ops = set(new_ops)
         self.active = name
         return len(previous | set(new_ops)), restored, written
@@ -434,13 +436,18 @@ class HotSwapRuntime:
         """Write ``value`` into parameter ``canonical``, in place (cast to the parameter dtype).
 
         A tensor is copied as is. A :class:`PendingRebuild` is rebuilt straight into ``param.data`` where
-        the fused path applies (one pass; it checks finiteness tile by tile), else rebuilt, checked
-        (:func:`check_rebuilt`) and copied.
+        the fused path applies (one pass), else rebuilt, checked (:func:`check_rebuilt`) and copied. The
+        fused path checks finiteness only the first time a copy of a delta is written: the rebuild is
+        deterministic and reads the same pristine weights, so a copy found finite once stays finite (a
+        delta read again from disk, or copied to the device, is a new copy and is checked again).
         """
         param = self.resident.param(canonical)
         if isinstance(value, PendingRebuild):
-            rebuilt = self._rebuild(value.prepared, value.op, value.base, out=param.data)
-            if rebuilt is param.data:
+            data = param.data  # one wrapper: each ``param.data`` access makes a new tensor object
+            rebuilt = self._rebuild(
+                value.prepared, value.op, value.base, out=data, check_finite=not value.prepared.checked
+            )
+            if rebuilt is data:
                 return
             check_rebuilt(value.prepared.name, canonical, rebuilt, param)
             value = rebuilt
@@ -475,7 +482,11 @@ class HotSwapRuntime:
 
     @staticmethod
     def _rebuild(
-        prepared: PreparedDelta, op: TensorOp, base: torch.Tensor, out: torch.Tensor | None = None
+        prepared: PreparedDelta,
+        op: TensorOp,
+        base: torch.Tensor,
+        out: torch.Tensor | None = None,
+        check_finite: bool | None = None,
     ) -> torch.Tensor:
         """The fine-tuned tensor with the bits of ``Decoder.reconstruct``, on ``base``'s device.
 
@@ -484,7 +495,16 @@ class HotSwapRuntime:
         """
         label = f"delta {prepared.name!r}: {op.name}"
         return rebuild(
-            prepared.codec, op.kind, op.dtype, op.tensors, op.params, base, view=op.view, out=out, name=label
+            prepared.codec,
+            op.kind,
+            op.dtype,
+            op.tensors,
+            op.params,
+            base,
+            view=op.view,
+            out=out,
+            check_finite=check_finite,
+            name=label,
         )
 
 

@@ -80,6 +80,8 @@ class PreparedDelta:
     codec: Codec
     base_fingerprint: str
     ops: dict[str, TensorOp]
+    #: every op of this copy was rebuilt onto the served base and found finite (copies start unchecked)
+    checked: bool = False
 
     @property
     def nbytes(self) -> int:
