@@ -116,12 +116,18 @@ def _solve(items: list[_Item], budget: int, q: int) -> Allocation | None:
         cost = ((item.nbytes + q - 1) // q).clamp(max=cells + 1)  # (k,) cells; cells + 1 = unaffordable
         width = int(cost.max())
         padded = torch.cat([torch.full((width,), math.inf, dtype=torch.float64), best])  # shift-in infinities
-        start = width - cost  # (k,) offset of u - cost in ``padded``
-        windows = padded.unfold(
-            0, cells + 1, 1
-        )  # (width + 1, cells + 1) view: row j = padded[j : j + cells + 1]
-        candidate = windows[start] + item.error[:, None]  # (k, cells + 1)
-        best, arg = candidate.min(dim=0)  # first minimum: the cheaper option on ties
+        new_best = torch.full((cells + 1,), math.inf, dtype=torch.float64)
+        arg = torch.zeros(cells + 1, dtype=torch.int64)
+        candidate = torch.empty(cells + 1, dtype=torch.float64)
+        # one option at a time (buffers of cells + 1 stay in cache); strict < keeps the first minimum,
+        # i.e. the cheaper option on ties
+        for k, (c, e) in enumerate(zip(cost.tolist(), item.error.tolist(), strict=True)):
+            start = width - c  # offset of u - cost in ``padded``
+            torch.add(padded[start : start + cells + 1], e, out=candidate)
+            better = candidate < new_best
+            new_best = torch.where(better, candidate, new_best)
+            arg.masked_fill_(better, k)
+        best = new_best
         argmins.append(arg)
         costs.append(cost)
     if not math.isfinite(float(best[cells])):
