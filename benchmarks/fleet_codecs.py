@@ -76,6 +76,9 @@ def settings_for(
         lowrank = any(f["name"] == "factor_bits" for f in codec.config_class.describe())
         widths = factor_bits if lowrank and factor_bits else [None]
         allocations = ["uniform", "rd"] if codec.allocatable else ["uniform"]
+        if not codec.allocatable and not any(reachable(method, min(1.0, b / 16)) for b in bits):
+            out.append((method, "natural", []))  # a fixed-size codec (bitdelta): its own size
+            continue
         for b in bits:
             if not reachable(method, min(1.0, b / 16)):
                 continue
@@ -341,6 +344,13 @@ def main() -> None:
     parser.add_argument(
         "--factor-bits", help="comma-separated factor widths for low-rank codecs, e.g. 16,4,3"
     )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="one more setting as 'codec|label|compress arguments' (repeatable), e.g. "
+        "'dqrelo|2bpw-uniform-none|--bits-per-weight 2 --set compensation=none'",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the settings and exit")
     args = parser.parse_args()
     bits = [float(b) for b in args.bits_per_weight.split(",")] if args.bits_per_weight else None
@@ -362,6 +372,9 @@ def main() -> None:
         args.methods.split(",") if args.methods else [m for m in list_codecs() if not get_codec(m).needs_data]
     )
     settings = settings_for(methods, bits, factor_bits)
+    for extra in args.extra:
+        method, label, arguments = extra.split("|", 2)
+        settings.append((method, label, arguments.split()))
     if args.dry_run:
         for method, label, extra in settings:
             print(method, label or "exact", " ".join(extra))

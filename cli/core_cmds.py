@@ -416,6 +416,11 @@ def methods(as_json):
             ratio = (
                 f"default ratio {info['default_ratio']:g}" if info["default_ratio"] else "size not budgeted"
             )
+            if info.get("ratio_range"):
+                low, high = info["ratio_range"]
+                ratio += (
+                    f", ratio {low:g} only" if low == high else f", ratios {low:g}–{high:g}"
+                ) + f" (from {16 * low:g} bits per weight plus its scales)"
         data = " · needs calibration data" if info["needs_data"] else ""
         out_console.print(
             f"[bold cyan]{info['name']}[/] v{info['version']}: {info['summary']} ({ratio}{data})"

@@ -127,8 +127,11 @@ def test_size_targets_refuse_conflicts_and_impossible_sizes(llama_pair):
         deltakit.compress(base, ft, method="svd", bits_per_weight=1.0, allocation="greedy")
     with pytest.raises(BudgetError, match="stored exactly"):
         deltakit.compress(base, ft, method="svd", size=100)
-    with pytest.raises(BudgetError):
-        deltakit.compress(base, ft, method="dqrelo", bits_per_weight=0.5)
+    for allocation in ("uniform", "rd"):  # its sign bits alone are 1 bit per weight
+        with pytest.raises(BudgetError, match=r"bits per weight.*a codec that goes lower"):
+            deltakit.compress(base, ft, method="dqrelo", bits_per_weight=1.0, allocation=allocation)
+    with pytest.raises(BudgetError, match=r"needs at least \d+ bytes \(1\.\d+ bits per weight\)"):
+        deltakit.compress(base, ft, method="dqrelo", bits_per_weight=0.5, allocation="rd")
 
 
 @pytest.mark.parametrize("flag,value", [("--size", "60KiB"), ("--size", "61440"), ("--bits-per-weight", "1")])

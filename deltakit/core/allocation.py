@@ -156,6 +156,15 @@ def dry_run_bytes(codec: Codec, config: CodecConfig, shape: tuple[int, int], bud
     return total
 
 
+#: what a too-small size target error suggests
+LOWER_HINT = "give a larger target, or a codec that goes lower (`deltakit methods` shows the codecs' ranges)"
+
+
+def _bits_per_weight(nbytes: int, found: Survey) -> float:
+    """``nbytes`` as bits per weight of the encoded matrices."""
+    return 8 * nbytes / max(1, found.fp16_bytes // FP16_BYTES)
+
+
 def plan_uniform(codec: Codec, config: CodecConfig, found: Survey, target: int) -> Plan:
     """The largest single ratio whose dry-run bytes fit ``target`` (bisection over the reachable range)."""
     low, high = codec.ratio_range or (0.0, 1.0)
@@ -177,7 +186,9 @@ def plan_uniform(codec: Codec, config: CodecConfig, found: Survey, target: int) 
         ratio = low
         if ratio <= 0 or not fits(ratio):
             raise BudgetError(
-                f"{codec.name} cannot fit its encoded matrices in {target} bytes at any single ratio"
+                f"{codec.name} cannot fit its encoded matrices in {target} bytes "
+                f"({_bits_per_weight(target, found):.3g} bits per weight) at any single ratio; "
+                f"{LOWER_HINT}"
             )
     budget = Budget(ratio=ratio)
     return Plan(budget, dict.fromkeys(found.shapes, budget), {}, target, "uniform")
@@ -214,6 +225,13 @@ def plan_rd(codec: Codec, config: CodecConfig, found: Survey, target: int) -> Pl
         if not kept:
             raise BudgetError(f"{codec.name} offers no size option for {name} {list(shape)}")
         options.append(kept)
+    cheapest = sum(min(c.nbytes for c in opts) for opts in options)
+    if cheapest > target:
+        raise BudgetError(
+            f"{codec.name} needs at least {cheapest} bytes ({_bits_per_weight(cheapest, found):.3g} bits per "
+            f"weight) for its encoded matrices, above the target's {target} "
+            f"({_bits_per_weight(target, found):.3g}); {LOWER_HINT}"
+        )
     chosen = allocate([[(c.nbytes, c.error) for c in opts] for opts in options], target)
     per_tensor, info = {}, {}
     for name, opts, k in zip(names, options, chosen.choices, strict=True):
