@@ -15,6 +15,7 @@ import torch
 
 from deltakit.codecs.base import Codec, Encoded, FactoredView
 from deltakit.core.decode import Decoder, codec_call
+from deltakit.errors import NonFiniteError
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
 from deltakit.format.safetensors_io import dtype_from_name
 from deltakit.ops.fused import fused_rebuild
@@ -79,14 +80,36 @@ def rebuild(
 
 
 def reconstruct(
-    decoder: Decoder, name: str, base: torch.Tensor | None, device: torch.device | str = "cpu"
+    decoder: Decoder,
+    name: str,
+    base: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+    *,
+    check_finite: bool = False,
 ) -> torch.Tensor:
-    """:meth:`Decoder.reconstruct` of tensor ``name``, through the fused path where it applies."""
+    """:meth:`Decoder.reconstruct` of tensor ``name``, through the fused path where it applies.
+
+    check_finite: raise NonFiniteError when the rebuilt tensor holds NaN or Inf. The fused path checks
+    tile by tile as it writes (no second pass); an ``unchanged`` entry is the base's own tensor and is
+    not checked.
+    """
     entry = decoder.delta.entry(name)
     if entry.kind != ENCODED or entry.extra_rows is not None or not fusable(decoder.codec):
-        return decoder.reconstruct(name, base, device)
+        value = decoder.reconstruct(name, base, device)
+        if check_finite and entry.kind != UNCHANGED:
+            require_finite(value, name)
+        return value
     base = decoder.check_base(name, entry, base).to(device)
     encoded = decoder.encoded(name)
-    return rebuild(
-        decoder.codec, ENCODED, dtype_from_name(entry.dtype), encoded.tensors, encoded.params, base, name=name
-    )
+    dtype = dtype_from_name(entry.dtype)
+    out = torch.empty(base.shape, dtype=dtype, device=base.device) if check_finite else None
+    value = rebuild(decoder.codec, ENCODED, dtype, encoded.tensors, encoded.params, base, out=out, name=name)
+    if check_finite and value is not out:  # not the fused path: no tile check was made
+        require_finite(value, name)
+    return value
+
+
+def require_finite(value: torch.Tensor, name: str) -> None:
+    """Raise NonFiniteError when floating tensor ``value`` holds NaN or Inf."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"tensor {name}: the rebuilt weights contain NaN or Inf")
