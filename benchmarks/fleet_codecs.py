@@ -382,7 +382,8 @@ def main() -> None:
     fleet = list_fleet()
     if args.variants:
         wanted = args.variants.split(",")
-        fleet = [v for v in fleet if v["name"] in wanted]
+        by_name = {v["name"]: v for v in fleet}
+        fleet = [by_name[name] for name in wanted if name in by_name]  # in the order given
     if not fleet:
         sys.exit("no fleet variants built: run `deltakit fleet build` first")
     command = "python benchmarks/fleet_codecs.py " + " ".join(sys.argv[1:])
