@@ -276,3 +276,20 @@ def _fp32_merged(rt: HotSwapRuntime, name: str | None):
             value = prepared.codec.reconstruct(op.encoded(), pristine, torch.float32)
         params[canonical].data.copy_(value)
     return model
+
+
+def test_fused_writes_land_in_the_parameter_without_a_second_pass(fleet, monkeypatch):
+    """A factored tensor is rebuilt straight into ``param.data``: no separate check and copy of it."""
+    import deltakit.runtime.hotswap as hotswap
+
+    rt = _runtime(fleet)
+    prepared = rt.host_delta("dqrelo-0")[0]
+    factored = {c for c, op in prepared.ops.items() if op.view is not None and len(op.view.shape) == 2}
+    assert factored
+    checked = []
+    original = hotswap.check_rebuilt
+    monkeypatch.setattr(
+        hotswap, "check_rebuilt", lambda d, c, v, p: (checked.append(c), original(d, c, v, p))
+    )
+    rt.activate("dqrelo-0")
+    assert checked and not factored & set(checked)  # only the non-factored tensors took the slow path
