@@ -335,7 +335,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--variants", help="comma-separated variant names (default: every built variant)")
-    parser.add_argument("--methods", help="comma-separated codecs (default: every data-free codec)")
+    parser.add_argument(
+        "--methods",
+        help="comma-separated codecs (default: every data-free codec; '' for --extra settings only)",
+    )
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens of each evaluation text")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--machine", default="a shared 2-core CPU machine (no GPU)")
@@ -369,7 +372,9 @@ def main() -> None:
     from deltakit.zoo.fleet import list_fleet
 
     methods = (
-        args.methods.split(",") if args.methods else [m for m in list_codecs() if not get_codec(m).needs_data]
+        [m for m in args.methods.split(",") if m]
+        if args.methods is not None
+        else [m for m in list_codecs() if not get_codec(m).needs_data]
     )
     settings = settings_for(methods, bits, factor_bits)
     for extra in args.extra:
