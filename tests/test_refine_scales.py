@@ -93,9 +93,12 @@ def test_refinement_lowers_the_rebuilt_models_kl(pair, tmp_path, method):
     assert report["kl_after"] == pytest.approx(kls["refined"], rel=0.05)
 
 
-def test_only_scales_change_and_sizes_are_identical(pair, tmp_path):
-    plain = _compress(pair, tmp_path / "plain", "dqrelo", refine=False)
-    refined = _compress(pair, tmp_path / "refined", "dqrelo", refine=True)
+@pytest.mark.parametrize("overrides", [{}, {"factor_bits": "4"}], ids=["fp16-factors", "4-bit-factors"])
+def test_only_scales_change_and_sizes_are_identical(pair, tmp_path, overrides):
+    extra = {"overrides": overrides, "ratio": 0.25}
+    plain = _compress(pair, tmp_path / "plain", "dqrelo", refine=False, **extra)
+    refined = _compress(pair, tmp_path / "refined", "dqrelo", refine=True, **extra)
+    assert all(e.params.get("rank", 0) > 0 for e in plain.manifest.tensors.values() if e.kind == "encoded")
     a, b = plain.manifest, refined.manifest
     assert {k: (v.sha256, v.size) for k, v in a.files.items()} == {
         k: (v.sha256, v.size) for k, v in b.files.items()
