@@ -223,3 +223,39 @@ def test_cli_end_to_end(pair, tmp_path, capsys):
         capsys, *args[:-2], "-o", str(tmp_path / "y"), *cal, "--refine-scales", "--refine-steps", "0"
     )
     assert code == 2 and "--refine-steps 0 is not valid" in err
+
+
+def test_tied_embeddings_refine_the_shared_matrix(tmp_path):
+    """A tied lm_head is stored once (as the embedding); its refined scale acts on both uses."""
+    base = make_llama(tmp_path / "base", layers=1, tie=True)
+    tied = {"base": base, "ft": make_finetune(base, tmp_path / "ft", scale=1.0)}
+    tied["text"] = write_text(tmp_path / "cal.txt", 40)
+    kls = {}
+    for name, refine in (("plain", False), ("refined", True)):
+        delta = _compress(tied, tmp_path / name, "bitdelta", refine=refine)
+        assert "lm_head.weight" not in delta.manifest.tensors
+        deltakit.apply(base, tmp_path / name, tmp_path / f"{name}-model")
+        kls[name] = _kl_to_finetune(tied, tmp_path / f"{name}-model", _windows(tied))
+    assert delta.manifest.stats[STATS_KEY]["kl_after"] == pytest.approx(kls["refined"], rel=0.05)
+    assert kls["refined"] < kls["plain"]
+
+
+def test_data_free_scales_stay_when_the_fit_does_not_help(pair, monkeypatch):
+    """A fit that ends worse than it started leaves the data-free scales in place and says so."""
+    from deltakit.core import refine
+
+    def worse(model, student, windows, settings, progress):
+        with torch.no_grad():
+            student.m.fill_(2.0)  # every scale tripled
+
+    monkeypatch.setattr(refine, "_fit", worse)
+    delta = _compress(pair, None, "bitdelta", refine=False)
+    before = {n: e.params.get("scale") for n, e in delta.manifest.tensors.items()}
+    settings = RefineSettings(steps=1, lr=0.05, batch_size=4)
+    report = refine_scales(
+        delta, open_checkpoint(pair["base"]), pair["ft"], _windows(pair), settings, torch.device("cpu")
+    )
+    assert not report["applied"] and report["kl_fitted"] > report["kl_before"]
+    assert report["kl_after"] == report["kl_before"]
+    assert report["max_relative_change"] == pytest.approx(2.0)
+    assert {n: e.params.get("scale") for n, e in delta.manifest.tensors.items()} == before
