@@ -391,12 +391,16 @@ def inspect(delta, tensors, registry_path, as_json):
 
 
 def _refinement_line(report: dict) -> str:
-    """One line on a delta's refined scales (``stats.scale_refinement``)."""
-    kept = "refined scales kept" if report.get("applied") else "data-free scales kept (no KL gain)"
+    """One line on a delta's refined scales (``stats.scale_refinement``; any field may be malformed)."""
+
+    def num(value) -> str:
+        return f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+    kept = "refined scales kept" if report.get("applied") is True else "data-free scales kept (no KL gain)"
     return (
-        f"scales refined on {report.get('tokens')} tokens, {report.get('steps')} steps, "
-        f"{report.get('tensors')} matrices: calibration KL {report.get('kl_before'):.4g} -> "
-        f"{report.get('kl_fitted'):.4g}, {kept}"
+        f"scales refined on {num(report.get('tokens'))} tokens, {num(report.get('steps'))} steps, "
+        f"{num(report.get('tensors'))} matrices: calibration KL {num(report.get('kl_before'))} -> "
+        f"{num(report.get('kl_fitted'))}, {kept}"
     )
 
 

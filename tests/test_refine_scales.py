@@ -259,3 +259,14 @@ def test_data_free_scales_stay_when_the_fit_does_not_help(pair, monkeypatch):
     assert report["kl_after"] == report["kl_before"]
     assert report["max_relative_change"] == pytest.approx(2.0)
     assert {n: e.params.get("scale") for n, e in delta.manifest.tensors.items()} == before
+
+
+def test_inspect_survives_a_malformed_refinement_report(pair, tmp_path, capsys):
+    out = tmp_path / "delta"
+    _compress(pair, out, "bitdelta", refine=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["stats"][STATS_KEY] = {"kl_before": "x", "tokens": [1], "applied": "yes"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, _ = _run(capsys, "inspect", str(out), "--no-tensors")
+    assert code == 0
+    assert "scales refined on - tokens, - steps, - matrices: calibration KL - -> -, data-free" in stdout

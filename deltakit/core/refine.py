@@ -277,8 +277,6 @@ def refine_scales(
         if not student.names:
             raise UsageError(f"refine_scales: no encoded matrix of this {codec.name} delta has a scale")
         held = windows[: max(EVAL_WINDOWS, settings.batch_size)]
-        with torch.no_grad():
-            student.m.zero_()
         kl_before = _mean_kl(model, student, held, settings.batch_size)
         _fit(model, student, windows, settings, progress)
         kl_fitted = _mean_kl(model, student, held, settings.batch_size)
@@ -371,9 +369,8 @@ def _tokenizer(*dirs: Path) -> Any:
         try:
             return AutoTokenizer.from_pretrained(str(path))
         except Exception as exc:  # noqa: BLE001 - try the next directory, report all below
-            errors.append(
-                f"{path}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}"
-            )
+            lines = str(exc).strip().splitlines()
+            errors.append(f"{path}: {lines[0][:120] if lines else type(exc).__name__}")
     raise UsageError(
         "refine_scales=True needs a tokenizer saved with the fine-tune or base; " + "; ".join(errors)
     )
