@@ -85,6 +85,9 @@ def human_bytes(n: float | None) -> str:
 _PARAMETER_FLAGS = (
     (re.compile(r"\b(force|overwrite)=True\b"), r"--\1"),
     (re.compile(r"\bmodules_to_save=True\b"), "--modules-to-save"),
+    (re.compile(r"\brefine_scales=True\b"), "--refine-scales"),
+    (re.compile(r"\brefine_(steps|lr|batch)=(?=[\w.<-])"), r"--refine-\1 "),
+    (re.compile(r"\brefine_(steps|lr|batch)=(?![\w.<-])"), r"--refine-\1"),
     (re.compile(r"\bfold_rank="), "--fold-rank R"),
     (re.compile(r"\b(bits_per_weight|size)="), lambda m: "--" + m.group(1).replace("_", "-")),
     (re.compile(r"\bdata=\[([A-Z_]+)\]"), r"--data \1"),

@@ -68,6 +68,17 @@ DEVICE = click.Choice(["cpu", "cuda"])
 @click.option("--tokens", type=int, default=65536, show_default=True, help="calibration token budget")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="calibration window length")
 @click.option(
+    "--refine-scales",
+    "refine_scales",
+    is_flag=True,
+    help="fit each sign part's per-matrix scale on --data against the fine-tune's logits (bitdelta, dqrelo)",
+)
+@click.option("--refine-steps", type=int, help="Adam steps of --refine-scales (default 20)")
+@click.option(
+    "--refine-lr", type=float, help="learning rate of --refine-scales, relative to each scale (default 0.05)"
+)
+@click.option("--refine-batch", type=int, help="calibration windows per refinement step (default 4)")
+@click.option(
     "--reduction", type=float, help="fraction of parameters to remove (model compression, no --base)"
 )
 @click.option("--name", "target_name", help="name recorded for the fine-tune (default: its directory name)")
@@ -92,6 +103,10 @@ def compress(
     data,
     tokens,
     seq_len,
+    refine_scales,
+    refine_steps,
+    refine_lr,
+    refine_batch,
     reduction,
     target_name,
     overwrite,
@@ -125,10 +140,13 @@ def compress(
         data=tuple(data) or None,
         tokens=tokens,
         seq_len=seq_len,
+        refine_scales=refine_scales,
         target_name=target_name,
         exclude_roles=tuple(exclude_roles),
         overwrite=overwrite,
     )
+    given = {"refine_steps": refine_steps, "refine_lr": refine_lr, "refine_batch": refine_batch}
+    options = CompressOptions.build(options, **{k: v for k, v in given.items() if v is not None})
     started = time.perf_counter()
     if base_dir is None:
         _compress_model(finetuned, output, options, as_json, started)
@@ -352,6 +370,9 @@ def inspect(delta, tensors, registry_path, as_json):
         f"exact {human_bytes(stats.get('passthrough_bytes'))}) · fp16 delta {human_bytes(stats.get('fp16_delta_bytes'))}"
         f" · ratio {_fmt_ratio(stats.get('ratio'))}"
     )
+    refined = stats.get("scale_refinement")
+    if isinstance(refined, dict):
+        out_console.print(_refinement_line(refined), markup=False, highlight=False)
     if tensors:
         table = Table(show_edge=False)
         for column in ("tensor", "kind", "role", "dtype", "shape", "stored", "ratio"):
@@ -367,6 +388,20 @@ def inspect(delta, tensors, registry_path, as_json):
                 f"{row['ratio']:.4f}" if row["ratio"] else "",
             )
         out_console.print(table)
+
+
+def _refinement_line(report: dict) -> str:
+    """One line on a delta's refined scales (``stats.scale_refinement``; any field may be malformed)."""
+
+    def num(value) -> str:
+        return f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+    kept = "refined scales kept" if report.get("applied") is True else "data-free scales kept (no KL gain)"
+    return (
+        f"scales refined on {num(report.get('tokens'))} tokens, {num(report.get('steps'))} steps, "
+        f"{num(report.get('tensors'))} matrices: calibration KL {num(report.get('kl_before'))} -> "
+        f"{num(report.get('kl_fitted'))}, {kept}"
+    )
 
 
 @click.command()

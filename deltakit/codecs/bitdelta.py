@@ -1,8 +1,9 @@
-"""BitDelta (without its scale distillation): sign(Δ) packed 8 per byte and one scale per matrix.
+"""BitDelta: sign(Δ) packed 8 per byte and one scale per matrix.
 
 The scale is α = mean|Δ|, the Frobenius-optimal scale for a ±1 matrix. Size is fixed at 1/16 of
 the fp16 delta (plus 4 bytes for the scale). The paper's second stage, distilling the scales
-against the fine-tune's logits, needs data and is not part of this data-free baseline.
+against the fine-tune's logits, needs data and runs after encoding when asked
+(``refine_scales=True``, :mod:`deltakit.core.refine`); the codec itself stays data-free.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from deltakit.core import allocation as alloc
 from deltakit.core.decode import load_delta
 from deltakit.core.device import resolve_device
 from deltakit.core.options import CompressOptions, build_config
+from deltakit.core.refine import Refinement
 from deltakit.errors import BudgetError, NonFiniteError, TensorMismatchError, UsageError
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta, ShardWriter, fp16_delta_bytes, write_manifest
@@ -81,11 +82,12 @@ def compress(
         budget = Budget(ratio=codec.default_ratio)
     dev = resolve_device(opts.device)
     base_src, target_src = open_checkpoint(base), open_checkpoint(target)
+    refinement = Refinement.of(opts, codec, cfg, base_src, target_src, dev)
     plan = _plan(codec, cfg, base_src, target_src, opts, dev) if planned else None
     if plan is not None:
         budget = plan.budget
     prepared = codec.prepare(base_src, target_src, cfg, budget, calibration, dev, opts.seed, opts.progress)
-    builder = _DeltaBuilder(codec, cfg, budget, dev, opts, prepared, plan)
+    builder = _DeltaBuilder(codec, cfg, budget, dev, opts, prepared, plan, refinement)
     if output is None:
         return builder.run(base_src, target_src, None)
     inputs = (getattr(base_src, "path", None), getattr(target_src, "path", None))
@@ -147,6 +149,7 @@ class _DeltaBuilder:
         opts: CompressOptions,
         prepared: Any,
         plan: alloc.Plan | None = None,
+        refinement: Refinement | None = None,
     ):
         self.codec, self.cfg, self.budget, self.dev, self.opts, self.prepared = (
             codec,
@@ -156,7 +159,7 @@ class _DeltaBuilder:
             opts,
             prepared,
         )
-        self.plan = plan
+        self.plan, self.refinement = plan, refinement
         self.memory: dict[str, torch.Tensor] = {}
         self.shards: ShardWriter | None = None
         self.tensors: dict[str, TensorEntry] = {}
@@ -294,11 +297,18 @@ class _DeltaBuilder:
         )
 
     def finish(self, manifest: Manifest, base_src, target_src, out_dir: Path | None) -> Delta:
+        """Flush the shards, refine the scales (when asked: they live in the manifest, the shards are read
+        back) and write the manifest last."""
         if self.shards is None or out_dir is None:
-            return Delta(manifest, None, self.memory)
+            delta = Delta(manifest, None, self.memory)
+            if self.refinement is not None:
+                self.refinement.run(delta, base_src, self.opts.progress)
+            return delta
         self.shards.flush()
         manifest.files = dict(self.shards.files)
         manifest.aux_files = _aux_files(base_src, target_src, out_dir, manifest.files)
+        if self.refinement is not None:
+            self.refinement.run(Delta(manifest, out_dir), base_src, self.opts.progress)
         write_manifest(out_dir, manifest)
         return Delta(manifest, out_dir)
 

@@ -48,6 +48,13 @@ class CompressOptions:
     target_name: str | None = None
     #: matrix roles (``embedding``, ``lm_head``, ``linear``, ``other``) stored exactly instead of encoded
     exclude_roles: tuple[str, ...] = ()
+    #: fit each sign part's per-matrix scale on ``data`` against the fine-tune's logits after encoding
+    #: (:mod:`deltakit.core.refine`); steps, learning rate (relative to each scale) and windows per step
+    #: are provisional defaults, not yet chosen by a fleet measurement
+    refine_scales: bool = False
+    refine_steps: int = 20
+    refine_lr: float = 0.05
+    refine_batch: int = 4
     overwrite: bool = False
     max_shard_bytes: int = 1 << 30
     progress: Progress | None = field(default=None, compare=False)
@@ -95,6 +102,19 @@ class CompressOptions:
         if not self.data:
             raise UsageError(
                 f"method {self.method!r} needs calibration data: pass data=[FILE_OR_DIR] (text or JSONL)"
+            )
+        return Calibration(
+            tuple(str(d) for d in self.data), tokens=self.tokens, seq_len=self.seq_len, seed=self.seed
+        )
+
+    def scale_refinement(self) -> Calibration | None:
+        """The calibration scale refinement runs on (``refine_scales=True``), else None; refuses a missing
+        ``data``."""
+        if not self.refine_scales:
+            return None
+        if not self.data:
+            raise UsageError(
+                "refine_scales=True fits scales on calibration data: pass data=[FILE_OR_DIR] (text or JSONL)"
             )
         return Calibration(
             tuple(str(d) for d in self.data), tokens=self.tokens, seq_len=self.seq_len, seed=self.seed
