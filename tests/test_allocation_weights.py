@@ -332,6 +332,8 @@ def test_cli_compress_with_data_says_the_allocation_is_calibration_weighted(caps
     code, stdout, _ = run(capsys, "inspect", str(out), "--json")
     rows = [r for r in json.loads(stdout)["tensors"] if r["kind"] == "encoded"]
     assert code == 0 and all(r["allocation"]["weight"] > 0 for r in rows)
+    code, stdout, _ = run(capsys, "inspect", str(out), "--no-tensors")
+    assert code == 0 and "allocation rd, calibration-weighted on 512 tokens" in stdout
 
 
 def test_cli_bad_calibration_data_exits_with_one_line(capsys, calib, tmp_path):
