@@ -16,10 +16,11 @@ from test_cli import run
 
 import deltakit
 from deltakit.codecs.registry import get_codec
+from deltakit.core import activations
 from deltakit.core import allocation as alloc
 from deltakit.core.activations import checkpoint_names, input_energy, linear_modules, normalised
 from deltakit.core.inspect import inspect_delta
-from deltakit.errors import NonFiniteError, UsageError
+from deltakit.errors import NonFiniteError, TensorMismatchError, UsageError
 from deltakit.models.checkpoint import open_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden" / "rd_data_free.json"
@@ -344,3 +345,27 @@ def test_cli_bad_calibration_data_exits_with_one_line(capsys, calib, tmp_path):
     code, _, stderr = run(capsys, *args, "--bits-per-weight", "1", "--data", str(empty))
     assert code == UsageError.exit_code
     assert "holds no text" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_only_unmeasured_matrices_changed_weighs_them_alike(calib, tmp_path):
+    base, _ = calib["llama"]
+    model = fm.build_model("llama", 0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(
+            0.01
+            * fm.structured_delta(*model.model.embed_tokens.weight.shape, torch.Generator().manual_seed(1))
+        )
+    ft = fm.save_model(model, tmp_path / "ft-embed", torch.float32)
+    free = _svd(base, ft, allocation="rd")
+    weighted = _svd(base, ft, allocation="rd", data=[calib["data"]], **CAL)
+    info = _allocation(weighted)
+    assert list(info) == ["model.embed_tokens.weight"] and info["model.embed_tokens.weight"]["weight"] == 1.0
+    name = "model.embed_tokens.weight"
+    ours, theirs = weighted.codec_tensors(name), free.codec_tensors(name)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_linear_layers_named_unlike_the_checkpoint_are_refused(calib, monkeypatch):
+    monkeypatch.setattr(activations, "checkpoint_names", lambda model, modules, known: {})
+    with pytest.raises(TensorMismatchError, match="not named as the checkpoint's tensors"):
+        _svd(*calib["llama"], allocation="rd", data=[calib["data"]], **CAL)

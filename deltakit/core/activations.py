@@ -145,7 +145,8 @@ def calibration_weighting(
     base, target: checkpoint sources; the base must be a directory (``.path``), its model is loaded in
     fp32 onto ``device``; the tokenizer comes from the base directory, else the fine-tune's. Raises
     UsageError when the base is not a loadable directory, no tokenizer is saved or the data is unusable,
-    TensorMismatchError when no linear layer's weight is one of ``names``. Nothing is mutated.
+    TensorMismatchError when no linear layer's weight is a tensor of the base checkpoint (names that do
+    not match). Nothing is mutated.
     """
     base_dir = getattr(base, "path", None)
     if base_dir is None:
@@ -157,13 +158,14 @@ def calibration_weighting(
     windows = calibration.batches(load_tokenizer(*dirs))  # (n, seq_len) int64
     model = _load_base(Path(base_dir), device)
     energy_by_module = input_energy(model, windows, device)
-    matched = checkpoint_names(model, energy_by_module, set(names))
-    if not matched:
+    matched = checkpoint_names(model, energy_by_module, set(base.names()))
+    if energy_by_module and not matched:
         raise TensorMismatchError(
-            "calibration statistics matched none of the encoded matrices: the model's linear layers are "
+            "calibration statistics match no tensor of the base checkpoint: the model's linear layers are "
             "not named as the checkpoint's tensors"
         )
     energy: dict[str, float | None] = dict.fromkeys(names)
     for module, tensor in matched.items():
-        energy[tensor] = energy_by_module[module]
+        if tensor in energy:
+            energy[tensor] = energy_by_module[module]
     return Weighting(normalised(energy), energy, tokens=int(windows.numel()))
