@@ -63,7 +63,8 @@ DEVICE = click.Choice(["cpu", "cuda"])
     "data",
     multiple=True,
     type=click.Path(exists=True, path_type=Path),
-    help="calibration text for data-aware codecs: file, directory or JSONL (repeatable)",
+    help="calibration text (file, directory or JSONL; repeatable) for data-aware codecs and to weight "
+    "--allocation rd by each layer's input energy",
 )
 @click.option("--tokens", type=int, default=65536, show_default=True, help="calibration token budget")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="calibration window length")
@@ -370,6 +371,10 @@ def inspect(delta, tensors, registry_path, as_json):
         f"exact {human_bytes(stats.get('passthrough_bytes'))}) · fp16 delta {human_bytes(stats.get('fp16_delta_bytes'))}"
         f" · ratio {_fmt_ratio(stats.get('ratio'))}"
     )
+    if stats.get("allocation"):
+        weighting = stats.get("allocation_weighting")
+        how = f", {weighting}-weighted on {stats.get('calibration_tokens')} tokens" if weighting else ""
+        out_console.print(f"allocation {stats['allocation']}{how}", markup=False)
     refined = stats.get("scale_refinement")
     if isinstance(refined, dict):
         out_console.print(_refinement_line(refined), markup=False, highlight=False)

@@ -9,7 +9,9 @@ rate–distortion allocation, each encoded matrix's :meth:`Codec.spectrum`. Then
   :attr:`Codec.param_bytes`) fit, found by bisection: the same ratio everywhere, as with ``ratio=``;
 - ``rd``: each matrix offers :meth:`Codec.candidates` ``(bytes, modelled squared error)``;
   :func:`deltakit.ops.allocate.allocate` picks one per matrix minimising the summed squared Frobenius
-  error within the bytes (data-free: every matrix's error weighs the same).
+  error within the bytes. Data-free, every matrix's error weighs the same; with a :class:`Weighting`
+  (calibration data, see :mod:`deltakit.core.activations`) each matrix's error is multiplied by the
+  average input energy of its layer, an estimate of the output error it causes.
 
 What a target counts: ``size`` = encoded tensor bytes + 4 bytes per float param + passthrough tensor
 bytes (the delta's ``stats.stored_bytes``); manifest JSON and safetensors headers are not counted.
@@ -76,6 +78,19 @@ class Survey:
         return sum(FP16_BYTES * r * c for r, c in self.shapes.values())
 
 
+@dataclass(frozen=True)
+class Weighting:
+    """Per encoded matrix the weight of its squared error in the rd allocation (positive, finite; mean 1
+    over the measured matrices) and the input energy it came from (None: not measured, weight 1)."""
+
+    weights: dict[str, float]
+    energy: dict[str, float | None]
+    #: calibration tokens the statistics were collected on
+    tokens: int = 0
+    #: what the weights are, as the manifest's ``stats.allocation_weighting`` records it
+    source: str = "calibration"
+
+
 @dataclass
 class Plan:
     """The outcome: the manifest's budget, a budget per encoded tensor and the rows ``inspect`` shows."""
@@ -85,6 +100,8 @@ class Plan:
     info: dict[str, dict[str, Any]]
     target_bytes: int
     allocation: str
+    #: the weighting the rd allocation used; None: data-free (every matrix weighs 1)
+    weighting: Weighting | None = None
 
 
 def survey(
@@ -209,8 +226,13 @@ def _reference_budget(codec: Codec, config: CodecConfig, found: Survey, target: 
     raise BudgetError(f"{codec.name} cannot reach {target} bytes for its encoded matrices")
 
 
-def plan_rd(codec: Codec, config: CodecConfig, found: Survey, target: int) -> Plan:
-    """Rate–distortion allocation over each matrix's candidates (see the module docstring)."""
+def plan_rd(
+    codec: Codec, config: CodecConfig, found: Survey, target: int, weighting: Weighting | None = None
+) -> Plan:
+    """Rate–distortion allocation over each matrix's candidates (see the module docstring).
+
+    weighting: per-matrix error weights (every encoded matrix needs one); None weighs all the same.
+    """
     reference = _reference_budget(codec, config, found, target)
     names = list(found.shapes)
     options = []
@@ -232,7 +254,13 @@ def plan_rd(codec: Codec, config: CodecConfig, found: Survey, target: int) -> Pl
             f"weight) for its encoded matrices, above the target's {target} "
             f"({_bits_per_weight(target, found):.3g}); {LOWER_HINT}"
         )
-    chosen = allocate([[(c.nbytes, c.error) for c in opts] for opts in options], target)
+    weights = None
+    if weighting is not None:
+        missing = [n for n in names if n not in weighting.weights]
+        if missing:
+            raise UsageError(f"weighting has no weight for {missing[0]} ({len(missing)} matrices missing)")
+        weights = [weighting.weights[n] for n in names]
+    chosen = allocate([[(c.nbytes, c.error) for c in opts] for opts in options], target, weights=weights)
     per_tensor, info = {}, {}
     for name, opts, k in zip(names, options, chosen.choices, strict=True):
         c, norm2 = opts[k], found.norms2[name]
@@ -244,7 +272,9 @@ def plan_rd(codec: Codec, config: CodecConfig, found: Survey, target: int) -> Pl
             "predicted_error": predicted,
             **c.budget.to_dict(),
         }
-    return Plan(reference, per_tensor, info, target, "rd")
+        if weighting is not None:
+            info[name].update(weight=weighting.weights[name], input_energy=weighting.energy.get(name))
+    return Plan(reference, per_tensor, info, target, "rd", weighting)
 
 
 def relative_error(delta: torch.Tensor, decoded: torch.Tensor) -> float:

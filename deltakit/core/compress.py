@@ -17,6 +17,7 @@ import torch
 
 from deltakit.codecs.base import Budget, Codec, CodecConfig, EncodeContext
 from deltakit.codecs.registry import get_codec
+from deltakit.core import activations
 from deltakit.core import allocation as alloc
 from deltakit.core.decode import load_delta
 from deltakit.core.device import resolve_device
@@ -104,7 +105,11 @@ def _plan(
     opts: CompressOptions,
     dev: torch.device,
 ) -> alloc.Plan:
-    """First pass for a size target: survey the tensors, then plan the bytes (uniform or rd)."""
+    """First pass for a size target: survey the tensors, then plan the bytes (uniform or rd).
+
+    With ``data`` and the rd allocation, each matrix's error is weighted by its layer's input energy on the
+    base model (:mod:`deltakit.core.activations`); the uniform allocation has no per-matrix choice to
+    weight and leaves ``data`` to the codec (data-free codecs do not read it)."""
     if codec.default_ratio is None and codec.ratio_range is None:
         raise BudgetError(f"{codec.name} has no size budget; size= and bits_per_weight= do not apply")
     mode = opts.allocation
@@ -115,9 +120,15 @@ def _plan(
     if not found.shapes:
         return alloc.Plan(Budget(ratio=opts.ratio) if opts.ratio else Budget(), {}, {}, 0, mode)
     target = alloc.coded_target(found, size=opts.size, bits_per_weight=opts.bits_per_weight, ratio=opts.ratio)
+    weighting = None
+    if mode == "rd" and opts.data:
+        calibration = opts.calibration(needs_data=True)
+        weighting = activations.calibration_weighting(
+            base_src, target_src, calibration, list(found.shapes), dev
+        )
     with encode_threads(dev):
         if mode == "rd":
-            return alloc.plan_rd(codec, cfg, found, target)
+            return alloc.plan_rd(codec, cfg, found, target, weighting)
         return alloc.plan_uniform(codec, cfg, found, target)
 
 
@@ -283,6 +294,9 @@ class _DeltaBuilder:
         if self.plan is not None:
             _check_target(self.plan, coded, self.opts)
             stats["allocation"] = self.plan.allocation
+            if self.plan.weighting is not None:
+                stats["allocation_weighting"] = self.plan.weighting.source
+                stats["calibration_tokens"] = self.plan.weighting.tokens
             stats["target_bytes"] = self.plan.target_bytes + (
                 stats["passthrough_bytes"] if self.opts.size else 0
             )

@@ -49,6 +49,8 @@ def allocation_info(entry: TensorEntry) -> dict[str, Any] | None:
     if isinstance(planned, dict):
         for key in ("option", "predicted_error", "actual_error"):
             info[key] = planned.get(key)
+        if "weight" in planned:  # calibration-weighted allocation: the error weight and its input energy
+            info["weight"], info["input_energy"] = planned.get("weight"), planned.get("input_energy")
     return info
 
 

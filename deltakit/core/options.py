@@ -40,7 +40,8 @@ class CompressOptions:
     overrides: dict[str, str] | None = None
     device: str | torch.device = "cpu"
     seed: int = 0
-    #: calibration text for data-aware methods (files, directories, JSONL) and its token budget
+    #: calibration text (files, directories, JSONL) and its token budget, for data-aware methods and for
+    #: weighting the ``rd`` allocation by each layer's input energy (:mod:`deltakit.core.activations`)
     data: tuple[str | Path, ...] | list[str | Path] | None = None
     tokens: int = 65536
     seq_len: int = 256
