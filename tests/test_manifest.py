@@ -75,7 +75,7 @@ manifests = st.builds(
     tensors=st.dictionaries(names, tensor_entries, max_size=5),
     removed=st.lists(names, max_size=3),
     files=st.dictionaries(
-        st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9_.-]{1,8})?\.safetensors", fullmatch=True),
+        st.from_regex(r"[a-z0-9_-]{1,12}(/[a-z0-9_-][a-z0-9_.-]{0,7})?\.safetensors", fullmatch=True),
         st.builds(FileEntry, sha256=names, size=st.integers(0, 2**40)),
         max_size=3,
     ),
