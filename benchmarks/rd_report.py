@@ -134,15 +134,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--frontier", type=Path, default=ROOT / "docs/rate_distortion/fleet_benchmark.json")
+    parser.add_argument(
+        "--frontier",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "docs/rate_distortion/fleet_benchmark.json"],
+        help="one or more fleet_benchmark.json of the same settings (e.g. variants run as separate jobs)",
+    )
     parser.add_argument(
         "--ablation", type=Path, default=ROOT / "docs/rate_distortion/ablation/fleet_benchmark.json"
     )
     parser.add_argument("--speed", type=Path, default=ROOT / "docs/speed.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/rate_distortion/README.md")
     args = parser.parse_args()
-    frontier = json.loads(args.frontier.read_text())
-    rows = frontier["rows"]
+    parts = [json.loads(path.read_text()) for path in args.frontier]
+    rows = [row for part in parts for row in part["rows"]]
+    frontier = {
+        "command": "`; `".join(part["command"] for part in parts),
+        "seconds": sum(part["seconds"] for part in parts),
+        "machine": parts[0]["machine"],
+    }
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     kl_base = {r["variant"]: r["kl_ft_base"] for r in rows}
     load_save = None
@@ -151,7 +162,7 @@ def main() -> None:
     lines = [
         "# Rate–distortion on the SmolLM2-135M fleet",
         "",
-        f"Frontier: `{frontier['command']}` ({frontier['seconds'] / 60:.0f} min on {frontier['machine']}); "
+        f"Frontier: `{frontier['command']}` ({frontier['seconds'] / 60:.0f} min of benchmark wall time in all, on {frontier['machine']}); "
         "summary by `python benchmarks/rd_report.py`. KL closed = 1 − KL(ft ‖ rebuilt)/KL(ft ‖ base) on "
         "each variant's held-out domain text; bits/w counts every coded byte (codes, scales, float "
         "params) over the weights of the changed matrices.",

@@ -88,14 +88,18 @@ def real_fleet() -> tuple[Path, list[Path], str]:
     return base, fts, "real SmolLM2-135M-Instruct base + zoo fine-tunes " + ", ".join(VARIANTS)
 
 
+#: codec config of every delta measured here (``--factor-bits``): the factor width sets the rank at 1/8
+CONFIG: dict[str, int] = {"factor_bits": 16}
+
+
 def compress_all(base: Path, fts: list[Path], work: Path, method: str) -> list[Path]:
     import deltakit
 
     out = []
     for ft in fts:
-        target = work / f"delta-{method}-{ft.name}"
+        target = work / f"delta-{method}-f{CONFIG['factor_bits']}-{ft.name}"
         if not (target / "manifest.json").exists():
-            deltakit.compress(base, ft, target, method=method, ratio=1 / 8, overwrite=True)
+            deltakit.compress(base, ft, target, method=method, ratio=1 / 8, config=CONFIG, overwrite=True)
         out.append(target)
     return out
 
@@ -254,7 +258,9 @@ def bench_apply_compress(base: Path, ft: Path, delta: Path, work: Path, repeats:
         deltakit.apply(base, delta, work / "applied", overwrite=True)
 
     def compress() -> None:
-        deltakit.compress(base, ft, work / "compressed", method="dqrelo", ratio=1 / 8, overwrite=True)
+        deltakit.compress(
+            base, ft, work / "compressed", method="dqrelo", ratio=1 / 8, config=CONFIG, overwrite=True
+        )
 
     load_s, apply_s, compress_s = [], [], []
     for _ in range(repeats):
@@ -274,6 +280,7 @@ def bench_apply_compress(base: Path, ft: Path, delta: Path, work: Path, repeats:
 def cli_compress_s(base: Path, ft: Path, out: Path) -> float:
     command = [sys.executable, "-m", "deltakit_cli.main", "compress", str(ft), "--base", str(base)]
     command += ["-o", str(out), "--method", "dqrelo", "--ratio", "1/8", "--overwrite"]
+    command += ["--set", f"factor_bits={CONFIG['factor_bits']}"]
     t = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t
@@ -331,9 +338,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny local model: a smoke test in seconds")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--factor-bits",
+        type=int,
+        default=16,
+        help="factor width of the measured deltas (16: the fp16 factors issue 13's figures were taken on; "
+        "the codecs' default is 4, which buys about 4x the rank and so 4x the low-rank flops)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/deltakit-speed"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
+    CONFIG["factor_bits"] = args.factor_bits
 
     from deltakit.ops.threads import available_cpus, set_threads
 
@@ -352,7 +367,7 @@ def main() -> None:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "command": "python benchmarks/speed.py"
         + (" --tiny" if args.tiny else "")
-        + f" --repeats {args.repeats}",
+        + f" --repeats {args.repeats} --factor-bits {args.factor_bits}",
         "batch": {"deltas": 4, "rows_per_delta": 2, "prompt_tokens": prompt, "decode_steps": steps},
     }
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

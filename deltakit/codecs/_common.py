@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,7 +22,14 @@ QUANT_NAMES = ("up_codes", "up_scales", "down_codes", "down_scales")
 
 @dataclass(frozen=True)
 class LowRankConfig(CodecConfig):
-    """Config fields of every codec that stores truncated-SVD factors."""
+    """Config fields of every codec that stores truncated-SVD factors.
+
+    Deltas written before ``factor_bits`` existed hold fp16 factors (:attr:`STORED_DEFAULTS`). The fleet
+    measurement favours 4-bit factors (docs/codecs.md, "Defaults"); the default stays 16 until lillama's
+    delta mode, which builds its plain-SVD matrices from this config, stores and decodes quantized factors.
+    """
+
+    STORED_DEFAULTS: ClassVar[dict[str, Any]] = {"factor_bits": 16}
 
     svd_method: str = config_field("randomized", "truncated SVD algorithm", choices=("randomized", "exact"))
     oversample: int = config_field(10, "extra random directions for the randomized SVD")

@@ -37,6 +37,9 @@ def config_field(default: Any, help: str, choices: tuple[Any, ...] | None = None
 class CodecConfig:
     """Base of every codec's config: a frozen dataclass that round-trips through JSON."""
 
+    #: values of fields whose default changed, for stored configs written before the field existed
+    STORED_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -54,6 +57,13 @@ class CodecConfig:
         config = cls(**kwargs)
         config.validate()
         return config
+
+    @classmethod
+    def from_stored(cls, values: dict[str, Any]) -> CodecConfig:
+        """The config a delta's manifest records. A key the manifest lacks means what it meant when that
+        delta was written (:attr:`STORED_DEFAULTS`, e.g. fp16 factors before quantized factors existed),
+        not today's default; unknown keys are dropped."""
+        return cls.from_dict({**cls.STORED_DEFAULTS, **values}, strict=False)
 
     def with_overrides(self, overrides: dict[str, str]) -> CodecConfig:
         """Return a copy with ``key=value`` strings (from ``--set``) parsed to each field's type."""

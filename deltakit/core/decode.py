@@ -112,7 +112,7 @@ class Decoder:
     def _declared(self, name: str, entry: TensorEntry) -> dict[str, StoredTensor]:
         manifest = self.delta.manifest
         try:
-            config = self.codec.config_class.from_dict(manifest.codec.config, strict=False)
+            config = self.codec.config_class.from_stored(manifest.codec.config)
             budget = _tensor_budget(entry) or Budget(**manifest.codec.budget)
             return self.codec.stored_tensors(
                 tuple(entry.shared_shape), dtype_from_name(entry.dtype), config, budget
