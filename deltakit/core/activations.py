@@ -26,6 +26,7 @@ from torch import nn
 
 from deltakit.codecs.base import Calibration
 from deltakit.core.allocation import Weighting
+from deltakit.distill.data import load_tokenizer as load_calibration_tokenizer
 from deltakit.errors import NonFiniteError, TensorMismatchError, UsageError
 from deltakit.lillama.model import quiet_load
 from deltakit.models.checkpoint import TensorSource
@@ -91,17 +92,7 @@ def checkpoint_names(model: nn.Module, module_names: Iterable[str], known: set[s
 
 def load_tokenizer(*paths: Path) -> Any:
     """The tokenizer saved in the first of ``paths`` that has one; UsageError when none has."""
-    from transformers import AutoTokenizer
-
-    for path in paths:
-        try:
-            return AutoTokenizer.from_pretrained(str(path))
-        except Exception:  # noqa: BLE001 - no loadable tokenizer here; try the next directory
-            continue
-    raise UsageError(
-        "calibration-weighted allocation needs a tokenizer saved with the base or fine-tune "
-        f"({', '.join(str(p) for p in paths)} have none)"
-    )
+    return load_calibration_tokenizer(*paths, needed_for="calibration-weighted allocation")
 
 
 def normalised(energy: dict[str, float | None]) -> dict[str, float]:

@@ -32,7 +32,7 @@ from deltakit.codecs.base import Budget, Calibration, Codec, CodecConfig, Encode
 from deltakit.codecs.registry import get_codec, list_codecs
 from deltakit.core.decode import Decoder, codec_call
 from deltakit.core.options import CompressOptions
-from deltakit.distill.data import iter_minibatches
+from deltakit.distill.data import iter_minibatches, load_tokenizer
 from deltakit.distill.pmr import logit_kl
 from deltakit.errors import DeltakitError, NonFiniteError, TensorMismatchError, UsageError
 from deltakit.format.delta import Delta
@@ -362,15 +362,4 @@ class Refinement:
 
 def _tokenizer(*dirs: Path) -> Any:
     """The tokenizer saved in the first of ``dirs`` that has one."""
-    from transformers import AutoTokenizer
-
-    errors = []
-    for path in dirs:
-        try:
-            return AutoTokenizer.from_pretrained(str(path))
-        except Exception as exc:  # noqa: BLE001 - try the next directory, report all below
-            lines = str(exc).strip().splitlines()
-            errors.append(f"{path}: {lines[0][:120] if lines else type(exc).__name__}")
-    raise UsageError(
-        "refine_scales=True needs a tokenizer saved with the fine-tune or base; " + "; ".join(errors)
-    )
+    return load_tokenizer(*dirs, needed_for="refine_scales=True")

@@ -10,6 +10,7 @@ import json
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,3 +119,20 @@ def iter_minibatches(windows: torch.Tensor, batch_size: int, *, seed: int = 0, e
         order = torch.randperm(windows.shape[0], generator=generator)
         for start in range(0, len(order), batch_size):
             yield windows[order[start : start + batch_size]]
+
+
+def load_tokenizer(*paths: Path, needed_for: str) -> Any:
+    """The tokenizer saved in the first of ``paths`` that has one; a one-line UsageError naming
+    ``needed_for`` (what wanted it, e.g. ``"lillama"``) and why each path failed when none has."""
+    from transformers import AutoTokenizer
+
+    errors = []
+    for path in paths:
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except Exception as exc:  # noqa: BLE001 - try the next directory, report all below
+            lines = str(exc).strip().splitlines()
+            errors.append(f"{path}: {lines[0][:120] if lines else type(exc).__name__}")
+    raise UsageError(
+        f"{needed_for} needs a tokenizer saved with the model for its calibration data; " + "; ".join(errors)
+    )

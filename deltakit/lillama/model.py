@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deltakit.distill.data import load_tokenizer as load_calibration_tokenizer
 from deltakit.errors import FormatError, TensorMismatchError, UsageError
 from deltakit.lillama.blocks import block_linears, capture_block_inputs, decoder_layers
 from deltakit.lillama.distill import DistillSettings, Progress, distill_blocks
@@ -54,18 +55,8 @@ def quiet_load(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def load_tokenizer(*paths: Path) -> Any:
-    """The tokenizer saved in the first of ``paths`` that has one."""
-    from transformers import AutoTokenizer
-
-    errors = []
-    for path in paths:
-        try:
-            return AutoTokenizer.from_pretrained(str(path))
-        except Exception as exc:  # noqa: BLE001 - try the next directory, report all below
-            errors.append(f"{path}: {exc}")
-    raise UsageError(
-        "lillama needs a tokenizer saved with the model for its calibration data; " + "; ".join(errors)
-    )
+    """The tokenizer saved in the first of ``paths`` that has one (UsageError naming lillama otherwise)."""
+    return load_calibration_tokenizer(*paths, needed_for="lillama")
 
 
 def source_dtype(model_dir: Path) -> torch.dtype:
