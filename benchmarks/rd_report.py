@@ -146,6 +146,7 @@ def main() -> None:
     )
     parser.add_argument("--speed", type=Path, default=ROOT / "docs/speed.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/rate_distortion/README.md")
+    parser.add_argument("--note", default="", help="a paragraph printed under the header (e.g. coverage)")
     args = parser.parse_args()
     parts = [json.loads(path.read_text()) for path in args.frontier]
     rows = [row for part in parts for row in part["rows"]]
@@ -167,6 +168,7 @@ def main() -> None:
         "each variant's held-out domain text; bits/w counts every coded byte (codes, scales, float "
         "params) over the weights of the changed matrices.",
         "",
+        *([args.note, ""] if args.note else []),
         "| variant | KL(ft ‖ base) |",
         "| --- | ---: |",
         *(f"| {v} | {kl_base[v]:.4f} |" for v in variants),
