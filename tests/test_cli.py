@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import run_cli as run
 from safetensors.torch import load_file
-
-from deltakit_cli.main import main
 
 
 def _tiny_llama(path: Path, seed: int, perturb: float = 0.0) -> Path:
@@ -40,17 +39,6 @@ def _tiny_llama(path: Path, seed: int, perturb: float = 0.0) -> Path:
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cli")
     return _tiny_llama(root / "base", 0), _tiny_llama(root / "ft", 1, perturb=0.02)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """Run the CLI; returns (exit code, stdout, stderr)."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_compress_apply_inspect_verify_json(pair, tmp_path, capsys):

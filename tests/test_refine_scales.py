@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_support import run_cli as _run
 from lillama_helpers import make_finetune, make_llama, write_text
 
 import deltakit
@@ -30,7 +31,6 @@ from deltakit.core.refine import (
 from deltakit.distill.data import calibration_batches
 from deltakit.errors import NonFiniteError, UsageError
 from deltakit.models.checkpoint import open_checkpoint
-from deltakit_cli.main import main
 
 CAL = {"tokens": 1024, "seq_len": 64}
 
@@ -185,16 +185,6 @@ def test_non_finite_scale_is_refused(pair):
     manifest = _compress(pair, None, "bitdelta", refine=False).manifest
     with pytest.raises(NonFiniteError, match=r"scale of b is NaN or Inf"):
         _write_scales(manifest, Fake(), [1.0, float("nan")], 0.1, 0.05)
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_end_to_end(pair, tmp_path, capsys):

@@ -6,24 +6,13 @@ import json
 
 import pytest
 import torch
+from cli_support import run_cli as run
 from fixtures_models import make_pair
 
 import deltakit
 from deltakit.errors import NotFoundError, UsageError
 from deltakit.refs import resolve_base_dir, resolve_delta_dir
 from deltakit.registry import Registry
-from deltakit_cli.main import main
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """Run the CLI; returns (exit code, stdout, stderr)."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
