@@ -105,7 +105,7 @@ def bench_variant(variant: dict, base: Path, settings, work: Path, max_tokens: i
         name = f"{method}@{label}" if label else method
         delta, rebuilt = work / f"delta-{method}-{(label or 'x').replace('/', '_')}", work / f"out-{name}"
         cmd = [*cli, "compress", "-m", method, "--base", str(base), str(ft), "-o", str(delta), "--json"]
-        cmd += extra
+        cmd += [arg.replace("{train}", variant["train_path"]) for arg in extra]
         try:
             result, compress_wall, compress_rss = run_timed(cmd)
         except RuntimeError as exc:  # e.g. a sign codec at exactly 1 bit/weight: its scales do not fit
@@ -352,7 +352,8 @@ def main() -> None:
         action="append",
         default=[],
         help="one more setting as 'codec|label|compress arguments' (repeatable), e.g. "
-        "'dqrelo|2bpw-uniform-none|--bits-per-weight 2 --set compensation=none'",
+        "'dqrelo|2bpw-uniform-none|--bits-per-weight 2 --set compensation=none'; {train} stands for the "
+        "variant's training text (calibration data that never overlaps the held-out evaluation text)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the settings and exit")
     args = parser.parse_args()
