@@ -107,3 +107,24 @@ def test_fused_on_cuda_equals_the_cuda_reference(codec_name, dtype):
     out = torch.empty_like(reference)
     rebuild(codec, "encoded", dtype, encoded.tensors, encoded.params, base, out=out)
     assert torch.equal(out, reference)
+
+
+def test_reused_scratch_buffers_never_leak_between_calls():
+    """Tiles reuse per-thread buffers: a call after a larger one, or one with other parts, is still exact."""
+    cases = [("svd", (301, 13)), ("bitdelta", (64, 192)), ("dqrelo", (9, 200)), ("svd", (192, 64))]
+    encoded = [(_encode(name, shape, torch.bfloat16, seed=i), name) for i, (name, shape) in enumerate(cases)]
+    for _ in range(2):
+        for (codec, base, enc), name in encoded:
+            view = codec.factored(enc)
+            got = fused_rebuild(
+                base, torch.bfloat16, signs=view.signs, scale=view.scale, up=view.up, down=view.down
+            )
+            assert torch.equal(got, codec.reconstruct(enc, base, torch.bfloat16)), name
+
+
+def test_a_float64_base_is_upcast_to_fp32_before_the_sum():
+    codec, base, encoded = _encode("dqrelo", (64, 48), torch.float32)
+    view = codec.factored(encoded)
+    wide = base.double()
+    got = fused_rebuild(wide, torch.float32, signs=view.signs, scale=view.scale, up=view.up, down=view.down)
+    assert torch.equal(got, codec.reconstruct(encoded, base, torch.float32))

@@ -142,16 +142,16 @@ def _apply_into(
             progress(index, total, spec.name)
         base_tensor = base_src.get(spec.name) if spec.name in base_names else None
         if base_tensor is not None:
-            base_fp.add(spec.name, base_tensor)
+            base_fp.add_later(spec.name, base_tensor)
         # fused where it can (checked tile by tile as it is written); unchanged tensors are the base's own
         rebuilt = reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True)
         rebuilt = rebuilt.to(spec.dtype).cpu()
-        out_fp.add(spec.name, rebuilt)
+        out_fp.add_later(spec.name, rebuilt)
         sink(spec.name, rebuilt)
     for offset, name in enumerate(manifest.removed):
         if progress is not None:
             progress(len(specs) + offset, total, name)
-        base_fp.add(name, base_src.get(name))
+        base_fp.add_later(name, base_src.get(name))
     if progress is not None:
         progress(total, total, "")
     base_fingerprint = base_fp.fingerprint()

@@ -269,18 +269,18 @@ class _DeltaBuilder:
                 progress(index, total, name)
             t = target_src.get(name)
             _check_finite(name, t, "fine-tuned")
-            target_fp.add(name, t)
+            target_fp.add_later(name, t)
             b = base_src.get(name) if name in base_set else None
             if b is not None:
                 _check_finite(name, b, "base")
-                base_fp.add(name, b)
+                base_fp.add_later(name, b)
             self.tensors[name] = self.entry(name, t, b, roles[name])
             if self.shards is not None:
                 self.shards.maybe_flush()
         for offset, name in enumerate(removed):
             if progress is not None:
                 progress(len(target_names) + offset, total, name)
-            base_fp.add(name, base_src.get(name))
+            base_fp.add_later(name, base_src.get(name))
         if progress is not None:
             progress(total, total, "")
         manifest = self.manifest(base_src, target_src, base_fp, target_fp, removed)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -23,24 +25,50 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+#: tensors queued for a background digest before :meth:`FingerprintBuilder.add_later` waits (bounds the
+#: memory the queue keeps alive)
+MAX_PENDING = 4
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-digest")
+
+
 class FingerprintBuilder:
-    """Accumulates tensor digests (any order) into a model fingerprint ``sha256:<hex>``."""
+    """Accumulates tensor digests (any order) into a model fingerprint ``sha256:<hex>``.
+
+    :meth:`add_later` hashes on a background thread (sha256 releases the GIL), so a caller that decodes
+    or writes tensors overlaps that work with hashing; :meth:`fingerprint` waits for every digest.
+    """
 
     def __init__(self) -> None:
         self._digests: dict[str, str] = {}
+        self._pending: deque[tuple[str, Future[str]]] = deque()
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
         digest = tensor_digest(name, tensor)
         self._digests[name] = digest
         return digest
 
+    def add_later(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor``'s digest on the background thread; the caller must not mutate ``tensor``
+        before :meth:`fingerprint` returns. Waits for the oldest digest when MAX_PENDING are queued."""
+        self._pending.append((name, _HASHER.submit(tensor_digest, name, tensor)))
+        while len(self._pending) > MAX_PENDING:
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        name, future = self._pending.popleft()
+        self._digests[name] = future.result()
+
     def add_digest(self, name: str, digest: str) -> None:
         self._digests[name] = digest
 
     def __len__(self) -> int:
+        while self._pending:
+            self._collect_one()
         return len(self._digests)
 
     def fingerprint(self) -> str:
+        while self._pending:
+            self._collect_one()
         combined = hashlib.sha256()
         for name in sorted(self._digests):
             combined.update(f"{name}\0{self._digests[name]}\n".encode())

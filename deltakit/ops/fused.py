@@ -18,6 +18,8 @@ Bit-exactness with the reference (``(base.float() + (S·α + up.float() @ down.f
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from deltakit.errors import NonFiniteError
@@ -31,6 +33,31 @@ TILE_ALIGN = 8
 MIN_TILE_ROWS = 32
 
 _TABLES: dict[torch.device, torch.Tensor] = {}
+#: base dtypes whose values fp32 holds exactly: added to the fp32 tile as they are (no upcast copy)
+_EXACT_IN_FP32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _Workspace(threading.local):
+    """Per-thread CPU scratch buffers for the tiles, grown on demand and reused across calls.
+
+    A fresh multi-MiB tensor per tile costs a page fault per 4 KiB page (the CPU allocator returns large
+    blocks to the system): on a 1536×576 matrix that doubled the rebuild time. CUDA tensors come from
+    torch's caching allocator and do not use this.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat CPU tensor of at least ``numel`` elements (contents undefined), sliced to ``numel``."""
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype)
+            self.buffers[key] = buf
+        return buf[:numel]
+
+
+_WORKSPACE = _Workspace()
 
 
 def _sign_table(device: torch.device) -> torch.Tensor:
@@ -118,18 +145,31 @@ def _tile_sum(
     r0: int,
     r1: int,
 ) -> torch.Tensor:
-    """fp32 rows r0:r1 of ``L + S·α + base`` (L, S·α: the parts present), summed in that order."""
+    """fp32 rows r0:r1 of ``L + S·α + base`` (L, S·α: the parts present), summed in that order.
+
+    On the CPU the result lives in this thread's workspace: it is valid until the next call."""
     cols = base.shape[1]
+    n = (r1 - r0) * cols
+    cpu = base.device.type == "cpu"
     acc: torch.Tensor | None = None
     if up32 is not None and down32 is not None:
-        acc = up32[r0:r1] @ down32  # (tile, cols)
+        if cpu:
+            acc = _WORKSPACE.get("acc", n, torch.float32).view(r1 - r0, cols)
+            torch.matmul(up32[r0:r1], down32, out=acc)  # (tile, cols)
+        else:
+            acc = up32[r0:r1] @ down32  # (tile, cols)
     if table is not None and packed is not None:
-        n = (r1 - r0) * cols
         first = r0 * cols // 8  # exact: r0 is a multiple of TILE_ALIGN (or the tile is the whole matrix)
         raw = packed[first : first + (n + 7) // 8]
-        signed = torch.index_select(table, 0, raw.long())  # (bytes, 8) ±α
+        if cpu:
+            index = _WORKSPACE.get("index", raw.numel(), torch.int64).copy_(raw)
+            signed = _WORKSPACE.get("signs", raw.numel() * 8, torch.float32).view(-1, 8)
+            torch.index_select(table, 0, index, out=signed)  # (bytes, 8) ±α
+        else:
+            signed = torch.index_select(table, 0, raw.long())  # (bytes, 8) ±α
         signed = signed.reshape(-1)[:n].reshape(r1 - r0, cols)
         acc = signed if acc is None else acc.add_(signed)
     if acc is None:
         return base[r0:r1].to(torch.float32)
-    return acc.add_(base[r0:r1].to(torch.float32))
+    rows = base[r0:r1]
+    return acc.add_(rows if rows.dtype in _EXACT_IN_FP32 else rows.to(torch.float32))
