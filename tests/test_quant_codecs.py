@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -154,3 +156,26 @@ def test_candidates_price_exactly_what_encode_stores(name, config):
         assert math.sqrt(c.error) / float(delta.norm()) == pytest.approx(
             _rel(codec.decode(enc), delta), abs=0.08
         )
+
+
+@pytest.mark.parametrize("name", ["svd", "dqrelo"])
+def test_deltas_written_without_factor_fields_decode_as_fp16_bit_exactly(name, llama_pair, tmp_path):
+    """A manifest whose config predates factor_bits/factor_group/factor_rounding holds fp16 factors."""
+    base, target = llama_pair
+    fp16 = deltakit.compress(base, target, tmp_path / "fp16", method=name, overrides={"factor_bits": "16"})
+    encoded = [e for e in fp16.manifest.tensors.values() if e.kind == "encoded" and e.params["rank"] > 0]
+    assert encoded and all({"up", "down"} <= set(e.stored) and "factors" not in e.params for e in encoded)
+    old = tmp_path / "old"
+    shutil.copytree(fp16.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for key in ("factor_bits", "factor_group", "factor_rounding"):
+        del manifest["codec"]["config"][key]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    loaded = deltakit.load_delta(old)
+    codec = deltakit.get_codec(name)
+    assert codec.config_class.from_stored(loaded.manifest.codec.config).factor_bits == 16
+    assert codec.config_class().factor_bits == 4  # today's default differs: the stored default decides
+    assert deltakit.verify(old)["files_checked"] >= 1
+    now = deltakit.apply(base, fp16.path).state_dict
+    then = deltakit.apply(base, old).state_dict
+    assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)

@@ -1,8 +1,9 @@
 """Plain truncated SVD of the delta: the LoRA-extraction baseline.
 
-Δ ≈ (U√S)(√S·Vᵀ) at the largest rank that fits the budget, r = floor(ρ·n·m/(n+m)) for fp16
-factors. With ``factor_bits`` < 16 the factors are quantized (:func:`deltakit.codecs._common.store_factors`)
-and the rank is the largest whose exact quantized bytes (codes + fp16 scales) fit the budget.
+Δ ≈ (U√S)(√S·Vᵀ) at the largest rank that fits the budget. The factors are quantized at ``factor_bits``
+(4 by default; :func:`deltakit.codecs._common.store_factors`) and the rank is the largest whose exact
+quantized bytes (codes + fp16 scales) fit the budget; with ``factor_bits=16`` they are float factors in
+``factor_dtype`` and r = floor(ρ·n·m/(n+m)) for fp16.
 """
 
 from __future__ import annotations
