@@ -60,7 +60,8 @@ def test_stored_tensors_other_than_the_codec_declares_are_refused(state_pair):
     delta = deltakit.compress(base, target, method="dqrelo")
     name = next(n for n, e in delta.manifest.tensors.items() if e.kind == "encoded")
     entry = delta.manifest.tensors[name]
-    entry.stored = {k: v for k, v in entry.stored.items() if k != "up_codes"}  # as a tampered manifest would say
+    # as a tampered manifest would say
+    entry.stored = {k: v for k, v in entry.stored.items() if k != "up_codes"}
     with pytest.raises(
         FormatError,
         match=r"stores \['down_codes', 'down_scales', 'signs', 'up_scales'\], codec dqrelo expects "

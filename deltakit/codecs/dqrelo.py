@@ -75,7 +75,7 @@ class DQRelo(Codec):
     default_ratio = 1 / 8
     ratio_range = (1 / 16, 1.0)
     param_bytes = 4
-    max_error = 0.60  # measured 0.534 on the conformance probe (seed 0)
+    max_error = 0.52  # measured 0.471 on the conformance probe (seed 0) with 4-bit factors, 0.544 with fp16
 
     def rank_for(self, shape: tuple[int, int], ctx: EncodeContext, config: DQReloConfig) -> int:
         rows, cols = shape

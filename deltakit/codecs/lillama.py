@@ -221,7 +221,8 @@ class Lillama(Codec):
                 "this architecture renames weights on load and is not supported in delta mode"
             )
         refined = {
-            k: (u.to(torch.float32).contiguous(), d.to(torch.float32).contiguous()) for k, (u, d) in factors.items()
+            k: (u.to(torch.float32).contiguous(), d.to(torch.float32).contiguous())
+            for k, (u, d) in factors.items()
         }
         return LillamaPrepared(refined, report)
 

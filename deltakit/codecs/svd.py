@@ -48,7 +48,7 @@ class SVD(Codec):
     config_class = SVDConfig
     summary = "truncated SVD of the delta (low-rank / LoRA-extraction baseline)"
     default_ratio = 1 / 8
-    max_error = 0.76  # measured 0.706 on the conformance probe (seed 0)
+    max_error = 0.57  # measured 0.521 on the conformance probe (seed 0) with 4-bit factors, 0.705 with fp16
 
     def rank_for(self, shape: tuple[int, int], ctx: EncodeContext, config: SVDConfig) -> int:
         rows, cols = shape
