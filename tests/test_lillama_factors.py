@@ -14,8 +14,9 @@ from lillama_helpers import make_finetune, make_llama, write_text
 
 import deltakit
 from deltakit.codecs._common import QUANT_NAMES
-from deltakit.codecs.base import FP16_BYTES
+from deltakit.codecs.base import FP16_BYTES, Encoded
 from deltakit.core.decode import Decoder
+from deltakit.errors import FormatError
 from deltakit.format.manifest import ENCODED
 from deltakit.models.checkpoint import open_checkpoint
 from deltakit.ops.quant import QuantizedTensor, dequantize
@@ -152,3 +153,15 @@ def test_lillama_delta_without_factor_fields_decodes_bit_exactly(tiny, tmp_path)
     now = deltakit.apply(tiny["base"], fp16.path).state_dict
     then = deltakit.apply(tiny["base"], old).state_dict
     assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)
+
+
+def test_tampered_quantized_lillama_factors_are_format_errors(tiny):
+    decoder = Decoder.of(tiny["q4"])
+    codec, encoded = decoder.codec, decoder.encoded(Q_NAME)
+    factors = encoded.params["factors"]
+    wrong = {**encoded.params, "factors": {**factors, "up": {**factors["up"], "shape": [7, 3]}}}
+    with pytest.raises(FormatError):
+        codec.decode(Encoded(encoded.tensors, wrong))
+    short = {**encoded.tensors, "down_codes": encoded.tensors["down_codes"][:-1]}
+    with pytest.raises(FormatError):
+        codec.decode(Encoded(short, encoded.params))
