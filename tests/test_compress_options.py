@@ -60,8 +60,11 @@ def test_stored_tensors_other_than_the_codec_declares_are_refused(state_pair):
     delta = deltakit.compress(base, target, method="dqrelo")
     name = next(n for n, e in delta.manifest.tensors.items() if e.kind == "encoded")
     entry = delta.manifest.tensors[name]
-    entry.stored = {k: v for k, v in entry.stored.items() if k != "up"}  # as a tampered manifest would say
+    # as a tampered manifest would say
+    entry.stored = {k: v for k, v in entry.stored.items() if k != "up_codes"}
     with pytest.raises(
-        FormatError, match=r"stores \['down', 'signs'\], codec dqrelo expects \['down', 'signs', 'up'\]"
+        FormatError,
+        match=r"stores \['down_codes', 'down_scales', 'signs', 'up_scales'\], codec dqrelo expects "
+        r"\['down_codes', 'down_scales', 'signs', 'up_codes', 'up_scales'\]",
     ):
         deltakit.apply(base, delta)

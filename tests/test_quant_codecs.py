@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -53,7 +55,7 @@ def test_quantized_factors_are_declared_exactly_and_fit_the_budget(name, bits):
 def test_quantization_error_of_the_product_is_within_its_model(bits):
     """At a fixed rank, quantized factors differ from the fp32 product by about √(2ε+ε²) of it (ε measured)."""
     _, cfg, quant, delta = _encode("svd", rank=16, factor_bits=bits, factor_rounding="rtn")
-    _, _, exact, _ = _encode("svd", rank=16, factor_dtype="float32")
+    _, _, exact, _ = _encode("svd", rank=16, factor_bits=16, factor_dtype="float32")
     svd = deltakit.get_codec("svd")
     product = svd.decode(exact)
     err = _rel(svd.decode(quant), product)
@@ -70,7 +72,7 @@ def test_more_factor_bits_at_the_same_rank_never_hurt():
 
 def test_quantized_factors_buy_rank_and_lower_error_at_one_eighth():
     svd = deltakit.get_codec("svd")
-    _, _, fp16, delta = _encode("svd", ratio=1 / 8)
+    _, _, fp16, delta = _encode("svd", ratio=1 / 8, factor_bits=16)
     _, _, q4, _ = _encode("svd", ratio=1 / 8, factor_bits=4)
     assert q4.params["rank"] >= 3 * fp16.params["rank"]
     assert _rel(svd.decode(q4), delta) < _rel(svd.decode(fp16), delta)
@@ -90,8 +92,12 @@ def test_dqrelo_below_one_sixteenth_names_the_codecs_that_go_lower():
 
 
 def test_fp16_configs_without_factor_bits_still_mean_fp16():
-    cfg = deltakit.get_codec("svd").config_class.from_dict({"factor_dtype": "float16"})
+    """A stored config without factor_bits (written before it existed) means fp16; a new one means 4 bits."""
+    config_class = deltakit.get_codec("svd").config_class
+    cfg = config_class.from_stored({"factor_dtype": "float16"})
     assert cfg.factor_bits == 16 and not cfg.quantized
+    fresh = config_class.from_dict({"factor_dtype": "float16"})
+    assert fresh.factor_bits == 4 and fresh.quantized
 
 
 @pytest.mark.parametrize("name,config", [("svd", {"factor_bits": 4}), ("deltacome", {})])
@@ -113,7 +119,7 @@ def test_tampered_quantized_params_are_format_errors(name, config):
 @pytest.mark.parametrize("ratio", [1 / 8, 1 / 16, 1 / 32, 1 / 64])
 def test_deltacome_beats_fp16_svd_at_the_same_bytes(ratio):
     come, _, enc, delta = _encode("deltacome", ratio=ratio)
-    svd, _, plain, _ = _encode("svd", ratio=ratio)
+    svd, _, plain, _ = _encode("svd", ratio=ratio, factor_bits=16)
     assert enc.nbytes <= 2 * delta.numel() * ratio
     bits = [b["bits"] for b in enc.params["blocks"]]
     assert bits == sorted(bits, reverse=True) and len(set(bits)) == len(bits)
@@ -154,3 +160,26 @@ def test_candidates_price_exactly_what_encode_stores(name, config):
         assert math.sqrt(c.error) / float(delta.norm()) == pytest.approx(
             _rel(codec.decode(enc), delta), abs=0.08
         )
+
+
+@pytest.mark.parametrize("name", ["svd", "dqrelo"])
+def test_deltas_written_without_factor_fields_decode_as_fp16_bit_exactly(name, llama_pair, tmp_path):
+    """A manifest whose config predates factor_bits/factor_group/factor_rounding holds fp16 factors."""
+    base, target = llama_pair
+    fp16 = deltakit.compress(base, target, tmp_path / "fp16", method=name, overrides={"factor_bits": "16"})
+    encoded = [e for e in fp16.manifest.tensors.values() if e.kind == "encoded" and e.params["rank"] > 0]
+    assert encoded and all({"up", "down"} <= set(e.stored) and "factors" not in e.params for e in encoded)
+    old = tmp_path / "old"
+    shutil.copytree(fp16.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for key in ("factor_bits", "factor_group", "factor_rounding"):
+        del manifest["codec"]["config"][key]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    loaded = deltakit.load_delta(old)
+    codec = deltakit.get_codec(name)
+    assert codec.config_class.from_stored(loaded.manifest.codec.config).factor_bits == 16
+    assert codec.config_class().factor_bits == 4  # today's default differs: the stored default decides
+    assert deltakit.verify(old)["files_checked"] >= 1
+    now = deltakit.apply(base, fp16.path).state_dict
+    then = deltakit.apply(base, old).state_dict
+    assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)

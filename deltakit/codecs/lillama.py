@@ -8,18 +8,30 @@ Sy, Cerisara & Illina, "Large Language Models Compression via Low-Rank Feature D
   rank the ratio gives (as in ``svd``) and the factors are distilled so that the block with
   ``W_base + up·down`` matches the fine-tuned block. :meth:`Lillama.prepare` does the distillation and
   returns the factors; encode then hands them out from ``ctx.prepared`` (other matrices, e.g. embeddings, get plain truncated SVD).
-  decode = up @ down in fp32, like ``svd``; the delta applies through the generic apply.
+  Storage, rank for the budget, decode (up @ down in fp32) and the factored view are ``svd``'s, through
+  :func:`deltakit.codecs._common.store_factors` / ``load_factors``: with ``factor_bits`` < 16 the distilled
+  fp32 factors are quantized after distillation (groups of ``factor_group``, ``factor_rounding``; the
+  ``refit`` rounding re-fits ``down`` against the distilled product ``up·down``, not against Δ, so the
+  distillation's correction is what the quantized pair approximates), and the rank is the largest whose
+  exact quantized bytes fit the budget. The delta applies through the generic apply.
+
+``factor_bits`` defaults to 16 (float factors in ``factor_dtype``) here, unlike ``svd``/``dqrelo`` where
+the fleet measurement chose 4 (docs/codecs.md, "Defaults"): lillama's factors are trained in floating
+point against the fine-tune's activations and quantizing them afterwards was not measured on the fleet,
+so the data-aware default stays the one its distillation was evaluated with. 8, 4, 3 and 2 bits are
+supported (``factor_bits=4``). Deltas written before the field existed hold float factors
+(:attr:`LillamaConfig.STORED_DEFAULTS`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from deltakit.codecs._common import FACTOR_DTYPES, low_rank_product, require_2d
+from deltakit.codecs._common import FACTOR_BITS, FACTOR_DTYPES, load_factors, require_2d, store_factors
 from deltakit.codecs.base import (
     Budget,
     Calibration,
@@ -41,6 +53,8 @@ from deltakit.lillama.ranks import STRATEGIES
 
 @dataclass(frozen=True)
 class LillamaConfig(CodecConfig):
+    STORED_DEFAULTS: ClassVar[dict[str, Any]] = {"factor_bits": 16}
+
     strategy: str = config_field(
         "bottom",
         "rank allocation (model mode): compress lower blocks first, upper blocks first, or all blocks alike",
@@ -72,7 +86,20 @@ class LillamaConfig(CodecConfig):
     oversample: int = config_field(10, "extra random directions for the randomized SVD")
     power_iters: int = config_field(4, "power iterations for the randomized SVD")
     factor_dtype: str = config_field(
-        "float16", "dtype of the stored delta factors (delta mode)", choices=FACTOR_DTYPES
+        "float16", "dtype of the stored delta factors when factor_bits=16 (delta mode)", choices=FACTOR_DTYPES
+    )
+    factor_bits: int = config_field(
+        16,
+        "bits per stored delta factor value (delta mode): 16 = float factors in factor_dtype; "
+        "8/4/3/2 = quantized after distillation (not measured on the fleet yet, so not the default)",
+        FACTOR_BITS,
+    )
+    factor_group: int = config_field(64, "values per fp16 scale when factor_bits < 16 (delta mode)")
+    factor_rounding: str = config_field(
+        "refit",
+        "quantized delta factors: rtn, or refit (round up, least-squares re-fit down to the distilled "
+        "product)",
+        ("rtn", "refit"),
     )
 
     def validate(self) -> None:
@@ -86,6 +113,7 @@ class LillamaConfig(CodecConfig):
             raise ConfigError(f"min_rank_ratio must be in [0, 1), got {self.min_rank_ratio}")
         if self.skip_first < 0:
             raise ConfigError(f"skip_first must be >= 0, got {self.skip_first}")
+        self.svd_config().validate()
 
     def settings(self, seed: int) -> DistillSettings:
         return DistillSettings(
@@ -107,6 +135,9 @@ class LillamaConfig(CodecConfig):
             oversample=self.oversample,
             power_iters=self.power_iters,
             factor_dtype=self.factor_dtype,
+            factor_bits=self.factor_bits,
+            factor_group=self.factor_group,
+            factor_rounding=self.factor_rounding,
         )
 
 
@@ -118,8 +149,8 @@ def require_calibration(calibration: Calibration | None) -> Calibration:
 
 @dataclass(frozen=True)
 class LillamaPrepared:
-    """What :meth:`Lillama.prepare` distilled: per tensor name, factors up (out, r) and down (r, in) in the
-    stored dtype, and the distillation report."""
+    """What :meth:`Lillama.prepare` distilled: per tensor name, fp32 factors up (out, r) and down (r, in)
+    on the CPU (:meth:`Lillama.encode` stores them as the config says), and the distillation report."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     report: dict[str, Any]
@@ -189,8 +220,10 @@ class Lillama(Codec):
                 f"lillama: model parameter names {unknown[:3]} are not tensors of {target_dir}; "
                 "this architecture renames weights on load and is not supported in delta mode"
             )
-        dtype = getattr(torch, config.factor_dtype)
-        refined = {k: (u.to(dtype).contiguous(), d.to(dtype).contiguous()) for k, (u, d) in factors.items()}
+        refined = {
+            k: (u.to(torch.float32).contiguous(), d.to(torch.float32).contiguous())
+            for k, (u, d) in factors.items()
+        }
         return LillamaPrepared(refined, report)
 
     def encode(
@@ -199,16 +232,16 @@ class Lillama(Codec):
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
         refined = ctx.prepared.factors.get(ctx.name) if isinstance(ctx.prepared, LillamaPrepared) else None
         if refined is not None and tuple(refined[0].shape[:1]) + tuple(refined[1].shape[1:]) == shape:
-            up, down = refined
-            return Encoded(
-                {"up": up.clone(), "down": down.clone()}, {"shape": list(shape), "rank": int(up.shape[1])}
-            )
+            up, down = refined  # (out, r), (r, in) fp32
+            tensors, params = store_factors(up, down, config.svd_config())
+            return Encoded(tensors, {"shape": list(shape), "rank": int(up.shape[1]), **params})
         return SVD().encode(base, target, config.svd_config(), ctx)
 
     def decode(
         self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return low_rank_product(encoded.tensors["up"], encoded.tensors["down"], device)
+        up, down = load_factors(encoded, device)  # fp32 (out, r), (r, in)
+        return up @ down
 
     def stored_tensors(
         self, shape: tuple[int, ...], dtype: torch.dtype, config: LillamaConfig, budget: Budget

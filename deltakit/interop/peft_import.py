@@ -171,6 +171,6 @@ def import_peft(
     if method is None:
         return compress(
             base, state, output, method="svd", rank=rank, overwrite=overwrite, target_name=name,
-            overrides={"svd_method": "exact", "factor_dtype": "float32"},
+            overrides={"svd_method": "exact", "factor_dtype": "float32", "factor_bits": "16"},
         )  # fmt: skip
     return compress(base, state, output, method=method, ratio=ratio, overwrite=overwrite, target_name=name)
