@@ -135,14 +135,23 @@ def quantize(
     if not bool(torch.isfinite(x).all()):
         raise UsageError("quantize needs finite values; the tensor holds NaN or Inf")
     axis = _norm_axis(axis, x.ndim)
-    grouped, length = _grouped(x.to(torch.float32).movedim(axis, -1), group_size)  # (lanes, groups, G)
+    moved = x.to(torch.float32).movedim(axis, -1).contiguous()
+    grouped, length = _grouped(moved, group_size)  # (lanes, groups, G)
     ratios = CLIP_RATIOS if clip == "mse" else (1.0,)
-    valid = (torch.arange(grouped.shape[1] * group_size, device=grouped.device) < length).float()
-    valid = valid.reshape(1, grouped.shape[1], group_size)  # padding does not count in the error
+    padded = grouped.shape[1] * group_size != length
+    valid = None  # padding does not count in the error; without padding every value counts
+    if padded:
+        valid = (torch.arange(grouped.shape[1] * group_size, device=grouped.device) < length).float()
+        valid = valid.reshape(1, grouped.shape[1], group_size)
+    extent = _group_extent(grouped, scheme)
     best = None
     for ratio in ratios:
-        codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio)
-        err = (((codes * scales.float()[..., None] + origin[..., None] - grouped) ** 2) * valid).sum(dim=-1)
+        codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio, extent)
+        err = codes * scales.float()[..., None]
+        err.add_(origin[..., None]).sub_(grouped).square_()
+        if valid is not None:
+            err.mul_(valid)
+        err = err.sum(dim=-1)  # (lanes, groups)
         if best is None:
             best = [codes, scales, zeros, err]
             continue
@@ -158,26 +167,40 @@ def quantize(
     )
 
 
+def _group_extent(grouped: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per group (lanes, groups): ``(absmax, None)`` for symmetric grids, ``(min, max)`` for asymmetric."""
+    if scheme == "symmetric":
+        return grouped.abs().amax(dim=-1), None
+    return grouped.amin(dim=-1), grouped.amax(dim=-1)
+
+
 def _round_groups(
-    grouped: torch.Tensor, bits: int, scheme: str, ratio: float
+    grouped: torch.Tensor,
+    bits: int,
+    scheme: str,
+    ratio: float,
+    extent: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Float codes (lanes, groups, G), fp16 scales and offsets, and the fp32 origin of each group's grid.
 
     ``ratio`` < 1 shrinks the covered range around its centre (symmetric: zero; asymmetric: mid-range).
+    extent: :func:`_group_extent` of ``grouped``, when the caller already has it.
     """
     top = float((1 << bits) - 1)
+    first, second = extent if extent is not None else _group_extent(grouped, scheme)
     if scheme == "symmetric":
-        scales = _fp16_up(grouped.abs().amax(dim=-1) * ratio / (top / 2))  # (lanes, groups)
+        scales = _fp16_up(first * ratio / (top / 2))  # (lanes, groups)
         zeros, origin = None, -(top / 2) * scales.float()
     else:
-        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        low, high = first, second
         mid, half = (low + high) / 2, (high - low) / 2 * ratio
         zeros = _fp16_down(mid - half)
         origin = zeros.float()
         scales = _fp16_up((mid + half - origin) / top)
     step = scales.float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round((grouped - origin[..., None]) / safe[..., None]).clamp_(0, top)
+    codes = grouped - origin[..., None]
+    codes.div_(safe[..., None]).round_().clamp_(0, top)
     return codes, scales, zeros, origin
 
 
