@@ -1,0 +1,131 @@
+/* Packed 1-bit sign matrix times activations, without materialising the ±1 matrix.
+ *
+ * y[t, o] = sum_i x[t, i] * s(o, i) for x (n, in) fp32 row-major and y (n, out) fp32 row-major, where
+ * s(o, i) = +1 when bit (o * in + i) of `packed` is set (bits least significant first within a byte)
+ * and -1 otherwise. Requires in % 8 == 0 (every matrix row starts on a byte boundary).
+ *
+ * Computed as y = 2 * P - T, P = the sum of x over the set bits, T = the sum of all of x (per row).
+ * Both sums use 32 lanes: lane c takes columns 32 j + c of the full 32-column blocks in order of j,
+ * then the tail's 8-column groups k go to lanes 8 k .. 8 k + 7; the lanes are combined by a fixed
+ * pairwise tree. The AVX-512 form (masked adds) and the portable form (multiply by 0/1, exact) produce
+ * the same lane sums, so the bits depend neither on the instruction set, nor on the number of threads
+ * (threads split the output columns, never a sum), nor on the rows batched together.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define ROWS 4 /* activation rows sharing one pass over a matrix row */
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static v8 bit_table[256] __attribute__((aligned(32))); /* row b: bits of byte b as 0/1, LSB first */
+
+__attribute__((constructor)) static void fill_table(void) {
+    for (int b = 0; b < 256; b++)
+        for (int k = 0; k < 8; k++) bit_table[b][k] = (float)((b >> k) & 1);
+}
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static float tree32(const float *l) {
+    float a[16];
+    for (int i = 0; i < 16; i++) a[i] = l[i] + l[i + 16];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) a[i] = a[i] + a[i + w];
+    return a[0];
+}
+
+/* the tail's 8-column groups, added into lanes 8 k + l */
+static inline void tail(const float *x, int64_t in, const uint8_t *p, float *lanes) {
+    int64_t groups = in / 8, full = groups - groups % 4;
+    for (int64_t g = full; g < groups; g++)
+        for (int l = 0; l < 8; l++)
+            if ((p[g] >> l) & 1) lanes[(g - full) * 8 + l] += x[g * 8 + l];
+}
+
+/* nt (1..ROWS) rows of x against matrix row p: lanes[t][32] of the set-bit sums of the full blocks */
+static inline __attribute__((always_inline)) void block_lanes(const float *x, int64_t in, const uint8_t *p,
+                                                              float lanes[ROWS][32], const int nt) {
+    int64_t full = (in / 32) * 32;
+#ifdef __AVX512F__
+    __m512 lo[ROWS], hi[ROWS];
+    for (int t = 0; t < nt; t++) lo[t] = hi[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < full; i += 32) {
+        uint16_t m0, m1;
+        memcpy(&m0, p + i / 8, 2);
+        memcpy(&m1, p + i / 8 + 2, 2);
+        for (int t = 0; t < nt; t++) {
+            const float *xr = x + t * in + i;
+            lo[t] = _mm512_mask_add_ps(lo[t], m0, lo[t], _mm512_loadu_ps(xr));
+            hi[t] = _mm512_mask_add_ps(hi[t], m1, hi[t], _mm512_loadu_ps(xr + 16));
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        _mm512_storeu_ps(lanes[t], lo[t]);
+        _mm512_storeu_ps(lanes[t] + 16, hi[t]);
+    }
+#else
+    v8 acc[ROWS][4];
+    memset(acc, 0, sizeof acc);
+    for (int64_t i = 0; i < full; i += 32) {
+        const uint8_t *q = p + i / 8;
+        v8 s0 = bit_table[q[0]], s1 = bit_table[q[1]], s2 = bit_table[q[2]], s3 = bit_table[q[3]];
+        for (int t = 0; t < nt; t++) {
+            const float *xr = x + t * in + i;
+            acc[t][0] += s0 * load8(xr);
+            acc[t][1] += s1 * load8(xr + 8);
+            acc[t][2] += s2 * load8(xr + 16);
+            acc[t][3] += s3 * load8(xr + 24);
+        }
+    }
+    for (int t = 0; t < nt; t++) memcpy(lanes[t], acc[t], 32 * sizeof(float));
+#endif
+}
+
+static inline __attribute__((always_inline)) void row_block(const float *x, int64_t in, const uint8_t *p,
+                                                            const float *totals, float *y, int64_t out,
+                                                            const int nt) {
+    float lanes[ROWS][32];
+    block_lanes(x, in, p, lanes, nt);
+    for (int t = 0; t < nt; t++) {
+        tail(x + t * in, in, p, lanes[t]);
+        y[t * out] = 2.0f * tree32(lanes[t]) - totals[t];
+    }
+}
+
+/* T for each row of x: the same lanes and tree as P with every bit set */
+static float row_total(const float *x, int64_t in) {
+    float lanes[32] = {0};
+    int64_t full = (in / 32) * 32;
+    for (int64_t i = 0; i < full; i += 32)
+        for (int c = 0; c < 32; c++) lanes[c] += x[i + c];
+    for (int64_t i = full; i < in; i++) lanes[i - full] += x[i];
+    return tree32(lanes);
+}
+
+int deltakit_sign_matmul(const float *x, int64_t n, int64_t in, const uint8_t *packed, int64_t out, float *y,
+                         float *totals, int threads) {
+    if (in % 8 != 0 || n < 0 || out < 0) return 1;
+    if (threads < 1) threads = 1;
+    for (int64_t t = 0; t < n; t++) totals[t] = row_total(x + t * in, in);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *p = packed + o * (in / 8);
+        int64_t t = 0;
+        for (; t + ROWS <= n; t += ROWS) row_block(x + t * in, in, p, totals + t, y + t * out + o, out, ROWS);
+        switch (n - t) {
+            case 3: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 3); break;
+            case 2: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 2); break;
+            case 1: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 1); break;
+            default: break;
+        }
+    }
+    return 0;
+}
