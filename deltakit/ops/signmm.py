@@ -123,7 +123,9 @@ def sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -
     """
     out_features, in_features = shape
     if x.shape[-1] != in_features:
-        raise ValueError(f"activations have {x.shape[-1]} features, the sign matrix {shape} wants {in_features}")
+        raise ValueError(
+            f"activations have {x.shape[-1]} features, the sign matrix {shape} wants {in_features}"
+        )
     if packed.dtype != torch.uint8 or packed.numel() * 8 < out_features * in_features:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold a {shape} sign matrix")
     if not native_applies(x, shape):
