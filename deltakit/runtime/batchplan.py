@@ -79,6 +79,10 @@ class ModulePlan:
     parts: list[Part]
     #: (A (in, R), B (R, out), mask (batch, R)) fp32, built on the first call, dropped with the plan
     stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    #: dense parts run once with a per-row weight: None until checked on the first call
+    row_weight: bool | None = None
+    #: (batch, dim) the per-row weights of that form
+    row_weights: torch.Tensor | None = None
     factored_parts: list[Part] = field(init=False)
     dense_parts: list[Part] = field(init=False)
     #: factored parts whose low-rank factors go into the stack (linear layers only)
@@ -112,3 +116,12 @@ def stack_mask(parts: list[Part], ranks: list[int], batch: int, device) -> torch
         mask[part.row_list, start : start + rank] = 1
         start += rank
     return mask.to(device)
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Llama-family RMSNorm forward with a per-row weight: x (batch, ..., dim), weight broadcastable
+    to x (e.g. (batch, 1, dim)) -> x's dtype. Same operations as ``LlamaRMSNorm.forward``."""
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(x.dtype)

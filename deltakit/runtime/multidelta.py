@@ -28,7 +28,15 @@ from torch import nn
 
 from deltakit.errors import UsageError
 from deltakit.ops.signmm import native_applies, sign_matmul
-from deltakit.runtime.batchplan import ModulePlan, Part, factor_pair, module_layout, part_path, stack_mask
+from deltakit.runtime.batchplan import (
+    ModulePlan,
+    Part,
+    factor_pair,
+    module_layout,
+    part_path,
+    rms_norm_rows,
+    stack_mask,
+)
 from deltakit.runtime.hotswap import HotSwapRuntime
 from deltakit.runtime.kernels import embedding_delta, sign_matrix
 from deltakit.runtime.lru import ByteLRU
@@ -184,12 +192,64 @@ class MultiDeltaExecutor:
             _add_rows(share, part, part_share)
         if share is not None:
             result.add_(share)
-        for part in plan.dense_parts:
+        if plan.dense_parts:
             start = self._tick(x)
-            dense = self._dense_rerun(plan.module, part, x[part.rows], args, kwargs)
-            result[part.rows] = dense.to(result.dtype)
+            result = self._dense_rows(plan, x, args, kwargs, result)
             self._tock("dense_s", start, result)
         return result
+
+    def _dense_rows(
+        self, plan: ModulePlan, x: torch.Tensor, args: tuple, kwargs: dict, result: torch.Tensor
+    ) -> torch.Tensor:
+        """The rows of the dense parts re-run with their rebuilt parameters.
+
+        An RMSNorm whose only parameter is the changed 1-D ``weight`` is computed once for all rows with a
+        per-row weight (batch, 1, ..., dim) by :func:`~.batchplan.rms_norm_rows`. The first call of a
+        plan checks that against the module's own forward on each delta's rows and keeps the per-delta
+        re-runs when any bit differs.
+        """
+        if plan.row_weight is not False:
+            batched = self._row_weight_rerun(plan, x, args, kwargs)
+            if plan.row_weight is None:
+                per_part = self._per_part_rerun(plan, x, args, kwargs, result.clone())
+                plan.row_weight = batched is not None and torch.equal(batched.to(result.dtype), per_part)
+                return per_part
+            if batched is not None:
+                return batched.to(result.dtype)
+        return self._per_part_rerun(plan, x, args, kwargs, result)
+
+    def _per_part_rerun(
+        self, plan: ModulePlan, x: torch.Tensor, args: tuple, kwargs: dict, result: torch.Tensor
+    ) -> torch.Tensor:
+        for part in plan.dense_parts:
+            dense = self._dense_rerun(plan.module, self._dense_params(part), x[part.rows], args, kwargs)
+            result[part.rows] = dense.to(result.dtype)
+        return result
+
+    def _row_weight_rerun(self, plan: ModulePlan, x: torch.Tensor, args: tuple, kwargs: dict):
+        """An RMSNorm on all rows with a per-row weight; None when the plan or module does not fit."""
+        module = plan.module
+        own = dict(module.named_parameters(recurse=False))
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if (
+            not type(module).__name__.endswith("RMSNorm")
+            or not isinstance(eps, float)
+            or set(own) != {"weight"}
+            or own["weight"].dim() != 1
+            or any(set(p.ops) != {"weight"} for p in plan.dense_parts)
+            or plan.factored_parts
+            or len(args) != 1
+            or kwargs
+        ):
+            plan.row_weight = False
+            return None
+        if plan.row_weights is None:
+            weights = own["weight"].detach().expand(plan.batch, -1).clone()  # (batch, dim)
+            for part in plan.dense_parts:
+                weights[part.rows] = self._dense_params(part)["weight"].to(weights.dtype)
+            plan.row_weights = weights
+        shape = (plan.batch, *([1] * (x.dim() - 2)), plan.row_weights.shape[-1])
+        return rms_norm_rows(x, plan.row_weights.view(shape), eps)
 
     def _low_rank(self, plan: ModulePlan, x: torch.Tensor) -> torch.Tensor:
         """fp32 ``(x A) B`` of each row's own delta, for all rows (0 for rows of no low-rank delta).
@@ -276,10 +336,8 @@ class MultiDeltaExecutor:
         key = f"{delta}\0{op.name}\0signs\0{dtype}"
         return self._cached(key, op, lambda: (sign_matrix(op, dtype),))[0]
 
-    def _dense_rerun(
-        self, module: nn.Module, part: Part, x: torch.Tensor, args: tuple, kwargs: dict
-    ) -> torch.Tensor:
-        """Fallback: the module run on these rows with the dense rebuilt parameters (cached)."""
+    def _dense_params(self, part: Part) -> dict[str, torch.Tensor]:
+        """The part's changed parameters rebuilt densely in the served dtype (cached)."""
         resident = self.runtime.resident
         params = {}
         for attr, op in part.ops.items():
@@ -290,6 +348,13 @@ class MultiDeltaExecutor:
                 return (HotSwapRuntime._rebuild(part.prepared, op, pristine).to(served),)
 
             params[attr] = self._cached(f"{part.prepared.name}\0{op.name}\0dense", op, make)[0]
+        return params
+
+    @staticmethod
+    def _dense_rerun(
+        module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        """Fallback: ``module`` run on the rows ``x`` with ``params`` in place of its own."""
         _guard.active = True
         try:
             return torch.func.functional_call(module, params, (x, *args[1:]), kwargs)
