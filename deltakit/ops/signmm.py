@@ -7,7 +7,10 @@ S (out, in) is stored as bits (1 = +1, 0 = -1, least significant bit first, row-
   into the deltakit cache (``$DELTAKIT_CACHE/kernels`` or the user cache dir) and called with ctypes.
   It reads the 1-bit matrix once per 4 activation rows and takes ``2·(sum of x over the set bits) −
   (sum of x)`` in fp32 in a fixed order, so its bits do not depend on the thread count, the instruction
-  set (AVX-512 masked adds or portable code) or the rows batched with a row;
+  set (AVX-512 masked adds or portable code) or the rows batched with a row. From
+  :data:`LUT_MIN_ROWS` rows on (prefill) a table-lookup form takes 16 rows per vector: per 8-column
+  group a 256-entry table of the rows' ±x sums, one vector add per 8 columns. Its bits are also fixed
+  for a row, whatever the threads or other rows, but round differently from the few-rows form;
 - elsewhere (CUDA tensors, ``in`` not a multiple of 8, no C compiler, ``DELTAKIT_NATIVE=0``):
   ``x @ unpack(S)ᵀ`` in fp32 (:func:`reference_sign_matmul`), the same sums in the matmul's order.
 """
@@ -30,6 +33,8 @@ from deltakit.ops.bitpack import unpack_signs
 
 _SOURCE = Path(__file__).with_name("signmm_native.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math")
+#: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used
+LUT_MIN_ROWS = 4
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -79,17 +84,11 @@ def native_library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError):
             return None
+        pointers = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
         lib.deltakit_sign_matmul.restype = ctypes.c_int
-        lib.deltakit_sign_matmul.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
+        lib.deltakit_sign_matmul.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        lib.deltakit_sign_matmul_lut.restype = ctypes.c_int
+        lib.deltakit_sign_matmul_lut.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_int]
         _library = lib
         return lib
 
@@ -135,18 +134,15 @@ def sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -
     lead = x.shape[:-1]
     flat = x.reshape(-1, in_features).to(torch.float32).contiguous()  # (n, in)
     bits = packed.contiguous()
-    y = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
-    totals = torch.empty(flat.shape[0], dtype=torch.float32)
-    code = lib.deltakit_sign_matmul(
-        flat.data_ptr(),
-        flat.shape[0],
-        in_features,
-        bits.data_ptr(),
-        out_features,
-        y.data_ptr(),
-        totals.data_ptr(),
-        torch.get_num_threads(),
-    )
+    rows = flat.shape[0]
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    args = (flat.data_ptr(), rows, in_features, bits.data_ptr(), out_features, y.data_ptr())
+    threads = torch.get_num_threads()
+    if rows >= LUT_MIN_ROWS:
+        code = lib.deltakit_sign_matmul_lut(*args, threads)
+    else:
+        totals = torch.empty(rows, dtype=torch.float32)
+        code = lib.deltakit_sign_matmul(*args, totals.data_ptr(), threads)
     if code != 0:
-        raise ValueError(f"sign kernel refused shape {shape}")
+        raise ValueError(f"sign kernel failed for shape {shape} (code {code})")
     return y.reshape(*lead, out_features)

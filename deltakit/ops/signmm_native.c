@@ -10,8 +10,16 @@
  * pairwise tree. The AVX-512 form (masked adds) and the portable form (multiply by 0/1, exact) produce
  * the same lane sums, so the bits depend neither on the instruction set, nor on the number of threads
  * (threads split the output columns, never a sum), nor on the rows batched together.
+ *
+ * deltakit_sign_matmul_lut takes many rows (prefill) 16 at a time: for each 8-column group g a table
+ * holds, for every byte value b, the 16 rows' sums of ±x over the group's columns (+ where b's bit is
+ * set), built in a fixed order; y[t, o] is then the sum over g of table[g][byte (o, g)] (one 16-row
+ * vector load and add per 8 columns), partial sums taken in a fixed order (group chunks in order;
+ * within a chunk g % 4 into four partials, combined pairwise). Its bits are independent of the thread
+ * count and of the other rows, but differ in rounding from deltakit_sign_matmul.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -128,4 +136,65 @@ int deltakit_sign_matmul(const float *x, int64_t n, int64_t in, const uint8_t *p
         }
     }
     return 0;
+}
+
+typedef float v16 __attribute__((vector_size(64)));
+
+#define LUT_ROWS 16
+#define CHUNK 32 /* 8-column groups per table chunk: 32 x 256 x 64 bytes = 512 KiB */
+
+/* table[b] for one group: the LUT_ROWS rows' sum of s_k * x_k over the group's 8 columns, s_k = +1
+ * when bit k of b is set, else -1 (xt: 8 columns x LUT_ROWS, column-major per row vector) */
+static void build_table(const v16 *xt, v16 *table) {
+    v16 twice[8];
+    for (int k = 0; k < 8; k++) twice[k] = xt[k] + xt[k];
+    table[0] = -(((xt[0] + xt[1]) + (xt[2] + xt[3])) + ((xt[4] + xt[5]) + (xt[6] + xt[7])));
+    for (int b = 1; b < 256; b++) table[b] = table[b & (b - 1)] + twice[__builtin_ctz(b)];
+}
+
+static void lut_block(const v16 *xt, int64_t groups, const uint8_t *packed, int64_t out, v16 *acc,
+                      v16 *table, int threads) {
+    for (int64_t c0 = 0; c0 < groups; c0 += CHUNK) {
+        int64_t gc = groups - c0 < CHUNK ? groups - c0 : CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t g = 0; g < gc; g++) build_table(xt + (c0 + g) * 8, table + g * 256);
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t o = 0; o < out; o++) {
+            const uint8_t *p = packed + o * groups + c0;
+            v16 a[4] = {{0}, {0}, {0}, {0}};
+            int64_t g = 0;
+            for (; g + 4 <= gc; g += 4) {
+                a[0] += table[g * 256 + p[g]];
+                a[1] += table[(g + 1) * 256 + p[g + 1]];
+                a[2] += table[(g + 2) * 256 + p[g + 2]];
+                a[3] += table[(g + 3) * 256 + p[g + 3]];
+            }
+            for (; g < gc; g++) a[g % 4] += table[g * 256 + p[g]];
+            acc[o] += (a[0] + a[1]) + (a[2] + a[3]);
+        }
+    }
+}
+
+int deltakit_sign_matmul_lut(const float *x, int64_t n, int64_t in, const uint8_t *packed, int64_t out,
+                             float *y, int threads) {
+    if (in % 8 != 0 || n < 0 || out < 0) return 1;
+    if (threads < 1) threads = 1;
+    int64_t groups = in / 8;
+    v16 *table = aligned_alloc(64, CHUNK * 256 * sizeof(v16));
+    v16 *xt = aligned_alloc(64, (in > 0 ? in : 1) * sizeof(v16));
+    v16 *acc = aligned_alloc(64, (out > 0 ? out : 1) * sizeof(v16));
+    int code = (table && xt && acc) ? 0 : 2;
+    for (int64_t t0 = 0; code == 0 && t0 < n; t0 += LUT_ROWS) {
+        int nr = n - t0 < LUT_ROWS ? (int)(n - t0) : LUT_ROWS;
+        for (int64_t i = 0; i < in; i++)
+            for (int r = 0; r < LUT_ROWS; r++) xt[i][r] = r < nr ? x[(t0 + r) * in + i] : 0.0f;
+        memset(acc, 0, out * sizeof(v16));
+        lut_block(xt, groups, packed, out, acc, table, threads);
+        for (int r = 0; r < nr; r++)
+            for (int64_t o = 0; o < out; o++) y[(t0 + r) * out + o] = acc[o][r];
+    }
+    free(table);
+    free(xt);
+    free(acc);
+    return code;
 }
