@@ -58,8 +58,21 @@ static inline void tail(const float *x, int64_t in, const uint8_t *p, float *lan
             if ((p[g] >> l) & 1) lanes[(g - full) * 8 + l] += x[g * 8 + l];
 }
 
-/* nt (1..ROWS) rows of x against matrix row p: lanes[t][32] of the set-bit sums of the full blocks */
-static inline __attribute__((always_inline)) void block_lanes(const float *x, int64_t in, const uint8_t *p,
+#ifdef __AVX512F__
+/* tree32 of the lanes (lo: 0..15, hi: 16..31) with vector adds, pair for pair the same sums */
+static inline float reduce_zmm(__m512 lo, __m512 hi) {
+    __m512 a = _mm512_add_ps(lo, hi);
+    __m256 b = _mm256_add_ps(_mm512_castps512_ps256(a),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+    __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+}
+#endif
+
+/* nt (1..ROWS) rows of x against matrix row p: lanes[t][32] of the set-bit sums of the full blocks;
+ * returns 1 when lanes[t][0] already holds the reduced sum (no tail) */
+static inline __attribute__((always_inline)) int block_lanes(const float *x, int64_t in, const uint8_t *p,
                                                               float lanes[ROWS][32], const int nt) {
     int64_t full = (in / 32) * 32;
 #ifdef __AVX512F__
@@ -74,6 +87,10 @@ static inline __attribute__((always_inline)) void block_lanes(const float *x, in
             lo[t] = _mm512_mask_add_ps(lo[t], m0, lo[t], _mm512_loadu_ps(xr));
             hi[t] = _mm512_mask_add_ps(hi[t], m1, hi[t], _mm512_loadu_ps(xr + 16));
         }
+    }
+    if (in % 32 == 0) { /* no tail: reduce in registers, the same pairwise tree as tree32 */
+        for (int t = 0; t < nt; t++) lanes[t][0] = reduce_zmm(lo[t], hi[t]);
+        return 1;
     }
     for (int t = 0; t < nt; t++) {
         _mm512_storeu_ps(lanes[t], lo[t]);
@@ -95,13 +112,17 @@ static inline __attribute__((always_inline)) void block_lanes(const float *x, in
     }
     for (int t = 0; t < nt; t++) memcpy(lanes[t], acc[t], 32 * sizeof(float));
 #endif
+    return 0;
 }
 
 static inline __attribute__((always_inline)) void row_block(const float *x, int64_t in, const uint8_t *p,
                                                             const float *totals, float *y, int64_t out,
                                                             const int nt) {
     float lanes[ROWS][32];
-    block_lanes(x, in, p, lanes, nt);
+    if (block_lanes(x, in, p, lanes, nt)) {
+        for (int t = 0; t < nt; t++) y[t * out] = 2.0f * lanes[t][0] - totals[t];
+        return;
+    }
     for (int t = 0; t < nt; t++) {
         tail(x + t * in, in, p, lanes[t]);
         y[t * out] = 2.0f * tree32(lanes[t]) - totals[t];
