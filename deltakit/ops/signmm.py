@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -89,6 +90,16 @@ def native_library() -> ctypes.CDLL | None:
         lib.deltakit_sign_matmul.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         lib.deltakit_sign_matmul_lut.restype = ctypes.c_int
         lib.deltakit_sign_matmul_lut.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_int]
+        lib.deltakit_sign_matmul_multi.restype = ctypes.c_int
+        lib.deltakit_sign_matmul_multi.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            *[ctypes.c_void_p] * 5,
+            ctypes.c_int64,
+            ctypes.c_int,
+        ]
         _library = lib
         return lib
 
@@ -146,3 +157,60 @@ def sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -
     if code != 0:
         raise ValueError(f"sign kernel failed for shape {shape} (code {code})")
     return y.reshape(*lead, out_features)
+
+
+class SignGroup:
+    """Several packed sign matrices of one shape, each applied to its own rows, in one kernel call.
+
+    packed: per part the packed bits of S_p (out, in); rows: per part the row indices (into the
+    flattened activations) it applies to, disjoint; scales: per part α_p. The tensors are kept (their
+    addresses are handed to the kernel). Only for CPU tensors with ``in % 8 == 0`` and the C kernel
+    present (:func:`native_applies`).
+    """
+
+    def __init__(
+        self, packed: list[torch.Tensor], shape: tuple[int, int], rows: list[list[int]], scales: list[float]
+    ):
+        if len(packed) != len(rows) or len(rows) != len(scales):
+            raise ValueError("a sign group needs as many row lists and scales as packed matrices")
+        self.shape = shape
+        self.packed = [p.contiguous() for p in packed]
+        self.pointers = torch.tensor([p.data_ptr() for p in self.packed], dtype=torch.int64)
+        self.offsets = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.int64)
+        self.rows = torch.tensor([i for r in rows for i in r], dtype=torch.int64)
+        self.scales = torch.tensor(scales, dtype=torch.float32)
+
+    def add_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y[rows_p] += α_p · x[rows_p] S_pᵀ`` for every part; x (N, in) and y (N, out) contiguous fp32
+        CPU tensors (y mutated). Each part's product has the bits of :func:`sign_matmul` on its rows."""
+        out_features, in_features = self.shape
+        if (
+            x.dtype != torch.float32
+            or y.dtype != torch.float32
+            or not (x.is_contiguous() and y.is_contiguous())
+        ):
+            raise ValueError("sign group wants contiguous fp32 activations and output")
+        if x.shape[-1] != in_features or y.shape[-1] != out_features or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"sign group of {self.shape} got activations {tuple(x.shape)}, output {tuple(y.shape)}"
+            )
+        if self.rows.numel() and int(self.rows.max()) >= x.shape[0]:
+            raise ValueError(f"sign group rows reach {int(self.rows.max())}, activations have {x.shape[0]}")
+        lib = native_library()
+        if lib is None:
+            raise ValueError("the sign kernel is not available")
+        code = lib.deltakit_sign_matmul_multi(
+            x.data_ptr(),
+            in_features,
+            out_features,
+            len(self.packed),
+            self.pointers.data_ptr(),
+            self.offsets.data_ptr(),
+            self.rows.data_ptr(),
+            self.scales.data_ptr(),
+            y.data_ptr(),
+            LUT_MIN_ROWS,
+            torch.get_num_threads(),
+        )
+        if code != 0:
+            raise ValueError(f"sign kernel failed for shape {self.shape} (code {code})")

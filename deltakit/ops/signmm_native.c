@@ -219,3 +219,39 @@ int deltakit_sign_matmul_lut(const float *x, int64_t n, int64_t in, const uint8_
     free(acc);
     return code;
 }
+
+/* Several sign matrices of one shape (out, in), each against its own rows of x, accumulated into y:
+ * y[rows[k], :] += scales[p] * (x[rows[k], :] S_pᵀ) for the rows k in offsets[p] .. offsets[p + 1].
+ * x (rows of x, in) fp32, y (rows of y, out) fp32, packed[p] the address of part p's bits. A part of
+ * lut_min rows or more takes the table-lookup form, fewer the masked-add form; each part's product
+ * has the bits of a single call on its gathered rows. Rows of different parts must differ. */
+int deltakit_sign_matmul_multi(const float *x, int64_t in, int64_t out, int64_t nparts, const int64_t *packed,
+                               const int64_t *offsets, const int64_t *rows, const float *scales, float *y,
+                               int64_t lut_min, int threads) {
+    if (in % 8 != 0 || out < 0) return 1;
+    for (int64_t p = 0; p < nparts; p++) {
+        int64_t n = offsets[p + 1] - offsets[p];
+        if (n <= 0) continue;
+        float *xs = malloc(n * in * sizeof(float));
+        float *ys = malloc((n * out > 0 ? n * out : 1) * sizeof(float));
+        float *totals = malloc(n * sizeof(float));
+        int code = (xs && ys && totals) ? 0 : 2;
+        const uint8_t *bits = (const uint8_t *)(uintptr_t)packed[p];
+        if (code == 0) {
+            for (int64_t r = 0; r < n; r++) memcpy(xs + r * in, x + rows[offsets[p] + r] * in, in * sizeof(float));
+            code = n >= lut_min ? deltakit_sign_matmul_lut(xs, n, in, bits, out, ys, threads)
+                                : deltakit_sign_matmul(xs, n, in, bits, out, ys, totals, threads);
+        }
+        if (code == 0)
+            for (int64_t r = 0; r < n; r++) {
+                float *yr = y + rows[offsets[p] + r] * out;
+                const float *src = ys + r * out;
+                for (int64_t o = 0; o < out; o++) yr[o] += scales[p] * src[o];
+            }
+        free(xs);
+        free(ys);
+        free(totals);
+        if (code != 0) return code;
+    }
+    return 0;
+}

@@ -18,6 +18,7 @@ factors, bias differences, rebuilt dense parameters, unpacked signs where the bi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ def module_layout(module: nn.Module) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(eq=False)
 class Part:
     """One delta's change to one module: its rows, ops and path (``factored`` or ``dense``)."""
 
@@ -69,7 +70,7 @@ def part_path(module: nn.Module, prepared: PreparedDelta, ops: dict[str, TensorO
     return "factored" if fast else "dense"
 
 
-@dataclass
+@dataclass(eq=False)
 class ModulePlan:
     """The parts of one module in one batch, split by path; ``stacked`` is the low-rank stack."""
 
@@ -83,6 +84,10 @@ class ModulePlan:
     row_weight: bool | None = None
     #: (batch, dim) the per-row weights of that form
     row_weights: torch.Tensor | None = None
+    #: factored parts whose sign products go through one packed-bit kernel call (CPU, ``out_in``)
+    grouped_sign_parts: list[Part] = field(default_factory=list)
+    #: tokens per row -> the kernel's :class:`~deltakit.ops.signmm.SignGroup` for those parts
+    sign_groups: dict[int, Any] = field(default_factory=dict)
     factored_parts: list[Part] = field(init=False)
     dense_parts: list[Part] = field(init=False)
     #: factored parts whose low-rank factors go into the stack (linear layers only)

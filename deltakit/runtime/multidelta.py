@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from deltakit.errors import UsageError
-from deltakit.ops.signmm import native_applies, sign_matmul
+from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul
 from deltakit.runtime.batchplan import (
     ModulePlan,
     Part,
@@ -135,7 +135,17 @@ class MultiDeltaExecutor:
                 )
                 for name, ops in by_delta.items()
             ]
-            plans.append(ModulePlan(module, module_layout(module), len(assignment), parts))
+            plan = ModulePlan(module, module_layout(module), len(assignment), parts)
+            if runtime.device.type == "cpu" and plan.layout == "out_in" and native_library() is not None:
+                plan.grouped_sign_parts = [
+                    p
+                    for p in plan.factored_parts
+                    if p.weight is not None
+                    and p.weight.view is not None
+                    and p.weight.view.signs is not None
+                    and p.weight.view.shape[1] % 8 == 0
+                ]
+            plans.append(plan)
         return plans
 
     def _make_hook(self, plan: ModulePlan):
@@ -179,10 +189,18 @@ class MultiDeltaExecutor:
         else:
             result = output
         share = None  # fp32 (batch, ..., out): every factored part's share, added to result at once
+        xf = x.to(torch.float32) if plan.low_rank_parts or plan.grouped_sign_parts else x
         if plan.low_rank_parts:
             start = self._tick(x)
-            share = self._low_rank(plan, x)
+            share = self._low_rank(plan, xf)
             self._tock("low_rank_s", start, share)
+        if plan.grouped_sign_parts:
+            start = self._tick(x)
+            if share is None:
+                share = torch.zeros(result.shape, dtype=torch.float32, device=result.device)
+            flat = xf.reshape(-1, xf.shape[-1]).contiguous()  # (tokens, in)
+            self._sign_group(plan, flat.shape[0] // batch).add_into(flat, share.view(-1, share.shape[-1]))
+            self._tock("sign_s", start, share)
         for part in plan.factored_parts:
             part_share = self._factored_share(plan, part, x)
             if part_share is None:
@@ -257,7 +275,7 @@ class MultiDeltaExecutor:
         Few token rows (decoding): one product with every delta's factors stacked, masked per row.
         Many (prefill): per delta on its rows, which does not multiply the flops by the delta count.
         """
-        xf = x.to(torch.float32)
+        xf = x.to(torch.float32)  # a no-op for the fp32 input the hook passes
         parts = plan.low_rank_parts
         if xf.numel() // xf.shape[-1] > STACK_TOKENS:
             share = None
@@ -285,7 +303,12 @@ class MultiDeltaExecutor:
         share: torch.Tensor | None = None
         if weight is not None and plan.layout == "embedding":
             share = embedding_delta(x[rows], weight)
-        elif weight is not None and weight.view is not None and weight.view.signs is not None:
+        elif (
+            weight is not None
+            and weight.view is not None
+            and weight.view.signs is not None
+            and part not in plan.grouped_sign_parts
+        ):
             start = self._tick(x)
             share = self._sign_share(part.prepared.name, weight, plan.layout, x[rows])
             self._tock("sign_s", start, share)
@@ -293,6 +316,17 @@ class MultiDeltaExecutor:
             diff = self._bias_diff(part.prepared.name, bias, x.device)
             share = diff if share is None else share.add_(diff)
         return share
+
+    def _sign_group(self, plan: ModulePlan, per_row: int) -> SignGroup:
+        """The plan's grouped sign parts as one kernel call for inputs of ``per_row`` tokens per row."""
+        group = plan.sign_groups.get(per_row)
+        if group is None:
+            parts = plan.grouped_sign_parts
+            views = [p.weight.view for p in parts]
+            rows = [[b * per_row + j for b in p.row_list for j in range(per_row)] for p in parts]
+            group = SignGroup([v.signs for v in views], views[0].shape, rows, [float(v.scale) for v in views])
+            plan.sign_groups[per_row] = group
+        return group
 
     def _sign_share(self, delta: str, op: TensorOp, layout: str, x: torch.Tensor) -> torch.Tensor:
         """``α·(x Sᵀ)`` (``out_in``) or ``α·(x S)`` (``in_out``) in fp32 for x (n, ..., in)."""
