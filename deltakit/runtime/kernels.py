@@ -13,6 +13,7 @@ import torch
 
 from deltakit.codecs.base import FactoredView
 from deltakit.ops.bitpack import unpack_signs
+from deltakit.ops.signmm import sign_matmul
 from deltakit.runtime.prepared import TensorOp
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -44,9 +45,12 @@ def sign_share(x: torch.Tensor, op: TensorOp, layout: str, signs: torch.Tensor |
     """``α·(x Sᵀ)`` (``out_in``) or ``α·(x S)`` (``in_out``) for x (..., in) -> fp32 (..., out).
 
     signs: the unpacked ±1 matrix when the caller caches it (fp32, or the activations' 16-bit dtype,
-    in which the product is then taken); else unpacked here in fp32. op not mutated.
+    in which the product is then taken); else, for ``out_in``, taken from the packed bits
+    (:func:`deltakit.ops.signmm.sign_matmul`), or unpacked here in fp32. op not mutated.
     """
     view = _view(op)
+    if signs is None and layout == "out_in" and view.signs is not None:
+        return sign_matmul(x, view.signs, view.shape).mul_(float(view.scale))
     s = signs if signs is not None else sign_matrix(op)  # (out, in) or (in, out)
     xs = x.to(s.dtype)
     part = xs @ (s.T if layout == "out_in" else s)  # (..., out)

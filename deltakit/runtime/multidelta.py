@@ -2,11 +2,12 @@
 
 Inside ``with executor.assign(["chat", None, "code", "chat"]):`` every forward pass of the resident model
 (which holds the *base* weights) gets, through forward hooks on the modules whose parameters the deltas
-touch, each row's delta added to that module's output:
+touch, each row's delta added to that module's output (the plan of each module is made once per
+``assign``, see :mod:`.batchplan`):
 
-- Linear / GPT-2 Conv1D weights of ``dqrelo``, ``bitdelta`` and ``svd`` deltas: the sign part
-  (unpacked bits x scale) and the low-rank part (x·downᵀ·upᵀ) per group of rows (:mod:`.kernels`), and a
-  changed bias as ``b_ft − b_base``;
+- Linear / GPT-2 Conv1D weights of ``dqrelo``, ``bitdelta`` and ``svd`` deltas: the low-rank parts of all
+  deltas as two thin matmuls over all rows (masked per row), the sign part per delta from the packed
+  bits, and a changed bias as ``b_ft − b_base``;
 - embedding tables of those codecs: the rows of Δ for the looked-up ids;
 - anything else (norm weights stored exactly, other codecs): the module is re-run on the group's rows
   with the dense rebuilt parameters (correct for any module that treats batch rows independently).
@@ -26,13 +27,26 @@ import torch
 from torch import nn
 
 from deltakit.errors import UsageError
+from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul
+from deltakit.runtime.batchplan import (
+    ModulePlan,
+    Part,
+    factor_pair,
+    module_layout,
+    part_path,
+    rms_norm_rows,
+    stack_mask,
+)
 from deltakit.runtime.hotswap import HotSwapRuntime
-from deltakit.runtime.kernels import embedding_delta, low_rank_share, sign_matrix, sign_share
+from deltakit.runtime.kernels import embedding_delta, sign_matrix
 from deltakit.runtime.lru import ByteLRU
 from deltakit.runtime.prepared import PreparedDelta, TensorOp
 
 _guard = threading.local()
 COST_KEYS = ("sign_s", "low_rank_s", "dense_s", "hooks_s")
+#: at most this many token rows (batch x positions) take the stacked low-rank product, more go per delta
+STACK_TOKENS = 64
+__all__ = ["COST_KEYS", "MultiDeltaExecutor", "module_layout", "row_selector"]
 
 
 def row_selector(rows: list[int]) -> slice | torch.Tensor:
@@ -42,23 +56,17 @@ def row_selector(rows: list[int]) -> slice | torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def module_layout(module: nn.Module) -> str | None:
-    """``out_in`` for nn.Linear, ``in_out`` for GPT-2 style Conv1D, ``embedding``, else None."""
-    if isinstance(module, nn.Linear):
-        return "out_in"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return "in_out"
-    return None
+def _cached_bytes(item: tuple) -> int:
+    return sum(t.numel() * t.element_size() for t in item[1])
 
 
 class MultiDeltaExecutor:
     """Runs mixed-delta batches on a :class:`HotSwapRuntime`'s resident model.
 
-    sign_cache_bytes: budget for unpacked ±1 sign matrices (on the device, in the activations' dtype:
-    fp32 for fp32 models, bf16/fp16 for 16-bit ones) reused across the forward passes of a
-    generation; 0 unpacks on every forward.
+    sign_cache_bytes: budget of the LRU of ready-to-use tensors (on the device, in the activations'
+    dtype: low-rank factors, bias differences, rebuilt dense parameters, and ±1 sign matrices where the
+    packed-bit kernel does not apply) reused across the forward passes and batches; 0 rebuilds them on
+    every call (same results).
     profile: accumulate the seconds spent in each part of the delta shares in :attr:`costs`
     (``sign_s``, ``low_rank_s``, ``dense_s``, ``hooks_s``; the device is synchronised around each part,
     which slows the forward a little). The base matmuls are the forward's time minus ``hooks_s``.
@@ -68,8 +76,9 @@ class MultiDeltaExecutor:
         self.runtime = runtime
         self.profile = profile
         self.costs: dict[str, float] = dict.fromkeys(COST_KEYS, 0.0)
-        self.sign_cache: ByteLRU[tuple[torch.Tensor, torch.Tensor]] = ByteLRU(
-            sign_cache_bytes, lambda item: item[1].numel() * item[1].element_size()
+        #: key -> (op the tensors were made from, tensors)
+        self.sign_cache: ByteLRU[tuple[TensorOp, tuple[torch.Tensor, ...]]] = ByteLRU(
+            sign_cache_bytes, _cached_bytes
         )
         # parameter identity -> [(module, attribute)] for every module holding it (tied weights: several)
         self._users: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -90,43 +99,61 @@ class MultiDeltaExecutor:
             deltas: dict[str, PreparedDelta] = {}
             for name in dict.fromkeys(a for a in assignment if a is not None):
                 deltas[name] = runtime.device_delta(name)[0]
-            rows = {  # grouped once per batch: every hook reuses these selectors
-                name: _on(row_selector([i for i, a in enumerate(assignment) if a == name]), runtime.device)
-                for name in deltas
-            }
-            per_module: dict[nn.Module, dict[str, dict[str, TensorOp]]] = {}
-            for name, prepared in deltas.items():
-                for canonical, op in prepared.ops.items():
-                    param = runtime.resident.param(canonical)
-                    users = self._users.get(id(param))
-                    if not users:
-                        raise UsageError(
-                            f"parameter {canonical} is used by no module: cannot batch delta {name!r}"
-                        )
-                    for module, attr in users:
-                        per_module.setdefault(module, {}).setdefault(name, {})[attr] = op
+            plans = self._plans(deltas, assignment)
             handles = []
             try:
-                for module, ops in per_module.items():
-                    hook = self._make_hook(ops, deltas, rows, len(assignment))
-                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                for plan in plans:
+                    handles.append(plan.module.register_forward_hook(self._make_hook(plan), with_kwargs=True))
                 yield
             finally:
                 for handle in handles:
                     handle.remove()
 
-    def _make_hook(
-        self,
-        ops: dict[str, dict[str, TensorOp]],
-        deltas: dict[str, PreparedDelta],
-        rows: dict[str, slice | torch.Tensor],
-        batch: int,
-    ):
+    def _plans(self, deltas: dict[str, PreparedDelta], assignment: Sequence[str | None]) -> list[ModulePlan]:
+        """One plan per touched module: the row grouping and paths, made once for the whole batch."""
+        runtime = self.runtime
+        row_lists = {name: [i for i, a in enumerate(assignment) if a == name] for name in deltas}
+        per_module: dict[nn.Module, dict[str, dict[str, TensorOp]]] = {}
+        for name, prepared in deltas.items():
+            for canonical, op in prepared.ops.items():
+                users = self._users.get(id(runtime.resident.param(canonical)))
+                if not users:
+                    raise UsageError(
+                        f"parameter {canonical} is used by no module: cannot batch delta {name!r}"
+                    )
+                for module, attr in users:
+                    per_module.setdefault(module, {}).setdefault(name, {})[attr] = op
+        plans = []
+        for module, by_delta in per_module.items():
+            parts = [
+                Part(
+                    deltas[name],
+                    _on(row_selector(row_lists[name]), runtime.device),
+                    row_lists[name],
+                    ops,
+                    part_path(module, deltas[name], ops),
+                )
+                for name, ops in by_delta.items()
+            ]
+            plan = ModulePlan(module, module_layout(module), len(assignment), parts)
+            if runtime.device.type == "cpu" and plan.layout == "out_in" and native_library() is not None:
+                plan.grouped_sign_parts = [
+                    p
+                    for p in plan.factored_parts
+                    if p.weight is not None
+                    and p.weight.view is not None
+                    and p.weight.view.signs is not None
+                    and p.weight.view.shape[1] % 8 == 0
+                ]
+            plans.append(plan)
+        return plans
+
+    def _make_hook(self, plan: ModulePlan):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
             if getattr(_guard, "active", False):
                 return None
             start = self._tick(output)
-            result = self._hook_body(module, args, kwargs, output, ops, deltas, rows, batch)
+            result = self._hook_body(plan, args, kwargs, output)
             self._tock("hooks_s", start, result)
             return result
 
@@ -147,108 +174,236 @@ class MultiDeltaExecutor:
     def reset_costs(self) -> None:
         self.costs = dict.fromkeys(COST_KEYS, 0.0)
 
-    def _hook_body(
-        self,
-        module: nn.Module,
-        args: tuple,
-        kwargs: dict,
-        output: torch.Tensor,
-        ops: dict[str, dict[str, TensorOp]],
-        deltas: dict[str, PreparedDelta],
-        rows: dict[str, slice | torch.Tensor],
-        batch: int,
-    ) -> torch.Tensor:
-        """The hook's work: base output plus every row group's delta share."""
+    def _hook_body(self, plan: ModulePlan, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """The hook's work: the base output with every row group's delta share added (in place when it
+        is a fresh tensor and no gradient is recorded, else into a copy)."""
         x = args[0] if args else next(iter(kwargs.values()))
+        batch = plan.batch
         if x.shape[0] == 1 and batch > 1:  # broadcast input (GPT-2's position ids): same for every row
             x = x.expand(batch, *x.shape[1:])
-            output = output.expand(batch, *output.shape[1:])
+            result = output.expand(batch, *output.shape[1:]).clone()
         elif x.shape[0] != batch:
             raise UsageError(f"module input has {x.shape[0]} rows, the delta assignment has {batch}")
-        result = output.clone()
-        for name, attr_ops in ops.items():
-            idx = rows[name]
-            new = self._rows_output(module, attr_ops, deltas[name], x[idx], output[idx], args, kwargs)
-            result[idx] = new.to(result.dtype)
+        elif torch.is_grad_enabled() or not output.is_contiguous():
+            result = output.clone(memory_format=torch.contiguous_format)
+        else:
+            result = output
+        share = None  # fp32 (batch, ..., out): every factored part's share, added to result at once
+        xf = x.to(torch.float32) if plan.low_rank_parts or plan.grouped_sign_parts else x
+        if plan.low_rank_parts:
+            start = self._tick(x)
+            share = self._low_rank(plan, xf)
+            self._tock("low_rank_s", start, share)
+        if plan.grouped_sign_parts:
+            start = self._tick(x)
+            if share is None:
+                share = torch.zeros(result.shape, dtype=torch.float32, device=result.device)
+            flat = xf.reshape(-1, xf.shape[-1]).contiguous()  # (tokens, in)
+            self._sign_group(plan, flat.shape[0] // batch).add_into(flat, share.view(-1, share.shape[-1]))
+            self._tock("sign_s", start, share)
+        for part in plan.factored_parts:
+            part_share = self._factored_share(plan, part, x)
+            if part_share is None:
+                continue
+            if share is None:
+                share = torch.zeros(result.shape, dtype=torch.float32, device=result.device)
+            _add_rows(share, part, part_share)
+        if share is not None:
+            result.add_(share)
+        if plan.dense_parts:
+            start = self._tick(x)
+            result = self._dense_rows(plan, x, args, kwargs, result)
+            self._tock("dense_s", start, result)
         return result
 
-    def _rows_output(
-        self,
-        module: nn.Module,
-        attr_ops: dict[str, TensorOp],
-        prepared: PreparedDelta,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        args: tuple,
-        kwargs: dict,
+    def _dense_rows(
+        self, plan: ModulePlan, x: torch.Tensor, args: tuple, kwargs: dict, result: torch.Tensor
     ) -> torch.Tensor:
-        """Output rows of ``module`` under one delta: base output + delta share, or a dense re-run."""
-        layout = module_layout(module)
-        weight, bias = attr_ops.get("weight"), attr_ops.get("bias")
-        fast = (
-            prepared.factored
-            and layout is not None
-            and set(attr_ops) <= {"weight", "bias"}
-            and (weight is None or weight.kind == "encoded")
-            and (bias is None or (bias.kind == "passthrough" and layout != "embedding"))
-        )
-        if not fast:
+        """The rows of the dense parts re-run with their rebuilt parameters.
+
+        An RMSNorm whose only parameter is the changed 1-D ``weight`` is computed once for all rows with a
+        per-row weight (batch, 1, ..., dim) by :func:`~.batchplan.rms_norm_rows`. The first call of a
+        plan checks that against the module's own forward on each delta's rows and keeps the per-delta
+        re-runs when any bit differs.
+        """
+        if plan.row_weight is not False:
+            batched = self._row_weight_rerun(plan, x, args, kwargs)
+            if plan.row_weight is None:
+                per_part = self._per_part_rerun(plan, x, args, kwargs, result.clone())
+                plan.row_weight = batched is not None and torch.equal(batched.to(result.dtype), per_part)
+                return per_part
+            if batched is not None:
+                return batched.to(result.dtype)
+        return self._per_part_rerun(plan, x, args, kwargs, result)
+
+    def _per_part_rerun(
+        self, plan: ModulePlan, x: torch.Tensor, args: tuple, kwargs: dict, result: torch.Tensor
+    ) -> torch.Tensor:
+        for part in plan.dense_parts:
+            dense = self._dense_rerun(plan.module, self._dense_params(part), x[part.rows], args, kwargs)
+            result[part.rows] = dense.to(result.dtype)
+        return result
+
+    def _row_weight_rerun(self, plan: ModulePlan, x: torch.Tensor, args: tuple, kwargs: dict):
+        """An RMSNorm on all rows with a per-row weight; None when the plan or module does not fit."""
+        module = plan.module
+        own = dict(module.named_parameters(recurse=False))
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if (
+            not type(module).__name__.endswith("RMSNorm")
+            or not isinstance(eps, float)
+            or set(own) != {"weight"}
+            or own["weight"].dim() != 1
+            or any(set(p.ops) != {"weight"} for p in plan.dense_parts)
+            or plan.factored_parts
+            or len(args) != 1
+            or kwargs
+        ):
+            plan.row_weight = False
+            return None
+        if plan.row_weights is None:
+            weights = own["weight"].detach().expand(plan.batch, -1).clone()  # (batch, dim)
+            for part in plan.dense_parts:
+                weights[part.rows] = self._dense_params(part)["weight"].to(weights.dtype)
+            plan.row_weights = weights
+        shape = (plan.batch, *([1] * (x.dim() - 2)), plan.row_weights.shape[-1])
+        return rms_norm_rows(x, plan.row_weights.view(shape), eps)
+
+    def _low_rank(self, plan: ModulePlan, x: torch.Tensor) -> torch.Tensor:
+        """fp32 ``(x A) B`` of each row's own delta, for all rows (0 for rows of no low-rank delta).
+
+        Few token rows (decoding): one product with every delta's factors stacked, masked per row.
+        Many (prefill): per delta on its rows, which does not multiply the flops by the delta count.
+        """
+        xf = x.to(torch.float32)  # a no-op for the fp32 input the hook passes
+        parts = plan.low_rank_parts
+        if xf.numel() // xf.shape[-1] > STACK_TOKENS:
+            share = None
+            for part in parts:
+                first, second = self._factors(part, plan.layout, x.device)
+                part_share = (xf[part.rows] @ first) @ second  # (n, ..., out)
+                if share is None:
+                    share = torch.zeros(*xf.shape[:-1], second.shape[1], dtype=torch.float32, device=x.device)
+                _add_rows(share, part, part_share)
+            return share
+        if plan.stacked is None:
+            pairs = [self._factors(p, plan.layout, x.device) for p in parts]
+            ranks = [a.shape[1] for a, _ in pairs]
+            first = torch.cat([a for a, _ in pairs], dim=1)  # (in, R)
+            second = torch.cat([b for _, b in pairs], dim=0)  # (R, out)
+            plan.stacked = (first, second, stack_mask(parts, ranks, plan.batch, x.device))
+        first, second, mask = plan.stacked
+        h = xf @ first  # (batch, ..., R)
+        h.mul_(mask.view(plan.batch, *([1] * (h.dim() - 2)), mask.shape[1]))
+        return h @ second  # (batch, ..., out)
+
+    def _factored_share(self, plan: ModulePlan, part: Part, x: torch.Tensor) -> torch.Tensor | None:
+        """fp32 sign part, embedding rows and bias change of one delta for its rows, None when none."""
+        weight, bias, rows = part.weight, part.bias, part.rows
+        share: torch.Tensor | None = None
+        if weight is not None and plan.layout == "embedding":
+            share = embedding_delta(x[rows], weight)
+        elif (
+            weight is not None
+            and weight.view is not None
+            and weight.view.signs is not None
+            and part not in plan.grouped_sign_parts
+        ):
             start = self._tick(x)
-            dense = self._dense_rerun(module, attr_ops, prepared, x, args, kwargs)
-            self._tock("dense_s", start, dense)
-            return dense
-        out = base_out.to(torch.float32)
-        if weight is not None:
-            view = weight.view
-            if layout == "embedding":
-                out = out + embedding_delta(x, weight)
-            else:
-                if view.signs is not None:
-                    start = self._tick(x)
-                    out = out + sign_share(x, weight, layout, self._signs(prepared.name, weight, x.dtype))
-                    self._tock("sign_s", start, out)
-                if view.up is not None:
-                    start = self._tick(x)
-                    out = out + low_rank_share(x, weight, layout)
-                    self._tock("low_rank_s", start, out)
+            share = self._sign_share(part.prepared.name, weight, plan.layout, x[rows])
+            self._tock("sign_s", start, share)
         if bias is not None:
-            pristine = self.runtime.resident.pristine(bias.name).to(out.device, torch.float32)
-            out = out + (bias.tensors["value"].to(out.device, torch.float32) - pristine)
-        return out
+            diff = self._bias_diff(part.prepared.name, bias, x.device)
+            share = diff if share is None else share.add_(diff)
+        return share
+
+    def _sign_group(self, plan: ModulePlan, per_row: int) -> SignGroup:
+        """The plan's grouped sign parts as one kernel call for inputs of ``per_row`` tokens per row."""
+        group = plan.sign_groups.get(per_row)
+        if group is None:
+            parts = plan.grouped_sign_parts
+            views = [p.weight.view for p in parts]
+            rows = [[b * per_row + j for b in p.row_list for j in range(per_row)] for p in parts]
+            group = SignGroup([v.signs for v in views], views[0].shape, rows, [float(v.scale) for v in views])
+            plan.sign_groups[per_row] = group
+        return group
+
+    def _sign_share(self, delta: str, op: TensorOp, layout: str, x: torch.Tensor) -> torch.Tensor:
+        """``α·(x Sᵀ)`` (``out_in``) or ``α·(x S)`` (``in_out``) in fp32 for x (n, ..., in)."""
+        view = op.view
+        assert view is not None and view.signs is not None
+        if layout == "out_in" and native_applies(x, view.shape):
+            part = sign_matmul(x, view.signs, view.shape)
+        else:
+            signs = self._signs(delta, op, x.dtype)
+            part = x.to(signs.dtype) @ (signs.T if layout == "out_in" else signs)
+        return part.to(torch.float32).mul_(float(view.scale))
+
+    def _cached(self, key: str, op: TensorOp, make) -> tuple[torch.Tensor, ...]:
+        """The LRU entry ``key`` made from ``op`` (``make()`` on a miss or when the delta was reloaded)."""
+        cached = self.sign_cache.get(key)
+        if cached is not None and cached[0] is op:
+            return cached[1]
+        tensors = make()
+        self.sign_cache.put(key, (op, tensors))
+        return tensors
+
+    def _factors(self, part: Part, layout: str, device) -> tuple[torch.Tensor, ...]:
+        """``(A (in, r), B (r, out))`` of the part's weight, fp32 contiguous (skinny fp32 products are
+        several times faster than bf16 ones on CPUs, and exact for 16-bit factors)."""
+        op = part.weight
+        key = f"{part.prepared.name}\0{op.name}\0factors\0{layout}"
+        return self._cached(key, op, lambda: factor_pair(op, layout, torch.float32, device))
+
+    def _bias_diff(self, delta: str, op: TensorOp, device) -> torch.Tensor:
+        """``b_ft − b_base`` in fp32 (out,)."""
+
+        def make() -> tuple[torch.Tensor, ...]:
+            pristine = self.runtime.resident.pristine(op.name).to(device, torch.float32)
+            return (op.tensors["value"].to(device, torch.float32) - pristine,)
+
+        return self._cached(f"{delta}\0{op.name}\0bias", op, make)[0]
 
     def _signs(self, delta: str, op: TensorOp, activations: torch.dtype) -> torch.Tensor:
         """The ±1 matrix of ``op`` in the dtype the product is taken in (16-bit activations: theirs)."""
         dtype = activations if activations in (torch.bfloat16, torch.float16) else torch.float32
-        key = f"{delta}\0{op.name}\0{dtype}"
-        packed = op.view.signs
-        cached = self.sign_cache.get(key)
-        if cached is not None and cached[0] is packed:
-            return cached[1]
-        dense = sign_matrix(op, dtype)
-        self.sign_cache.put(key, (packed, dense))
-        return dense
+        key = f"{delta}\0{op.name}\0signs\0{dtype}"
+        return self._cached(key, op, lambda: (sign_matrix(op, dtype),))[0]
 
-    def _dense_rerun(
-        self,
-        module: nn.Module,
-        attr_ops: dict[str, TensorOp],
-        prepared: PreparedDelta,
-        x: torch.Tensor,
-        args: tuple,
-        kwargs: dict,
-    ) -> torch.Tensor:
-        """Fallback: rebuild the changed parameters densely and run the module on these rows."""
+    def _dense_params(self, part: Part) -> dict[str, torch.Tensor]:
+        """The part's changed parameters rebuilt densely in the served dtype (cached)."""
         resident = self.runtime.resident
         params = {}
-        for attr, op in attr_ops.items():
-            pristine = resident.pristine(op.name).to(self.runtime.device)
-            served = resident.param(op.name).dtype
-            params[attr] = HotSwapRuntime._rebuild(prepared, op, pristine).to(served)
+        for attr, op in part.ops.items():
+
+            def make(op=op) -> tuple[torch.Tensor, ...]:
+                pristine = resident.pristine(op.name).to(self.runtime.device)
+                served = resident.param(op.name).dtype
+                return (HotSwapRuntime._rebuild(part.prepared, op, pristine).to(served),)
+
+            params[attr] = self._cached(f"{part.prepared.name}\0{op.name}\0dense", op, make)[0]
+        return params
+
+    @staticmethod
+    def _dense_rerun(
+        module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        """Fallback: ``module`` run on the rows ``x`` with ``params`` in place of its own."""
         _guard.active = True
         try:
             return torch.func.functional_call(module, params, (x, *args[1:]), kwargs)
         finally:
             _guard.active = False
+
+
+def _add_rows(share: torch.Tensor, part: Part, rows_share: torch.Tensor) -> None:
+    """``share[part.rows] += rows_share`` (a view add for a slice, ``index_add_`` for an index tensor);
+    rows_share (n, ..., out) or (out,) for every row."""
+    if isinstance(part.rows, slice):
+        share[part.rows].add_(rows_share)
+    else:
+        rows_share = rows_share.expand(len(part.row_list), *share.shape[1:])
+        share.index_add_(0, part.rows, rows_share)
 
 
 def _on(selector: slice | torch.Tensor, device: torch.device) -> slice | torch.Tensor:

@@ -1,0 +1,216 @@
+"""Packed 1-bit sign matrix times activations: ``x Sᵀ`` from the packed bits, no ±1 matrix built.
+
+S (out, in) is stored as bits (1 = +1, 0 = -1, least significant bit first, row-major, see
+:mod:`deltakit.ops.bitpack`). :func:`sign_matmul` gives ``x Sᵀ`` in fp32 for activations x (n, in):
+
+- on the CPU, through a small C kernel (``signmm_native.c``) compiled once with the system C compiler
+  into the deltakit cache (``$DELTAKIT_CACHE/kernels`` or the user cache dir) and called with ctypes.
+  It reads the 1-bit matrix once per 4 activation rows and takes ``2·(sum of x over the set bits) −
+  (sum of x)`` in fp32 in a fixed order, so its bits do not depend on the thread count, the instruction
+  set (AVX-512 masked adds or portable code) or the rows batched with a row. From
+  :data:`LUT_MIN_ROWS` rows on (prefill) a table-lookup form takes 16 rows per vector: per 8-column
+  group a 256-entry table of the rows' ±x sums, one vector add per 8 columns. Its bits are also fixed
+  for a row, whatever the threads or other rows, but round differently from the few-rows form;
+- elsewhere (CUDA tensors, ``in`` not a multiple of 8, no C compiler, ``DELTAKIT_NATIVE=0``):
+  ``x @ unpack(S)ᵀ`` in fp32 (:func:`reference_sign_matmul`), the same sums in the matmul's order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from deltakit.ops.bitpack import unpack_signs
+
+_SOURCE = Path(__file__).with_name("signmm_native.c")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math")
+#: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used
+LUT_MIN_ROWS = 4
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("DELTAKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("deltakit"))
+
+
+def _build(target: Path, compiler: str) -> None:
+    """Compile the kernel into ``target`` (written under a temporary name, then renamed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None when unavailable (then the torch form is used)."""
+    global _library, _tried
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if os.environ.get("DELTAKIT_NATIVE", "1") == "0" or compiler is None or not _SOURCE.exists():
+            return None
+        key = hashlib.sha256(
+            _SOURCE.read_bytes() + repr((_FLAGS, compiler, platform.machine(), _cpu_flags())).encode()
+        ).hexdigest()[:16]
+        target = _cache_root() / "kernels" / f"signmm-{key}.so"
+        try:
+            if not target.exists():
+                _build(target, compiler)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError):
+            return None
+        pointers = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        lib.deltakit_sign_matmul.restype = ctypes.c_int
+        lib.deltakit_sign_matmul.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        lib.deltakit_sign_matmul_lut.restype = ctypes.c_int
+        lib.deltakit_sign_matmul_lut.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_int]
+        lib.deltakit_sign_matmul_multi.restype = ctypes.c_int
+        lib.deltakit_sign_matmul_multi.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            *[ctypes.c_void_p] * 5,
+            ctypes.c_int64,
+            ctypes.c_int,
+        ]
+        _library = lib
+        return lib
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``-march=native`` builds differ per CPU model)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def native_applies(x: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """Whether :func:`sign_matmul` takes the C kernel for activations ``x`` and a matrix of ``shape``."""
+    return x.device.type == "cpu" and shape[1] % 8 == 0 and native_library() is not None
+
+
+def reference_sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``x.float() @ Sᵀ`` with S unpacked to fp32: x (..., in) -> fp32 (..., out) on x's device."""
+    signs = unpack_signs(packed, shape, x.device)  # (out, in) fp32
+    return x.to(torch.float32) @ signs.T
+
+
+def sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``x Sᵀ`` for x (..., in) of any float dtype and packed bits of S (out, in) -> fp32 (..., out).
+
+    x and packed are not mutated. The product is exact up to fp32 summation (x is upcast first).
+    """
+    out_features, in_features = shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"activations have {x.shape[-1]} features, the sign matrix {shape} wants {in_features}"
+        )
+    if packed.dtype != torch.uint8 or packed.numel() * 8 < out_features * in_features:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold a {shape} sign matrix")
+    if not native_applies(x, shape):
+        return reference_sign_matmul(x, packed, shape)
+    lib = native_library()
+    assert lib is not None
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, in_features).to(torch.float32).contiguous()  # (n, in)
+    bits = packed.contiguous()
+    rows = flat.shape[0]
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    args = (flat.data_ptr(), rows, in_features, bits.data_ptr(), out_features, y.data_ptr())
+    threads = torch.get_num_threads()
+    if rows >= LUT_MIN_ROWS:
+        code = lib.deltakit_sign_matmul_lut(*args, threads)
+    else:
+        totals = torch.empty(rows, dtype=torch.float32)
+        code = lib.deltakit_sign_matmul(*args, totals.data_ptr(), threads)
+    if code != 0:
+        raise ValueError(f"sign kernel failed for shape {shape} (code {code})")
+    return y.reshape(*lead, out_features)
+
+
+class SignGroup:
+    """Several packed sign matrices of one shape, each applied to its own rows, in one kernel call.
+
+    packed: per part the packed bits of S_p (out, in); rows: per part the row indices (into the
+    flattened activations) it applies to, disjoint; scales: per part α_p. The tensors are kept (their
+    addresses are handed to the kernel). Only for CPU tensors with ``in % 8 == 0`` and the C kernel
+    present (:func:`native_applies`).
+    """
+
+    def __init__(
+        self, packed: list[torch.Tensor], shape: tuple[int, int], rows: list[list[int]], scales: list[float]
+    ):
+        if len(packed) != len(rows) or len(rows) != len(scales):
+            raise ValueError("a sign group needs as many row lists and scales as packed matrices")
+        self.shape = shape
+        self.packed = [p.contiguous() for p in packed]
+        self.pointers = torch.tensor([p.data_ptr() for p in self.packed], dtype=torch.int64)
+        self.offsets = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.int64)
+        self.rows = torch.tensor([i for r in rows for i in r], dtype=torch.int64)
+        self.scales = torch.tensor(scales, dtype=torch.float32)
+
+    def add_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y[rows_p] += α_p · x[rows_p] S_pᵀ`` for every part; x (N, in) and y (N, out) contiguous fp32
+        CPU tensors (y mutated). Each part's product has the bits of :func:`sign_matmul` on its rows."""
+        out_features, in_features = self.shape
+        if (
+            x.dtype != torch.float32
+            or y.dtype != torch.float32
+            or not (x.is_contiguous() and y.is_contiguous())
+        ):
+            raise ValueError("sign group wants contiguous fp32 activations and output")
+        if x.shape[-1] != in_features or y.shape[-1] != out_features or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"sign group of {self.shape} got activations {tuple(x.shape)}, output {tuple(y.shape)}"
+            )
+        if self.rows.numel() and int(self.rows.max()) >= x.shape[0]:
+            raise ValueError(f"sign group rows reach {int(self.rows.max())}, activations have {x.shape[0]}")
+        lib = native_library()
+        if lib is None:
+            raise ValueError("the sign kernel is not available")
+        code = lib.deltakit_sign_matmul_multi(
+            x.data_ptr(),
+            in_features,
+            out_features,
+            len(self.packed),
+            self.pointers.data_ptr(),
+            self.offsets.data_ptr(),
+            self.rows.data_ptr(),
+            self.scales.data_ptr(),
+            y.data_ptr(),
+            LUT_MIN_ROWS,
+            torch.get_num_threads(),
+        )
+        if code != 0:
+            raise ValueError(f"sign kernel failed for shape {self.shape} (code {code})")

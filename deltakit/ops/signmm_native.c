@@ -1,0 +1,257 @@
+/* Packed 1-bit sign matrix times activations, without materialising the ±1 matrix.
+ *
+ * y[t, o] = sum_i x[t, i] * s(o, i) for x (n, in) fp32 row-major and y (n, out) fp32 row-major, where
+ * s(o, i) = +1 when bit (o * in + i) of `packed` is set (bits least significant first within a byte)
+ * and -1 otherwise. Requires in % 8 == 0 (every matrix row starts on a byte boundary).
+ *
+ * Computed as y = 2 * P - T, P = the sum of x over the set bits, T = the sum of all of x (per row).
+ * Both sums use 32 lanes: lane c takes columns 32 j + c of the full 32-column blocks in order of j,
+ * then the tail's 8-column groups k go to lanes 8 k .. 8 k + 7; the lanes are combined by a fixed
+ * pairwise tree. The AVX-512 form (masked adds) and the portable form (multiply by 0/1, exact) produce
+ * the same lane sums, so the bits depend neither on the instruction set, nor on the number of threads
+ * (threads split the output columns, never a sum), nor on the rows batched together.
+ *
+ * deltakit_sign_matmul_lut takes many rows (prefill) 16 at a time: for each 8-column group g a table
+ * holds, for every byte value b, the 16 rows' sums of ±x over the group's columns (+ where b's bit is
+ * set), built in a fixed order; y[t, o] is then the sum over g of table[g][byte (o, g)] (one 16-row
+ * vector load and add per 8 columns), partial sums taken in a fixed order (group chunks in order;
+ * within a chunk g % 4 into four partials, combined pairwise). Its bits are independent of the thread
+ * count and of the other rows, but differ in rounding from deltakit_sign_matmul.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define ROWS 4 /* activation rows sharing one pass over a matrix row */
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static v8 bit_table[256] __attribute__((aligned(32))); /* row b: bits of byte b as 0/1, LSB first */
+
+__attribute__((constructor)) static void fill_table(void) {
+    for (int b = 0; b < 256; b++)
+        for (int k = 0; k < 8; k++) bit_table[b][k] = (float)((b >> k) & 1);
+}
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static float tree32(const float *l) {
+    float a[16];
+    for (int i = 0; i < 16; i++) a[i] = l[i] + l[i + 16];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) a[i] = a[i] + a[i + w];
+    return a[0];
+}
+
+/* the tail's 8-column groups, added into lanes 8 k + l */
+static inline void tail(const float *x, int64_t in, const uint8_t *p, float *lanes) {
+    int64_t groups = in / 8, full = groups - groups % 4;
+    for (int64_t g = full; g < groups; g++)
+        for (int l = 0; l < 8; l++)
+            if ((p[g] >> l) & 1) lanes[(g - full) * 8 + l] += x[g * 8 + l];
+}
+
+#ifdef __AVX512F__
+/* tree32 of the lanes (lo: 0..15, hi: 16..31) with vector adds, pair for pair the same sums */
+static inline float reduce_zmm(__m512 lo, __m512 hi) {
+    __m512 a = _mm512_add_ps(lo, hi);
+    __m256 b = _mm256_add_ps(_mm512_castps512_ps256(a),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+    __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+}
+#endif
+
+/* nt (1..ROWS) rows of x against matrix row p: lanes[t][32] of the set-bit sums of the full blocks;
+ * returns 1 when lanes[t][0] already holds the reduced sum (no tail) */
+static inline __attribute__((always_inline)) int block_lanes(const float *x, int64_t in, const uint8_t *p,
+                                                              float lanes[ROWS][32], const int nt) {
+    int64_t full = (in / 32) * 32;
+#ifdef __AVX512F__
+    __m512 lo[ROWS], hi[ROWS];
+    for (int t = 0; t < nt; t++) lo[t] = hi[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < full; i += 32) {
+        uint16_t m0, m1;
+        memcpy(&m0, p + i / 8, 2);
+        memcpy(&m1, p + i / 8 + 2, 2);
+        for (int t = 0; t < nt; t++) {
+            const float *xr = x + t * in + i;
+            lo[t] = _mm512_mask_add_ps(lo[t], m0, lo[t], _mm512_loadu_ps(xr));
+            hi[t] = _mm512_mask_add_ps(hi[t], m1, hi[t], _mm512_loadu_ps(xr + 16));
+        }
+    }
+    if (in % 32 == 0) { /* no tail: reduce in registers, the same pairwise tree as tree32 */
+        for (int t = 0; t < nt; t++) lanes[t][0] = reduce_zmm(lo[t], hi[t]);
+        return 1;
+    }
+    for (int t = 0; t < nt; t++) {
+        _mm512_storeu_ps(lanes[t], lo[t]);
+        _mm512_storeu_ps(lanes[t] + 16, hi[t]);
+    }
+#else
+    v8 acc[ROWS][4];
+    memset(acc, 0, sizeof acc);
+    for (int64_t i = 0; i < full; i += 32) {
+        const uint8_t *q = p + i / 8;
+        v8 s0 = bit_table[q[0]], s1 = bit_table[q[1]], s2 = bit_table[q[2]], s3 = bit_table[q[3]];
+        for (int t = 0; t < nt; t++) {
+            const float *xr = x + t * in + i;
+            acc[t][0] += s0 * load8(xr);
+            acc[t][1] += s1 * load8(xr + 8);
+            acc[t][2] += s2 * load8(xr + 16);
+            acc[t][3] += s3 * load8(xr + 24);
+        }
+    }
+    for (int t = 0; t < nt; t++) memcpy(lanes[t], acc[t], 32 * sizeof(float));
+#endif
+    return 0;
+}
+
+static inline __attribute__((always_inline)) void row_block(const float *x, int64_t in, const uint8_t *p,
+                                                            const float *totals, float *y, int64_t out,
+                                                            const int nt) {
+    float lanes[ROWS][32];
+    if (block_lanes(x, in, p, lanes, nt)) {
+        for (int t = 0; t < nt; t++) y[t * out] = 2.0f * lanes[t][0] - totals[t];
+        return;
+    }
+    for (int t = 0; t < nt; t++) {
+        tail(x + t * in, in, p, lanes[t]);
+        y[t * out] = 2.0f * tree32(lanes[t]) - totals[t];
+    }
+}
+
+/* T for each row of x: the same lanes and tree as P with every bit set */
+static float row_total(const float *x, int64_t in) {
+    float lanes[32] = {0};
+    int64_t full = (in / 32) * 32;
+    for (int64_t i = 0; i < full; i += 32)
+        for (int c = 0; c < 32; c++) lanes[c] += x[i + c];
+    for (int64_t i = full; i < in; i++) lanes[i - full] += x[i];
+    return tree32(lanes);
+}
+
+int deltakit_sign_matmul(const float *x, int64_t n, int64_t in, const uint8_t *packed, int64_t out, float *y,
+                         float *totals, int threads) {
+    if (in % 8 != 0 || n < 0 || out < 0) return 1;
+    if (threads < 1) threads = 1;
+    for (int64_t t = 0; t < n; t++) totals[t] = row_total(x + t * in, in);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *p = packed + o * (in / 8);
+        int64_t t = 0;
+        for (; t + ROWS <= n; t += ROWS) row_block(x + t * in, in, p, totals + t, y + t * out + o, out, ROWS);
+        switch (n - t) {
+            case 3: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 3); break;
+            case 2: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 2); break;
+            case 1: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 1); break;
+            default: break;
+        }
+    }
+    return 0;
+}
+
+typedef float v16 __attribute__((vector_size(64)));
+
+#define LUT_ROWS 16
+#define CHUNK 32 /* 8-column groups per table chunk: 32 x 256 x 64 bytes = 512 KiB */
+
+/* table[b] for one group: the LUT_ROWS rows' sum of s_k * x_k over the group's 8 columns, s_k = +1
+ * when bit k of b is set, else -1 (xt: 8 columns x LUT_ROWS, column-major per row vector) */
+static void build_table(const v16 *xt, v16 *table) {
+    v16 twice[8];
+    for (int k = 0; k < 8; k++) twice[k] = xt[k] + xt[k];
+    table[0] = -(((xt[0] + xt[1]) + (xt[2] + xt[3])) + ((xt[4] + xt[5]) + (xt[6] + xt[7])));
+    for (int b = 1; b < 256; b++) table[b] = table[b & (b - 1)] + twice[__builtin_ctz(b)];
+}
+
+static void lut_block(const v16 *xt, int64_t groups, const uint8_t *packed, int64_t out, v16 *acc,
+                      v16 *table, int threads) {
+    for (int64_t c0 = 0; c0 < groups; c0 += CHUNK) {
+        int64_t gc = groups - c0 < CHUNK ? groups - c0 : CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t g = 0; g < gc; g++) build_table(xt + (c0 + g) * 8, table + g * 256);
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t o = 0; o < out; o++) {
+            const uint8_t *p = packed + o * groups + c0;
+            v16 a[4] = {{0}, {0}, {0}, {0}};
+            int64_t g = 0;
+            for (; g + 4 <= gc; g += 4) {
+                a[0] += table[g * 256 + p[g]];
+                a[1] += table[(g + 1) * 256 + p[g + 1]];
+                a[2] += table[(g + 2) * 256 + p[g + 2]];
+                a[3] += table[(g + 3) * 256 + p[g + 3]];
+            }
+            for (; g < gc; g++) a[g % 4] += table[g * 256 + p[g]];
+            acc[o] += (a[0] + a[1]) + (a[2] + a[3]);
+        }
+    }
+}
+
+int deltakit_sign_matmul_lut(const float *x, int64_t n, int64_t in, const uint8_t *packed, int64_t out,
+                             float *y, int threads) {
+    if (in % 8 != 0 || n < 0 || out < 0) return 1;
+    if (threads < 1) threads = 1;
+    int64_t groups = in / 8;
+    v16 *table = aligned_alloc(64, CHUNK * 256 * sizeof(v16));
+    v16 *xt = aligned_alloc(64, (in > 0 ? in : 1) * sizeof(v16));
+    v16 *acc = aligned_alloc(64, (out > 0 ? out : 1) * sizeof(v16));
+    int code = (table && xt && acc) ? 0 : 2;
+    for (int64_t t0 = 0; code == 0 && t0 < n; t0 += LUT_ROWS) {
+        int nr = n - t0 < LUT_ROWS ? (int)(n - t0) : LUT_ROWS;
+        for (int64_t i = 0; i < in; i++)
+            for (int r = 0; r < LUT_ROWS; r++) xt[i][r] = r < nr ? x[(t0 + r) * in + i] : 0.0f;
+        memset(acc, 0, out * sizeof(v16));
+        lut_block(xt, groups, packed, out, acc, table, threads);
+        for (int r = 0; r < nr; r++)
+            for (int64_t o = 0; o < out; o++) y[(t0 + r) * out + o] = acc[o][r];
+    }
+    free(table);
+    free(xt);
+    free(acc);
+    return code;
+}
+
+/* Several sign matrices of one shape (out, in), each against its own rows of x, accumulated into y:
+ * y[rows[k], :] += scales[p] * (x[rows[k], :] S_pᵀ) for the rows k in offsets[p] .. offsets[p + 1].
+ * x (rows of x, in) fp32, y (rows of y, out) fp32, packed[p] the address of part p's bits. A part of
+ * lut_min rows or more takes the table-lookup form, fewer the masked-add form; each part's product
+ * has the bits of a single call on its gathered rows. Rows of different parts must differ. */
+int deltakit_sign_matmul_multi(const float *x, int64_t in, int64_t out, int64_t nparts, const int64_t *packed,
+                               const int64_t *offsets, const int64_t *rows, const float *scales, float *y,
+                               int64_t lut_min, int threads) {
+    if (in % 8 != 0 || out < 0) return 1;
+    for (int64_t p = 0; p < nparts; p++) {
+        int64_t n = offsets[p + 1] - offsets[p];
+        if (n <= 0) continue;
+        float *xs = malloc(n * in * sizeof(float));
+        float *ys = malloc((n * out > 0 ? n * out : 1) * sizeof(float));
+        float *totals = malloc(n * sizeof(float));
+        int code = (xs && ys && totals) ? 0 : 2;
+        const uint8_t *bits = (const uint8_t *)(uintptr_t)packed[p];
+        if (code == 0) {
+            for (int64_t r = 0; r < n; r++) memcpy(xs + r * in, x + rows[offsets[p] + r] * in, in * sizeof(float));
+            code = n >= lut_min ? deltakit_sign_matmul_lut(xs, n, in, bits, out, ys, threads)
+                                : deltakit_sign_matmul(xs, n, in, bits, out, ys, totals, threads);
+        }
+        if (code == 0)
+            for (int64_t r = 0; r < n; r++) {
+                float *yr = y + rows[offsets[p] + r] * out;
+                const float *src = ys + r * out;
+                for (int64_t o = 0; o < out; o++) yr[o] += scales[p] * src[o];
+            }
+        free(xs);
+        free(ys);
+        free(totals);
+        if (code != 0) return code;
+    }
+    return 0;
+}

@@ -1,0 +1,147 @@
+"""Mixed-delta batches on every path of the executor equal the merged weights of each row's delta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_runtime_support import cached_fleet
+
+import deltakit.ops.signmm as signmm
+from deltakit.runtime import HotSwapRuntime, MultiDeltaExecutor
+from deltakit.runtime.multidelta import STACK_TOKENS
+
+
+def _runtime(fleet: dict, **kwargs) -> HotSwapRuntime:
+    rt = HotSwapRuntime.from_pretrained(fleet["base"], **kwargs)
+    for name, path in fleet["delta"].items():
+        rt.add_delta(name, path)
+    return rt
+
+
+def _assignment(fleet: dict) -> list[str | None]:
+    names = [n for n in fleet["delta"] if n != "lossless"]
+    return [names[0], None, *names, names[0], None]  # non-consecutive rows, base rows
+
+
+@torch.no_grad()
+def _merged_last_logits(rt: HotSwapRuntime, ids: torch.Tensor, assignment) -> list[torch.Tensor]:
+    out = []
+    for row, name in enumerate(assignment):
+        rt.activate(name)
+        out.append(rt.model(ids[row : row + 1]).logits[0, -1])
+    rt.activate(None)
+    return out
+
+
+@torch.no_grad()
+def _mixed_prefill_then_step(
+    rt, executor, ids: torch.Tensor, assignment
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the prompt's last position (prefill) and of one cached decoding step."""
+    with executor.assign(assignment):
+        first = rt.model(ids[:, :-1], use_cache=True)
+        step = rt.model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True)
+    return first.logits[:, -1], step.logits[:, -1]
+
+
+def test_long_prefill_and_cached_steps_equal_merged_weights():
+    """Prefill over STACK_TOKENS token rows (per-delta low rank, table-form signs), then a one-token
+    step (stacked low rank, few-row signs): both equal the merged model of each row's delta."""
+    fleet = cached_fleet("llama")
+    rt = _runtime(fleet)
+    assignment = _assignment(fleet)
+    length = STACK_TOKENS // len(assignment) + 4
+    ids = torch.randint(0, 256, (len(assignment), length), generator=torch.Generator().manual_seed(8))
+    assert len(assignment) * (length - 1) > STACK_TOKENS
+    prefill, step = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    merged_prefill = _merged_last_logits(rt, ids[:, :-1], assignment)
+    merged_step = _merged_last_logits(rt, ids, assignment)
+    for row in range(len(assignment)):
+        torch.testing.assert_close(prefill[row], merged_prefill[row], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step[row], merged_step[row], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_model_rows_equal_merged_weights_within_bf16_rounding():
+    """On a bf16 model the merged weights are rounded to bf16, so rows agree to bf16 rounding: far closer
+    than the delta's own effect on the logits."""
+    fleet = cached_fleet("llama-bf16")
+    rt = _runtime(fleet)
+    assert rt.model.dtype == torch.bfloat16
+    assignment = _assignment(fleet)
+    ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(9))
+    prefill, step = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    merged = _merged_last_logits(rt, ids, assignment)
+    base = _merged_last_logits(rt, ids, [None] * len(assignment))
+    for row, name in enumerate(assignment):
+        gap = (step[row].float() - merged[row].float()).abs().max()
+        if name is None:
+            assert torch.equal(step[row], merged[row])
+        else:
+            effect = (merged[row].float() - base[row].float()).abs().max()
+            assert effect > 0.1 and gap < 0.2 * effect, (name, float(gap), float(effect))
+
+
+def test_tiny_cache_budget_evicts_and_gives_the_same_logits():
+    fleet = cached_fleet("llama")
+    rt = _runtime(fleet)
+    assignment = _assignment(fleet)
+    ids = torch.randint(0, 256, (len(assignment), 5), generator=torch.Generator().manual_seed(10))
+    outs = []
+    for budget in (0, 16 << 10, 256 << 20):
+        executor = MultiDeltaExecutor(rt, sign_cache_bytes=budget)
+        with torch.no_grad(), executor.assign(assignment):
+            outs.append(rt.model(ids).logits)
+            outs.append(rt.model(ids).logits)
+        if budget == 16 << 10:
+            assert executor.sign_cache.evictions > 0
+            assert executor.sign_cache.nbytes <= executor.sign_cache.limit_bytes
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_without_the_sign_kernel_rows_still_equal_merged_weights(monkeypatch):
+    """The torch form (CUDA, or no C compiler) of the sign products gives the same rows."""
+    monkeypatch.setattr(signmm, "_tried", True)
+    monkeypatch.setattr(signmm, "_library", None)
+    fleet = cached_fleet("llama")
+    rt = _runtime(fleet)
+    assignment = _assignment(fleet)
+    ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(11))
+    prefill, step = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    merged = _merged_last_logits(rt, ids, assignment)
+    for row in range(len(assignment)):
+        torch.testing.assert_close(step[row], merged[row], rtol=1e-4, atol=1e-4)
+
+
+def test_delta_shares_do_not_depend_on_the_thread_count():
+    fleet = cached_fleet("llama")
+    rt = _runtime(fleet)
+    assignment = _assignment(fleet)
+    ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(12))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                base = rt.model(ids).logits
+                with MultiDeltaExecutor(rt).assign(assignment):
+                    mixed = rt.model(ids).logits
+            outs.append((base, mixed))
+    finally:
+        torch.set_num_threads(before)
+    if not torch.equal(outs[0][0], outs[1][0]):
+        pytest.skip("the base forward itself depends on the thread count on this machine")
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_batch_on_cuda_equals_merged_weights():
+    fleet = cached_fleet("llama")
+    rt = _runtime(fleet, device="cuda")
+    assignment = _assignment(fleet)
+    ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(13)).cuda()
+    prefill, step = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    merged = _merged_last_logits(rt, ids, assignment)
+    for row in range(len(assignment)):
+        torch.testing.assert_close(step[row], merged[row], rtol=1e-4, atol=1e-4)
