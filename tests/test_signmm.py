@@ -93,3 +93,12 @@ def test_malformed_inputs_are_refused():
         sign_matmul(x[:, :8], packed, (8, 16))
     with pytest.raises(ValueError, match="packed bytes"):
         sign_matmul(x, packed[:3], (8, 16))
+
+
+def test_sign_group_refuses_parts_too_short_for_the_shape_and_negative_rows():
+    shape = (16, 24)
+    full = torch.zeros(16 * 24 // 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="cannot hold"):
+        signmm.SignGroup([full, full[:-1]], shape, [[0], [1]], [1.0, 1.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        signmm.SignGroup([full], shape, [[-1]], [1.0])

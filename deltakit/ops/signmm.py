@@ -173,6 +173,12 @@ class SignGroup:
     ):
         if len(packed) != len(rows) or len(rows) != len(scales):
             raise ValueError("a sign group needs as many row lists and scales as packed matrices")
+        needed = (shape[0] * shape[1] + 7) // 8
+        for part in packed:  # the kernel reads `needed` bytes of every part: refuse anything shorter
+            if part.dtype != torch.uint8 or part.device.type != "cpu" or part.numel() < needed:
+                raise ValueError(f"{part.numel()} packed bytes cannot hold a {shape} sign matrix")
+        if any(i < 0 for r in rows for i in r):
+            raise ValueError("sign group rows must be non-negative")
         self.shape = shape
         self.packed = [p.contiguous() for p in packed]
         self.pointers = torch.tensor([p.data_ptr() for p in self.packed], dtype=torch.int64)
