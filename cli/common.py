@@ -86,6 +86,7 @@ _PARAMETER_FLAGS = (
     (re.compile(r"\b(force|overwrite)=True\b"), r"--\1"),
     (re.compile(r"\bmodules_to_save=True\b"), "--modules-to-save"),
     (re.compile(r"\brefine_scales=True\b"), "--refine-scales"),
+    (re.compile(r"\bweight_allocation=True\b"), "--weight-allocation"),
     (re.compile(r"\brefine_(steps|lr|batch)=(?=[\w.<-])"), r"--refine-\1 "),
     (re.compile(r"\brefine_(steps|lr|batch)=(?![\w.<-])"), r"--refine-\1"),
     (re.compile(r"\bfold_rank="), "--fold-rank R"),

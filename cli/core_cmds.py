@@ -63,8 +63,15 @@ DEVICE = click.Choice(["cpu", "cuda"])
     "data",
     multiple=True,
     type=click.Path(exists=True, path_type=Path),
-    help="calibration text (file, directory or JSONL; repeatable) for data-aware codecs and to weight "
-    "--allocation rd by each layer's input energy",
+    help="calibration text (file, directory or JSONL; repeatable) for data-aware codecs, "
+    "--refine-scales and --weight-allocation",
+)
+@click.option(
+    "--weight-allocation",
+    "weight_allocation",
+    is_flag=True,
+    help="weight --allocation rd by each layer's input energy on --data (off by default: it lowered KL "
+    "closed on the fleet, docs/rate_distortion/README.md)",
 )
 @click.option("--tokens", type=int, default=65536, show_default=True, help="calibration token budget")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="calibration window length")
@@ -104,6 +111,7 @@ def compress(
     data,
     tokens,
     seq_len,
+    weight_allocation,
     refine_scales,
     refine_steps,
     refine_lr,
@@ -142,6 +150,7 @@ def compress(
         tokens=tokens,
         seq_len=seq_len,
         refine_scales=refine_scales,
+        weight_allocation=weight_allocation,
         target_name=target_name,
         exclude_roles=tuple(exclude_roles),
         overwrite=overwrite,

@@ -96,6 +96,8 @@ def calib(tmp_path_factory):
 
 
 CAL = {"tokens": 512, "seq_len": 32}
+#: the rd allocation weighted on the calibration text (opt-in)
+WEIGHTED = {**CAL, "weight_allocation": True}
 
 
 def _svd(base, ft, **kw):
@@ -120,7 +122,7 @@ def test_data_free_rd_deltas_are_bit_identical_to_the_unweighted_allocator():
 
 def test_weights_are_positive_finite_and_recorded(calib):
     base, ft = calib["llama"]
-    delta = _svd(base, ft, allocation="rd", data=[calib["data"]], **CAL)
+    delta = _svd(base, ft, allocation="rd", data=[calib["data"]], **WEIGHTED)
     stats = delta.manifest.stats
     assert stats["allocation_weighting"] == "calibration" and stats["calibration_tokens"] == 512
     info = _allocation(delta)
@@ -138,7 +140,7 @@ def test_weights_are_positive_finite_and_recorded(calib):
 
 def test_gpt2_conv1d_layers_are_measured_and_tied_embeddings_weigh_the_mean(calib):
     base, ft = calib["gpt2"]
-    info = _allocation(_svd(base, ft, allocation="rd", data=[calib["data"]], **CAL))
+    info = _allocation(_svd(base, ft, allocation="rd", data=[calib["data"]], **WEIGHTED))
     unmeasured = {n for n, i in info.items() if i["input_energy"] is None}
     assert unmeasured == {"transformer.wte.weight", "transformer.wpe.weight"}  # lm_head is tied to wte
     assert all(info[n]["weight"] == 1.0 for n in unmeasured)
@@ -199,8 +201,8 @@ def test_a_layer_with_louder_inputs_gets_at_least_as_many_bytes(calib):
     mlp = ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight")
     reference = "model.layers.0.mlp.gate_proj.weight"
     free = _allocation(_svd(quiet_base, quiet_ft, allocation="rd"))
-    quiet = _allocation(_svd(quiet_base, quiet_ft, allocation="rd", data=[calib["data"]], **CAL))
-    loud = _allocation(_svd(loud_base, loud_ft, allocation="rd", data=[calib["data"]], **CAL))
+    quiet = _allocation(_svd(quiet_base, quiet_ft, allocation="rd", data=[calib["data"]], **WEIGHTED))
+    loud = _allocation(_svd(loud_base, loud_ft, allocation="rd", data=[calib["data"]], **WEIGHTED))
     for name in mlp:  # the norm scales these layers' inputs by 20, their input energy by 400
         relative = (loud[name]["weight"] / loud[reference]["weight"]) / (
             quiet[name]["weight"] / quiet[reference]["weight"]
@@ -264,7 +266,7 @@ def test_weighted_budgets_are_met_within_one_percent_and_never_exceeded(calib, t
         config={"factor_bits": 4},
         allocation="rd",
         data=[calib["data"]],
-        **CAL,
+        **WEIGHTED,
         **target,
     )
     stats = delta.manifest.stats
@@ -278,7 +280,7 @@ def test_weighted_budgets_are_met_within_one_percent_and_never_exceeded(calib, t
 
 def test_weighted_allocation_is_deterministic_under_a_seed(calib):
     base, ft = calib["llama"]
-    runs = [_svd(base, ft, data=[calib["data"]], seed=3, **CAL) for _ in range(2)]
+    runs = [_svd(base, ft, data=[calib["data"]], seed=3, **WEIGHTED) for _ in range(2)]
     assert runs[0].manifest.stats == runs[1].manifest.stats
     assert runs[0].manifest.tensors == runs[1].manifest.tensors
     for name, entry in runs[0].manifest.tensors.items():
@@ -296,6 +298,30 @@ def test_uniform_allocation_accepts_data_and_ignores_it(calib):
     assert golden_record(with_data) == golden_record(plain)
 
 
+def test_rd_with_data_is_data_free_unless_weighting_is_asked_for(calib):
+    """Input-energy weighting lowered KL on the fleet, so data alone does not switch it on."""
+    base, ft = calib["llama"]
+    plain = _svd(base, ft, allocation="rd")
+    with_data = _svd(base, ft, allocation="rd", data=[calib["data"]], **CAL)
+    assert "allocation_weighting" not in with_data.manifest.stats
+    assert golden_record(with_data) == golden_record(plain)
+    weighted = _svd(base, ft, allocation="rd", data=[calib["data"]], **WEIGHTED)
+    assert weighted.manifest.stats["allocation_weighting"] == "calibration"
+
+
+def test_weighting_without_data_or_with_the_uniform_allocation_is_refused(calib, capsys, tmp_path):
+    base, ft = calib["llama"]
+    with pytest.raises(UsageError, match=r"weight_allocation=True .* pass data=") as err:
+        _svd(base, ft, allocation="rd", weight_allocation=True)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="weights the rd allocation; allocation is 'uniform'"):
+        _svd(base, ft, allocation="uniform", data=[calib["data"]], **WEIGHTED)
+    args = ["compress", "--base", str(base), str(ft), "-o", str(tmp_path / "d"), "--method", "svd"]
+    code, _, stderr = run(capsys, *args, "--bits-per-weight", "1", "--weight-allocation")
+    assert code == UsageError.exit_code and len(stderr.strip().splitlines()) == 1
+    assert "--weight-allocation" in stderr and "weight_allocation=True" not in stderr
+
+
 def test_bad_calibration_input_is_a_one_line_error(calib, tmp_path):
     base, ft = calib["llama"]
     empty = tmp_path / "empty.txt"
@@ -309,22 +335,30 @@ def test_bad_calibration_input_is_a_one_line_error(calib, tmp_path):
     ]
     for data, base_arg, message in cases:
         with pytest.raises(UsageError, match=message) as err:
-            _svd(base_arg, ft, allocation="rd", data=data, **CAL)
+            _svd(base_arg, ft, allocation="rd", data=data, **WEIGHTED)
         assert "\n" not in str(err.value)
     no_tokenizer = tmp_path / "bare"
     fm.save_model(fm.build_model("llama", 0), no_tokenizer, torch.float32)
     with pytest.raises(UsageError, match="needs a tokenizer"):
-        _svd(no_tokenizer, ft, allocation="rd", data=[calib["data"]], **CAL)
+        _svd(no_tokenizer, ft, allocation="rd", data=[calib["data"]], **WEIGHTED)
     state = golden_pair()
     with pytest.raises(UsageError, match="give base as a checkpoint directory"):
-        _svd(*state, allocation="rd", data=[calib["data"]], **CAL)
+        _svd(*state, allocation="rd", data=[calib["data"]], **WEIGHTED)
 
 
 def test_cli_compress_with_data_says_the_allocation_is_calibration_weighted(capsys, calib, tmp_path):
     base, ft = calib["llama"]
     out = tmp_path / "d"
     args = ["compress", "--base", str(base), str(ft), "-o", str(out), "--method", "svd"]
-    args += ["--bits-per-weight", "1", "--allocation", "rd", "--data", str(calib["data"])]
+    args += [
+        "--bits-per-weight",
+        "1",
+        "--allocation",
+        "rd",
+        "--data",
+        str(calib["data"]),
+        "--weight-allocation",
+    ]
     code, stdout, stderr = run(capsys, *args, "--tokens", "512", "--seq-len", "32", "--json")
     assert code == 0, stderr
     stats = json.loads(stdout)["stats"]
@@ -342,7 +376,9 @@ def test_cli_bad_calibration_data_exits_with_one_line(capsys, calib, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     args = ["compress", "--base", str(base), str(ft), "-o", str(tmp_path / "d"), "--method", "svd"]
-    code, _, stderr = run(capsys, *args, "--bits-per-weight", "1", "--data", str(empty))
+    code, _, stderr = run(
+        capsys, *args, "--bits-per-weight", "1", "--data", str(empty), "--weight-allocation"
+    )
     assert code == UsageError.exit_code
     assert "holds no text" in stderr and len(stderr.strip().splitlines()) == 1
 
@@ -357,7 +393,7 @@ def test_only_unmeasured_matrices_changed_weighs_them_alike(calib, tmp_path):
         )
     ft = fm.save_model(model, tmp_path / "ft-embed", torch.float32)
     free = _svd(base, ft, allocation="rd")
-    weighted = _svd(base, ft, allocation="rd", data=[calib["data"]], **CAL)
+    weighted = _svd(base, ft, allocation="rd", data=[calib["data"]], **WEIGHTED)
     info = _allocation(weighted)
     assert list(info) == ["model.embed_tokens.weight"] and info["model.embed_tokens.weight"]["weight"] == 1.0
     name = "model.embed_tokens.weight"
@@ -368,4 +404,4 @@ def test_only_unmeasured_matrices_changed_weighs_them_alike(calib, tmp_path):
 def test_linear_layers_named_unlike_the_checkpoint_are_refused(calib, monkeypatch):
     monkeypatch.setattr(activations, "checkpoint_names", lambda model, modules, known: {})
     with pytest.raises(TensorMismatchError, match="not named as the checkpoint's tensors"):
-        _svd(*calib["llama"], allocation="rd", data=[calib["data"]], **CAL)
+        _svd(*calib["llama"], allocation="rd", data=[calib["data"]], **WEIGHTED)

@@ -107,9 +107,9 @@ def _plan(
 ) -> alloc.Plan:
     """First pass for a size target: survey the tensors, then plan the bytes (uniform or rd).
 
-    With ``data`` and the rd allocation, each matrix's error is weighted by its layer's input energy on the
-    base model (:mod:`deltakit.core.activations`); the uniform allocation has no per-matrix choice to
-    weight and leaves ``data`` to the codec (data-free codecs do not read it)."""
+    With ``weight_allocation`` (rd only), each matrix's error is weighted by its layer's input energy on
+    ``data`` through the base model (:mod:`deltakit.core.activations`); otherwise ``data`` is left to the
+    codec and to scale refinement (data-free codecs do not read it)."""
     if codec.default_ratio is None and codec.ratio_range is None:
         raise BudgetError(f"{codec.name} has no size budget; size= and bits_per_weight= do not apply")
     mode = opts.allocation
@@ -121,8 +121,8 @@ def _plan(
         return alloc.Plan(Budget(ratio=opts.ratio) if opts.ratio else Budget(), {}, {}, 0, mode)
     target = alloc.coded_target(found, size=opts.size, bits_per_weight=opts.bits_per_weight, ratio=opts.ratio)
     weighting = None
-    if mode == "rd" and opts.data:
-        calibration = opts.calibration(needs_data=True)
+    calibration = opts.allocation_weighting(mode)
+    if calibration is not None:
         weighting = activations.calibration_weighting(
             base_src, target_src, calibration, list(found.shapes), dev
         )
