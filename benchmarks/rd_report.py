@@ -107,6 +107,39 @@ def target_table(rows: list[dict], n: int) -> list[str]:
     return lines
 
 
+def plot_frontier(rows: list[dict], n: int, path: Path) -> None:
+    """KL closed against bits per weight, fleet mean, for each codec's best setting per budget among the
+    settings that ran on all ``n`` variants, with the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = by_setting(rows)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for codec in (*OURS, *BASELINES):
+        points = []
+        for budget in BUDGETS:
+            best, name = best_of(settings, (codec,), budget, n)
+            if best is not None:
+                points.append((mean([r["bits_per_weight"] for r in settings[name]]), best))
+        if points:
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, marker="o", label=codec)
+    for budget, target in TARGETS.items():
+        ax.plot([budget], [target], marker="*", color="black", markersize=11, linestyle="none")
+    ax.plot([], [], marker="*", color="black", linestyle="none", label="target")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per weight (coded bytes of the changed matrices)")
+    ax.set_ylabel(f"KL closed, mean of {n} variants")
+    ax.set_ylim(0.8, 1.001)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def time_table(rows: list[dict], load_save: float | None) -> list[str]:
     settings = by_setting(rows)
     lines = [
@@ -175,6 +208,8 @@ def main() -> None:
         "",
         *target_table(rows, len(variants)),
         "",
+        "![rate–distortion frontier](frontier.png)",
+        "",
         *frontier_tables(rows, variants),
         "",
     ]
@@ -189,6 +224,7 @@ def main() -> None:
             *frontier_tables(ablation["rows"], ab_variants)[2:],
             "",
         ]
+    plot_frontier(rows, len(variants), args.out.parent / "frontier.png")
     lines += time_table(rows, load_save)
     lines.append("")
     args.out.write_text("\n".join(lines))
