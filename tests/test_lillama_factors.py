@@ -5,12 +5,10 @@ Tiny random Llama models with a byte-level tokenizer saved beside them (tests/li
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 from lillama_helpers import make_finetune, make_llama, write_text
+from manifest_support import copy_without_config_fields
 
 import deltakit
 from deltakit.codecs._common import QUANT_NAMES
@@ -142,12 +140,7 @@ def test_lillama_delta_without_factor_fields_decodes_bit_exactly(tiny, tmp_path)
     fp16 = _compress(tiny, tmp_path / "fp16")
     entry = fp16.manifest.tensors[Q_NAME]
     assert set(entry.stored) == {"up", "down"} and "factors" not in entry.params
-    old = tmp_path / "old"
-    shutil.copytree(fp16.path, old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    for key in ("factor_bits", "factor_group", "factor_rounding"):
-        del manifest["codec"]["config"][key]
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    old = copy_without_config_fields(fp16.path, tmp_path / "old")
     loaded = deltakit.load_delta(old)
     assert "factor_bits" not in loaded.manifest.codec.config
     now = deltakit.apply(tiny["base"], fp16.path).state_dict
