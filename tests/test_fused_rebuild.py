@@ -9,6 +9,7 @@ from deltakit.codecs.base import Budget, EncodeContext
 from deltakit.codecs.registry import get_codec, list_codecs
 from deltakit.core.rebuild import factored_view, fusable, rebuild
 from deltakit.errors import NonFiniteError
+from deltakit.ops import fused
 from deltakit.ops.fused import fused_rebuild
 from deltakit.ops.threads import torch_threads
 
@@ -128,3 +129,33 @@ def test_a_float64_base_is_upcast_to_fp32_before_the_sum():
     wide = base.double()
     got = fused_rebuild(wide, torch.float32, signs=view.signs, scale=view.scale, up=view.up, down=view.down)
     assert torch.equal(got, codec.reconstruct(encoded, base, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("parts", ["signs", "low_rank", "both"])
+def test_compiled_tiles_equal_the_torch_tiles_bit_for_bit(monkeypatch, dtype, out_dtype, parts):
+    """The C tile kernel (when a compiler exists) against the torch tiles, NaN, Inf and tails included."""
+    if fused.native_library() is None:
+        pytest.skip("no C compiler: only the torch tiles exist")
+    gen = torch.Generator().manual_seed(1)
+    rows, cols, rank = 61, 40, 3  # 2440 values: not a multiple of 16, tails on every tile
+    base = torch.randn(rows, cols, generator=gen).to(dtype)
+    base[3, 5], base[40, 7], base[50, 1] = float("nan"), float("inf"), -float("inf")
+    signs = torch.randint(0, 256, (rows * cols // 8,), dtype=torch.uint8, generator=gen)
+    up = torch.randn(rows, rank, generator=gen) if parts != "signs" else None
+    down = torch.randn(rank, cols, generator=gen) if parts != "signs" else None
+    kw = {"signs": signs if parts != "low_rank" else None, "scale": 0.0173, "up": up, "down": down}
+    for tile in (8, 24, None):
+        native = fused.fused_rebuild(
+            base, dtype, out=torch.empty(rows, cols, dtype=out_dtype), tile=tile, **kw
+        )
+        with monkeypatch.context() as patch:
+            patch.setattr(fused, "native_library", lambda: None)
+            plain = fused.fused_rebuild(
+                base, dtype, out=torch.empty(rows, cols, dtype=out_dtype), tile=tile, **kw
+            )
+        bits = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(native.view(bits), plain.view(bits)), (parts, tile)  # NaN bits included
+        with pytest.raises(NonFiniteError):
+            fused.fused_rebuild(base, dtype, check_finite=True, tile=tile, **kw)

@@ -14,6 +14,12 @@ Bit-exactness with the reference (``(base.float() + (S·α + up.float() @ down.f
   :data:`TILE_ALIGN` rows and at least :data:`MIN_TILE_ROWS`; on CUDA the product is taken over the whole
   matrix (cuBLAS may pick another kernel for other shapes), so the tile is the whole matrix there.
   Tests compare every built-in codec's result with the reference bit for bit.
+
+On the CPU, for fp32/bf16 tensors, each tile's sign lookup, base add, rounding, cast and finite check run
+in one pass of a compiled loop (``deltakit_fused_tile`` in ``signmm_native.c``, built like the sign
+kernel of :mod:`deltakit.ops.signmm`) after torch's matmul of the low-rank rows; it performs the same fp32
+additions in the same order, so its bits are the torch tiles' (tested, NaN bits included). Without a C
+compiler, with ``DELTAKIT_NATIVE=0``, for fp16 or on CUDA the torch tiles run.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import threading
 import torch
 
 from deltakit.errors import NonFiniteError
+from deltakit.ops.signmm import native_library
+
+#: dtype codes of the native tile kernel (``deltakit_fused_tile`` in ops/signmm_native.c)
+_NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 
 #: fp32 values per CPU tile (4 MiB): on the SmolLM2-135M swap, 64 K-value tiles spent more time in
 #: per-tile Python and dispatch than in arithmetic (0.54 s a swap against 0.25 s at 1 M; whole matrices
@@ -116,8 +126,16 @@ def fused_rebuild(
     if step < rows and step % TILE_ALIGN:
         raise ValueError(f"{name}: tile={step} is not a multiple of {TILE_ALIGN} rows")
     extremes = []  # per tile (min, max) of the fp32 sums: NaN propagates; rounding is monotonic
+    native = _native_tiles(base, dtype, out, table is not None or up32 is not None)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
+        if native is not None:
+            extremes.append(
+                _native_tile(native, base, packed, float(scale), up32, down32, out, dtype, r0, r1)
+            )
+            if check_finite and not _finite(extremes[-1:], dtype, out.dtype):
+                break
+            continue
         acc = _tile_sum(base, table, packed, up32, down32, r0, r1)  # (r1 - r0, cols) fp32
         out[r0:r1].copy_(acc if out.dtype == dtype else acc.to(dtype))
         if check_finite:
@@ -127,6 +145,61 @@ def fused_rebuild(
     if check_finite and not _finite(extremes, dtype, out.dtype):
         raise NonFiniteError(f"{name} decodes to NaN or Inf values")
     return out
+
+
+def _native_tiles(base: torch.Tensor, dtype: torch.dtype, out: torch.Tensor, has_parts: bool):
+    """The compiled tile kernel when it applies (CPU, contiguous fp32/bf16 tensors, something to add),
+    else None: the torch tiles are used."""
+    if not has_parts or base.device.type != "cpu" or out.device.type != "cpu":
+        return None
+    if not (base.is_contiguous() and out.is_contiguous()):
+        return None
+    if not {base.dtype, dtype, out.dtype} <= _NATIVE_KINDS.keys():
+        return None
+    return native_library()
+
+
+def _native_tile(
+    lib,
+    base: torch.Tensor,
+    packed: torch.Tensor | None,
+    scale: float,
+    up32: torch.Tensor | None,
+    down32: torch.Tensor | None,
+    out: torch.Tensor,
+    dtype: torch.dtype,
+    r0: int,
+    r1: int,
+) -> torch.Tensor:
+    """Rows r0:r1 of ``out`` written by the compiled kernel (the torch tile's additions, in its order);
+    returns the (min, max) of the tile's fp32 sums."""
+    cols = base.shape[1]
+    n = (r1 - r0) * cols
+    low = None
+    if up32 is not None and down32 is not None:
+        low = _WORKSPACE.get("acc", n, torch.float32).view(r1 - r0, cols)
+        torch.matmul(up32[r0:r1], down32, out=low)  # (tile, cols)
+    bits = None
+    if packed is not None:
+        bits = packed[r0 * cols // 8 :]  # r0 * cols is a multiple of 8 (TILE_ALIGN rows)
+        bits = bits.contiguous() if not bits.is_contiguous() else bits
+    extremes = torch.empty(2, dtype=torch.float32)
+    code = lib.deltakit_fused_tile(
+        base[r0:r1].data_ptr(),
+        _NATIVE_KINDS[base.dtype],
+        low.data_ptr() if low is not None else None,
+        bits.data_ptr() if bits is not None else None,
+        scale,
+        n,
+        _NATIVE_KINDS[dtype],
+        out[r0:r1].data_ptr(),
+        _NATIVE_KINDS[out.dtype],
+        extremes.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if code != 0:
+        raise ValueError(f"fused tile kernel refused its arguments (code {code})")
+    return extremes
 
 
 def _finite(extremes: list[torch.Tensor], dtype: torch.dtype, written: torch.dtype) -> bool:

@@ -100,6 +100,20 @@ def native_library() -> ctypes.CDLL | None:
             ctypes.c_int64,
             ctypes.c_int,
         ]
+        lib.deltakit_fused_tile.restype = ctypes.c_int
+        lib.deltakit_fused_tile.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_int64,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         _library = lib
         return lib
 

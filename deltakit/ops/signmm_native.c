@@ -255,3 +255,149 @@ int deltakit_sign_matmul_multi(const float *x, int64_t in, int64_t out, int64_t 
     }
     return 0;
 }
+
+/* Fused rebuild of one tile (ops/fused.py): out[i] = cast(round(acc_i)), acc_i = (L[i] + s_i * alpha) + base[i]
+ * in fp32, the same additions in the same order as the torch path, so the bits are the same:
+ *
+ * - L: the tile's low-rank product (fp32, n values) or NULL; s_i = +1 when bit i of `packed` is set,
+ *   else -1 (packed may be NULL: no sign part); base: fp32 or bf16 values (exact in fp32);
+ * - round: the fine-tune's dtype (0 = fp32, 1 = bf16: round to nearest even, NaN -> 0xFFFF as torch's CPU conversion);
+ *   out: the written dtype (0 = fp32, 1 = bf16), so a bf16 value widened into an fp32 parameter is exact;
+ * - extremes[0..1]: min and max of the fp32 sums (both NaN when a sum is NaN), as torch.aminmax.
+ *
+ * Elements are independent, so threads (static split) do not change any bit. Returns 0, or 1 for bad
+ * kinds.
+ */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0xFFFF;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#define FUSED_LOOP(LOAD, ROUND, STORE)                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(min : lo) reduction(max : hi) reduction(| : nan)") \
+    for (int64_t i = 0; i < n; i++) {                                                                   \
+        float acc = low ? low[i] : 0.0f;                                                                \
+        if (packed) {                                                                                   \
+            float s = ((packed[i >> 3] >> (i & 7)) & 1) ? alpha : -alpha;                               \
+            acc = low ? acc + s : s;                                                                    \
+        }                                                                                               \
+        acc = (low || packed) ? acc + (LOAD) : (LOAD);                                                  \
+        nan |= acc != acc;                                                                              \
+        lo = acc < lo ? acc : lo;                                                                       \
+        hi = acc > hi ? acc : hi;                                                                       \
+        float v = ROUND;                                                                                \
+        STORE;                                                                                          \
+    }
+
+#ifdef __AVX512F__
+/* 16 elements from i (a multiple of 16, so the sign bits are the two bytes at i / 8). */
+static inline void fused16(const void *base, int base_kind, const float *low, const uint8_t *packed,
+                           __m512 alpha, int64_t i, int round_kind, void *out, int out_kind, __m512 *lo,
+                           __m512 *hi, __mmask16 *nan) {
+    __m512 acc;
+    if (packed) {
+        __mmask16 m = (__mmask16)(packed[i >> 3] | ((unsigned)packed[(i >> 3) + 1] << 8));
+        __m512 s = _mm512_mask_blend_ps(m, _mm512_sub_ps(_mm512_setzero_ps(), alpha), alpha);
+        acc = low ? _mm512_add_ps(_mm512_loadu_ps(low + i), s) : s;
+    } else {
+        acc = _mm512_loadu_ps(low + i);
+    }
+    __m512 b;
+    if (base_kind == 0) {
+        b = _mm512_loadu_ps((const float *)base + i);
+    } else {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+        b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    acc = _mm512_add_ps(acc, b);
+    __mmask16 un = _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q);
+    *nan |= un;
+    *lo = _mm512_mask_min_ps(*lo, (__mmask16)~un, *lo, acc);
+    *hi = _mm512_mask_max_ps(*hi, (__mmask16)~un, *hi, acc);
+    if (round_kind == 1 || out_kind == 1) { /* fp32 -> bf16, round to nearest even, NaN -> 0xFFFF */
+        __m512i u = _mm512_castps_si512(acc);
+        __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                        _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+        r = _mm512_mask_blend_epi32(un, r, _mm512_set1_epi32(0xFFFF));
+        if (out_kind == 1) {
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), _mm512_cvtepi32_epi16(r));
+        } else { /* rounded to bf16, widened into fp32 */
+            _mm512_storeu_ps((float *)out + i, _mm512_castsi512_ps(_mm512_slli_epi32(r, 16)));
+        }
+    } else {
+        _mm512_storeu_ps((float *)out + i, acc);
+    }
+}
+#endif
+
+int deltakit_fused_tile(const void *base, int base_kind, const float *low, const uint8_t *packed, float alpha,
+                        int64_t n, int round_kind, void *out, int out_kind, float *extremes, int threads) {
+    float lo = __builtin_inff(), hi = -__builtin_inff();
+    int nan = 0;
+    const float *bf = (const float *)base;
+    const uint16_t *bh = (const uint16_t *)base;
+    float *of = (float *)out;
+    uint16_t *oh = (uint16_t *)out;
+    if (base_kind < 0 || base_kind > 1 || round_kind < 0 || round_kind > 1 || out_kind < 0 || out_kind > 1)
+        return 1;
+#ifdef __AVX512F__
+    if (low || packed) {
+        int64_t blocks = n / 16;
+        __m512 va = _mm512_set1_ps(alpha);
+#pragma omp parallel num_threads(threads)
+        {
+            __m512 tlo = _mm512_set1_ps(__builtin_inff()), thi = _mm512_set1_ps(-__builtin_inff());
+            __mmask16 tnan = 0;
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < blocks; k++)
+                fused16(base, base_kind, low, packed, va, 16 * k, round_kind, out, out_kind, &tlo, &thi, &tnan);
+            float l = _mm512_reduce_min_ps(tlo), h = _mm512_reduce_max_ps(thi);
+#pragma omp critical
+            {
+                lo = l < lo ? l : lo;
+                hi = h > hi ? h : hi;
+                nan |= tnan != 0;
+            }
+        }
+        int64_t done = 16 * blocks; /* the tail below starts at an element index that is a multiple of 16 */
+        bf = base_kind == 0 ? bf + done : bf;
+        bh = base_kind == 1 ? bh + done : bh;
+        of = of + done;
+        oh = oh + done;
+        low = low ? low + done : low;
+        packed = packed ? packed + done / 8 : packed;
+        n -= done;
+        threads = 1;
+    }
+#endif
+    if (base_kind == 0 && round_kind == 0 && out_kind == 0) {
+        FUSED_LOOP(bf[i], acc, of[i] = v)
+    } else if (base_kind == 1 && round_kind == 1 && out_kind == 1) {
+        FUSED_LOOP(bf16_to_f32(bh[i]), acc, oh[i] = f32_to_bf16(v))
+    } else if (base_kind == 1 && round_kind == 1 && out_kind == 0) {
+        FUSED_LOOP(bf16_to_f32(bh[i]), bf16_to_f32(f32_to_bf16(acc)), of[i] = v)
+    } else if (base_kind == 0 && round_kind == 1 && out_kind == 0) {
+        FUSED_LOOP(bf[i], bf16_to_f32(f32_to_bf16(acc)), of[i] = v)
+    } else if (base_kind == 0 && round_kind == 1 && out_kind == 1) {
+        FUSED_LOOP(bf[i], acc, oh[i] = f32_to_bf16(v))
+    } else if (base_kind == 1 && round_kind == 0 && out_kind == 0) {
+        FUSED_LOOP(bf16_to_f32(bh[i]), acc, of[i] = v)
+    } else if (base_kind == 1 && round_kind == 0 && out_kind == 1) {
+        FUSED_LOOP(bf16_to_f32(bh[i]), acc, oh[i] = f32_to_bf16(v))
+    } else {
+        FUSED_LOOP(bf[i], acc, oh[i] = f32_to_bf16(v))
+    }
+    extremes[0] = nan ? __builtin_nanf("") : lo;
+    extremes[1] = nan ? __builtin_nanf("") : hi;
+    return 0;
+}
