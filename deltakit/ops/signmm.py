@@ -13,6 +13,8 @@ S (out, in) is stored as bits (1 = +1, 0 = -1, least significant bit first, row-
   for a row, whatever the threads or other rows, but round differently from the few-rows form;
 - elsewhere (CUDA tensors, ``in`` not a multiple of 8, no C compiler, ``DELTAKIT_NATIVE=0``):
   ``x @ unpack(S)ᵀ`` in fp32 (:func:`reference_sign_matmul`), the same sums in the matmul's order.
+
+The same library holds the one-pass rebuild tile of :mod:`deltakit.ops.fused` (``deltakit_fused_tile``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ _SOURCE = Path(__file__).with_name("signmm_native.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math")
 #: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used
 LUT_MIN_ROWS = 4
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+#: argument types of the kernel's entry points (every one returns an int status, 0 = done)
+_SIGNATURES = {
+    "deltakit_sign_matmul": (_P, _I64, _I64, _P, _I64, _P, _P, _I32),
+    "deltakit_sign_matmul_lut": (_P, _I64, _I64, _P, _I64, _P, _I32),
+    "deltakit_sign_matmul_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I32),
+    # the one-pass tile of ops/fused.py: base, kind, low rank, bits, alpha, n, round, out, kind, extremes
+    "deltakit_fused_tile": (_P, _I32, _P, _P, ctypes.c_float, _I64, _I32, _P, _I32, _P, _I32),
+}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -85,35 +96,9 @@ def native_library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError):
             return None
-        pointers = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-        lib.deltakit_sign_matmul.restype = ctypes.c_int
-        lib.deltakit_sign_matmul.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        lib.deltakit_sign_matmul_lut.restype = ctypes.c_int
-        lib.deltakit_sign_matmul_lut.argtypes = [*pointers, ctypes.c_void_p, ctypes.c_int]
-        lib.deltakit_sign_matmul_multi.restype = ctypes.c_int
-        lib.deltakit_sign_matmul_multi.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            *[ctypes.c_void_p] * 5,
-            ctypes.c_int64,
-            ctypes.c_int,
-        ]
-        lib.deltakit_fused_tile.restype = ctypes.c_int
-        lib.deltakit_fused_tile.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_float,
-            ctypes.c_int64,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(lib, name)
+            function.restype, function.argtypes = ctypes.c_int, list(argtypes)
         _library = lib
         return lib
 
