@@ -104,13 +104,7 @@ class CompressOptions:
         """The calibration a data-aware method runs on; refuses a missing ``data``."""
         if not needs_data:
             return None
-        if not self.data:
-            raise UsageError(
-                f"method {self.method!r} needs calibration data: pass data=[FILE_OR_DIR] (text or JSONL)"
-            )
-        return Calibration(
-            tuple(str(d) for d in self.data), tokens=self.tokens, seq_len=self.seq_len, seed=self.seed
-        )
+        return self._calibration(f"method {self.method!r} needs calibration data")
 
     def allocation_weighting(self, mode: str) -> Calibration | None:
         """The calibration the ``rd`` allocation is weighted on (``weight_allocation=True``), else None;
@@ -119,24 +113,20 @@ class CompressOptions:
             return None
         if mode != "rd":
             raise UsageError(f"weight_allocation=True weights the rd allocation; allocation is {mode!r}")
-        if not self.data:
-            raise UsageError(
-                "weight_allocation=True weighs matrices on calibration data: pass data=[FILE_OR_DIR] "
-                "(text or JSONL)"
-            )
-        return Calibration(
-            tuple(str(d) for d in self.data), tokens=self.tokens, seq_len=self.seq_len, seed=self.seed
-        )
+        return self._calibration("weight_allocation=True weighs matrices on calibration data")
 
     def scale_refinement(self) -> Calibration | None:
         """The calibration scale refinement runs on (``refine_scales=True``), else None; refuses a missing
         ``data``."""
         if not self.refine_scales:
             return None
+        return self._calibration("refine_scales=True fits scales on calibration data")
+
+    def _calibration(self, needed_by: str) -> Calibration:
+        """``data`` with the token budget, window length and seed; a UsageError starting with
+        ``needed_by`` when no data was given."""
         if not self.data:
-            raise UsageError(
-                "refine_scales=True fits scales on calibration data: pass data=[FILE_OR_DIR] (text or JSONL)"
-            )
+            raise UsageError(f"{needed_by}: pass data=[FILE_OR_DIR] (text or JSONL)")
         return Calibration(
             tuple(str(d) for d in self.data), tokens=self.tokens, seq_len=self.seq_len, seed=self.seed
         )

@@ -175,14 +175,10 @@ def _native_tile(
     returns the (min, max) of the tile's fp32 sums."""
     cols = base.shape[1]
     n = (r1 - r0) * cols
-    low = None
-    if up32 is not None and down32 is not None:
-        low = _WORKSPACE.get("acc", n, torch.float32).view(r1 - r0, cols)
-        torch.matmul(up32[r0:r1], down32, out=low)  # (tile, cols)
+    low = _low_rank_rows(up32, down32, r0, r1)
     bits = None
     if packed is not None:
-        bits = packed[r0 * cols // 8 :]  # r0 * cols is a multiple of 8 (TILE_ALIGN rows)
-        bits = bits.contiguous() if not bits.is_contiguous() else bits
+        bits = packed[r0 * cols // 8 :].contiguous()  # r0 * cols is a multiple of 8 (TILE_ALIGN rows)
     extremes = torch.empty(2, dtype=torch.float32)
     code = lib.deltakit_fused_tile(
         base[r0:r1].data_ptr(),
@@ -200,6 +196,19 @@ def _native_tile(
     if code != 0:
         raise ValueError(f"fused tile kernel refused its arguments (code {code})")
     return extremes
+
+
+def _low_rank_rows(
+    up32: torch.Tensor | None, down32: torch.Tensor | None, r0: int, r1: int
+) -> torch.Tensor | None:
+    """fp32 rows r0:r1 of ``up32 @ down32`` (None without factors); on the CPU in this thread's workspace,
+    valid until the next tile."""
+    if up32 is None or down32 is None:
+        return None
+    if up32.device.type != "cpu":
+        return up32[r0:r1] @ down32  # (tile, cols)
+    acc = _WORKSPACE.get("acc", (r1 - r0) * down32.shape[1], torch.float32).view(r1 - r0, down32.shape[1])
+    return torch.matmul(up32[r0:r1], down32, out=acc)  # (tile, cols)
 
 
 def _finite(extremes: list[torch.Tensor], dtype: torch.dtype, written: torch.dtype) -> bool:
@@ -224,13 +233,7 @@ def _tile_sum(
     cols = base.shape[1]
     n = (r1 - r0) * cols
     cpu = base.device.type == "cpu"
-    acc: torch.Tensor | None = None
-    if up32 is not None and down32 is not None:
-        if cpu:
-            acc = _WORKSPACE.get("acc", n, torch.float32).view(r1 - r0, cols)
-            torch.matmul(up32[r0:r1], down32, out=acc)  # (tile, cols)
-        else:
-            acc = up32[r0:r1] @ down32  # (tile, cols)
+    acc = _low_rank_rows(up32, down32, r0, r1)
     if table is not None and packed is not None:
         first = r0 * cols // 8  # exact: r0 is a multiple of TILE_ALIGN (or the tile is the whole matrix)
         raw = packed[first : first + (n + 7) // 8]
