@@ -79,7 +79,8 @@ DEVICE = click.Choice(["cpu", "cuda"])
     "--refine-scales",
     "refine_scales",
     is_flag=True,
-    help="fit each sign part's per-matrix scale on --data against the fine-tune's logits (bitdelta, dqrelo)",
+    help="fit the sign scales and per-singular-vector scales on --data against the fine-tune's logits "
+    "(bitdelta, dqrelo, svd, deltacome, lillama; same bytes)",
 )
 @click.option("--refine-steps", type=int, help="Adam steps of --refine-scales (default 20)")
 @click.option(
@@ -404,6 +405,13 @@ def inspect(delta, tensors, registry_path, as_json):
         out_console.print(table)
 
 
+def _components(report: dict) -> str:
+    """`` (N component scales)`` when the report counts low-rank components, else empty."""
+    count = report.get("components")
+    ok = isinstance(count, int) and not isinstance(count, bool) and count > 0
+    return f" ({count} component scales)" if ok else ""
+
+
 def _refinement_line(report: dict) -> str:
     """One line on a delta's refined scales (``stats.scale_refinement``; any field may be malformed)."""
 
@@ -413,7 +421,8 @@ def _refinement_line(report: dict) -> str:
     kept = "refined scales kept" if report.get("applied") is True else "data-free scales kept (no KL gain)"
     return (
         f"scales refined on {num(report.get('tokens'))} tokens, {num(report.get('steps'))} steps, "
-        f"{num(report.get('tensors'))} matrices: calibration KL {num(report.get('kl_before'))} -> "
+        f"{num(report.get('tensors'))} matrices{_components(report)}: calibration KL "
+        f"{num(report.get('kl_before'))} -> "
         f"{num(report.get('kl_fitted'))}, {kept}"
     )
 

@@ -24,7 +24,6 @@ from deltakit.core.refine import (
     EVAL_WINDOWS,
     STATS_KEY,
     RefineSettings,
-    _write_scales,
     refinable_codecs,
     refine_scales,
     supports_refinement,
@@ -73,7 +72,7 @@ def _compress(pair, out, method: str, refine: bool, **extra):
     return deltakit.compress(pair["base"], pair["ft"], out, **options)
 
 
-@pytest.mark.parametrize("method", ["bitdelta", "dqrelo"])
+@pytest.mark.parametrize("method", ["bitdelta", "dqrelo", "svd", "deltacome"])
 def test_refinement_lowers_the_rebuilt_models_kl(pair, tmp_path, method):
     plain = _compress(pair, tmp_path / "plain", method, refine=False)
     refined = _compress(pair, tmp_path / "refined", method, refine=True)
@@ -96,19 +95,39 @@ def test_refinement_lowers_the_rebuilt_models_kl(pair, tmp_path, method):
     assert report["kl_after"] == pytest.approx(held_kls["refined"], rel=1e-3)
 
 
+def _stored(delta_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in sorted(p for p in delta_dir.iterdir() if p.suffix == ".safetensors"):
+        out.update(load_file(str(shard)))
+    return out
+
+
 @pytest.mark.parametrize(
-    "overrides", [{"factor_bits": "16"}, {"factor_bits": "4"}], ids=["fp16-factors", "4-bit-factors"]
+    ("method", "overrides"),
+    [("dqrelo", {"factor_bits": "16"}), ("dqrelo", {"factor_bits": "4"}), ("deltacome", {})],
+    ids=["dqrelo-fp16-factors", "dqrelo-4-bit-factors", "deltacome"],
 )
-def test_only_scales_change_and_sizes_are_identical(pair, tmp_path, overrides):
+def test_only_scales_change_and_sizes_are_identical(pair, tmp_path, method, overrides):
+    """Refinement rewrites the sign scale params and the per-vector factor scales (float ``up`` columns
+    or quantized ``up_scales`` rows) and nothing else: codes, signs, keys, dtypes, shapes and every
+    size are those of the unrefined delta."""
     extra = {"overrides": overrides, "ratio": 0.25}
-    plain = _compress(pair, tmp_path / "plain", "dqrelo", refine=False, **extra)
-    refined = _compress(pair, tmp_path / "refined", "dqrelo", refine=True, **extra)
+    plain = _compress(pair, tmp_path / "plain", method, refine=False, **extra)
+    refined = _compress(pair, tmp_path / "refined", method, refine=True, **extra)
+    assert refined.manifest.stats[STATS_KEY]["applied"]
     assert all(e.params.get("rank", 0) > 0 for e in plain.manifest.tensors.values() if e.kind == "encoded")
     a, b = plain.manifest, refined.manifest
-    assert {k: (v.sha256, v.size) for k, v in a.files.items()} == {
-        k: (v.sha256, v.size) for k, v in b.files.items()
-    }  # shards bit for bit
-    changed = 0
+    assert {k: v.size for k, v in a.files.items()} == {k: v.size for k, v in b.files.items()}
+    stored_a, stored_b = _stored(tmp_path / "plain"), _stored(tmp_path / "refined")
+    assert {k: (v.dtype, v.shape) for k, v in stored_a.items()} == {
+        k: (v.dtype, v.shape) for k, v in stored_b.items()
+    }
+    scale_keys = ("::up", "::up_scales")
+    changed_tensors = {k for k in stored_a if not torch.equal(stored_a[k], stored_b[k])}
+    assert changed_tensors and all(k.endswith(scale_keys) for k in changed_tensors), changed_tensors
+    changed_scales = 0
     for name, entry in a.tensors.items():
         other = b.tensors[name]
         assert (entry.kind, entry.stored, entry.shard) == (other.kind, other.stored, other.shard)
@@ -116,10 +135,12 @@ def test_only_scales_change_and_sizes_are_identical(pair, tmp_path, overrides):
         assert rest == {k: v for k, v in other.params.items() if k != "scale"}
         if "scale" in entry.params:
             assert isinstance(other.params["scale"], float) and math.isfinite(other.params["scale"])
-            changed += entry.params["scale"] != other.params["scale"]
-    assert changed == a.stats["encoded_tensors"]
+            changed_scales += entry.params["scale"] != other.params["scale"]
+    if method == "dqrelo":
+        assert changed_scales == a.stats["encoded_tensors"]
     stats_b = {k: v for k, v in b.stats.items() if k != STATS_KEY}
     assert stats_b == a.stats  # stored_bytes, param_bytes, ratio: identical
+    deltakit.verify(tmp_path / "refined", pair["base"])  # raises on a bad hash, size or tensor
 
 
 def test_deterministic_and_thread_independent(pair):
@@ -160,15 +181,26 @@ def test_missing_data_is_one_line(pair):
 
 
 def test_codec_without_scale_is_refused_naming_those_with_one(pair):
-    assert supports_refinement(get_codec("bitdelta")) and supports_refinement(get_codec("dqrelo"))
-    for name in ("svd", "dare", "lossless", "deltacome"):
+    for name in ("bitdelta", "dqrelo", "svd", "deltacome", "lillama"):
+        assert supports_refinement(get_codec(name)), name
+    for name in ("dare", "lossless"):
         assert not supports_refinement(get_codec(name)), name
-    assert {"bitdelta", "dqrelo"} <= set(refinable_codecs())
-    with pytest.raises(UsageError, match=r"svd has none.*bitdelta, dqrelo") as info:
+    assert {"bitdelta", "deltacome", "dqrelo", "svd"} <= set(refinable_codecs())
+    with pytest.raises(UsageError, match=r"dare has neither.*bitdelta, deltacome") as info:
         deltakit.compress(
-            pair["base"], pair["ft"], None, method="svd", refine_scales=True, data=[pair["text"]], **CAL
+            pair["base"], pair["ft"], None, method="dare", refine_scales=True, data=[pair["text"]], **CAL
         )
     assert "\n" not in str(info.value)
+
+
+def test_component_scales_need_an_in_memory_delta(pair, tmp_path):
+    _compress(pair, tmp_path / "svd", "svd", refine=False)
+    settings = RefineSettings(steps=1, lr=0.05, batch_size=4)
+    with pytest.raises(UsageError, match=r"in-memory delta"):
+        refine_scales(
+            load_delta(tmp_path / "svd"), open_checkpoint(pair["base"]), pair["ft"], _windows(pair),
+            settings, torch.device("cpu"),
+        )  # fmt: skip
 
 
 def test_bad_settings_and_in_memory_models_are_refused(pair):
@@ -183,13 +215,23 @@ def test_bad_settings_and_in_memory_models_are_refused(pair):
         )
 
 
-def test_non_finite_scale_is_refused(pair):
-    class Fake:
-        names, scale0 = ["a", "b"], [1.0, 1.0]
+def test_non_finite_scale_is_refused(pair, monkeypatch):
+    from deltakit.core import refine
 
-    manifest = _compress(pair, None, "bitdelta", refine=False).manifest
-    with pytest.raises(NonFiniteError, match=r"scale of b is NaN or Inf"):
-        _write_scales(manifest, Fake(), [1.0, float("nan")], 0.1, 0.05)
+    def blow_up(model, student, windows, settings, progress):
+        with torch.no_grad():
+            student.g[1] = float("nan")
+
+    monkeypatch.setattr(refine, "_fit", blow_up)
+    delta = _compress(pair, None, "svd", refine=False)
+    before = {n: e.params for n, e in delta.manifest.tensors.items()}
+    settings = RefineSettings(steps=1, lr=0.05, batch_size=4)
+    with pytest.raises(NonFiniteError, match=r"scale of .* is NaN or Inf"):
+        refine_scales(
+            delta, open_checkpoint(pair["base"]), pair["ft"], _windows(pair), settings, torch.device("cpu")
+        )
+    assert {n: e.params for n, e in delta.manifest.tensors.items()} == before
+    assert STATS_KEY not in delta.manifest.stats
 
 
 def test_cli_end_to_end(pair, tmp_path, capsys):

@@ -264,3 +264,33 @@ def view_factors(encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     if "up" in encoded.tensors:
         return encoded.tensors["up"], encoded.tensors["down"]
     return load_factors(encoded)
+
+
+_FP16_MAX = 65504.0
+
+
+def rescaled_parts(encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
+    """:meth:`Codec.rescaled` for the built-in layouts: ``params["scale"]`` set to ``scale`` and low-rank
+    component k multiplied by ``components[k]``: column k of a float ``up`` (rows, r), or row k of a
+    quantized ``up_scales`` (r, groups), the fp16 scales of singular vector k's groups (deltacome's
+    blocks are concatenated in component order, so its rows line up the same way). Same keys, dtypes and
+    shapes as ``encoded`` (not mutated)."""
+    params, tensors = dict(encoded.params), dict(encoded.tensors)
+    if scale is not None:
+        params["scale"] = float(scale)
+    if components is not None:
+        c = components.detach().to(device="cpu", dtype=torch.float32).clamp(min=0.0)  # (r,)
+        if "up" in tensors:
+            up = tensors["up"]  # (rows, r)
+            if up.shape[1] != c.numel():
+                raise FormatError(f"{c.numel()} component scales for a rank-{up.shape[1]} factor pair")
+            tensors["up"] = (up.to(torch.float32) * c[None, :]).to(up.dtype)
+        elif "up_scales" in tensors:
+            scales = tensors["up_scales"]  # (r, groups) fp16
+            if scales.shape[0] != c.numel():
+                raise FormatError(f"{c.numel()} component scales for {scales.shape[0]} quantized vectors")
+            scaled = (scales.to(torch.float32) * c[:, None]).clamp(max=_FP16_MAX)
+            tensors["up_scales"] = scaled.to(scales.dtype)
+        else:
+            raise FormatError("component scales given for an encoding without low-rank factors")
+    return Encoded(tensors, params)

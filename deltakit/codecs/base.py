@@ -361,6 +361,19 @@ class Codec(ABC):
         """The encoded form as ``scale·S + up·down`` for the runtime's batched path (None: no such view)."""
         return None
 
+    def rescaled(
+        self, encoded: Encoded, scale: float | None, components: torch.Tensor | None
+    ) -> Encoded | None:
+        """``encoded`` with its :meth:`factored` view changed to ``scale·S + up·diag(components)·down``.
+
+        scale: the new sign-part scale (None: keep). components: (r,) fp32 multipliers >= 0 of the view's
+        low-rank components, column k of ``up`` times ``components[k]`` (None: keep). The result stores
+        the same tensors (keys, dtypes, shapes) and the same params, so the delta's size is unchanged;
+        ``encoded`` is not mutated. None when the codec cannot rescale its parts (scale refinement then
+        refuses it); codecs with a factored view implement it.
+        """
+        return None
+
     def reconstruct(
         self, encoded: Encoded, base: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu"
     ) -> torch.Tensor:

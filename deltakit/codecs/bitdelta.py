@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltakit.codecs._common import dense_signs, fp32_delta, require_2d, sign_part
+from deltakit.codecs._common import dense_signs, fp32_delta, require_2d, rescaled_parts, sign_part
 from deltakit.codecs.base import (
     Budget,
     Codec,
@@ -23,7 +23,7 @@ from deltakit.codecs.base import (
     StoredTensor,
 )
 from deltakit.codecs.registry import register_codec
-from deltakit.errors import BudgetError
+from deltakit.errors import BudgetError, FormatError
 
 
 @dataclass(frozen=True)
@@ -66,3 +66,8 @@ class BitDelta(Codec):
     def factored(self, encoded: Encoded) -> FactoredView:
         shape = tuple(encoded.params["shape"])
         return FactoredView(shape, encoded.tensors["signs"], float(encoded.params["scale"]))
+
+    def rescaled(self, encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
+        if components is not None:
+            raise FormatError("bitdelta has no low-rank components to rescale")
+        return rescaled_parts(encoded, scale, None)

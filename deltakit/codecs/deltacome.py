@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from deltakit.codecs._common import fp32_delta, require_2d, spectrum_of
+from deltakit.codecs._common import fp32_delta, require_2d, rescaled_parts, spectrum_of
 from deltakit.codecs.base import (
     FP16_BYTES,
     Budget,
@@ -228,6 +228,9 @@ class DeltaCoMe(Codec):
     def factored(self, encoded: Encoded) -> FactoredView:
         up, down = self.factors(encoded)
         return FactoredView(tuple(encoded.params["shape"]), up=up, down=down)
+
+    def rescaled(self, encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
+        return rescaled_parts(encoded, None, components)
 
 
 def _pair_bytes(rows: int, cols: int, bits: int, group: int) -> int:

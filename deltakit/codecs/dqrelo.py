@@ -32,6 +32,7 @@ from deltakit.codecs._common import (
     load_factors,
     low_rank_candidates,
     require_2d,
+    rescaled_parts,
     sign_part,
     spectrum_of,
     store_factors,
@@ -153,3 +154,6 @@ class DQRelo(Codec):
         shape = tuple(encoded.params["shape"])
         up, down = view_factors(encoded) if has_factors(encoded) else (None, None)
         return FactoredView(shape, encoded.tensors["signs"], float(encoded.params["scale"]), up, down)
+
+    def rescaled(self, encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
+        return rescaled_parts(encoded, scale, components)

@@ -250,3 +250,6 @@ class Lillama(Codec):
 
     def factored(self, encoded: Encoded) -> FactoredView:
         return SVD().factored(encoded)
+
+    def rescaled(self, encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
+        return SVD().rescaled(encoded, scale, components)

@@ -18,6 +18,7 @@ from deltakit.codecs._common import (
     load_factors,
     low_rank_candidates,
     require_2d,
+    rescaled_parts,
     spectrum_of,
     store_factors,
     view_factors,
@@ -99,3 +100,6 @@ class SVD(Codec):
         shape = tuple(encoded.params["shape"])
         up, down = view_factors(encoded)
         return FactoredView(shape, up=up, down=down)
+
+    def rescaled(self, encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
+        return rescaled_parts(encoded, None, components)

@@ -275,8 +275,8 @@ class _DeltaBuilder:
                 _check_finite(name, b, "base")
                 base_fp.add_later(name, b)
             self.tensors[name] = self.entry(name, t, b, roles[name])
-            if self.shards is not None:
-                self.shards.maybe_flush()
+            if self.shards is not None and self.refinement is None:
+                self.shards.maybe_flush()  # a refined delta stays queued until its scales are fitted
         for offset, name in enumerate(removed):
             if progress is not None:
                 progress(len(target_names) + offset, total, name)
@@ -311,18 +311,18 @@ class _DeltaBuilder:
         )
 
     def finish(self, manifest: Manifest, base_src, target_src, out_dir: Path | None) -> Delta:
-        """Flush the shards, refine the scales (when asked: they live in the manifest, the shards are read
-        back) and write the manifest last."""
+        """Refine the scales (when asked, on the tensors still queued), flush the shards and write the
+        manifest last."""
         if self.shards is None or out_dir is None:
             delta = Delta(manifest, None, self.memory)
             if self.refinement is not None:
                 self.refinement.run(delta, base_src, self.opts.progress)
             return delta
+        if self.refinement is not None:  # on the queued tensors: refinement may rewrite stored scales
+            self.refinement.run(Delta(manifest, None, self.shards.buffered), base_src, self.opts.progress)
         self.shards.flush()
         manifest.files = dict(self.shards.files)
         manifest.aux_files = _aux_files(base_src, target_src, out_dir, manifest.files)
-        if self.refinement is not None:
-            self.refinement.run(Delta(manifest, out_dir), base_src, self.opts.progress)
         write_manifest(out_dir, manifest)
         return Delta(manifest, out_dir)
 

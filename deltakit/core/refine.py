@@ -1,20 +1,24 @@
-"""Data-aware refinement of a delta's per-matrix scales (BitDelta's scale distillation), opt-in.
+"""Data-aware refinement of a delta's scales (BitDelta's scale distillation, extended to low rank), opt-in.
 
-A codec whose factored view has a sign part ``S`` and whose params hold its fp32 ``scale`` (``bitdelta``,
-``dqrelo``; decided by :func:`supports_refinement`, not by a list of names) rebuilds each matrix as
-``W = W_base + scale·S (+ up·down)``. :func:`refine_scales` keeps everything but the scales frozen and
-fits one scalar per matrix so that the rebuilt model's next-token distributions match the fine-tune's on
-calibration windows: Adam on ``KL(fine-tune ‖ rebuilt)``, the fine-tune's logits computed once per batch
-without gradients. Each scale is trained relative to its data-free value, ``scale = scale₀·(1 + m)`` with
-``m`` starting at 0, so one learning rate suits matrices whose scales differ by orders of magnitude.
+A codec whose factored view is ``W = W_base + scale·S + up·down`` and that can rescale its parts in the
+stored tensors (:meth:`~deltakit.codecs.base.Codec.rescaled`: ``bitdelta``, ``dqrelo``, ``svd``,
+``deltacome``, ``lillama``; decided by :func:`supports_refinement`, not by a list of names) gets two kinds
+of multipliers: one per sign part, on its scale, and one per low-rank component (singular vector), on
+column k of ``up``. :func:`refine_scales` keeps everything else frozen and fits the multipliers so that
+the rebuilt model's next-token distributions match the fine-tune's on calibration windows: Adam on
+``KL(fine-tune ‖ rebuilt)``, the fine-tune's logits computed once per batch without gradients. Each
+multiplier is ``1 + m`` with ``m`` starting at 0, so one learning rate suits matrices whose scales differ
+by orders of magnitude.
 
-Only the ``scale`` params change: the stored tensors are not touched and every scale stays one JSON
-float, so the delta's bytes are identical in size (checked). The refined scales are used only when they
-lower the KL on the evaluation windows; otherwise the data-free ones are kept (``stats.scale_refinement
-.applied`` says which). A non-finite loss or scale is refused.
+Where the multipliers land: a sign scale is its JSON float param; a component multiplier scales the
+fp16 group scales of singular vector k of a quantized ``up`` (row k of ``up_scales``), or column k of a
+float ``up``. Codes, signs, keys, dtypes and shapes are untouched, so the delta's bytes are identical in
+size (checked). The refined scales are kept only when the delta as stored (after the fp16 rounding of the
+rescaled group scales) lowers the KL on the evaluation windows; otherwise the data-free ones stay
+(``stats.scale_refinement.applied`` says which). A non-finite loss or multiplier is refused.
 
-Memory: the fine-tune model in fp32 on ``device`` plus, per refined matrix, its frozen part
-``W_base + up·down`` in fp32 and its signs as int8; the batch's logits twice.
+Memory: the fine-tune model in fp32 on ``device`` plus, per refined matrix, the base in fp32, its signs as
+int8 and its fp32 factors; the batch's logits twice.
 """
 
 from __future__ import annotations
@@ -72,24 +76,19 @@ class RefineSettings:
             raise UsageError(f"refine_lr={self.lr!r} is not valid: give a finite number > 0")
 
 
-def sign_scale(codec: Codec, encoded: Encoded) -> tuple[torch.Tensor, tuple[int, int]] | None:
-    """(packed signs, shape) of an encoded matrix whose scale refinement can fit, else None.
-
-    Refinable: the codec's factored view has a sign part and the params hold a float ``scale`` equal to
-    the view's (so the view's ``scale·S`` is what that param sets).
-    """
+def _probe(codec: Codec, encoded: Encoded) -> bool:
+    """Whether ``encoded`` has a factored view whose parts ``codec.rescaled`` can rescale."""
     view = codec.factored(encoded)
-    scale = encoded.params.get("scale")
-    if view is None or view.signs is None or isinstance(scale, bool) or not isinstance(scale, float):
-        return None
-    if view.scale != scale or len(view.shape) != 2:
-        return None
-    return view.signs, (int(view.shape[0]), int(view.shape[1]))
+    if view is None or len(view.shape) != 2:
+        return False
+    components = None if view.up is None else torch.ones(view.up.shape[1])
+    scale = view.scale if view.signs is not None else None
+    return codec.rescaled(encoded, scale, components) is not None
 
 
 def supports_refinement(codec: Codec, config: CodecConfig | None = None) -> bool:
-    """Whether ``codec`` stores a per-matrix scale for a sign part: encodes a seeded 32×32 probe (at its
-    default budget) and asks :func:`sign_scale`."""
+    """Whether ``codec`` can rescale the parts of its factored view: encodes a seeded 32×32 probe (at its
+    default budget) and asks :meth:`~deltakit.codecs.base.Codec.rescaled`."""
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(32, 32, generator=generator)
     target = base + 0.1 * torch.randn(32, 32, generator=generator)
@@ -97,8 +96,7 @@ def supports_refinement(codec: Codec, config: CodecConfig | None = None) -> bool
     ctx = EncodeContext(budget=Budget(ratio=codec.default_ratio), name="probe")
     try:
         with torch_threads(1):
-            encoded = codec.encode(base, target, cfg, ctx)
-            return sign_scale(codec, encoded) is not None
+            return _probe(codec, codec.encode(base, target, cfg, ctx))
     except (DeltakitError, TypeError, ValueError, KeyError, RuntimeError, AttributeError):
         return False
 
@@ -109,73 +107,125 @@ def refinable_codecs() -> list[str]:
 
 
 def check_refinable(codec: Codec, config: CodecConfig) -> None:
-    """Refuse a codec with no per-matrix scale, naming the ones that have one."""
+    """Refuse a codec whose parts cannot be rescaled, naming the ones whose parts can."""
     if not supports_refinement(codec, config):
         names = ", ".join(refinable_codecs()) or "none registered"
         raise UsageError(
-            f"refine_scales=True fits the per-matrix scale of a sign part; {codec.name} has none "
-            f"(codecs that have one: {names})"
+            f"refine_scales=True fits the scales of a sign part or of low-rank components; {codec.name} "
+            f"has neither (codecs that have them: {names})"
         )
 
 
+@dataclass
+class _Part:
+    """One refinable matrix: ``W = fixed + scale₀·(1 + m)·S + up·diag(1 + g)·down``.
+
+    fixed: full tensor shape, fp32 (the base, plus exactly stored grown rows). signs: int8 ±1 (rows, cols)
+    of the encoded rows, or None. up (rows, r), down (r, cols): fp32 view factors, or None. ``m`` is entry
+    ``sign_index`` of the student's sign multipliers, ``g`` the slice ``[offset, offset + r)`` of its
+    component multipliers.
+    """
+
+    name: str
+    fixed: torch.Tensor
+    signs: torch.Tensor | None
+    scale0: float
+    up: torch.Tensor | None
+    down: torch.Tensor | None
+    sign_index: int = -1
+    offset: int = 0
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.up is None else int(self.up.shape[1])
+
+
 class _Student:
-    """The rebuilt model's encoded matrices: ``W_i = fixed_i + scale₀_i·(1 + m_i)·S_i`` for refinable
-    matrices (``m`` trainable, (n,) fp32) and ``W = fixed`` for the other encoded ones."""
+    """The rebuilt model's encoded matrices, their sign scales and low-rank components trainable as
+    multipliers ``(1 + m)`` ((n_signs,) fp32) and ``(1 + g)`` ((n_components,) fp32), both starting at 1;
+    encoded matrices with no factored view are held fixed."""
 
     def __init__(self, device: torch.device):
-        self.names: list[str] = []
-        self.fixed: dict[str, torch.Tensor] = {}  # full tensor shape, fp32
-        self.signs: dict[str, torch.Tensor] = {}  # same shape, int8 ±1 (0 on grown rows)
-        self.scale0: list[float] = []
+        self.parts: list[_Part] = []
+        self.fixed: dict[str, torch.Tensor] = {}  # non-refinable encoded matrices, full shape, fp32
         self.device = device
         self.m = torch.zeros(0)
+        self.g = torch.zeros(0)
+        self.n_signs = 0
+        self.n_components = 0
 
-    def add(self, name: str, fixed: torch.Tensor, signs: torch.Tensor | None, scale: float) -> None:
-        self.fixed[name] = fixed.to(self.device)
-        if signs is not None:
-            self.names.append(name)
-            self.signs[name] = signs.to(self.device)
-            self.scale0.append(scale)
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parts]
+
+    @property
+    def scale0(self) -> list[float]:
+        return [p.scale0 for p in self.parts]
+
+    def add(self, part: _Part) -> None:
+        part.fixed = part.fixed.to(self.device)
+        if part.signs is not None:
+            part.signs, part.sign_index = part.signs.to(self.device), self.n_signs
+            self.n_signs += 1
+        if part.up is not None:
+            part.up, part.down = part.up.to(self.device), part.down.to(self.device)
+            part.offset = self.n_components
+            self.n_components += part.rank
+        self.parts.append(part)
 
     def start(self) -> None:
-        self.m = torch.zeros(len(self.names), device=self.device, requires_grad=True)
+        self.m = torch.zeros(self.n_signs, device=self.device, requires_grad=True)
+        self.g = torch.zeros(self.n_components, device=self.device, requires_grad=True)
 
-    def scales(self) -> torch.Tensor:
-        """(n,) fp32 scales of the refinable matrices, in :attr:`names` order."""
-        return torch.tensor(self.scale0, device=self.device) * (1 + self.m)
+    def sign_scales(self) -> list[float | None]:
+        """Per part, its current sign scale (None without a sign part)."""
+        m = self.m.detach().cpu().tolist()
+        return [None if p.signs is None else p.scale0 * (1 + m[p.sign_index]) for p in self.parts]
+
+    def components(self) -> list[torch.Tensor | None]:
+        """Per part, its current (r,) fp32 component multipliers on the CPU (None without factors)."""
+        g = 1 + self.g.detach().cpu()
+        return [None if p.up is None else g[p.offset : p.offset + p.rank].clone() for p in self.parts]
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Parameter overrides for :func:`torch.func.functional_call` (differentiable in ``m``)."""
+        """Parameter overrides for :func:`torch.func.functional_call` (differentiable in ``m`` and ``g``)."""
         out = dict(self.fixed)
-        for name, scale in zip(self.names, self.scales(), strict=True):
-            out[name] = self.fixed[name] + scale * self.signs[name]
+        for p in self.parts:
+            w = p.fixed
+            if p.signs is not None:
+                w = w + _pad_rows(p.scale0 * (1 + self.m[p.sign_index]) * p.signs, w.shape[0])
+            if p.up is not None:
+                g = 1 + self.g[p.offset : p.offset + p.rank]
+                w = w + _pad_rows((p.up * g) @ p.down, w.shape[0])  # (rows, r) (r, cols)
+            out[p.name] = w
         return out
 
 
-def _matrix_parts(
-    decoder: Decoder, name: str, base: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """(fixed part fp32, int8 signs or None, data-free scale) of encoded tensor ``name``, full shape."""
+def _pad_rows(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """``part`` (encoded rows, cols) with zero rows appended up to ``rows`` (the grown rows stored exactly)."""
+    extra = rows - part.shape[0]
+    return part if extra == 0 else torch.cat([part, part.new_zeros(extra, part.shape[1])])
+
+
+def _matrix_part(decoder: Decoder, name: str, base: torch.Tensor | None) -> tuple[_Part | None, torch.Tensor]:
+    """(refinable part or None, fixed full-shape fp32 tensor) of encoded tensor ``name``."""
     entry = decoder.delta.entry(name)
     encoded = decoder.encoded(name)
-    found = codec_call(name, lambda: sign_scale(decoder.codec, encoded))
+    codec = decoder.codec
     base32 = decoder.check_base(name, entry, base).to(torch.float32)
     extra = decoder.delta.exact(name, "extra_rows").float() if entry.extra_rows is not None else None
-    if found is None:
+    refinable = codec_call(name, lambda: _probe(codec, encoded))
+    if not refinable:
         fixed = base32 + decoder.delta_fp32(name, base)
-        signs = None
-        scale = 0.0
-    else:
-        packed, shape = found
-        scale = float(encoded.params["scale"])
-        zero = Encoded(encoded.tensors, {**encoded.params, "scale": 0.0})
-        fixed = base32 + codec_call(name, lambda: decoder.codec.decode(zero, "cpu", base=base))
-        signs = unpack_signs(packed, shape, "cpu").to(torch.int8)  # (rows, cols) ±1
-        if extra is not None:
-            signs = torch.cat([signs, torch.zeros(extra.shape, dtype=torch.int8)])
-    if extra is not None:
-        fixed = torch.cat([fixed, extra])
-    return fixed, signs, scale
+        return None, fixed if extra is None else torch.cat([fixed, extra])
+    view = codec_call(name, lambda: codec.factored(encoded))
+    signs = None
+    if view.signs is not None:
+        signs = unpack_signs(view.signs, tuple(view.shape), "cpu").to(torch.int8)  # (rows, cols) ±1
+    up = None if view.up is None else view.up.to(torch.float32)
+    down = None if view.down is None else view.down.to(torch.float32)
+    fixed = base32 if extra is None else torch.cat([base32, extra])
+    return _Part(name, fixed, signs, float(view.scale), up, down), fixed
 
 
 def _student(delta: Delta, codec: Codec, base: TensorSource, model: torch.nn.Module, device) -> _Student:
@@ -192,8 +242,11 @@ def _student(delta: Delta, codec: Codec, base: TensorSource, model: torch.nn.Mod
                 f"refine_scales: tensor {name} is not a parameter of the loaded model with shape "
                 f"{entry.shape}; this architecture renames weights on load and cannot be refined"
             )
-        fixed, signs, scale = _matrix_parts(decoder, name, base.get(name) if name in base_names else None)
-        student.add(name, fixed, signs, scale)
+        part, fixed = _matrix_part(decoder, name, base.get(name) if name in base_names else None)
+        if part is None:
+            student.fixed[name] = fixed.to(device)
+        else:
+            student.add(part)
     student.start()
     return student
 
@@ -206,20 +259,21 @@ def _batch_kl(model: torch.nn.Module, weights: dict[str, torch.Tensor], batch: t
     return logit_kl(student.logits, teacher)
 
 
-def _mean_kl(model, student: _Student, windows: torch.Tensor, batch_size: int) -> float:
-    """Token-weighted mean KL over ``windows`` (n, seq) with the student's current scales."""
+def _mean_kl(
+    model, weights: dict[str, torch.Tensor], windows: torch.Tensor, batch_size: int, device
+) -> float:
+    """Token-weighted mean KL over ``windows`` (n, seq) with the encoded matrices set to ``weights``."""
     total = 0.0
     with torch.no_grad():
-        weights = student.weights()
         for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(student.device)
+            batch = windows[start : start + batch_size].to(device)
             total += float(_batch_kl(model, weights, batch)) * batch.shape[0]
     return total / windows.shape[0]
 
 
 def _fit(model, student: _Student, windows: torch.Tensor, settings: RefineSettings, progress) -> None:
     """``settings.steps`` Adam steps on minibatches of ``windows`` in a seeded order (cycled as needed)."""
-    optimizer = torch.optim.Adam([student.m], lr=settings.lr)
+    optimizer = torch.optim.Adam([student.m, student.g], lr=settings.lr)
     epochs = math.ceil(settings.steps * settings.batch_size / windows.shape[0]) + 1
     batches = iter_minibatches(windows, settings.batch_size, seed=settings.seed, epochs=epochs)
     for step in range(settings.steps):
@@ -257,14 +311,16 @@ def refine_scales(
     device: torch.device,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Fit the scales of ``delta``'s refinable matrices on ``windows``; returns the report.
+    """Fit the sign scales and low-rank component scales of ``delta``'s matrices on ``windows``; returns
+    the report.
 
-    delta: in memory or read back (its stored tensors are read, never written). base: the base model's
-    tensors. model_dir: the fine-tune's checkpoint directory (its model is the teacher and, with the
-    encoded matrices replaced, the student). windows: (n, seq) int64 calibration tokens.
-    Mutates ``delta.manifest``: the refined ``params["scale"]`` of each refinable matrix (when they lower
-    the KL) and ``stats["scale_refinement"]`` (the report). On the CPU it runs on one thread, so the
-    scales do not depend on the thread count.
+    delta: in memory when any matrix has low-rank components (their stored scales are rewritten), else in
+    memory or read back. base: the base model's tensors. model_dir: the fine-tune's checkpoint directory
+    (its model is the teacher and, with the encoded matrices replaced, the student). windows: (n, seq)
+    int64 calibration tokens. When the stored result lowers the KL, mutates ``delta``: each refinable
+    matrix's ``params`` and stored tensors become those of ``codec.rescaled`` (same keys, dtypes and
+    shapes); in every case ``stats["scale_refinement"]`` gets the report. On the CPU it runs on one
+    thread, so the result does not depend on the thread count.
     """
     settings.validate()
     codec = Decoder.of(delta).codec
@@ -274,14 +330,20 @@ def refine_scales(
         for p in model.parameters():
             p.requires_grad_(False)
         student = _student(delta, codec, base, model, device)
-        if not student.names:
+        if not student.parts:
             raise UsageError(f"refine_scales: no encoded matrix of this {codec.name} delta has a scale")
+        if student.n_components and not delta.in_memory:
+            raise UsageError(
+                "refine_scales: low-rank component scales are rewritten; give an in-memory delta"
+            )
         held = windows[: max(EVAL_WINDOWS, settings.batch_size)]
-        kl_before = _mean_kl(model, student, held, settings.batch_size)
+        kl_before = _mean_kl(model, student.weights(), held, settings.batch_size, device)
         _fit(model, student, windows, settings, progress)
-        kl_fitted = _mean_kl(model, student, held, settings.batch_size)
-        fitted = student.scales().detach().cpu().tolist()
-    report = _write_scales(delta.manifest, student, fitted, kl_before, kl_fitted)
+        rescaled = _rescaled(delta, codec, student)
+        kl_fitted = _mean_kl(
+            model, _stored_weights(codec, student, rescaled), held, settings.batch_size, device
+        )
+    report = _write_scales(delta, student, rescaled, kl_before, kl_fitted)
     report.update(
         steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
         windows=int(windows.shape[0]), seq_len=int(windows.shape[1]), tokens=int(windows.numel()),
@@ -289,32 +351,69 @@ def refine_scales(
     )  # fmt: skip
     delta.manifest.stats[STATS_KEY] = report
     if _footprint(delta.manifest) != before_sizes:
-        raise AssertionError("refine_scales changed more than the scale params of the delta")
+        raise AssertionError("refine_scales changed more than the scales of the delta")
     return report
 
 
+def _rescaled(delta: Delta, codec: Codec, student: _Student) -> list[Encoded]:
+    """Per student part, its encoding with the fitted scales (what would be stored); refuses non-finite
+    multipliers before anything is rescaled."""
+    decoder = Decoder(delta, codec)
+    scales, components = student.sign_scales(), student.components()
+    for part, scale, comps in zip(student.parts, scales, components, strict=True):
+        if (scale is not None and not math.isfinite(scale)) or (
+            comps is not None and not bool(torch.isfinite(comps).all())
+        ):
+            raise NonFiniteError(
+                f"refine_scales: the fitted scale of {part.name} is NaN or Inf; lower refine_lr="
+            )
+    out = []
+    for part, scale, comps in zip(student.parts, scales, components, strict=True):
+        encoded = decoder.encoded(part.name)
+        out.append(codec_call(part.name, lambda e=encoded, s=scale, c=comps: codec.rescaled(e, s, c)))
+    return out
+
+
+def _stored_weights(codec: Codec, student: _Student, rescaled: list[Encoded]) -> dict[str, torch.Tensor]:
+    """The encoded matrices as the rescaled encodings rebuild them (fp32, full shape)."""
+    out = dict(student.fixed)
+    with torch.no_grad():
+        for part, encoded in zip(student.parts, rescaled, strict=True):
+            delta = codec_call(part.name, lambda e=encoded: codec.decode(e, student.device))
+            out[part.name] = part.fixed + _pad_rows(delta, part.fixed.shape[0])
+    return out
+
+
 def _write_scales(
-    manifest: Manifest, student: _Student, fitted: list[float], kl_before: float, kl_fitted: float
+    delta: Delta, student: _Student, rescaled: list[Encoded], kl_before: float, kl_fitted: float
 ) -> dict[str, Any]:
-    """Set each refinable matrix's ``scale`` to its fitted value when the KL dropped; the report's core."""
-    bad = [name for name, s in zip(student.names, fitted, strict=True) if not math.isfinite(s)]
-    if bad or not math.isfinite(kl_fitted):
-        raise NonFiniteError(
-            f"refine_scales: the fitted scale of {bad[0] if bad else 'the model'} is NaN or Inf; "
-            "lower refine_lr="
-        )
+    """Store the rescaled encodings when their KL is below the data-free one; the report's core."""
+    if not math.isfinite(kl_fitted):
+        raise NonFiniteError("refine_scales: the fitted model's KL is NaN or Inf; lower refine_lr=")
     applied = kl_fitted < kl_before
     if applied:
-        for name, scale in zip(student.names, fitted, strict=True):
-            manifest.tensors[name].params["scale"] = float(scale)
-    changes = [abs(s / s0 - 1) for s, s0 in zip(fitted, student.scale0, strict=True) if s0 != 0]
+        decoder = Decoder(delta, Decoder.of(delta).codec)
+        for part, encoded in zip(student.parts, rescaled, strict=True):
+            entry, old = delta.manifest.tensors[part.name], decoder.encoded(part.name)
+            for local, tensor in encoded.tensors.items():
+                if tensor is not old.tensors[local]:
+                    delta.replace_stored(entry.stored[local], tensor)
+            entry.params = dict(encoded.params)
+    multipliers = [
+        abs(s / s0 - 1)
+        for s, s0 in zip(student.sign_scales(), student.scale0, strict=True)
+        if s is not None and s0
+    ]
+    multipliers += [float((c - 1).abs().max()) for c in student.components() if c is not None and c.numel()]
     return {
-        "tensors": len(student.names),
+        "tensors": len(student.parts),
+        "sign_scales": student.n_signs,
+        "components": student.n_components,
         "kl_before": kl_before,
         "kl_fitted": kl_fitted,
         "kl_after": kl_fitted if applied else kl_before,
         "applied": applied,
-        "max_relative_change": max(changes, default=0.0),
+        "max_relative_change": max(multipliers, default=0.0),
     }
 
 

@@ -54,6 +54,11 @@ class ShardWriter:
         self.stored_bytes += nbytes
         return shard
 
+    @property
+    def buffered(self) -> dict[str, torch.Tensor]:
+        """The queued tensors by key (the live buffer: replacing a value changes what :meth:`flush` writes)."""
+        return self._buffer
+
     def maybe_flush(self) -> None:
         """Write the current shard once it has reached the size limit (call between groups)."""
         if self._buffer_bytes >= self.max_shard_bytes:
@@ -119,6 +124,26 @@ class Delta:
         self._stored = stored
         self._handles: dict[str, Any] = {}
         self._specs: dict[str, dict[str, TensorSpec]] = {}
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the stored tensors are held in memory (built by :func:`deltakit.compress`)."""
+        return self._stored is not None
+
+    def replace_stored(self, key: str, tensor: torch.Tensor) -> None:
+        """Replace in-memory stored tensor ``key`` by ``tensor`` of the same dtype and shape (so the
+        delta's size is unchanged); FormatError for an unknown key, another dtype/shape or a delta on disk."""
+        if self._stored is None:
+            raise FormatError(f"stored tensor {key!r} lives on disk and cannot be replaced in place")
+        old = self._stored.get(key)
+        if old is None:
+            raise FormatError(f"stored tensor {key!r} is missing")
+        if old.dtype != tensor.dtype or old.shape != tensor.shape:
+            raise FormatError(
+                f"stored tensor {key!r}: a {tensor.dtype} {list(tensor.shape)} tensor cannot replace "
+                f"its {old.dtype} {list(old.shape)} one"
+            )
+        self._stored[key] = tensor.detach().to("cpu").contiguous()
 
     def stored_tensor(self, key: str, shard: str | None) -> torch.Tensor:
         """The stored tensor ``key`` (CPU, as written), read lazily from ``shard``."""
