@@ -392,7 +392,7 @@ def _write_scales(
         raise NonFiniteError("refine_scales: the fitted model's KL is NaN or Inf; lower refine_lr=")
     applied = kl_fitted < kl_before
     if applied:
-        decoder = Decoder(delta, Decoder.of(delta).codec)
+        decoder = Decoder.of(delta)
         for part, encoded in zip(student.parts, rescaled, strict=True):
             entry, old = delta.manifest.tensors[part.name], decoder.encoded(part.name)
             for local, tensor in encoded.tensors.items():
