@@ -266,9 +266,6 @@ def view_factors(encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     return load_factors(encoded)
 
 
-_FP16_MAX = 65504.0
-
-
 def rescaled_parts(encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
     """:meth:`Codec.rescaled` for the built-in layouts: ``params["scale"]`` set to ``scale`` and low-rank
     component k multiplied by ``components[k]``: column k of a float ``up`` (rows, r), or row k of a
@@ -289,7 +286,7 @@ def rescaled_parts(encoded: Encoded, scale: float | None, components: torch.Tens
             scales = tensors["up_scales"]  # (r, groups) fp16
             if scales.shape[0] != c.numel():
                 raise FormatError(f"{c.numel()} component scales for {scales.shape[0]} quantized vectors")
-            scaled = (scales.to(torch.float32) * c[:, None]).clamp(max=_FP16_MAX)
+            scaled = (scales.to(torch.float32) * c[:, None]).clamp(max=torch.finfo(torch.float16).max)
             tensors["up_scales"] = scaled.to(scales.dtype)
         else:
             raise FormatError("component scales given for an encoding without low-rank factors")

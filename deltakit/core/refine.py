@@ -32,7 +32,15 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from deltakit.codecs.base import Budget, Calibration, Codec, CodecConfig, EncodeContext, Encoded
+from deltakit.codecs.base import (
+    Budget,
+    Calibration,
+    Codec,
+    CodecConfig,
+    EncodeContext,
+    Encoded,
+    FactoredView,
+)
 from deltakit.codecs.registry import get_codec, list_codecs
 from deltakit.core.decode import Decoder, codec_call
 from deltakit.core.options import CompressOptions
@@ -76,14 +84,14 @@ class RefineSettings:
             raise UsageError(f"refine_lr={self.lr!r} is not valid: give a finite number > 0")
 
 
-def _probe(codec: Codec, encoded: Encoded) -> bool:
-    """Whether ``encoded`` has a factored view whose parts ``codec.rescaled`` can rescale."""
+def _refinable_view(codec: Codec, encoded: Encoded) -> FactoredView | None:
+    """``encoded``'s factored view when ``codec.rescaled`` can rescale its parts, else None."""
     view = codec.factored(encoded)
     if view is None or len(view.shape) != 2:
-        return False
+        return None
     components = None if view.up is None else torch.ones(view.up.shape[1])
     scale = view.scale if view.signs is not None else None
-    return codec.rescaled(encoded, scale, components) is not None
+    return view if codec.rescaled(encoded, scale, components) is not None else None
 
 
 def supports_refinement(codec: Codec, config: CodecConfig | None = None) -> bool:
@@ -96,7 +104,7 @@ def supports_refinement(codec: Codec, config: CodecConfig | None = None) -> bool
     ctx = EncodeContext(budget=Budget(ratio=codec.default_ratio), name="probe")
     try:
         with torch_threads(1):
-            return _probe(codec, codec.encode(base, target, cfg, ctx))
+            return _refinable_view(codec, codec.encode(base, target, cfg, ctx)) is not None
     except (DeltakitError, TypeError, ValueError, KeyError, RuntimeError, AttributeError):
         return False
 
@@ -155,10 +163,6 @@ class _Student:
         self.n_components = 0
 
     @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.parts]
-
-    @property
     def scale0(self) -> list[float]:
         return [p.scale0 for p in self.parts]
 
@@ -214,11 +218,10 @@ def _matrix_part(decoder: Decoder, name: str, base: torch.Tensor | None) -> tupl
     codec = decoder.codec
     base32 = decoder.check_base(name, entry, base).to(torch.float32)
     extra = decoder.delta.exact(name, "extra_rows").float() if entry.extra_rows is not None else None
-    refinable = codec_call(name, lambda: _probe(codec, encoded))
-    if not refinable:
+    view = codec_call(name, lambda: _refinable_view(codec, encoded))
+    if view is None:
         fixed = base32 + decoder.delta_fp32(name, base)
         return None, fixed if extra is None else torch.cat([fixed, extra])
-    view = codec_call(name, lambda: codec.factored(encoded))
     signs = None
     if view.signs is not None:
         signs = unpack_signs(view.signs, tuple(view.shape), "cpu").to(torch.int8)  # (rows, cols) ±1
@@ -355,9 +358,9 @@ def refine_scales(
     return report
 
 
-def _rescaled(delta: Delta, codec: Codec, student: _Student) -> list[Encoded]:
-    """Per student part, its encoding with the fitted scales (what would be stored); refuses non-finite
-    multipliers before anything is rescaled."""
+def _rescaled(delta: Delta, codec: Codec, student: _Student) -> list[tuple[Encoded, Encoded]]:
+    """Per student part, (its encoding, its encoding with the fitted scales: what would be stored);
+    refuses non-finite multipliers before anything is rescaled."""
     decoder = Decoder(delta, codec)
     scales, components = student.sign_scales(), student.components()
     for part, scale, comps in zip(student.parts, scales, components, strict=True):
@@ -370,31 +373,37 @@ def _rescaled(delta: Delta, codec: Codec, student: _Student) -> list[Encoded]:
     out = []
     for part, scale, comps in zip(student.parts, scales, components, strict=True):
         encoded = decoder.encoded(part.name)
-        out.append(codec_call(part.name, lambda e=encoded, s=scale, c=comps: codec.rescaled(e, s, c)))
+        new = codec_call(part.name, lambda e=encoded, s=scale, c=comps: codec.rescaled(e, s, c))
+        out.append((encoded, new))
     return out
 
 
-def _stored_weights(codec: Codec, student: _Student, rescaled: list[Encoded]) -> dict[str, torch.Tensor]:
+def _stored_weights(
+    codec: Codec, student: _Student, rescaled: list[tuple[Encoded, Encoded]]
+) -> dict[str, torch.Tensor]:
     """The encoded matrices as the rescaled encodings rebuild them (fp32, full shape)."""
     out = dict(student.fixed)
     with torch.no_grad():
-        for part, encoded in zip(student.parts, rescaled, strict=True):
+        for part, (_, encoded) in zip(student.parts, rescaled, strict=True):
             delta = codec_call(part.name, lambda e=encoded: codec.decode(e, student.device))
             out[part.name] = part.fixed + _pad_rows(delta, part.fixed.shape[0])
     return out
 
 
 def _write_scales(
-    delta: Delta, student: _Student, rescaled: list[Encoded], kl_before: float, kl_fitted: float
+    delta: Delta,
+    student: _Student,
+    rescaled: list[tuple[Encoded, Encoded]],
+    kl_before: float,
+    kl_fitted: float,
 ) -> dict[str, Any]:
     """Store the rescaled encodings when their KL is below the data-free one; the report's core."""
     if not math.isfinite(kl_fitted):
         raise NonFiniteError("refine_scales: the fitted model's KL is NaN or Inf; lower refine_lr=")
     applied = kl_fitted < kl_before
     if applied:
-        decoder = Decoder.of(delta)
-        for part, encoded in zip(student.parts, rescaled, strict=True):
-            entry, old = delta.manifest.tensors[part.name], decoder.encoded(part.name)
+        for part, (old, encoded) in zip(student.parts, rescaled, strict=True):
+            entry = delta.manifest.tensors[part.name]
             for local, tensor in encoded.tensors.items():
                 if tensor is not old.tensors[local]:
                     delta.replace_stored(entry.stored[local], tensor)
