@@ -246,6 +246,7 @@ def test_bf16_base_served_as_float32_keeps_bf16_pristine_copies_and_stays_exact(
     gaps = []
     with torch.no_grad():
         rt.activate(None)
+        base_batch = rt.model(ids).logits
         with MultiDeltaExecutor(rt).assign(assignment):
             mixed = rt.model(ids).logits
         for row, name in enumerate(assignment):
@@ -255,7 +256,10 @@ def test_bf16_base_served_as_float32_keeps_bf16_pristine_copies_and_stays_exact(
             )
             rt.activate(name)
             gaps.append(float((mixed[row] - rt.model(ids[row : row + 1]).logits[0]).abs().max()))
-    assert gaps[1] == 0.0 and min(gaps[0], gaps[2]) > 0  # base rows exact; delta rows differ by the rounding
+    # a base row is the base model's own row of the same batch, bit for bit (compared within one batch:
+    # a BLAS matmul's row bits may depend on the batch's row count); delta rows differ by the rounding
+    assert torch.equal(mixed[1], base_batch[1])
+    assert min(gaps[0], gaps[2]) > 0
 
 
 def _fp32_merged(rt: HotSwapRuntime, name: str | None):

@@ -39,6 +39,7 @@ from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError, ConfigError, FormatError
 from deltakit.ops.factors import quantize_factors
 from deltakit.ops.intpack import packed_nbytes
+from deltakit.ops.lowrank import low_rank_product
 from deltakit.ops.mixed import lagrangian_splits, split_mixed_precision
 from deltakit.ops.quant import SUPPORTED_BITS, QuantizedTensor, dequantize
 from deltakit.ops.threads import torch_threads
@@ -169,7 +170,7 @@ class DeltaCoMe(Codec):
         self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
     ) -> torch.Tensor:
         up, down = self.factors(encoded, device)
-        return up @ down
+        return low_rank_product(up, down)  # (out, in)
 
     def stored_tensors(
         self, shape: tuple[int, ...], dtype: torch.dtype, config: DeltaCoMeConfig, budget: Budget

@@ -51,6 +51,7 @@ from deltakit.codecs.base import (
 )
 from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError
+from deltakit.ops.lowrank import low_rank_product
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class DQRelo(Codec):
         delta = dense_signs(encoded.tensors["signs"], shape, device) * encoded.params["scale"]
         if has_factors(encoded):
             up, down = load_factors(encoded, device)
-            delta += up @ down
+            delta += low_rank_product(up, down)  # (out, in)
         return delta
 
     def stored_tensors(

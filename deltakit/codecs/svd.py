@@ -35,6 +35,7 @@ from deltakit.codecs.base import (
 )
 from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError
+from deltakit.ops.lowrank import low_rank_product
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class SVD(Codec):
         self, encoded: Encoded, device: torch.device | str = "cpu", base: torch.Tensor | None = None
     ) -> torch.Tensor:
         up, down = load_factors(encoded, device)
-        return up @ down
+        return low_rank_product(up, down)  # (out, in)
 
     def stored_tensors(
         self, shape: tuple[int, ...], dtype: torch.dtype, config: SVDConfig, budget: Budget

@@ -5,19 +5,19 @@ them, add the low-rank product, add the upcast base, cast). Here each tile of ro
 rows, sign bytes, ``up`` rows), summed in fp32 in a buffer that stays in cache, cast, and written once
 into ``out``.
 
-Bit-exactness with the reference (``(base.float() + (S·α + up.float() @ down.float())).to(dtype)``):
+Bit-exactness with the reference (``(base.float() + (S·α + L)).to(dtype)``, L = ``low_rank_product(up, down)``):
 
 * ``S·α`` is exact (a sign flip of ``α`` in fp32); the lookup table holds those products;
 * fp32 addition is commutative, so ``(L + S·α) + base`` rounds as ``base + (S·α + L)``;
-* the low-rank product of a row tile equals those rows of the full product when the matmul kernel sums
-  over the rank in an order that does not depend on the number of rows. CPU tiles are multiples of
-  :data:`TILE_ALIGN` rows and at least :data:`MIN_TILE_ROWS`; on CUDA the product is taken over the whole
-  matrix (cuBLAS may pick another kernel for other shapes), so the tile is the whole matrix there.
-  Tests compare every built-in codec's result with the reference bit for bit.
+* the low-rank product of a row tile equals those rows of the full product: on the CPU both come from
+  :func:`deltakit.ops.lowrank.low_rank_product`, whose fixed per-element order does not depend on the
+  rows or the thread count; on CUDA it is one matmul (cuBLAS may pick another kernel for other shapes),
+  so the tile is the whole matrix there. CPU tiles are multiples of :data:`TILE_ALIGN` rows and at
+  least :data:`MIN_TILE_ROWS`. Tests compare every built-in codec's result with the reference bit for bit.
 
 On the CPU, for fp32/bf16 tensors, each tile's sign lookup, base add, rounding, cast and finite check run
 in one pass of a compiled loop (``deltakit_fused_tile`` in ``signmm_native.c``, built like the sign
-kernel of :mod:`deltakit.ops.signmm`) after torch's matmul of the low-rank rows; it performs the same fp32
+kernel of :mod:`deltakit.ops.signmm`) after the low-rank rows are computed; it performs the same fp32
 additions in the same order, so its bits are the torch tiles' (tested, NaN bits included). Without a C
 compiler, with ``DELTAKIT_NATIVE=0``, for fp16 or on CUDA the torch tiles run.
 """
@@ -29,6 +29,7 @@ import threading
 import torch
 
 from deltakit.errors import NonFiniteError
+from deltakit.ops.lowrank import low_rank_product
 from deltakit.ops.signmm import native_library
 
 #: dtype codes of the native tile kernel (``deltakit_fused_tile`` in ops/signmm_native.c)
@@ -101,7 +102,7 @@ def fused_rebuild(
     name: str = "tensor",
     tile: int | None = None,
 ) -> torch.Tensor:
-    """``cast(base.float() + (scale·S + up.float() @ down.float()), dtype)`` for a 2-D ``base``.
+    """``cast(base.float() + (scale·S + low_rank_product(up, down)), dtype)`` for a 2-D ``base``.
 
     base: (rows, cols), any float dtype, on the compute device; not mutated. signs: packed ±1 bits of S
     (uint8, row-major, least significant bit first) or None. up (rows, r) and down (r, cols): both or
@@ -206,9 +207,9 @@ def _low_rank_rows(
     if up32 is None or down32 is None:
         return None
     if up32.device.type != "cpu":
-        return up32[r0:r1] @ down32  # (tile, cols)
+        return low_rank_product(up32, down32, rows=(r0, r1))  # (tile, cols)
     acc = _WORKSPACE.get("acc", (r1 - r0) * down32.shape[1], torch.float32).view(r1 - r0, down32.shape[1])
-    return torch.matmul(up32[r0:r1], down32, out=acc)  # (tile, cols)
+    return low_rank_product(up32, down32, rows=(r0, r1), out=acc)  # (tile, cols)
 
 
 def _finite(extremes: list[torch.Tensor], dtype: torch.dtype, written: torch.dtype) -> bool:

@@ -35,7 +35,7 @@ import torch
 from deltakit.ops.bitpack import unpack_signs
 
 _SOURCE = Path(__file__).with_name("signmm_native.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
 #: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used
 LUT_MIN_ROWS = 4
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -46,6 +46,8 @@ _SIGNATURES = {
     "deltakit_sign_matmul_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I32),
     # the one-pass tile of ops/fused.py: base, kind, low rank, bits, alpha, n, round, out, kind, extremes
     "deltakit_fused_tile": (_P, _I32, _P, _P, ctypes.c_float, _I64, _I32, _P, _I32, _P, _I32),
+    # ops/lowrank.py: up, down, rank, cols, first row, end row, out
+    "deltakit_low_rank_rows": (_P, _P, _I64, _I64, _I64, _I64, _P, _I32),
 }
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None

@@ -401,3 +401,72 @@ int deltakit_fused_tile(const void *base, int base_kind, const float *low, const
     extremes[1] = nan ? __builtin_nanf("") : hi;
     return 0;
 }
+
+/* Rows r0 .. r1 - 1 of the low-rank product up @ down (ops/lowrank.py): up (rows, rank) and down (rank, cols)
+ * fp32 row-major, out (r1 - r0, cols) fp32 row-major.
+ *
+ * out[i, j] = (...((u[i,0] d[0,j] + u[i,1] d[1,j]) + u[i,2] d[2,j]) + ...) + u[i,rank-1] d[rank-1,j]:
+ * every product and every sum rounded to fp32 on its own (the library is built with -ffp-contract=off, so no
+ * fused multiply-add), the rank in order. Each element's arithmetic is fixed, so the bits depend neither on
+ * the rows asked for, nor on the number of threads (threads split rows), nor on the vector width; the torch
+ * form in ops/lowrank.py performs the same operations. rank 0 gives zeros. Returns 0, or 1 for bad sizes.
+ */
+#define LR_ROWS 4  /* rows sharing each load of down */
+#define LR_COLS 16 /* output columns per row kept in registers over the rank */
+
+static inline v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; } /* exact: -0 stays -0 */
+
+/* LR_ROWS rows from u (row stride rank) into o (row stride cols), columns j0 .. j0 + LR_COLS - 1 */
+static inline __attribute__((always_inline)) void lr_block(const float *u, int64_t rank, const float *down,
+                                                           int64_t cols, int64_t j, float *o) {
+    v8 a[LR_ROWS][2];
+    v8 d0 = load8(down + j), d1 = load8(down + j + 8);
+    for (int r = 0; r < LR_ROWS; r++) {
+        v8 s = splat8(u[r * rank]);
+        a[r][0] = s * d0;
+        a[r][1] = s * d1;
+    }
+    for (int64_t k = 1; k < rank; k++) {
+        d0 = load8(down + k * cols + j);
+        d1 = load8(down + k * cols + j + 8);
+        for (int r = 0; r < LR_ROWS; r++) {
+            v8 s = splat8(u[r * rank + k]);
+            a[r][0] = a[r][0] + s * d0;
+            a[r][1] = a[r][1] + s * d1;
+        }
+    }
+    for (int r = 0; r < LR_ROWS; r++) {
+        memcpy(o + r * cols + j, &a[r][0], sizeof(v8));
+        memcpy(o + r * cols + j + 8, &a[r][1], sizeof(v8));
+    }
+}
+
+/* one output element, the same operations as lr_block's lanes */
+static inline float lr_one(const float *u, int64_t rank, const float *down, int64_t cols, int64_t j) {
+    float a = u[0] * down[j];
+    for (int64_t k = 1; k < rank; k++) a = a + u[k] * down[k * cols + j];
+    return a;
+}
+
+int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int64_t cols, int64_t r0,
+                           int64_t r1, float *out, int threads) {
+    if (rank < 0 || cols < 0 || r0 < 0 || r1 < r0) return 1;
+    if (threads < 1) threads = 1;
+    if (rank == 0) {
+        memset(out, 0, (size_t)((r1 - r0) * cols) * sizeof(float));
+        return 0;
+    }
+    int64_t blocks = (r1 - r0 + LR_ROWS - 1) / LR_ROWS, full = cols - cols % LR_COLS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t i0 = r0 + b * LR_ROWS, n = r1 - i0 < LR_ROWS ? r1 - i0 : LR_ROWS;
+        const float *u = up + i0 * rank;
+        float *o = out + (i0 - r0) * cols;
+        if (n == LR_ROWS)
+            for (int64_t j = 0; j < full; j += LR_COLS) lr_block(u, rank, down, cols, j, o);
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t j = n == LR_ROWS ? full : 0; j < cols; j++)
+                o[r * cols + j] = lr_one(u + r * rank, rank, down, cols, j);
+    }
+    return 0;
+}

@@ -13,6 +13,7 @@ import torch
 
 from deltakit.codecs.base import FactoredView
 from deltakit.ops.bitpack import unpack_signs
+from deltakit.ops.lowrank import low_rank_product
 from deltakit.ops.signmm import sign_matmul
 from deltakit.runtime.prepared import TensorOp
 
@@ -93,6 +94,5 @@ def embedding_delta(ids: torch.Tensor, op: TensorOp) -> torch.Tensor:
     if view.signs is not None:
         out += gather_sign_rows(view.signs, flat, cols) * float(view.scale)
     if view.up is not None and view.down is not None:
-        up = view.up[flat].to(torch.float32)  # (n, r)
-        out += up @ view.down.to(torch.float32)  # (n, cols)
+        out += low_rank_product(view.up[flat], view.down)  # (n, cols): the merged weight's rows, bit for bit
     return out.reshape(*ids.shape, cols)

@@ -12,12 +12,18 @@ touch, each row's delta added to that module's output (the plan of each module i
 - anything else (norm weights stored exactly, other codecs): the module is re-run on the group's rows
   with the dense rebuilt parameters (correct for any module that treats batch rows independently).
 
+On the CPU the thin matmuls of the low-rank parts, the unpacked-sign fallback and the dense re-runs of a
+row group run on one thread: a BLAS matmul's bits can depend on how its rows are split between threads,
+and the delta shares must not depend on the thread count (the packed sign kernel is thread-independent
+by construction). With few rows one thread is also the faster choice.
+
 Row i of every module input must be row i of the batch (true for decoder-only models with a KV cache).
 Hooks exist only inside ``assign``; outside it the model is untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +34,7 @@ from torch import nn
 
 from deltakit.errors import UsageError
 from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul
+from deltakit.ops.threads import torch_threads
 from deltakit.runtime.batchplan import (
     ModulePlan,
     Part,
@@ -275,23 +282,29 @@ class MultiDeltaExecutor:
         Few token rows (decoding): one product with every delta's factors stacked, masked per row.
         Many (prefill): per delta on its rows, which does not multiply the flops by the delta count.
         """
-        xf = x.to(torch.float32)  # a no-op for the fp32 input the hook passes
+        with _thread_independent(x.device):
+            return self._low_rank_products(plan, x.to(torch.float32))
+
+    def _low_rank_products(self, plan: ModulePlan, xf: torch.Tensor) -> torch.Tensor:
+        """:meth:`_low_rank` for the fp32 input ``xf`` (batch, ..., in)."""
         parts = plan.low_rank_parts
         if xf.numel() // xf.shape[-1] > STACK_TOKENS:
             share = None
             for part in parts:
-                first, second = self._factors(part, plan.layout, x.device)
+                first, second = self._factors(part, plan.layout, xf.device)
                 part_share = (xf[part.rows] @ first) @ second  # (n, ..., out)
                 if share is None:
-                    share = torch.zeros(*xf.shape[:-1], second.shape[1], dtype=torch.float32, device=x.device)
+                    share = torch.zeros(
+                        *xf.shape[:-1], second.shape[1], dtype=torch.float32, device=xf.device
+                    )
                 _add_rows(share, part, part_share)
             return share
         if plan.stacked is None:
-            pairs = [self._factors(p, plan.layout, x.device) for p in parts]
+            pairs = [self._factors(p, plan.layout, xf.device) for p in parts]
             ranks = [a.shape[1] for a, _ in pairs]
             first = torch.cat([a for a, _ in pairs], dim=1)  # (in, R)
             second = torch.cat([b for _, b in pairs], dim=0)  # (R, out)
-            plan.stacked = (first, second, stack_mask(parts, ranks, plan.batch, x.device))
+            plan.stacked = (first, second, stack_mask(parts, ranks, plan.batch, xf.device))
         first, second, mask = plan.stacked
         h = xf @ first  # (batch, ..., R)
         h.mul_(mask.view(plan.batch, *([1] * (h.dim() - 2)), mask.shape[1]))
@@ -336,7 +349,8 @@ class MultiDeltaExecutor:
             part = sign_matmul(x, view.signs, view.shape)
         else:
             signs = self._signs(delta, op, x.dtype)
-            part = x.to(signs.dtype) @ (signs.T if layout == "out_in" else signs)
+            with _thread_independent(x.device):
+                part = x.to(signs.dtype) @ (signs.T if layout == "out_in" else signs)
         return part.to(torch.float32).mul_(float(view.scale))
 
     def _cached(self, key: str, op: TensorOp, make) -> tuple[torch.Tensor, ...]:
@@ -388,10 +402,12 @@ class MultiDeltaExecutor:
     def _dense_rerun(
         module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, args: tuple, kwargs: dict
     ) -> torch.Tensor:
-        """Fallback: ``module`` run on the rows ``x`` with ``params`` in place of its own."""
+        """Fallback: ``module`` run on the rows ``x`` with ``params`` in place of its own (one thread on the
+        CPU: the group's few rows would otherwise be split between threads depending on their count)."""
         _guard.active = True
         try:
-            return torch.func.functional_call(module, params, (x, *args[1:]), kwargs)
+            with _thread_independent(x.device):
+                return torch.func.functional_call(module, params, (x, *args[1:]), kwargs)
         finally:
             _guard.active = False
 
@@ -408,3 +424,8 @@ def _add_rows(share: torch.Tensor, part: Part, rows_share: torch.Tensor) -> None
 
 def _on(selector: slice | torch.Tensor, device: torch.device) -> slice | torch.Tensor:
     return selector if isinstance(selector, slice) else selector.to(device)
+
+
+def _thread_independent(device: torch.device) -> contextlib.AbstractContextManager:
+    """One torch thread on the CPU (matmul bits independent of the thread count); nothing elsewhere."""
+    return torch_threads(1) if device.type == "cpu" else contextlib.nullcontext()
