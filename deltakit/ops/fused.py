@@ -15,11 +15,12 @@ Bit-exactness with the reference (``(base.float() + (S·α + L)).to(dtype)``, L 
   so the tile is the whole matrix there. CPU tiles are multiples of :data:`TILE_ALIGN` rows and at
   least :data:`MIN_TILE_ROWS`. Tests compare every built-in codec's result with the reference bit for bit.
 
-On the CPU, for fp32/bf16 tensors, each tile's sign lookup, base add, rounding, cast and finite check run
-in one pass of a compiled loop (``deltakit_fused_tile`` in ``signmm_native.c``, built like the sign
-kernel of :mod:`deltakit.ops.signmm`) after the low-rank rows are computed; it performs the same fp32
-additions in the same order, so its bits are the torch tiles' (tested, NaN bits included). Without a C
-compiler, with ``DELTAKIT_NATIVE=0``, for fp16 or on CUDA the torch tiles run.
+On the CPU, for fp32/bf16 tensors, a compiled loop (``deltakit_fused_rows`` in ``signmm_native.c``, built
+like the sign kernel of :mod:`deltakit.ops.signmm`) takes each tile 8 rows at a time: the rows' low-rank
+product (the operations of :func:`~deltakit.ops.lowrank.low_rank_product`) into a per-thread buffer that
+stays in cache, then sign lookup, base add, rounding, cast and finite check in one pass. It performs the
+same fp32 operations in the same order, so its bits are the torch tiles' (tested, NaN bits included).
+Without a C compiler, with ``DELTAKIT_NATIVE=0``, for fp16 or on CUDA the torch tiles run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from deltakit.errors import NonFiniteError
 from deltakit.ops.lowrank import low_rank_product
 from deltakit.ops.signmm import native_library
 
-#: dtype codes of the native tile kernel (``deltakit_fused_tile`` in ops/signmm_native.c)
+#: dtype codes of the native kernel (``deltakit_fused_rows`` in ops/signmm_native.c)
 _NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 
 #: fp32 values per CPU tile (4 MiB): on the SmolLM2-135M swap, 64 K-value tiles spent more time in
@@ -172,22 +173,27 @@ def _native_tile(
     r0: int,
     r1: int,
 ) -> torch.Tensor:
-    """Rows r0:r1 of ``out`` written by the compiled kernel (the torch tile's additions, in its order);
-    returns the (min, max) of the tile's fp32 sums."""
+    """Rows r0:r1 of ``out`` written by the compiled kernel, the low-rank rows computed inside it a few
+    rows at a time (the torch tile's operations, in its order); returns the (min, max) of the fp32 sums."""
     cols = base.shape[1]
-    n = (r1 - r0) * cols
-    low = _low_rank_rows(up32, down32, r0, r1)
     bits = None
     if packed is not None:
         bits = packed[r0 * cols // 8 :].contiguous()  # r0 * cols is a multiple of 8 (TILE_ALIGN rows)
+    has_low = up32 is not None and down32 is not None
+    if has_low:
+        up32, down32 = up32.contiguous(), down32.contiguous()
     extremes = torch.empty(2, dtype=torch.float32)
-    code = lib.deltakit_fused_tile(
+    code = lib.deltakit_fused_rows(
         base[r0:r1].data_ptr(),
         _NATIVE_KINDS[base.dtype],
-        low.data_ptr() if low is not None else None,
+        up32.data_ptr() if has_low else None,
+        down32.data_ptr() if has_low else None,
+        up32.shape[1] if has_low else 0,
+        cols,
+        r0,
+        r1,
         bits.data_ptr() if bits is not None else None,
         scale,
-        n,
         _NATIVE_KINDS[dtype],
         out[r0:r1].data_ptr(),
         _NATIVE_KINDS[out.dtype],

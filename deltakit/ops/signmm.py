@@ -14,7 +14,8 @@ S (out, in) is stored as bits (1 = +1, 0 = -1, least significant bit first, row-
 - elsewhere (CUDA tensors, ``in`` not a multiple of 8, no C compiler, ``DELTAKIT_NATIVE=0``):
   ``x @ unpack(S)ᵀ`` in fp32 (:func:`reference_sign_matmul`), the same sums in the matmul's order.
 
-The same library holds the one-pass rebuild tile of :mod:`deltakit.ops.fused` (``deltakit_fused_tile``).
+The same library holds the one-pass rebuild of :mod:`deltakit.ops.fused` (``deltakit_fused_rows``) and the
+fixed-order low-rank product of :mod:`deltakit.ops.lowrank` (``deltakit_low_rank_rows``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,25 @@ _SIGNATURES = {
     "deltakit_sign_matmul": (_P, _I64, _I64, _P, _I64, _P, _P, _I32),
     "deltakit_sign_matmul_lut": (_P, _I64, _I64, _P, _I64, _P, _I32),
     "deltakit_sign_matmul_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I32),
-    # the one-pass tile of ops/fused.py: base, kind, low rank, bits, alpha, n, round, out, kind, extremes
-    "deltakit_fused_tile": (_P, _I32, _P, _P, ctypes.c_float, _I64, _I32, _P, _I32, _P, _I32),
+    # the one-pass rows of ops/fused.py: base, kind, up, down, rank, cols, r0, r1, bits, alpha, round,
+    # out, kind, extremes
+    "deltakit_fused_rows": (
+        _P,
+        _I32,
+        _P,
+        _P,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _P,
+        ctypes.c_float,
+        _I32,
+        _P,
+        _I32,
+        _P,
+        _I32,
+    ),
     # ops/lowrank.py: up, down, rank, cols, first row, end row, out
     "deltakit_low_rank_rows": (_P, _P, _I64, _I64, _I64, _I64, _P, _I32),
 }

@@ -256,17 +256,113 @@ int deltakit_sign_matmul_multi(const float *x, int64_t in, int64_t out, int64_t 
     return 0;
 }
 
-/* Fused rebuild of one tile (ops/fused.py): out[i] = cast(round(acc_i)), acc_i = (L[i] + s_i * alpha) + base[i]
- * in fp32, the same additions in the same order as the torch path, so the bits are the same:
+/* Rows r0 .. r1 - 1 of the low-rank product up @ down (ops/lowrank.py): up (rows, rank) and down (rank, cols)
+ * fp32 row-major, out (r1 - r0, cols) fp32 row-major.
  *
- * - L: the tile's low-rank product (fp32, n values) or NULL; s_i = +1 when bit i of `packed` is set,
- *   else -1 (packed may be NULL: no sign part); base: fp32 or bf16 values (exact in fp32);
- * - round: the fine-tune's dtype (0 = fp32, 1 = bf16: round to nearest even, NaN -> 0xFFFF as torch's CPU conversion);
- *   out: the written dtype (0 = fp32, 1 = bf16), so a bf16 value widened into an fp32 parameter is exact;
+ * out[i, j] = (...((u[i,0] d[0,j] + u[i,1] d[1,j]) + u[i,2] d[2,j]) + ...) + u[i,rank-1] d[rank-1,j]:
+ * every product and every sum rounded to fp32 on its own (the library is built with -ffp-contract=off, so no
+ * fused multiply-add), the rank in order. Each element's arithmetic is fixed, so the bits depend neither on
+ * the rows asked for, nor on the number of threads (threads split rows), nor on the vector width; the torch
+ * form in ops/lowrank.py performs the same operations. rank 0 gives zeros. Returns 0, or 1 for bad sizes.
+ */
+#define LR_ROWS 4  /* rows sharing each load of down */
+#ifdef __AVX512F__
+typedef float lrv __attribute__((vector_size(64))); /* one vector of the low-rank kernel */
+#else
+typedef float lrv __attribute__((vector_size(32)));
+#endif
+#define LR_LANES ((int64_t)(sizeof(lrv) / sizeof(float)))
+#define LR_COLS (2 * LR_LANES) /* output columns per row kept in registers over the rank */
+
+static inline lrv splat(float x) { return x - (lrv){0}; } /* x in every lane (x - +0 is x, -0 included) */
+
+static inline lrv load_lr(const float *p) {
+    lrv v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* LR_ROWS rows from u (row stride rank) into o (row stride cols), columns j0 .. j0 + LR_COLS - 1 */
+static inline __attribute__((always_inline)) void lr_block(const float *u, int64_t rank, const float *down,
+                                                           int64_t cols, int64_t j, float *o) {
+    lrv a[LR_ROWS][2];
+    lrv d0 = load_lr(down + j), d1 = load_lr(down + j + LR_LANES);
+    for (int r = 0; r < LR_ROWS; r++) {
+        lrv s = splat(u[r * rank]);
+        a[r][0] = s * d0;
+        a[r][1] = s * d1;
+    }
+    for (int64_t k = 1; k < rank; k++) {
+        d0 = load_lr(down + k * cols + j);
+        d1 = load_lr(down + k * cols + j + LR_LANES);
+        for (int r = 0; r < LR_ROWS; r++) {
+            lrv s = splat(u[r * rank + k]);
+            a[r][0] = a[r][0] + s * d0;
+            a[r][1] = a[r][1] + s * d1;
+        }
+    }
+    for (int r = 0; r < LR_ROWS; r++) {
+        memcpy(o + r * cols + j, &a[r][0], sizeof(lrv));
+        memcpy(o + r * cols + j + LR_LANES, &a[r][1], sizeof(lrv));
+    }
+}
+
+/* one output element, the same operations as lr_block's lanes */
+static inline float lr_one(const float *u, int64_t rank, const float *down, int64_t cols, int64_t j) {
+    float a = u[0] * down[j];
+    for (int64_t k = 1; k < rank; k++) a = a + u[k] * down[k * cols + j];
+    return a;
+}
+
+/* rows r0 .. r1 - 1 into out (row r0 first) on one thread */
+static void low_rank_block(const float *up, const float *down, int64_t rank, int64_t cols, int64_t r0, int64_t r1,
+                           float *out) {
+    if (rank == 0) {
+        memset(out, 0, (size_t)((r1 - r0) * cols) * sizeof(float));
+        return;
+    }
+    int64_t full = cols - cols % LR_COLS;
+    for (int64_t i0 = r0; i0 < r1; i0 += LR_ROWS) {
+        int64_t n = r1 - i0 < LR_ROWS ? r1 - i0 : LR_ROWS;
+        const float *u = up + i0 * rank;
+        float *o = out + (i0 - r0) * cols;
+        if (n == LR_ROWS)
+            for (int64_t j = 0; j < full; j += LR_COLS) lr_block(u, rank, down, cols, j, o);
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t j = n == LR_ROWS ? full : 0; j < cols; j++)
+                o[r * cols + j] = lr_one(u + r * rank, rank, down, cols, j);
+    }
+}
+
+int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int64_t cols, int64_t r0,
+                           int64_t r1, float *out, int threads) {
+    if (rank < 0 || cols < 0 || r0 < 0 || r1 < r0) return 1;
+    if (threads < 1) threads = 1;
+    int64_t blocks = (r1 - r0 + LR_ROWS - 1) / LR_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t i0 = r0 + b * LR_ROWS, i1 = r1 - i0 < LR_ROWS ? r1 : i0 + LR_ROWS;
+        low_rank_block(up, down, rank, cols, i0, i1, out + (i0 - r0) * cols);
+    }
+    return 0;
+}
+
+/* Fused rebuild of rows r0 .. r1 - 1 of a matrix (ops/fused.py): out[i] = cast(round(acc_i)),
+ * acc_i = (L[i] + s_i * alpha) + base[i] in fp32, the same additions in the same order as the torch path,
+ * so the bits are the same:
+ *
+ * - L: the low-rank product up @ down of deltakit_low_rank_rows (up (rows, rank), down (rank, cols), fp32),
+ *   computed 8 rows at a time into a per-thread buffer that stays in cache, or none when up is NULL;
+ *   s_i = +1 when bit i of `packed` is set, else -1 (packed may be NULL: no sign part); base: fp32 or bf16
+ *   values (exact in fp32);
+ * - round: the fine-tune's dtype (0 = fp32, 1 = bf16: round to nearest even, NaN -> 0xFFFF as torch's CPU
+ *   conversion); out: the written dtype (0 = fp32, 1 = bf16), so a bf16 value widened into an fp32
+ *   parameter is exact;
+ * - base, packed and out point at row r0 (packed: r0 * cols is a multiple of 8, so at a byte);
  * - extremes[0..1]: min and max of the fp32 sums (both NaN when a sum is NaN), as torch.aminmax.
  *
- * Elements are independent, so threads (static split) do not change any bit. Returns 0, or 1 for bad
- * kinds.
+ * Elements are independent, so threads (static split of 8-row blocks) do not change any bit. Returns 0,
+ * 1 for bad kinds or sizes, 2 when a buffer cannot be allocated.
  */
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
@@ -282,8 +378,12 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-#define FUSED_LOOP(LOAD, ROUND, STORE)                                                                  \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(min : lo) reduction(max : hi) reduction(| : nan)") \
+typedef struct {
+    float lo, hi;
+    int nan;
+} span_stats;
+
+#define SPAN_LOOP(LOAD, ROUND, STORE)                                                                   \
     for (int64_t i = 0; i < n; i++) {                                                                   \
         float acc = low ? low[i] : 0.0f;                                                                \
         if (packed) {                                                                                   \
@@ -291,9 +391,9 @@ static inline float bf16_to_f32(uint16_t h) {
             acc = low ? acc + s : s;                                                                    \
         }                                                                                               \
         acc = (low || packed) ? acc + (LOAD) : (LOAD);                                                  \
-        nan |= acc != acc;                                                                              \
-        lo = acc < lo ? acc : lo;                                                                       \
-        hi = acc > hi ? acc : hi;                                                                       \
+        st->nan |= acc != acc;                                                                          \
+        st->lo = acc < st->lo ? acc : st->lo;                                                           \
+        st->hi = acc > st->hi ? acc : st->hi;                                                           \
         float v = ROUND;                                                                                \
         STORE;                                                                                          \
     }
@@ -340,36 +440,26 @@ static inline void fused16(const void *base, int base_kind, const float *low, co
 }
 #endif
 
-int deltakit_fused_tile(const void *base, int base_kind, const float *low, const uint8_t *packed, float alpha,
-                        int64_t n, int round_kind, void *out, int out_kind, float *extremes, int threads) {
-    float lo = __builtin_inff(), hi = -__builtin_inff();
-    int nan = 0;
+/* n elements on one thread; every pointer at the span's first element (packed: at a byte) */
+static void fused_span(const void *base, int base_kind, const float *low, const uint8_t *packed, float alpha,
+                       int64_t n, int round_kind, void *out, int out_kind, span_stats *st) {
     const float *bf = (const float *)base;
     const uint16_t *bh = (const uint16_t *)base;
     float *of = (float *)out;
     uint16_t *oh = (uint16_t *)out;
-    if (base_kind < 0 || base_kind > 1 || round_kind < 0 || round_kind > 1 || out_kind < 0 || out_kind > 1)
-        return 1;
 #ifdef __AVX512F__
     if (low || packed) {
-        int64_t blocks = n / 16;
-        __m512 va = _mm512_set1_ps(alpha);
-#pragma omp parallel num_threads(threads)
-        {
-            __m512 tlo = _mm512_set1_ps(__builtin_inff()), thi = _mm512_set1_ps(-__builtin_inff());
-            __mmask16 tnan = 0;
-#pragma omp for schedule(static)
-            for (int64_t k = 0; k < blocks; k++)
-                fused16(base, base_kind, low, packed, va, 16 * k, round_kind, out, out_kind, &tlo, &thi, &tnan);
-            float l = _mm512_reduce_min_ps(tlo), h = _mm512_reduce_max_ps(thi);
-#pragma omp critical
-            {
-                lo = l < lo ? l : lo;
-                hi = h > hi ? h : hi;
-                nan |= tnan != 0;
-            }
-        }
-        int64_t done = 16 * blocks; /* the tail below starts at an element index that is a multiple of 16 */
+        int64_t done = n - n % 16;
+        __m512 va = _mm512_set1_ps(alpha), tlo = _mm512_set1_ps(__builtin_inff());
+        __m512 thi = _mm512_set1_ps(-__builtin_inff());
+        __mmask16 tnan = 0;
+        for (int64_t k = 0; k < done; k += 16)
+            fused16(base, base_kind, low, packed, va, k, round_kind, out, out_kind, &tlo, &thi, &tnan);
+        float l = _mm512_reduce_min_ps(tlo), h = _mm512_reduce_max_ps(thi);
+        st->lo = l < st->lo ? l : st->lo;
+        st->hi = h > st->hi ? h : st->hi;
+        st->nan |= tnan != 0;
+        /* the tail below starts at an element index that is a multiple of 16 */
         bf = base_kind == 0 ? bf + done : bf;
         bh = base_kind == 1 ? bh + done : bh;
         of = of + done;
@@ -377,96 +467,67 @@ int deltakit_fused_tile(const void *base, int base_kind, const float *low, const
         low = low ? low + done : low;
         packed = packed ? packed + done / 8 : packed;
         n -= done;
-        threads = 1;
     }
 #endif
     if (base_kind == 0 && round_kind == 0 && out_kind == 0) {
-        FUSED_LOOP(bf[i], acc, of[i] = v)
+        SPAN_LOOP(bf[i], acc, of[i] = v)
     } else if (base_kind == 1 && round_kind == 1 && out_kind == 1) {
-        FUSED_LOOP(bf16_to_f32(bh[i]), acc, oh[i] = f32_to_bf16(v))
+        SPAN_LOOP(bf16_to_f32(bh[i]), acc, oh[i] = f32_to_bf16(v))
     } else if (base_kind == 1 && round_kind == 1 && out_kind == 0) {
-        FUSED_LOOP(bf16_to_f32(bh[i]), bf16_to_f32(f32_to_bf16(acc)), of[i] = v)
+        SPAN_LOOP(bf16_to_f32(bh[i]), bf16_to_f32(f32_to_bf16(acc)), of[i] = v)
     } else if (base_kind == 0 && round_kind == 1 && out_kind == 0) {
-        FUSED_LOOP(bf[i], bf16_to_f32(f32_to_bf16(acc)), of[i] = v)
+        SPAN_LOOP(bf[i], bf16_to_f32(f32_to_bf16(acc)), of[i] = v)
     } else if (base_kind == 0 && round_kind == 1 && out_kind == 1) {
-        FUSED_LOOP(bf[i], acc, oh[i] = f32_to_bf16(v))
+        SPAN_LOOP(bf[i], acc, oh[i] = f32_to_bf16(v))
     } else if (base_kind == 1 && round_kind == 0 && out_kind == 0) {
-        FUSED_LOOP(bf16_to_f32(bh[i]), acc, of[i] = v)
+        SPAN_LOOP(bf16_to_f32(bh[i]), acc, of[i] = v)
     } else if (base_kind == 1 && round_kind == 0 && out_kind == 1) {
-        FUSED_LOOP(bf16_to_f32(bh[i]), acc, oh[i] = f32_to_bf16(v))
+        SPAN_LOOP(bf16_to_f32(bh[i]), acc, oh[i] = f32_to_bf16(v))
     } else {
-        FUSED_LOOP(bf[i], acc, oh[i] = f32_to_bf16(v))
+        SPAN_LOOP(bf[i], acc, oh[i] = f32_to_bf16(v))
     }
-    extremes[0] = nan ? __builtin_nanf("") : lo;
-    extremes[1] = nan ? __builtin_nanf("") : hi;
-    return 0;
 }
 
-/* Rows r0 .. r1 - 1 of the low-rank product up @ down (ops/lowrank.py): up (rows, rank) and down (rank, cols)
- * fp32 row-major, out (r1 - r0, cols) fp32 row-major.
- *
- * out[i, j] = (...((u[i,0] d[0,j] + u[i,1] d[1,j]) + u[i,2] d[2,j]) + ...) + u[i,rank-1] d[rank-1,j]:
- * every product and every sum rounded to fp32 on its own (the library is built with -ffp-contract=off, so no
- * fused multiply-add), the rank in order. Each element's arithmetic is fixed, so the bits depend neither on
- * the rows asked for, nor on the number of threads (threads split rows), nor on the vector width; the torch
- * form in ops/lowrank.py performs the same operations. rank 0 gives zeros. Returns 0, or 1 for bad sizes.
- */
-#define LR_ROWS 4  /* rows sharing each load of down */
-#define LR_COLS 16 /* output columns per row kept in registers over the rank */
+#define FUSED_ROWS 8 /* rows per block: a block's first sign bit is at a byte */
 
-static inline v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; } /* exact: -0 stays -0 */
-
-/* LR_ROWS rows from u (row stride rank) into o (row stride cols), columns j0 .. j0 + LR_COLS - 1 */
-static inline __attribute__((always_inline)) void lr_block(const float *u, int64_t rank, const float *down,
-                                                           int64_t cols, int64_t j, float *o) {
-    v8 a[LR_ROWS][2];
-    v8 d0 = load8(down + j), d1 = load8(down + j + 8);
-    for (int r = 0; r < LR_ROWS; r++) {
-        v8 s = splat8(u[r * rank]);
-        a[r][0] = s * d0;
-        a[r][1] = s * d1;
-    }
-    for (int64_t k = 1; k < rank; k++) {
-        d0 = load8(down + k * cols + j);
-        d1 = load8(down + k * cols + j + 8);
-        for (int r = 0; r < LR_ROWS; r++) {
-            v8 s = splat8(u[r * rank + k]);
-            a[r][0] = a[r][0] + s * d0;
-            a[r][1] = a[r][1] + s * d1;
+int deltakit_fused_rows(const void *base, int base_kind, const float *up, const float *down, int64_t rank,
+                        int64_t cols, int64_t r0, int64_t r1, const uint8_t *packed, float alpha, int round_kind,
+                        void *out, int out_kind, float *extremes, int threads) {
+    if (base_kind < 0 || base_kind > 1 || round_kind < 0 || round_kind > 1 || out_kind < 0 || out_kind > 1)
+        return 1;
+    if (rank < 0 || cols < 0 || r0 < 0 || r1 < r0 || (up && !down)) return 1;
+    if (threads < 1) threads = 1;
+    int64_t blocks = (r1 - r0 + FUSED_ROWS - 1) / FUSED_ROWS;
+    size_t base_size = base_kind == 0 ? 4 : 2, out_size = out_kind == 0 ? 4 : 2;
+    float lo = __builtin_inff(), hi = -__builtin_inff();
+    int nan = 0, failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        span_stats st = {__builtin_inff(), -__builtin_inff(), 0};
+        float *low = up ? malloc((size_t)(FUSED_ROWS * cols) * sizeof(float) + 64) : NULL;
+        if (up && !low) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (up && !low) continue;
+            int64_t first = b * FUSED_ROWS, rows = r1 - r0 - first < FUSED_ROWS ? r1 - r0 - first : FUSED_ROWS;
+            if (up) low_rank_block(up, down, rank, cols, r0 + first, r0 + first + rows, low);
+            fused_span((const char *)base + (size_t)(first * cols) * base_size, base_kind, low,
+                       packed ? packed + first * cols / 8 : NULL, alpha, rows * cols, round_kind,
+                       (char *)out + (size_t)(first * cols) * out_size, out_kind, &st);
+        }
+        free(low);
+#pragma omp critical
+        {
+            lo = st.lo < lo ? st.lo : lo;
+            hi = st.hi > hi ? st.hi : hi;
+            nan |= st.nan;
         }
     }
-    for (int r = 0; r < LR_ROWS; r++) {
-        memcpy(o + r * cols + j, &a[r][0], sizeof(v8));
-        memcpy(o + r * cols + j + 8, &a[r][1], sizeof(v8));
-    }
-}
-
-/* one output element, the same operations as lr_block's lanes */
-static inline float lr_one(const float *u, int64_t rank, const float *down, int64_t cols, int64_t j) {
-    float a = u[0] * down[j];
-    for (int64_t k = 1; k < rank; k++) a = a + u[k] * down[k * cols + j];
-    return a;
-}
-
-int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int64_t cols, int64_t r0,
-                           int64_t r1, float *out, int threads) {
-    if (rank < 0 || cols < 0 || r0 < 0 || r1 < r0) return 1;
-    if (threads < 1) threads = 1;
-    if (rank == 0) {
-        memset(out, 0, (size_t)((r1 - r0) * cols) * sizeof(float));
-        return 0;
-    }
-    int64_t blocks = (r1 - r0 + LR_ROWS - 1) / LR_ROWS, full = cols - cols % LR_COLS;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t i0 = r0 + b * LR_ROWS, n = r1 - i0 < LR_ROWS ? r1 - i0 : LR_ROWS;
-        const float *u = up + i0 * rank;
-        float *o = out + (i0 - r0) * cols;
-        if (n == LR_ROWS)
-            for (int64_t j = 0; j < full; j += LR_COLS) lr_block(u, rank, down, cols, j, o);
-        for (int64_t r = 0; r < n; r++)
-            for (int64_t j = n == LR_ROWS ? full : 0; j < cols; j++)
-                o[r * cols + j] = lr_one(u + r * rank, rank, down, cols, j);
-    }
+    if (failed) return 2;
+    extremes[0] = nan ? __builtin_nanf("") : lo;
+    extremes[1] = nan ? __builtin_nanf("") : hi;
     return 0;
 }
