@@ -41,6 +41,7 @@ from deltakit.format.manifest import (
 from deltakit.format.safetensors_io import dtype_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, TensorSource, open_checkpoint
 from deltakit.models.roles import TensorRole, infer_roles
+from deltakit.ops.finite import all_finite
 from deltakit.ops.threads import torch_threads
 
 __all__ = ["CompressOptions", "build_config", "compress"]
@@ -133,7 +134,7 @@ def _plan(
 
 
 def _check_finite(name: str, tensor: torch.Tensor, which: str) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise NonFiniteError(f"{which} tensor {name} contains NaN or Inf")
 
 

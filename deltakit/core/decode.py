@@ -18,6 +18,7 @@ from deltakit.format import delta as storage
 from deltakit.format.delta import Delta
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED, Manifest, TensorEntry
 from deltakit.format.safetensors_io import dtype_from_name, dtype_name
+from deltakit.ops.finite import all_finite
 
 
 def codec_for(manifest: Manifest) -> Codec:
@@ -217,7 +218,7 @@ def _check_params(name: str, params: dict) -> None:
 
 
 def _check_finite(what: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise NonFiniteError(f"{what} contains NaN or Inf")
 
 

@@ -18,6 +18,7 @@ from deltakit.core.decode import Decoder, codec_call
 from deltakit.errors import NonFiniteError
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
 from deltakit.format.safetensors_io import dtype_from_name
+from deltakit.ops.finite import all_finite
 from deltakit.ops.fused import fused_rebuild
 
 
@@ -111,5 +112,5 @@ def reconstruct(
 
 def require_finite(value: torch.Tensor, name: str) -> None:
     """Raise NonFiniteError when floating tensor ``value`` holds NaN or Inf."""
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise NonFiniteError(f"tensor {name}: the rebuilt weights contain NaN or Inf")

@@ -141,15 +141,24 @@ class StreamingSafetensorsWriter:
     """Write a safetensors file whose tensors arrive one at a time, in ``specs`` order.
 
     The header is written first from ``specs``; each :meth:`write` appends one tensor's bytes and
-    checks its dtype and shape against the spec. The sha256 of the whole file is computed on the
-    way. Use as a context manager; the file is complete only when every spec has been written.
+    checks its dtype and shape against the spec. With ``digest`` (a delta's shards, whose sha256 the
+    manifest records) the sha256 of the whole file is computed on the way; without it (a rebuilt
+    checkpoint) nothing is hashed. Use as a context manager; the file is complete only when every spec
+    has been written.
     """
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        specs: list[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        *,
+        digest: bool = True,
+    ):
         self.path = Path(path)
         self.specs = list(specs)
         self._next = 0
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if digest else None
         self.size = 0
         header: dict[str, Any] = {}
         if metadata:
@@ -169,7 +178,8 @@ class StreamingSafetensorsWriter:
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._fh.write(data)
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self.size += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -188,6 +198,9 @@ class StreamingSafetensorsWriter:
 
     @property
     def sha256(self) -> str:
+        """Hex sha256 of the bytes written so far (only with ``digest``)."""
+        if self._hash is None:
+            raise ValueError(f"{self.path}: written without digest=True, no sha256 was computed")
         return self._hash.hexdigest()
 
     def close(self) -> None:

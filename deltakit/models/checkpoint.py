@@ -240,7 +240,10 @@ class CheckpointWriter:
                 self._current.close()
             self._current_index = index
             self._current = StreamingSafetensorsWriter(
-                self.out_dir / self.shard_names[index], self.shards[index], metadata={"format": "pt"}
+                self.out_dir / self.shard_names[index],
+                self.shards[index],
+                metadata={"format": "pt"},
+                digest=False,
             )
         assert self._current is not None
         self._current.write(name, tensor)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from deltakit.errors import FormatError, UsageError
+from deltakit.ops.finite import all_finite
 from deltakit.ops.intpack import pack_codes, packed_nbytes, unpack_codes
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -93,9 +94,9 @@ class QuantizedTensor:
         zeros = _stored(tensors, prefix + "zeros", torch.float16, grid) if scheme == "asymmetric" else None
         if scheme == "symmetric" and prefix + "zeros" in tensors:
             raise FormatError(f"tensor {prefix}zeros is not expected for scheme 'symmetric'")
-        if groups and not bool(torch.isfinite(scales).all() and (scales >= 0).all()):
+        if groups and not (all_finite(scales) and bool((scales >= 0).all())):
             raise FormatError(f"tensor {prefix}scales holds negative or non-finite values")
-        if zeros is not None and groups and not bool(torch.isfinite(zeros).all()):
+        if zeros is not None and groups and not all_finite(zeros):
             raise FormatError(f"tensor {prefix}zeros holds non-finite values")
         return cls(codes, scales, zeros, shape, bits, group_size, axis, scheme)
 
@@ -132,7 +133,7 @@ def quantize(
         raise UsageError(
             f"quantize needs a non-empty float tensor of >= 1 dims, got {x.dtype} {tuple(x.shape)}"
         )
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise UsageError("quantize needs finite values; the tensor holds NaN or Inf")
     axis = _norm_axis(axis, x.ndim)
     moved = x.to(torch.float32).movedim(axis, -1).contiguous()
@@ -239,7 +240,7 @@ def _fp16_up(values: torch.Tensor) -> torch.Tensor:
     half = values.to(torch.float16)
     low = half.float() < values
     half = torch.where(low, torch.nextafter(half, torch.full_like(half, math.inf)), half)
-    if half.numel() and not bool(torch.isfinite(half).all()):
+    if not all_finite(half):
         raise UsageError(f"values too large for fp16 scales (a group scale exceeds {_FP16_MAX})")
     return half
 

@@ -32,6 +32,7 @@ from deltakit.errors import (
 )
 from deltakit.format.delta import Delta, load_delta
 from deltakit.format.manifest import Manifest
+from deltakit.ops.finite import all_finite
 from deltakit.runtime.lru import ByteLRU
 from deltakit.runtime.prefetch import Prefetcher
 from deltakit.runtime.prepared import PreparedDelta, TensorOp, prepare_delta
@@ -98,7 +99,7 @@ def check_rebuilt(delta: str, canonical: str, value: torch.Tensor, param: torch.
         raise TensorMismatchError(
             f"delta {delta!r} rebuilds {canonical} as {value.dtype}, the served parameter is {param.dtype}"
         )
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise NonFiniteError(f"delta {delta!r} decodes to NaN or Inf values in {canonical}")
 
 
