@@ -159,3 +159,26 @@ def test_compiled_tiles_equal_the_torch_tiles_bit_for_bit(monkeypatch, dtype, ou
         assert torch.equal(native.view(bits), plain.view(bits)), (parts, tile)  # NaN bits included
         with pytest.raises(NonFiniteError):
             fused.fused_rebuild(base, dtype, check_finite=True, tile=tile, **kw)
+
+
+@pytest.mark.parametrize(
+    ("up_shape", "down_shape"),
+    [((1, 4), (4, 24)), ((40, 4), (4, 23)), ((40, 4), (3, 24)), ((40, 4, 1), (4, 24))],
+)
+def test_factors_that_do_not_fit_the_base_are_refused_before_the_kernel(up_shape, down_shape):
+    """A hostile delta's factors must never be indexed by the base's shape (out-of-bounds reads)."""
+    base = torch.zeros(40, 24)
+    with pytest.raises(ValueError, match="do not rebuild a 40x24 matrix"):
+        fused_rebuild(base, torch.float32, up=torch.zeros(up_shape), down=torch.zeros(down_shape), name="w")
+    with pytest.raises(ValueError, match="come together"):
+        fused_rebuild(base, torch.float32, up=torch.zeros(40, 4), name="w")
+
+
+def test_a_view_whose_factors_do_not_fit_is_one_format_error():
+    from deltakit.codecs.base import FactoredView
+    from deltakit.errors import FormatError
+
+    codec, base, encoded = _encode("svd", (40, 24), torch.float32)
+    view = FactoredView((40, 24), up=torch.zeros(8, 4), down=torch.zeros(4, 24))
+    with pytest.raises(FormatError, match="do not rebuild a 40x24 matrix"):
+        rebuild(codec, "encoded", torch.float32, encoded.tensors, encoded.params, base, view=view, name="w")

@@ -15,7 +15,7 @@ import torch
 
 from deltakit.codecs.base import Codec, Encoded, FactoredView
 from deltakit.core.decode import Decoder, codec_call
-from deltakit.errors import NonFiniteError
+from deltakit.errors import FormatError, NonFiniteError
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
 from deltakit.format.safetensors_io import dtype_from_name
 from deltakit.ops.finite import all_finite
@@ -67,17 +67,20 @@ def rebuild(
         view = codec_call(name, lambda: factored_view(codec, encoded))
     if view is None or tuple(view.shape) != tuple(base.shape):
         return codec_call(name, lambda: codec.reconstruct(encoded, base, dtype, base.device))
-    return fused_rebuild(
-        base,
-        dtype,
-        signs=view.signs,
-        scale=view.scale,
-        up=view.up,
-        down=view.down,
-        out=out,
-        check_finite=out is not None if check_finite is None else check_finite,
-        name=name,
-    )
+    try:
+        return fused_rebuild(
+            base,
+            dtype,
+            signs=view.signs,
+            scale=view.scale,
+            up=view.up,
+            down=view.down,
+            out=out,
+            check_finite=out is not None if check_finite is None else check_finite,
+            name=name,
+        )
+    except ValueError as exc:  # parts that do not fit the base (fused_rebuild checks before any write)
+        raise FormatError(str(exc).splitlines()[0][:240]) from None  # the message names the tensor
 
 
 def reconstruct(

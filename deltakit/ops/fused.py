@@ -122,6 +122,17 @@ def fused_rebuild(
     packed = signs.reshape(-1).to(device) if signs is not None else None
     if packed is not None and packed.numel() * 8 < rows * cols:
         raise ValueError(f"{name}: {packed.numel()} sign bytes cannot hold {rows}x{cols} bits")
+    if (up is None) != (down is None):
+        raise ValueError(f"{name}: up and down come together (got only one)")
+    if (
+        up is not None
+        and down is not None
+        and (up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape != (up.shape[1], cols))
+    ):  # the compiled kernel indexes both by the base's shape: a mismatch must never reach it
+        raise ValueError(
+            f"{name}: factors up {list(up.shape)} and down {list(down.shape)} do not rebuild a "
+            f"{rows}x{cols} matrix"
+        )
     up32 = up.to(device=device, dtype=torch.float32) if up is not None else None  # (rows, r)
     down32 = down.to(device=device, dtype=torch.float32) if down is not None else None  # (r, cols)
     step = tile if tile is not None else tile_rows(rows, cols, device)
