@@ -7,7 +7,6 @@ memory is one tensor pair plus the codec's work and one output shard.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
@@ -42,7 +41,7 @@ from deltakit.format.safetensors_io import dtype_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, TensorSource, open_checkpoint
 from deltakit.models.roles import TensorRole, infer_roles
 from deltakit.ops.finite import all_finite
-from deltakit.ops.threads import torch_threads
+from deltakit.ops.threads import one_thread_on_cpu
 
 __all__ = ["CompressOptions", "build_config", "compress"]
 
@@ -365,4 +364,4 @@ def encode_threads(device: torch.device):
     """One intra-op thread for a codec's numerics on the CPU, so the stored bytes (and a delta's content
     address) do not depend on the thread count: parallel reductions and BLAS kernels sum in an order that
     changes with it. Fleet compression runs one worker per core instead (``deltakit compress-fleet``)."""
-    return torch_threads(1) if device.type == "cpu" else contextlib.nullcontext()
+    return one_thread_on_cpu(device)

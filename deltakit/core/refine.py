@@ -23,7 +23,6 @@ int8 and its fp32 factors; the batch's logits twice.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from deltakit.format.manifest import ENCODED, Manifest
 from deltakit.lillama.model import quiet_load
 from deltakit.models.checkpoint import TensorSource
 from deltakit.ops.bitpack import unpack_signs
-from deltakit.ops.threads import torch_threads
+from deltakit.ops.threads import one_thread_on_cpu, torch_threads
 
 #: where the report lands in the manifest's stats
 STATS_KEY = "scale_refinement"
@@ -328,7 +327,7 @@ def refine_scales(
     settings.validate()
     codec = Decoder.of(delta).codec
     before_sizes = _footprint(delta.manifest)
-    with torch_threads(1) if device.type == "cpu" else contextlib.nullcontext():
+    with one_thread_on_cpu(device):
         model = quiet_load(Path(model_dir)).to(device)
         for p in model.parameters():
             p.requires_grad_(False)

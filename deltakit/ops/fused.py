@@ -124,10 +124,8 @@ def fused_rebuild(
         raise ValueError(f"{name}: {packed.numel()} sign bytes cannot hold {rows}x{cols} bits")
     if (up is None) != (down is None):
         raise ValueError(f"{name}: up and down come together (got only one)")
-    if (
-        up is not None
-        and down is not None
-        and (up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape != (up.shape[1], cols))
+    if up is not None and (
+        up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape != (up.shape[1], cols)
     ):  # the compiled kernel indexes both by the base's shape: a mismatch must never reach it
         raise ValueError(
             f"{name}: factors up {list(up.shape)} and down {list(down.shape)} do not rebuild a "
@@ -223,9 +221,9 @@ def _low_rank_rows(
     valid until the next tile."""
     if up32 is None or down32 is None:
         return None
-    if up32.device.type != "cpu":
-        return low_rank_product(up32, down32, rows=(r0, r1))  # (tile, cols)
-    acc = _WORKSPACE.get("acc", (r1 - r0) * down32.shape[1], torch.float32).view(r1 - r0, down32.shape[1])
+    acc = None
+    if up32.device.type == "cpu":
+        acc = _WORKSPACE.get("acc", (r1 - r0) * down32.shape[1], torch.float32).view(r1 - r0, down32.shape[1])
     return low_rank_product(up32, down32, rows=(r0, r1), out=acc)  # (tile, cols)
 
 

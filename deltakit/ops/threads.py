@@ -9,6 +9,7 @@ thread sharing a CPU with another process slows every region to that process's t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -36,6 +37,13 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def one_thread_on_cpu(device) -> contextlib.AbstractContextManager:
+    """:func:`torch_threads` (1) on a CPU ``device``, nothing elsewhere: for numerics whose bits must not
+    depend on the thread count (parallel reductions and BLAS kernels sum in an order that changes with
+    it; a GPU's result does not depend on the host's thread count)."""
+    return torch_threads(1) if getattr(device, "type", device) == "cpu" else contextlib.nullcontext()
 
 
 #: environment variables naming the thread count or wait policy of the OpenMP / MKL runtimes

@@ -23,7 +23,6 @@ Hooks exist only inside ``assign``; outside it the model is untouched.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,7 @@ from torch import nn
 
 from deltakit.errors import UsageError
 from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul
-from deltakit.ops.threads import torch_threads
+from deltakit.ops.threads import one_thread_on_cpu
 from deltakit.runtime.batchplan import (
     ModulePlan,
     Part,
@@ -282,7 +281,7 @@ class MultiDeltaExecutor:
         Few token rows (decoding): one product with every delta's factors stacked, masked per row.
         Many (prefill): per delta on its rows, which does not multiply the flops by the delta count.
         """
-        with _thread_independent(x.device):
+        with one_thread_on_cpu(x.device):
             return self._low_rank_products(plan, x.to(torch.float32))
 
     def _low_rank_products(self, plan: ModulePlan, xf: torch.Tensor) -> torch.Tensor:
@@ -349,7 +348,7 @@ class MultiDeltaExecutor:
             part = sign_matmul(x, view.signs, view.shape)
         else:
             signs = self._signs(delta, op, x.dtype)
-            with _thread_independent(x.device):
+            with one_thread_on_cpu(x.device):
                 part = x.to(signs.dtype) @ (signs.T if layout == "out_in" else signs)
         return part.to(torch.float32).mul_(float(view.scale))
 
@@ -406,7 +405,7 @@ class MultiDeltaExecutor:
         CPU: the group's few rows would otherwise be split between threads depending on their count)."""
         _guard.active = True
         try:
-            with _thread_independent(x.device):
+            with one_thread_on_cpu(x.device):
                 return torch.func.functional_call(module, params, (x, *args[1:]), kwargs)
         finally:
             _guard.active = False
@@ -424,8 +423,3 @@ def _add_rows(share: torch.Tensor, part: Part, rows_share: torch.Tensor) -> None
 
 def _on(selector: slice | torch.Tensor, device: torch.device) -> slice | torch.Tensor:
     return selector if isinstance(selector, slice) else selector.to(device)
-
-
-def _thread_independent(device: torch.device) -> contextlib.AbstractContextManager:
-    """One torch thread on the CPU (matmul bits independent of the thread count); nothing elsewhere."""
-    return torch_threads(1) if device.type == "cpu" else contextlib.nullcontext()
