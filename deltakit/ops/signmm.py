@@ -15,7 +15,9 @@ S (out, in) is stored as bits (1 = +1, 0 = -1, least significant bit first, row-
   ``x @ unpack(S)ᵀ`` in fp32 (:func:`reference_sign_matmul`), the same sums in the matmul's order.
 
 The same library holds the one-pass rebuild of :mod:`deltakit.ops.fused` (``deltakit_fused_rows``) and the
-fixed-order low-rank product of :mod:`deltakit.ops.lowrank` (``deltakit_low_rank_rows``).
+fixed-order low-rank product of :mod:`deltakit.ops.lowrank` (``deltakit_low_rank_rows``); a second source,
+``lowrank_native.c``, compiled into it, holds the mixed batch's low-rank shares at the factors' stored width
+(:mod:`deltakit.ops.lowrank_group`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import torch
 
 from deltakit.ops.bitpack import unpack_signs
 
-_SOURCE = Path(__file__).with_name("signmm_native.c")
+#: compiled together into one library
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("signmm_native.c", "lowrank_native.c"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
 #: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used
 LUT_MIN_ROWS = 4
@@ -66,6 +69,9 @@ _SIGNATURES = {
     ),
     # ops/lowrank.py: up, down, rank, cols, first row, end row, out
     "deltakit_low_rank_rows": (_P, _P, _I64, _I64, _I64, _I64, _P, _I32),
+    # lowrank_native.c (ops/lowrank_group.py): x, in, out, parts, first, second, ranks, kind, offsets,
+    # rows, y, threads
+    "deltakit_low_rank_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _I32, _P, _P, _P, _I32),
 }
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -88,7 +94,7 @@ def _build(target: Path, compiler: str) -> None:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120
+            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, timeout=120
         )
         os.replace(tmp, target)
     finally:
@@ -104,10 +110,15 @@ def native_library() -> ctypes.CDLL | None:
             return _library
         _tried = True
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if os.environ.get("DELTAKIT_NATIVE", "1") == "0" or compiler is None or not _SOURCE.exists():
+        if (
+            os.environ.get("DELTAKIT_NATIVE", "1") == "0"
+            or compiler is None
+            or not all(p.exists() for p in _SOURCES)
+        ):
             return None
         key = hashlib.sha256(
-            _SOURCE.read_bytes() + repr((_FLAGS, compiler, platform.machine(), _cpu_flags())).encode()
+            b"".join(p.read_bytes() for p in _SOURCES)
+            + repr((_FLAGS, compiler, platform.machine(), _cpu_flags())).encode()
         ).hexdigest()[:16]
         target = _cache_root() / "kernels" / f"signmm-{key}.so"
         try:

@@ -88,6 +88,8 @@ class ModulePlan:
     grouped_sign_parts: list[Part] = field(default_factory=list)
     #: tokens per row -> the kernel's :class:`~deltakit.ops.signmm.SignGroup` for those parts
     sign_groups: dict[int, Any] = field(default_factory=dict)
+    #: tokens per row -> the :class:`~deltakit.ops.lowrank_group.LowRankGroup` of the low-rank parts
+    low_rank_groups: dict[int, Any] = field(default_factory=dict)
     factored_parts: list[Part] = field(init=False)
     dense_parts: list[Part] = field(init=False)
     #: factored parts whose low-rank factors go into the stack (linear layers only)

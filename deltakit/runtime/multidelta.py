@@ -6,8 +6,9 @@ touch, each row's delta added to that module's output (the plan of each module i
 ``assign``, see :mod:`.batchplan`):
 
 - Linear / GPT-2 Conv1D weights of ``dqrelo``, ``bitdelta`` and ``svd`` deltas: the low-rank parts of all
-  deltas as two thin matmuls over all rows (masked per row), the sign part per delta from the packed
-  bits, and a changed bias as ``b_ft − b_base``;
+  deltas in one compiled call reading the factors at their stored width (CPU, decoding), or as two
+  thin matmuls over all rows (masked per row), the sign part per delta from the packed bits, and a
+  changed bias as ``b_ft − b_base``;
 - embedding tables of those codecs: the rows of Δ for the looked-up ids;
 - anything else (norm weights stored exactly, other codecs): the module is re-run on the group's rows
   with the dense rebuilt parameters (correct for any module that treats batch rows independently).
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 
 from deltakit.errors import UsageError
+from deltakit.ops import lowrank_group
+from deltakit.ops.lowrank_group import GroupFactors, LowRankGroup
 from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul
 from deltakit.ops.threads import one_thread_on_cpu
 from deltakit.runtime.batchplan import (
@@ -63,7 +66,7 @@ def row_selector(rows: list[int]) -> slice | torch.Tensor:
 
 
 def _cached_bytes(item: tuple) -> int:
-    return sum(t.numel() * t.element_size() for t in item[1])
+    return sum(t.nbytes if isinstance(t, GroupFactors) else t.numel() * t.element_size() for t in item[1])
 
 
 class MultiDeltaExecutor:
@@ -278,11 +281,32 @@ class MultiDeltaExecutor:
     def _low_rank(self, plan: ModulePlan, x: torch.Tensor) -> torch.Tensor:
         """fp32 ``(x A) B`` of each row's own delta, for all rows (0 for rows of no low-rank delta).
 
-        Few token rows (decoding): one product with every delta's factors stacked, masked per row.
-        Many (prefill): per delta on its rows, which does not multiply the flops by the delta count.
+        Few token rows (decoding) on the CPU: one compiled call over every delta's factors at their
+        stored width (:class:`~deltakit.ops.lowrank_group.LowRankGroup`, bits independent of the thread
+        count); elsewhere one product with every delta's factors stacked in fp32, masked per row. Many
+        (prefill): per delta on its rows, which does not multiply the flops by the delta count.
         """
+        tokens = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and tokens <= STACK_TOKENS and lowrank_group.available():
+            group = self._low_rank_group(plan, tokens // plan.batch)
+            share = torch.zeros(*x.shape[:-1], group.out_features, dtype=torch.float32)
+            flat = x.to(torch.float32).reshape(-1, x.shape[-1]).contiguous()  # (tokens, in)
+            group.add_into(flat, share.view(tokens, -1))
+            return share
         with one_thread_on_cpu(x.device):
             return self._low_rank_products(plan, x.to(torch.float32))
+
+    def _low_rank_group(self, plan: ModulePlan, per_row: int) -> LowRankGroup:
+        """The plan's low-rank parts as one kernel call for inputs of ``per_row`` tokens per row."""
+        group = plan.low_rank_groups.get(per_row)
+        if group is None:
+            factors = [self._group_factors(p, plan.layout) for p in plan.low_rank_parts]
+            rows = [
+                [b * per_row + j for b in p.row_list for j in range(per_row)] for p in plan.low_rank_parts
+            ]
+            group = LowRankGroup(factors, rows)
+            plan.low_rank_groups[per_row] = group
+        return group
 
     def _low_rank_products(self, plan: ModulePlan, xf: torch.Tensor) -> torch.Tensor:
         """:meth:`_low_rank` for the fp32 input ``xf`` (batch, ..., in)."""
@@ -367,6 +391,21 @@ class MultiDeltaExecutor:
         op = part.weight
         key = f"{part.prepared.name}\0{op.name}\0factors\0{layout}"
         return self._cached(key, op, lambda: factor_pair(op, layout, torch.float32, device))
+
+    def _group_factors(self, part: Part, layout: str) -> GroupFactors:
+        """The part's low-rank factors ``A (r, in)``, ``B (r, out)`` (``(x Aᵀ) B`` its share) prepared for
+        the compiled group, at their stored width when fp32, fp16 or bf16 (else fp32); cached."""
+        op = part.weight
+        view = op.view
+        assert view is not None and view.up is not None and view.down is not None
+        dtype = lowrank_group.stored_dtype(view.up, view.down)
+
+        def make() -> tuple[GroupFactors]:
+            up, down = view.up.to("cpu", dtype), view.down.to("cpu", dtype)
+            first, second = (down, up.T) if layout == "out_in" else (up.T, down)
+            return (GroupFactors.prepare(first, second),)
+
+        return self._cached(f"{part.prepared.name}\0{op.name}\0group factors\0{layout}", op, make)[0]
 
     def _bias_diff(self, delta: str, op: TensorOp, device) -> torch.Tensor:
         """``b_ft − b_base`` in fp32 (out,)."""

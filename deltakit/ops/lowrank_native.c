@@ -1,0 +1,285 @@
+/* Low-rank shares of several deltas, each against its own activation rows, from factors at their stored
+ * width (runtime/multidelta.py, through ops/lowrank_group.py).
+ *
+ * For every part p and every row index k in offsets[p] .. offsets[p + 1], with t = rows[k]:
+ *
+ *     y[t, :] += (x[t, :] Aᵀ) B        A = first[p] (rank_p, in), B = second[p] (rank_p, out)
+ *
+ * x (N, in) and y (N, out) fp32 row-major; A (rank_p, in) row-major; B in column tiles of TILE_COLS = 32
+ * columns, tile t (columns 32 t .. 32 t + width - 1, the last one narrower) stored at element 32 t rank_p as a
+ * (rank_p, width) row-major block, so that the second stage streams contiguous memory. Both at `kind`
+ * (0 = fp32, 1 = fp16, 2 = bf16), widened to fp32 in registers: a 16-bit factor costs half the memory traffic
+ * of an fp32 copy.
+ *
+ * Operations, all in fp32 with every product and sum rounded on its own (built with -ffp-contract=off):
+ * - h[t, j] = x[t] · A[j]: 64 lanes, lane c sums the products of columns 64 m + c in order of m, then the
+ *   tail's columns i (in % 64 of them) are added into lanes i - full; the lanes are combined by a fixed
+ *   pairwise tree (dot_tile);
+ * - s[t, o] = (...((h[t,0] B[0,o] + h[t,1] B[1,o]) + h[t,2] B[2,o]) + ...) over the rank in order, then
+ *   y[t, o] = y[t, o] + s[t, o].
+ * Each element's arithmetic is fixed: the bits depend neither on the number of threads (they split the
+ * rank components of the first stage and the output columns of the second, never a sum), nor on the other
+ * rows or parts of the call, nor on the vector width the compiler picks. Rows of different parts must
+ * differ (a row is written by its own part only). Returns 0, 1 for bad sizes or kinds, 2 when the
+ * intermediate cannot be allocated.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef _Float16 f16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+#define LANES 16
+#define DOT_LANES (4 * LANES) /* lanes of the first stage's dot products */
+#define TILE_ROWS 4 /* activation rows sharing each load of a factor */
+#define TILE_COLS (2 * LANES) /* output columns per second-stage tile: B is stored tile by tile */
+
+static inline __attribute__((always_inline)) f32x16 load16(const void *p, const int kind, int64_t i) {
+    if (kind == 0) {
+        f32x16 v;
+        memcpy(&v, (const float *)p + i, sizeof v);
+        return v;
+    }
+    if (kind == 1) { /* the hardware conversion where there is one: the compiler's generic one is scalar */
+#if defined(__AVX512F__)
+        __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+        f32x16 r;
+        memcpy(&r, &v, sizeof r);
+        return r;
+#elif defined(__F16C__)
+        __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+        __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i + 8)));
+        f32x16 r;
+        memcpy(&r, &lo, sizeof lo);
+        memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
+        return r;
+#else
+        f16x16 h;
+        memcpy(&h, (const _Float16 *)p + i, sizeof h);
+        return __builtin_convertvector(h, f32x16);
+#endif
+    }
+    u16x16 h;
+    memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 v;
+    memcpy(&v, &w, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) float load1(const void *p, const int kind, int64_t i) {
+    if (kind == 0) return ((const float *)p)[i];
+    if (kind == 1) return (float)((const _Float16 *)p)[i];
+    uint32_t w = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float v;
+    memcpy(&v, &w, sizeof v);
+    return v;
+}
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+
+/* l[i] + l[i + 8] (i < 8), then a[i] + a[i + 4], a[i] + a[i + 2], a[0] + a[1]: in registers */
+static inline float tree16v(f32x16 l) {
+    f32x8 a = __builtin_shufflevector(l, l, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(l, l, 8, 9, 10, 11, 12, 13, 14, 15);
+    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    f32x2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+    return c[0] + c[1];
+}
+
+/* h[r * hstride] = x[rows[r]] · a for the nt (1 .. TILE_ROWS) rows of one tile. DOT_LANES = 64 lanes, four
+ * independent vectors per row (one would make the loop wait on each add's latency): lane c sums the
+ * products of columns 64 m + c in order of m, the tail's columns i go into lanes i - full, then
+ * (l[i] + l[i + 32]) + (l[i + 16] + l[i + 48]) for i < 16, then the 16-lane tree of tree16v. */
+static inline __attribute__((always_inline)) void dot_tile(const float *x, int64_t in, const int64_t *rows,
+                                                           const void *a, const int kind, int64_t a_off,
+                                                           float *h, int64_t hstride, const int nt) {
+    const float *xr[TILE_ROWS];
+    f32x16 acc[TILE_ROWS][4];
+    for (int r = 0; r < nt; r++) {
+        xr[r] = x + rows[r] * in;
+        for (int v = 0; v < 4; v++) acc[r][v] = (f32x16){0};
+    }
+    int64_t full = in - in % DOT_LANES;
+    for (int64_t i = 0; i < full; i += DOT_LANES) {
+        f32x16 av[4];
+        for (int v = 0; v < 4; v++) av[v] = load16(a, kind, a_off + i + v * LANES);
+        for (int r = 0; r < nt; r++)
+            for (int v = 0; v < 4; v++) {
+                f32x16 xv;
+                memcpy(&xv, xr[r] + i + v * LANES, sizeof xv);
+                acc[r][v] = acc[r][v] + xv * av[v];
+            }
+    }
+    for (int r = 0; r < nt; r++) {
+        if (full < in) { /* the tail, element by element */
+            float lanes[DOT_LANES];
+            memcpy(lanes, acc[r], sizeof lanes);
+            for (int64_t i = full; i < in; i++)
+                lanes[i - full] = lanes[i - full] + xr[r][i] * load1(a, kind, a_off + i);
+            memcpy(acc[r], lanes, sizeof lanes);
+        }
+        h[r * hstride] = tree16v((acc[r][0] + acc[r][2]) + (acc[r][1] + acc[r][3]));
+    }
+}
+
+/* y[rows[r], j0 .. j0 + TILE_COLS) += h[r] B for the nt rows of one full column tile; b: the tile, (rank,
+ * TILE_COLS) contiguous, so the rank is streamed in one pass with the sums in registers */
+static inline __attribute__((always_inline)) void axpy_tile(const float *h, int64_t rank, const void *b,
+                                                            const int kind, int64_t out, int64_t j0, float *y,
+                                                            const int64_t *rows, const int nt) {
+    f32x16 acc[TILE_ROWS][2];
+    f32x16 b0 = load16(b, kind, 0), b1 = load16(b, kind, LANES);
+    for (int r = 0; r < nt; r++) {
+        acc[r][0] = h[r * rank] * b0;
+        acc[r][1] = h[r * rank] * b1;
+    }
+    for (int64_t k = 1; k < rank; k++) {
+        b0 = load16(b, kind, k * TILE_COLS);
+        b1 = load16(b, kind, k * TILE_COLS + LANES);
+        for (int r = 0; r < nt; r++) {
+            float s = h[r * rank + k];
+            acc[r][0] = acc[r][0] + s * b0;
+            acc[r][1] = acc[r][1] + s * b1;
+        }
+    }
+    for (int r = 0; r < nt; r++) {
+        float *yr = y + rows[r] * out + j0;
+        f32x16 y0, y1;
+        memcpy(&y0, yr, sizeof y0);
+        memcpy(&y1, yr + LANES, sizeof y1);
+        y0 = y0 + acc[r][0];
+        y1 = y1 + acc[r][1];
+        memcpy(yr, &y0, sizeof y0);
+        memcpy(yr + LANES, &y1, sizeof y1);
+    }
+}
+
+/* one output element: column j of a tile of `width` columns (the same operations as axpy_tile's lanes) */
+static inline __attribute__((always_inline)) void axpy_one(const float *h, int64_t rank, const void *b,
+                                                           const int kind, int64_t width, int64_t j, float *y) {
+    float s = h[0] * load1(b, kind, j);
+    for (int64_t k = 1; k < rank; k++) s = s + h[k] * load1(b, kind, k * width + j);
+    *y = *y + s;
+}
+
+typedef struct {
+    const float *x;
+    float *y;
+    int64_t in, out, nparts;
+    const int64_t *first, *second, *ranks, *offsets, *rows, *h_offsets, *starts;
+    float *h;
+} job;
+
+/* first stage for component c of the stacked ranks (part p, component j) */
+static inline __attribute__((always_inline)) void first_stage(const job *w, int64_t c, const int kind) {
+    int64_t p = 0;
+    while (c >= w->starts[p + 1]) p++;
+    int64_t j = c - w->starts[p], rank = w->ranks[p];
+    const int64_t *rows = w->rows + w->offsets[p];
+    int64_t n = w->offsets[p + 1] - w->offsets[p];
+    const void *a = (const void *)(uintptr_t)w->first[p];
+    float *h = w->h + w->h_offsets[p] + j;
+    for (int64_t r = 0; r < n; r += TILE_ROWS) {
+        int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
+        switch (nt) {
+            case 4: dot_tile(w->x, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 4); break;
+            case 3: dot_tile(w->x, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 3); break;
+            case 2: dot_tile(w->x, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 2); break;
+            default: dot_tile(w->x, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 1); break;
+        }
+    }
+}
+
+/* second stage for column tile t (columns TILE_COLS t .. + width) of every part; B is stored tile by tile:
+ * tile t at element TILE_COLS * t * rank, (rank, width) row-major (lowrank_group.tile_columns) */
+static inline __attribute__((always_inline)) void second_stage(const job *w, int64_t t, const int kind) {
+    int64_t j0 = t * TILE_COLS, width = w->out - j0 < TILE_COLS ? w->out - j0 : TILE_COLS;
+    size_t esize = kind == 0 ? 4 : 2;
+    for (int64_t p = 0; p < w->nparts; p++) {
+        int64_t rank = w->ranks[p], n = w->offsets[p + 1] - w->offsets[p];
+        if (rank == 0) continue;
+        const int64_t *rows = w->rows + w->offsets[p];
+        const void *b = (const char *)(uintptr_t)w->second[p] + (size_t)(j0 * rank) * esize;
+        const float *h = w->h + w->h_offsets[p];
+        for (int64_t r = 0; r < n; r += TILE_ROWS) {
+            int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
+            if (width == TILE_COLS) {
+                switch (nt) {
+                    case 4: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, rows + r, 4); break;
+                    case 3: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, rows + r, 3); break;
+                    case 2: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, rows + r, 2); break;
+                    default: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, rows + r, 1); break;
+                }
+                continue;
+            }
+            for (int64_t q = 0; q < nt; q++)
+                for (int64_t j = 0; j < width; j++)
+                    axpy_one(h + (r + q) * rank, rank, b, kind, width, j, w->y + rows[r + q] * w->out + j0 + j);
+        }
+    }
+}
+
+/* one entry per factor kind, so that the kind is a constant inside the parallel region */
+#define DEFINE_RUN(NAME, KIND)                                                                  \
+    static void NAME(const job *w, int64_t components, int threads) {                          \
+        int64_t tiles = (w->out + TILE_COLS - 1) / TILE_COLS;                                   \
+        _Pragma("omp parallel num_threads(threads)") {                                          \
+            _Pragma("omp for schedule(static)") for (int64_t c = 0; c < components; c++)        \
+                first_stage(w, c, KIND);                                                        \
+            _Pragma("omp for schedule(static)") for (int64_t t = 0; t < tiles; t++)             \
+                second_stage(w, t, KIND);                                                       \
+        }                                                                                       \
+    }
+DEFINE_RUN(run_fp32, 0)
+DEFINE_RUN(run_fp16, 1)
+DEFINE_RUN(run_bf16, 2)
+
+int deltakit_low_rank_multi(const float *x, int64_t in, int64_t out, int64_t nparts, const int64_t *first,
+                            const int64_t *second, const int64_t *ranks, int kind, const int64_t *offsets,
+                            const int64_t *rows, float *y, int threads) {
+    if (in < 0 || out < 0 || nparts < 0 || kind < 0 || kind > 2) return 1;
+    if (threads < 1) threads = 1;
+    int64_t *starts = malloc((size_t)(nparts + 1) * sizeof(int64_t));
+    int64_t *h_offsets = malloc((size_t)(nparts + 1) * sizeof(int64_t));
+    if (!starts || !h_offsets) {
+        free(starts);
+        free(h_offsets);
+        return 2;
+    }
+    starts[0] = h_offsets[0] = 0;
+    for (int64_t p = 0; p < nparts; p++) {
+        int64_t n = offsets[p + 1] - offsets[p];
+        if (ranks[p] < 0 || n < 0) {
+            free(starts);
+            free(h_offsets);
+            return 1;
+        }
+        starts[p + 1] = starts[p] + (n > 0 ? ranks[p] : 0);
+        h_offsets[p + 1] = h_offsets[p] + n * ranks[p];
+    }
+    float *h = malloc((size_t)(h_offsets[nparts] > 0 ? h_offsets[nparts] : 1) * sizeof(float));
+    if (!h) {
+        free(starts);
+        free(h_offsets);
+        return 2;
+    }
+    job w = {x, y, in, out, nparts, first, second, ranks, offsets, rows, h_offsets, starts, h};
+    switch (kind) {
+        case 0: run_fp32(&w, starts[nparts], threads); break;
+        case 1: run_fp16(&w, starts[nparts], threads); break;
+        default: run_bf16(&w, starts[nparts], threads); break;
+    }
+    free(h);
+    free(starts);
+    free(h_offsets);
+    return 0;
+}

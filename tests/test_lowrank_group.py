@@ -1,0 +1,157 @@
+"""The mixed batch's compiled low-rank group: the documented arithmetic, bit for bit, whatever the threads,
+rows, other parts or factor width; bad arguments refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltakit.ops import lowrank_group
+from deltakit.ops.lowrank_group import (
+    GroupFactors,
+    LowRankGroup,
+    stored_dtype,
+    tile_columns,
+    untile_columns,
+)
+
+pytestmark = pytest.mark.skipif(not lowrank_group.available(), reason="needs the compiled kernel")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tree16(lanes: torch.Tensor) -> torch.Tensor:
+    """(..., 16) -> (...): l[i] + l[i + 8], then halves pairwise, as the kernel's tree."""
+    a = lanes[..., :8] + lanes[..., 8:]
+    for w in (4, 2, 1):
+        a = a[..., :w] + a[..., w : 2 * w]
+    return a[..., 0]
+
+
+def _reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The kernel's operations in torch for one part: x (n, in) fp32, a (r, in), b (r, out) -> (n, out)."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    n, width = x.shape
+    full = width - width % 64
+    acc = torch.zeros(n, a32.shape[0], 64)  # (n, r, lanes)
+    for m in range(0, full, 64):
+        acc = acc + x[:, None, m : m + 64] * a32[None, :, m : m + 64]
+    for i in range(full, width):
+        acc[..., i - full] = acc[..., i - full] + x[:, None, i] * a32[None, :, i]
+    halves = acc[..., :32] + acc[..., 32:]  # l[i] + l[i + 32]
+    h = _tree16(halves[..., :16] + halves[..., 16:])  # (n, r)
+    if a32.shape[0] == 0:
+        return torch.zeros(n, b32.shape[1])
+    s = h[:, :1] * b32[:1]
+    for k in range(1, a32.shape[0]):
+        s = s + h[:, k : k + 1] * b32[k : k + 1]
+    return s
+
+
+def _parts(seed: int, in_features: int, out_features: int, ranks: list[int], dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(seed)
+    firsts = [torch.randn(r, in_features, generator=gen).to(dtype) for r in ranks]
+    seconds = [torch.randn(r, out_features, generator=gen).to(dtype) for r in ranks]
+    return firsts, seconds
+
+
+def _group(firsts, seconds, rows) -> LowRankGroup:
+    return LowRankGroup([GroupFactors.prepare(a, b) for a, b in zip(firsts, seconds, strict=True)], rows)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    in_features=st.integers(1, 150),
+    out_features=st.integers(1, 90),
+    ranks=st.lists(st.integers(0, 12), min_size=1, max_size=4),
+    per_part=st.integers(1, 6),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 1000),
+)
+def test_group_performs_the_documented_operations(in_features, out_features, ranks, per_part, dtype, seed):
+    firsts, seconds = _parts(seed, in_features, out_features, ranks, dtype)
+    n = per_part * len(ranks)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()  # rows interleaved
+    rows = [perm[p * per_part : (p + 1) * per_part] for p in range(len(ranks))]
+    x = torch.randn(n, in_features, generator=torch.Generator().manual_seed(seed + 1))
+    y0 = torch.randn(n, out_features, generator=torch.Generator().manual_seed(seed + 2))
+    y = y0.clone()
+    _group(firsts, seconds, rows).add_into(x, y)
+    expected = y0.clone()
+    for a, b, r in zip(firsts, seconds, rows, strict=True):
+        expected[r] = expected[r] + _reference(x[r], a, b)
+    assert torch.equal(y.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bits_do_not_depend_on_threads_or_on_the_other_parts(dtype):
+    firsts, seconds = _parts(0, 576, 1536, [40, 7, 0, 64], dtype)
+    rows = [[0, 5], [1, 2, 3], [4], [6, 7]]
+    x = torch.randn(8, 576, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for threads in (1, 2, 3, 4):
+        y = torch.zeros(8, 1536)
+        _group(firsts, seconds, rows).add_into(x, y, threads)
+        outs.append(y)
+    assert all(torch.equal(outs[0], y) for y in outs[1:])
+    alone = torch.zeros(8, 1536)  # the last part on its own, one of its rows only
+    _group(firsts[3:], seconds[3:], [[7]]).add_into(x, alone, 2)
+    assert torch.equal(alone[7], outs[0][7])
+    assert torch.equal(outs[0][4], torch.zeros(1536))  # the rank-0 part adds nothing
+
+
+def test_result_is_close_to_the_float64_product():
+    firsts, seconds = _parts(3, 200, 300, [16, 33], torch.float16)
+    rows = [[0, 2], [1]]
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(4))
+    y = torch.zeros(3, 300)
+    _group(firsts, seconds, rows).add_into(x, y)
+    for a, b, r in zip(firsts, seconds, rows, strict=True):
+        exact = (x[r].double() @ a.double().T) @ b.double()
+        torch.testing.assert_close(y[r].double(), exact, rtol=1e-5, atol=1e-4)
+
+
+def test_stored_dtype_keeps_16_bit_factors_and_widens_the_rest():
+    half = torch.zeros(2, 2, dtype=torch.float16)
+    assert stored_dtype(half, half) == torch.float16
+    assert stored_dtype(half, half.bfloat16()) == torch.float32
+    assert stored_dtype(half.double(), half.double()) == torch.float32
+
+
+@settings(max_examples=20, deadline=None)
+@given(rank=st.integers(0, 9), out_features=st.integers(1, 100))
+def test_column_tiles_round_trip(rank, out_features):
+    second = torch.arange(rank * out_features, dtype=torch.float32).reshape(rank, out_features)
+    tiled = tile_columns(second)
+    assert tiled.shape == (rank * out_features,)
+    assert torch.equal(untile_columns(tiled, rank, out_features), second)
+    if rank and out_features >= 64:  # tile 1 starts at element 32 * rank with column 32
+        assert tiled[32 * rank] == second[0, 32]
+
+
+def test_bad_arguments_are_refused():
+    firsts, seconds = _parts(0, 8, 6, [2, 3], torch.float32)
+    with pytest.raises(ValueError, match="one part each"):
+        _group(firsts, seconds, [[0, 1], [1]])
+    with pytest.raises(ValueError, match="non-negative"):
+        _group(firsts, seconds, [[-1], [1]])
+    with pytest.raises(ValueError, match="share a rank"):
+        GroupFactors.prepare(firsts[0], seconds[1])
+    with pytest.raises(ValueError, match="one dtype"):
+        _group([firsts[0], firsts[1].half()], [seconds[0], seconds[1].half()], [[0], [1]])
+    with pytest.raises(ValueError, match="want one of"):
+        GroupFactors.prepare(firsts[0].double(), seconds[0].double())
+    with pytest.raises(ValueError, match="want one of"):
+        GroupFactors.prepare(firsts[0], seconds[0].half())
+    with pytest.raises(ValueError, match="same in and out"):
+        _group([firsts[0], firsts[1][:, :4]], seconds, [[0], [1]])
+    with pytest.raises(ValueError, match="one factor pair"):
+        LowRankGroup([], [])
+    group = _group(firsts, seconds, [[0], [3]])
+    with pytest.raises(ValueError, match="rows reach 3"):
+        group.add_into(torch.zeros(2, 8), torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="got activations"):
+        group.add_into(torch.zeros(4, 7), torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="fp32"):
+        group.add_into(torch.zeros(4, 8, dtype=torch.float16), torch.zeros(4, 6))
