@@ -14,7 +14,6 @@ from deltakit.ops.lowrank_group import (
     LowRankGroup,
     stored_dtype,
     tile_columns,
-    untile_columns,
 )
 
 pytestmark = pytest.mark.skipif(not lowrank_group.available(), reason="needs the compiled kernel")
@@ -117,6 +116,13 @@ def test_stored_dtype_keeps_16_bit_factors_and_widens_the_rest():
     assert stored_dtype(half, half) == torch.float16
     assert stored_dtype(half, half.bfloat16()) == torch.float32
     assert stored_dtype(half.double(), half.double()) == torch.float32
+
+
+def untile_columns(tiled: torch.Tensor, rank: int, out: int) -> torch.Tensor:
+    """The inverse of tile_columns: (rank, out)."""
+    full = out - out % 32
+    head = tiled[: rank * full].reshape(full // 32, rank, 32).transpose(0, 1).reshape(rank, full)
+    return torch.cat([head, tiled[rank * full :].reshape(rank, out - full)], dim=1)
 
 
 @settings(max_examples=20, deadline=None)

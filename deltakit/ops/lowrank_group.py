@@ -50,15 +50,6 @@ def tile_columns(second: torch.Tensor) -> torch.Tensor:
     return torch.cat([tiles.reshape(-1), second[:, full:].reshape(-1)])
 
 
-def untile_columns(tiled: torch.Tensor, rank: int, out: int) -> torch.Tensor:
-    """The inverse of :func:`tile_columns`: (rank, out)."""
-    full = out - out % TILE_COLS
-    head = (
-        tiled[: rank * full].reshape(full // TILE_COLS, rank, TILE_COLS).transpose(0, 1).reshape(rank, full)
-    )
-    return torch.cat([head, tiled[rank * full :].reshape(rank, out - full)], dim=1)
-
-
 @dataclass(frozen=True)
 class GroupFactors:
     """One delta's factors for one layer, ready for the kernel: ``first`` A (rank, in) contiguous and

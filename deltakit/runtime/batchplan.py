@@ -4,9 +4,11 @@ A :class:`ModulePlan` holds, for one module, every delta of the batch that chang
 ops, which path it takes) and the low-rank factors of all those deltas stacked side by side, so one
 forward hook call does:
 
-- low-rank parts of every delta at once while decoding: ``h = x A`` for all rows and all deltas'
-  factors (one thin fp32 matmul), ``h`` masked to each row's own delta, then ``h B`` (rows of other
-  deltas and base rows get an exact zero); per delta on its rows for long inputs;
+- low-rank parts of every delta at once while decoding: on the CPU one compiled call over every
+  delta's factors at their stored width, each on its own rows (:mod:`deltakit.ops.lowrank_group`);
+  elsewhere ``h = x A`` for all rows and all deltas' factors (one thin fp32 matmul), ``h`` masked to
+  each row's own delta, then ``h B`` (rows of other deltas and base rows get an exact zero); per delta
+  on its rows for long inputs;
 - sign parts per delta on its rows, from the packed bits (:func:`deltakit.ops.signmm.sign_matmul`) on
   the CPU, or from a cached ±1 matrix elsewhere;
 - bias changes, embedding rows, and dense re-runs (anything else) per delta on its rows.
