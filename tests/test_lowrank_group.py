@@ -161,3 +161,16 @@ def test_bad_arguments_are_refused():
         group.add_into(torch.zeros(4, 7), torch.zeros(4, 6))
     with pytest.raises(ValueError, match="fp32"):
         group.add_into(torch.zeros(4, 8, dtype=torch.float16), torch.zeros(4, 6))
+
+
+def test_every_kernel_source_ships_with_the_package():
+    """A non-editable install compiles the library from package data: every source must be listed."""
+    from pathlib import Path
+
+    import tomllib
+
+    from deltakit.ops import signmm
+
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    shipped = set(config["tool"]["setuptools"]["package-data"]["deltakit.ops"])
+    assert {p.name for p in signmm._SOURCES} <= shipped
