@@ -301,10 +301,7 @@ class MultiDeltaExecutor:
         group = plan.low_rank_groups.get(per_row)
         if group is None:
             factors = [self._group_factors(p, plan.layout) for p in plan.low_rank_parts]
-            rows = [
-                [b * per_row + j for b in p.row_list for j in range(per_row)] for p in plan.low_rank_parts
-            ]
-            group = LowRankGroup(factors, rows)
+            group = LowRankGroup(factors, _token_rows(plan.low_rank_parts, per_row))
             plan.low_rank_groups[per_row] = group
         return group
 
@@ -359,7 +356,7 @@ class MultiDeltaExecutor:
         if group is None:
             parts = plan.grouped_sign_parts
             views = [p.weight.view for p in parts]
-            rows = [[b * per_row + j for b in p.row_list for j in range(per_row)] for p in parts]
+            rows = _token_rows(parts, per_row)
             group = SignGroup([v.signs for v in views], views[0].shape, rows, [float(v.scale) for v in views])
             plan.sign_groups[per_row] = group
         return group
@@ -396,14 +393,11 @@ class MultiDeltaExecutor:
         """The part's low-rank factors ``A (r, in)``, ``B (r, out)`` (``(x Aᵀ) B`` its share) prepared for
         the compiled group, at their stored width when fp32, fp16 or bf16 (else fp32); cached."""
         op = part.weight
-        view = op.view
-        assert view is not None and view.up is not None and view.down is not None
-        dtype = lowrank_group.stored_dtype(view.up, view.down)
+        dtype = lowrank_group.stored_dtype(op.view.up, op.view.down)
 
         def make() -> tuple[GroupFactors]:
-            up, down = view.up.to("cpu", dtype), view.down.to("cpu", dtype)
-            first, second = (down, up.T) if layout == "out_in" else (up.T, down)
-            return (GroupFactors.prepare(first, second),)
+            first, second = factor_pair(op, layout, dtype, torch.device("cpu"))  # (in, r), (r, out)
+            return (GroupFactors.prepare(first.T, second),)
 
         return self._cached(f"{part.prepared.name}\0{op.name}\0group factors\0{layout}", op, make)[0]
 
@@ -448,6 +442,11 @@ class MultiDeltaExecutor:
                 return torch.func.functional_call(module, params, (x, *args[1:]), kwargs)
         finally:
             _guard.active = False
+
+
+def _token_rows(parts: list[Part], per_row: int) -> list[list[int]]:
+    """Per part the indices of its rows' tokens in the flattened (batch * per_row, ...) activations."""
+    return [[b * per_row + j for b in p.row_list for j in range(per_row)] for p in parts]
 
 
 def _add_rows(share: torch.Tensor, part: Part, rows_share: torch.Tensor) -> None:
