@@ -73,7 +73,11 @@ DEVICE = click.Choice(["cpu", "cuda"])
     help="weight --allocation rd by each layer's input energy on --data (off by default: it lowered KL "
     "closed on the fleet, docs/rate_distortion/README.md)",
 )
-@click.option("--tokens", type=int, default=65536, show_default=True, help="calibration token budget")
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    help="calibration token budget (default: 65536, or all of a shorter --data text from 16 windows on)",
+)
 @click.option("--seq-len", type=int, default=256, show_default=True, help="calibration window length")
 @click.option(
     "--refine-scales",

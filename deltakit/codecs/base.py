@@ -232,7 +232,8 @@ class Calibration:
     """Where a data-aware codec gets its calibration tokens (see :mod:`deltakit.distill.data`)."""
 
     sources: tuple[str, ...]
-    tokens: int = 65536
+    #: None: up to 65 536, or all of a shorter text (:func:`deltakit.distill.data.token_batches`)
+    tokens: int | None = None
     seq_len: int = 256
     seed: int = 0
 

@@ -43,7 +43,8 @@ class CompressOptions:
     #: calibration text (files, directories, JSONL) and its token budget, for data-aware methods, scale
     #: refinement and ``weight_allocation``
     data: tuple[str | Path, ...] | list[str | Path] | None = None
-    tokens: int = 65536
+    #: None: up to 65 536 tokens, or all of a shorter text (at least 16 windows); a number is a demand
+    tokens: int | None = None
     seq_len: int = 256
     base_name: str | None = None
     target_name: str | None = None

@@ -67,29 +67,47 @@ def read_texts(sources: Iterable[str | Path]) -> list[str]:
     return docs
 
 
+#: calibration tokens asked for when ``tokens`` is not given
+DEFAULT_TOKENS = 65536
+#: without an explicit ``tokens``, a text shorter than DEFAULT_TOKENS is used whole from this many windows on
+MIN_DEFAULT_WINDOWS = 16
+
+
 def token_batches(
     texts: list[str],
     encode: Callable[[str], list[int]],
     *,
     seq_len: int,
-    tokens: int,
+    tokens: int | None,
     seed: int = 0,
 ) -> torch.Tensor:
     """Cut the tokenised documents into ``tokens // seq_len`` windows of ``seq_len`` tokens.
 
     encode: the tokenizer's text -> ids function. Documents are joined into one stream (in order),
     cut into non-overlapping windows, and a seeded random choice of windows is returned as an int64
-    tensor of shape (windows, seq_len). Raises UsageError naming the fix when the text is too short.
+    tensor of shape (windows, seq_len). ``tokens=None`` asks for :data:`DEFAULT_TOKENS` but takes every
+    window a shorter text has, down to :data:`MIN_DEFAULT_WINDOWS`; an explicit ``tokens`` is a demand.
+    Raises UsageError naming the fix when the text is too short.
     """
     if seq_len < 2:
         raise UsageError(f"sequence length must be >= 2, got {seq_len}")
-    wanted = max(1, tokens // seq_len)
+    if tokens is not None and tokens < 1:
+        raise UsageError(f"tokens must be >= 1, got {tokens}")
+    wanted = max(1, (DEFAULT_TOKENS if tokens is None else tokens) // seq_len)
     stream: list[int] = []
     for text in texts:
         stream.extend(encode(text))
         if len(stream) >= 4 * wanted * seq_len:  # enough to sample from; keeps huge corpora cheap
             break
     available = len(stream) // seq_len
+    if tokens is None and available < wanted:
+        minimum = min(wanted, MIN_DEFAULT_WINDOWS)
+        if available < minimum:
+            raise UsageError(
+                f"calibration data has {len(stream)} tokens, fewer than the {minimum * seq_len} needed "
+                f"({minimum} windows of {seq_len}); give more text in data=[FILE_OR_DIR]"
+            )
+        wanted = available
     if available < wanted:
         raise UsageError(
             f"calibration data has {len(stream)} tokens, fewer than the {wanted * seq_len} requested "
@@ -102,9 +120,10 @@ def token_batches(
 
 
 def calibration_batches(
-    sources: Iterable[str | Path], tokenizer, *, seq_len: int = 256, tokens: int = 65536, seed: int = 0
+    sources: Iterable[str | Path], tokenizer, *, seq_len: int = 256, tokens: int | None = None, seed: int = 0
 ) -> torch.Tensor:
-    """Token windows (windows, seq_len) int64 from ``sources`` with a Hugging Face ``tokenizer``."""
+    """Token windows (windows, seq_len) int64 from ``sources`` with a Hugging Face ``tokenizer``
+    (``tokens``: as :func:`token_batches`)."""
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
