@@ -35,6 +35,46 @@ def test_kernel_matches_the_exact_product(shape, n):
     torch.testing.assert_close(ours, reference_sign_matmul(x, packed, shape), rtol=1e-5, atol=1e-4)
 
 
+def _lane_transcription(x: torch.Tensor, packed: torch.Tensor, shape) -> torch.Tensor:
+    """The few-row form's documented arithmetic in torch, fp32 operation for operation: 32 lanes, lane c
+    summing columns 32 j + c of the full blocks in order of j, the tail's 8-column group k into lanes
+    8 k .. 8 k + 7, the fixed pairwise tree, then 2 P - T."""
+    out_features, in_features = shape
+    bits = unpack_signs(packed, shape) > 0  # (out, in)
+    full = in_features // 32 * 32
+
+    def lanes_of(mask: torch.Tensor) -> torch.Tensor:  # mask (out, in) -> lane sums (n, out, 32)
+        lanes = torch.zeros(x.shape[0], out_features, 32)
+        for j in range(0, full, 32):
+            xs = x[:, None, j : j + 32].expand(-1, out_features, -1)
+            lanes = torch.where(mask[None, :, j : j + 32], lanes + xs, lanes)
+        for k, j in enumerate(range(full, in_features, 8)):
+            for c in range(8):
+                lane = lanes[:, :, 8 * k + c]
+                lanes[:, :, 8 * k + c] = torch.where(mask[None, :, j + c], lane + x[:, None, j + c], lane)
+        return lanes
+
+    def tree(lanes: torch.Tensor) -> torch.Tensor:
+        a = lanes[..., :16] + lanes[..., 16:]
+        for w in (8, 4, 2, 1):
+            a = a[..., :w] + a[..., w : 2 * w]
+        return a[..., 0]
+
+    set_sum = tree(lanes_of(bits))  # (n, out)
+    total = tree(lanes_of(torch.ones_like(bits)))[:, :1]  # (n, 1): the same sum for every output
+    return 2.0 * set_sum - total
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 3])  # the few-row form: 4 or 2 matrix rows per pass
+@pytest.mark.parametrize("shape", [(70, 576), (33, 40), (9, 584), (5, 1536), (1, 64)])
+def test_few_row_form_has_the_documented_bits(shape, n):
+    packed, x = _case(*shape, n, seed=3)
+    assert n < signmm.LUT_MIN_ROWS
+    ours = sign_matmul(x, packed, shape)
+    assert torch.equal(ours, _lane_transcription(x, packed, shape))
+
+
 @needs_kernel
 def test_bf16_activations_are_upcast_exactly():
     packed, x = _case(64, 576, 3)
@@ -43,18 +83,19 @@ def test_bf16_activations_are_upcast_exactly():
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [2, 11])
+@pytest.mark.parametrize("n", [1, 2, 3, 11, 40])
 def test_bits_do_not_depend_on_threads_or_on_the_other_rows(n):
     packed, x = _case(300, 584, n, seed=1)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = sign_matmul(x, packed, (300, 584))
-        torch.set_num_threads(2)
-        two = sign_matmul(x, packed, (300, 584))
+        results = []
+        for threads in (1, 2, 3):  # 3: output slices of the table form that do not divide evenly
+            torch.set_num_threads(threads)
+            results.append(sign_matmul(x, packed, (300, 584)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    one = results[0]
+    assert all(torch.equal(one, r) for r in results[1:])
     other = x.clone()
     other[1:] = torch.randn(n - 1, 584)  # same first row, other companions of the same count
     assert torch.equal(sign_matmul(other, packed, (300, 584))[0], one[0])

@@ -26,6 +26,7 @@
 #endif
 
 #define ROWS 4 /* activation rows sharing one pass over a matrix row */
+#define OUTS 4 /* matrix rows sharing one load of the activations */
 
 typedef float v8 __attribute__((vector_size(32)));
 
@@ -70,63 +71,79 @@ static inline float reduce_zmm(__m512 lo, __m512 hi) {
 }
 #endif
 
-/* nt (1..ROWS) rows of x against matrix row p: lanes[t][32] of the set-bit sums of the full blocks;
- * returns 1 when lanes[t][0] already holds the reduced sum (no tail) */
+/* nt (1..ROWS) rows of x against no (1..OUTS) consecutive matrix rows starting at p (each in / 8
+ * bytes): lanes[o][t][32] of the set-bit sums of the full blocks; returns 1 when lanes[o][t][0] already
+ * holds the reduced sum (no tail). Every (o, t) has its own accumulators, the same sums as one row alone:
+ * the rows are taken together only so that one load of x serves several independent add chains. */
 static inline __attribute__((always_inline)) int block_lanes(const float *x, int64_t in, const uint8_t *p,
-                                                              float lanes[ROWS][32], const int nt) {
-    int64_t full = (in / 32) * 32;
+                                                              float lanes[OUTS][ROWS][32], const int nt,
+                                                              const int no) {
+    int64_t full = (in / 32) * 32, stride = in / 8;
 #ifdef __AVX512F__
-    __m512 lo[ROWS], hi[ROWS];
-    for (int t = 0; t < nt; t++) lo[t] = hi[t] = _mm512_setzero_ps();
+    __m512 lo[OUTS][ROWS], hi[OUTS][ROWS];
+    for (int o = 0; o < no; o++)
+        for (int t = 0; t < nt; t++) lo[o][t] = hi[o][t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < full; i += 32) {
-        uint16_t m0, m1;
-        memcpy(&m0, p + i / 8, 2);
-        memcpy(&m1, p + i / 8 + 2, 2);
+        uint16_t m0[OUTS], m1[OUTS];
+        for (int o = 0; o < no; o++) {
+            memcpy(&m0[o], p + o * stride + i / 8, 2);
+            memcpy(&m1[o], p + o * stride + i / 8 + 2, 2);
+        }
         for (int t = 0; t < nt; t++) {
             const float *xr = x + t * in + i;
-            lo[t] = _mm512_mask_add_ps(lo[t], m0, lo[t], _mm512_loadu_ps(xr));
-            hi[t] = _mm512_mask_add_ps(hi[t], m1, hi[t], _mm512_loadu_ps(xr + 16));
+            __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + 16);
+            for (int o = 0; o < no; o++) {
+                lo[o][t] = _mm512_mask_add_ps(lo[o][t], m0[o], lo[o][t], x0);
+                hi[o][t] = _mm512_mask_add_ps(hi[o][t], m1[o], hi[o][t], x1);
+            }
         }
     }
     if (in % 32 == 0) { /* no tail: reduce in registers, the same pairwise tree as tree32 */
-        for (int t = 0; t < nt; t++) lanes[t][0] = reduce_zmm(lo[t], hi[t]);
+        for (int o = 0; o < no; o++)
+            for (int t = 0; t < nt; t++) lanes[o][t][0] = reduce_zmm(lo[o][t], hi[o][t]);
         return 1;
     }
-    for (int t = 0; t < nt; t++) {
-        _mm512_storeu_ps(lanes[t], lo[t]);
-        _mm512_storeu_ps(lanes[t] + 16, hi[t]);
-    }
-#else
-    v8 acc[ROWS][4];
-    memset(acc, 0, sizeof acc);
-    for (int64_t i = 0; i < full; i += 32) {
-        const uint8_t *q = p + i / 8;
-        v8 s0 = bit_table[q[0]], s1 = bit_table[q[1]], s2 = bit_table[q[2]], s3 = bit_table[q[3]];
+    for (int o = 0; o < no; o++)
         for (int t = 0; t < nt; t++) {
-            const float *xr = x + t * in + i;
-            acc[t][0] += s0 * load8(xr);
-            acc[t][1] += s1 * load8(xr + 8);
-            acc[t][2] += s2 * load8(xr + 16);
-            acc[t][3] += s3 * load8(xr + 24);
+            _mm512_storeu_ps(lanes[o][t], lo[o][t]);
+            _mm512_storeu_ps(lanes[o][t] + 16, hi[o][t]);
         }
-    }
-    for (int t = 0; t < nt; t++) memcpy(lanes[t], acc[t], 32 * sizeof(float));
+#else
+    v8 acc[OUTS][ROWS][4];
+    memset(acc, 0, sizeof acc);
+    for (int64_t i = 0; i < full; i += 32)
+        for (int o = 0; o < no; o++) {
+            const uint8_t *q = p + o * stride + i / 8;
+            v8 s0 = bit_table[q[0]], s1 = bit_table[q[1]], s2 = bit_table[q[2]], s3 = bit_table[q[3]];
+            for (int t = 0; t < nt; t++) {
+                const float *xr = x + t * in + i;
+                acc[o][t][0] += s0 * load8(xr);
+                acc[o][t][1] += s1 * load8(xr + 8);
+                acc[o][t][2] += s2 * load8(xr + 16);
+                acc[o][t][3] += s3 * load8(xr + 24);
+            }
+        }
+    for (int o = 0; o < no; o++)
+        for (int t = 0; t < nt; t++) memcpy(lanes[o][t], acc[o][t], 32 * sizeof(float));
 #endif
     return 0;
 }
 
+/* y[t, o0 + o] for t < nt, o < no (y points at y[0, o0], row stride out) */
 static inline __attribute__((always_inline)) void row_block(const float *x, int64_t in, const uint8_t *p,
                                                             const float *totals, float *y, int64_t out,
-                                                            const int nt) {
-    float lanes[ROWS][32];
-    if (block_lanes(x, in, p, lanes, nt)) {
-        for (int t = 0; t < nt; t++) y[t * out] = 2.0f * lanes[t][0] - totals[t];
+                                                            const int nt, const int no) {
+    float lanes[OUTS][ROWS][32];
+    if (block_lanes(x, in, p, lanes, nt, no)) {
+        for (int o = 0; o < no; o++)
+            for (int t = 0; t < nt; t++) y[t * out + o] = 2.0f * lanes[o][t][0] - totals[t];
         return;
     }
-    for (int t = 0; t < nt; t++) {
-        tail(x + t * in, in, p, lanes[t]);
-        y[t * out] = 2.0f * tree32(lanes[t]) - totals[t];
-    }
+    for (int o = 0; o < no; o++)
+        for (int t = 0; t < nt; t++) {
+            tail(x + t * in, in, p + o * (in / 8), lanes[o][t]);
+            y[t * out + o] = 2.0f * tree32(lanes[o][t]) - totals[t];
+        }
 }
 
 /* T for each row of x: the same lanes and tree as P with every bit set */
@@ -139,21 +156,42 @@ static float row_total(const float *x, int64_t in) {
     return tree32(lanes);
 }
 
+/* rows t .. t + nt - 1 of x against matrix rows o .. o + no - 1, nt and no known at compile time */
+#define ROW_BLOCK(nt, no) row_block(x + t * in, in, p, totals + t, y + t * out + o, out, nt, no)
+static inline __attribute__((always_inline)) void out_block(const float *x, int64_t n, int64_t in,
+                                                            const uint8_t *p, const float *totals, float *y,
+                                                            int64_t out, int64_t o, const int no) {
+    int64_t t = 0;
+    for (; t + ROWS <= n; t += ROWS) ROW_BLOCK(ROWS, (no < 2 ? no : 2));
+    switch (n - t) {
+        case 3: ROW_BLOCK(3, (no < 2 ? no : 2)); break;
+        case 2: ROW_BLOCK(2, no); break;
+        case 1: ROW_BLOCK(1, no); break;
+        default: break;
+    }
+}
+
 int deltakit_sign_matmul(const float *x, int64_t n, int64_t in, const uint8_t *packed, int64_t out, float *y,
                          float *totals, int threads) {
     if (in % 8 != 0 || n < 0 || out < 0) return 1;
     if (threads < 1) threads = 1;
     for (int64_t t = 0; t < n; t++) totals[t] = row_total(x + t * in, in);
+    /* OUTS matrix rows per pass with 1-2 activation rows (8-16 independent add chains), 2 with 3-4 */
+    int per = n <= 2 ? OUTS : 2;
+    int64_t passes = (out + per - 1) / per;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < out; o++) {
-        const uint8_t *p = packed + o * (in / 8);
-        int64_t t = 0;
-        for (; t + ROWS <= n; t += ROWS) row_block(x + t * in, in, p, totals + t, y + t * out + o, out, ROWS);
-        switch (n - t) {
-            case 3: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 3); break;
-            case 2: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 2); break;
-            case 1: row_block(x + t * in, in, p, totals + t, y + t * out + o, out, 1); break;
-            default: break;
+    for (int64_t k = 0; k < passes; k++) {
+        int64_t o = k * per, end = o + per < out ? o + per : out;
+        if (end - o == OUTS) {
+            out_block(x, n, in, packed + o * (in / 8), totals, y, out, o, OUTS);
+            continue;
+        }
+        for (; o < end; o += 2) {
+            const uint8_t *p = packed + o * (in / 8);
+            if (end - o >= 2)
+                out_block(x, n, in, p, totals, y, out, o, 2);
+            else
+                out_block(x, n, in, p, totals, y, out, o, 1);
         }
     }
     return 0;
@@ -173,14 +211,16 @@ static void build_table(const v16 *xt, v16 *table) {
     for (int b = 1; b < 256; b++) table[b] = table[b & (b - 1)] + twice[__builtin_ctz(b)];
 }
 
-static void lut_block(const v16 *xt, int64_t groups, const uint8_t *packed, int64_t out, v16 *acc,
-                      v16 *table, int threads) {
+/* acc[o - o0] for o in o0 .. o1 - 1: the sums over all groups for one block of LUT_ROWS rows (xt), the
+ * tables built chunk by chunk into this thread's own `table` (a table read by another core would cross
+ * between the cores' caches on every lookup) */
+static void lut_block(const v16 *xt, int64_t groups, const uint8_t *packed, int64_t o0, int64_t o1, v16 *acc,
+                      v16 *table) {
+    memset(acc, 0, (o1 - o0) * sizeof(v16));
     for (int64_t c0 = 0; c0 < groups; c0 += CHUNK) {
         int64_t gc = groups - c0 < CHUNK ? groups - c0 : CHUNK;
-#pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t g = 0; g < gc; g++) build_table(xt + (c0 + g) * 8, table + g * 256);
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t o = 0; o < out; o++) {
+        for (int64_t o = o0; o < o1; o++) {
             const uint8_t *p = packed + o * groups + c0;
             v16 a[4] = {{0}, {0}, {0}, {0}};
             int64_t g = 0;
@@ -191,32 +231,49 @@ static void lut_block(const v16 *xt, int64_t groups, const uint8_t *packed, int6
                 a[3] += table[(g + 3) * 256 + p[g + 3]];
             }
             for (; g < gc; g++) a[g % 4] += table[g * 256 + p[g]];
-            acc[o] += (a[0] + a[1]) + (a[2] + a[3]);
+            acc[o - o0] += (a[0] + a[1]) + (a[2] + a[3]);
         }
     }
 }
 
+/* Work items: (block of LUT_ROWS rows, slice of the outputs). With as many blocks as threads or more, a
+ * block is one item; with fewer, each block's outputs are cut into slices so every thread has work (each
+ * slice builds the block's tables again: more arithmetic, no table shared between cores). */
 int deltakit_sign_matmul_lut(const float *x, int64_t n, int64_t in, const uint8_t *packed, int64_t out,
                              float *y, int threads) {
     if (in % 8 != 0 || n < 0 || out < 0) return 1;
     if (threads < 1) threads = 1;
-    int64_t groups = in / 8;
-    v16 *table = aligned_alloc(64, CHUNK * 256 * sizeof(v16));
-    v16 *xt = aligned_alloc(64, (in > 0 ? in : 1) * sizeof(v16));
-    v16 *acc = aligned_alloc(64, (out > 0 ? out : 1) * sizeof(v16));
-    int code = (table && xt && acc) ? 0 : 2;
-    for (int64_t t0 = 0; code == 0 && t0 < n; t0 += LUT_ROWS) {
-        int nr = n - t0 < LUT_ROWS ? (int)(n - t0) : LUT_ROWS;
-        for (int64_t i = 0; i < in; i++)
-            for (int r = 0; r < LUT_ROWS; r++) xt[i][r] = r < nr ? x[(t0 + r) * in + i] : 0.0f;
-        memset(acc, 0, out * sizeof(v16));
-        lut_block(xt, groups, packed, out, acc, table, threads);
-        for (int r = 0; r < nr; r++)
-            for (int64_t o = 0; o < out; o++) y[(t0 + r) * out + o] = acc[o][r];
+    int64_t groups = in / 8, blocks = (n + LUT_ROWS - 1) / LUT_ROWS;
+    int64_t slices = blocks >= threads ? 1 : (threads + blocks - 1) / blocks;
+    if (slices > out) slices = out > 0 ? out : 1;
+    int64_t items = blocks * slices;
+    int code = 0;
+#pragma omp parallel num_threads(threads < items ? threads : (items > 0 ? (int)items : 1))
+    {
+        v16 *table = aligned_alloc(64, CHUNK * 256 * sizeof(v16));
+        v16 *xt = aligned_alloc(64, (in > 0 ? in : 1) * sizeof(v16));
+        v16 *acc = aligned_alloc(64, (out > 0 ? out : 1) * sizeof(v16));
+        int mine = (table && xt && acc) ? 0 : 2;
+        if (mine) {
+#pragma omp atomic write
+            code = mine;
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            if (mine) continue;
+            int64_t t0 = (item / slices) * LUT_ROWS, k = item % slices;
+            int64_t o0 = out * k / slices, o1 = out * (k + 1) / slices;
+            int nr = n - t0 < LUT_ROWS ? (int)(n - t0) : LUT_ROWS;
+            for (int64_t i = 0; i < in; i++)
+                for (int r = 0; r < LUT_ROWS; r++) xt[i][r] = r < nr ? x[(t0 + r) * in + i] : 0.0f;
+            lut_block(xt, groups, packed, o0, o1, acc, table);
+            for (int r = 0; r < nr; r++)
+                for (int64_t o = o0; o < o1; o++) y[(t0 + r) * out + o] = acc[o - o0][r];
+        }
+        free(table);
+        free(xt);
+        free(acc);
     }
-    free(table);
-    free(xt);
-    free(acc);
     return code;
 }
 
