@@ -23,7 +23,7 @@ def _exact(x: torch.Tensor, packed: torch.Tensor, shape) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 19])  # few-row form and table form (>= LUT_MIN_ROWS)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 19, 24, 33])  # tile form and table form (>= LUT_MIN_ROWS)
 @pytest.mark.parametrize("shape", [(70, 576), (33, 40), (24, 584), (130, 1536)])
 def test_kernel_matches_the_exact_product(shape, n):
     packed, x = _case(*shape, n)
@@ -35,44 +35,47 @@ def test_kernel_matches_the_exact_product(shape, n):
     torch.testing.assert_close(ours, reference_sign_matmul(x, packed, shape), rtol=1e-5, atol=1e-4)
 
 
-def _lane_transcription(x: torch.Tensor, packed: torch.Tensor, shape) -> torch.Tensor:
-    """The few-row form's documented arithmetic in torch, fp32 operation for operation: 32 lanes, lane c
-    summing columns 32 j + c of the full blocks in order of j, the tail's 8-column group k into lanes
-    8 k .. 8 k + 7, the fixed pairwise tree, then 2 P - T."""
+def _tile_transcription(x: torch.Tensor, packed: torch.Tensor, shape) -> torch.Tensor:
+    """The few-row form's documented arithmetic in torch, fp32 operation for operation: per 4-column group
+    q a table T_q[v] = ((s0 x0 + s1 x1) + s2 x2) + s3 x3 (s_k = +1 where bit k of v is set), the matrix
+    row's nibble for q selecting its entry, partial a_{q % 4} summing in order of q from +0, and
+    (a0 + a1) + (a2 + a3)."""
     out_features, in_features = shape
     bits = unpack_signs(packed, shape) > 0  # (out, in)
-    full = in_features // 32 * 32
-
-    def lanes_of(mask: torch.Tensor) -> torch.Tensor:  # mask (out, in) -> lane sums (n, out, 32)
-        lanes = torch.zeros(x.shape[0], out_features, 32)
-        for j in range(0, full, 32):
-            xs = x[:, None, j : j + 32].expand(-1, out_features, -1)
-            lanes = torch.where(mask[None, :, j : j + 32], lanes + xs, lanes)
-        for k, j in enumerate(range(full, in_features, 8)):
-            for c in range(8):
-                lane = lanes[:, :, 8 * k + c]
-                lanes[:, :, 8 * k + c] = torch.where(mask[None, :, j + c], lane + x[:, None, j + c], lane)
-        return lanes
-
-    def tree(lanes: torch.Tensor) -> torch.Tensor:
-        a = lanes[..., :16] + lanes[..., 16:]
-        for w in (8, 4, 2, 1):
-            a = a[..., :w] + a[..., w : 2 * w]
-        return a[..., 0]
-
-    set_sum = tree(lanes_of(bits))  # (n, out)
-    total = tree(lanes_of(torch.ones_like(bits)))[:, :1]  # (n, 1): the same sum for every output
-    return 2.0 * set_sum - total
+    weights = 1 << torch.arange(4)
+    partials = [torch.zeros(x.shape[0], out_features) for _ in range(4)]
+    for q in range(in_features // 4):
+        xs = x[:, 4 * q : 4 * q + 4]  # (n, 4)
+        v = torch.arange(16)
+        signs = torch.where((v[:, None] >> torch.arange(4)) & 1 == 1, 1.0, -1.0)  # (16, 4)
+        terms = signs[None] * xs[:, None, :]  # (n, 16, 4), exact
+        table = ((terms[..., 0] + terms[..., 1]) + terms[..., 2]) + terms[..., 3]  # (n, 16)
+        nibble = (bits[:, 4 * q : 4 * q + 4].long() * weights).sum(-1)  # (out,)
+        partials[q % 4] = partials[q % 4] + table[:, nibble]
+    return (partials[0] + partials[1]) + (partials[2] + partials[3])
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [1, 2, 3])  # the few-row form: 4 or 2 matrix rows per pass
-@pytest.mark.parametrize("shape", [(70, 576), (33, 40), (9, 584), (5, 1536), (1, 64)])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 13])  # the tile form, 4 rows per pass
+@pytest.mark.parametrize("shape", [(70, 576), (33, 40), (9, 584), (5, 1536), (1, 64), (16, 8), (48, 24)])
 def test_few_row_form_has_the_documented_bits(shape, n):
     packed, x = _case(*shape, n, seed=3)
     assert n < signmm.LUT_MIN_ROWS
     ours = sign_matmul(x, packed, shape)
-    assert torch.equal(ours, _lane_transcription(x, packed, shape))
+    assert torch.equal(ours, _tile_transcription(x, packed, shape))
+
+
+def test_sign_tiles_lay_out_sixteen_matrix_rows_per_tile():
+    shape = (20, 24)  # 2 tiles, the second padded with 12 zero rows; 3 bytes per matrix row
+    packed = torch.arange(60, dtype=torch.uint8) + 1
+    tiles = signmm.sign_tiles(packed, shape).view(2, 3, 16)  # (tile, group, row in tile)
+    rows = packed.view(20, 3)
+    assert torch.equal(tiles[0].T, rows[:16])
+    assert torch.equal(tiles[1].T[:4], rows[16:]) and not tiles[1].T[4:].any()
+    with pytest.raises(ValueError, match="in_features % 8"):
+        signmm.sign_tiles(packed, (20, 12))
+    with pytest.raises(ValueError, match="cannot hold"):
+        signmm.sign_tiles(packed[:59], shape)
 
 
 @needs_kernel
@@ -83,7 +86,7 @@ def test_bf16_activations_are_upcast_exactly():
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [1, 2, 3, 11, 40])
+@pytest.mark.parametrize("n", [1, 2, 3, 11, 40])  # tile form, 4 rows per pass, table form
 def test_bits_do_not_depend_on_threads_or_on_the_other_rows(n):
     packed, x = _case(300, 584, n, seed=1)
     before = torch.get_num_threads()
@@ -105,17 +108,18 @@ def test_bits_do_not_depend_on_threads_or_on_the_other_rows(n):
 def test_sign_group_adds_each_part_into_its_own_rows():
     shape = (96, 576)
     packs = [_case(*shape, 1, seed=s)[0] for s in range(3)]
-    x = torch.randn(9, 576)
-    rows = [[0, 4], [1, 2, 3, 5, 6, 7], [8]]  # non-consecutive; one part takes the table form
+    x = torch.randn(31, 576)
+    rows = [[0, 4], [1, 2, 3, *range(5, 30)], [30]]  # non-consecutive; one part takes the table form
+    assert len(rows[1]) >= signmm.LUT_MIN_ROWS
     scales = [0.5, -0.25, 2.0]
-    y = torch.randn(9, 96)
+    y = torch.randn(31, 96)
     expected = y.clone()
     for p, r, a in zip(packs, rows, scales, strict=True):
         expected[r] += a * sign_matmul(x[r], p, shape)
     SignGroup(packs, shape, rows, scales).add_into(x, y)
     assert torch.equal(y, expected)
     with pytest.raises(ValueError, match="rows reach"):
-        SignGroup(packs, shape, [[0], [1], [20]], scales).add_into(x, y)
+        SignGroup(packs, shape, [[0], [1], [40]], scales).add_into(x, y)
 
 
 def test_fallback_without_the_kernel_gives_the_matmul(monkeypatch):
@@ -143,3 +147,34 @@ def test_sign_group_refuses_parts_too_short_for_the_shape_and_negative_rows():
         signmm.SignGroup([full, full[:-1]], shape, [[0], [1]], [1.0, 1.0])
     with pytest.raises(ValueError, match="non-negative"):
         signmm.SignGroup([full], shape, [[-1]], [1.0])
+
+
+@needs_kernel
+def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path):
+    """The library built without AVX-512 (the portable loops) against the native build: same bits."""
+    shape, cases = (70, 584), [_case(70, 584, n, seed=5 + n) for n in (1, 3, 6, 30)]
+    native = [sign_matmul(x, packed, shape) for packed, x in cases]
+    monkeypatch.setattr(signmm, "_FLAGS", (*signmm._FLAGS, "-mno-avx512f"))
+    monkeypatch.setenv("DELTAKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(signmm, "_tried", False)
+    monkeypatch.setattr(signmm, "_library", None)
+    if signmm.native_library() is None:
+        pytest.skip("the compiler cannot build the portable form")
+    portable = [sign_matmul(x, packed, shape) for packed, x in cases]
+    assert all(torch.equal(a, b) for a, b in zip(native, portable, strict=True))
+
+
+@needs_kernel
+def test_sign_group_takes_kept_tiles_and_refuses_wrong_sizes():
+    shape = (40, 24)
+    packs = [_case(*shape, 1, seed=s)[0] for s in range(2)]
+    tiles = [signmm.sign_tiles(p, shape) for p in packs]
+    x, rows, scales = torch.randn(3, 24), [[0, 2], [1]], [1.0, -0.5]
+    made, kept = torch.zeros(3, 40), torch.zeros(3, 40)
+    SignGroup(packs, shape, rows, scales).add_into(x, made)
+    SignGroup(packs, shape, rows, scales, tiles).add_into(x, kept)
+    assert torch.equal(made, kept)
+    with pytest.raises(ValueError, match="tiled bytes"):
+        SignGroup(packs, shape, rows, scales, [tiles[0], tiles[1][:-16]])
+    with pytest.raises(ValueError, match="as many"):
+        SignGroup(packs, shape, rows, scales, tiles[:1])

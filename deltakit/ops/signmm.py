@@ -5,12 +5,14 @@ S (out, in) is stored as bits (1 = +1, 0 = -1, least significant bit first, row-
 
 - on the CPU, through a small C kernel (``signmm_native.c``) compiled once with the system C compiler
   into the deltakit cache (``$DELTAKIT_CACHE/kernels`` or the user cache dir) and called with ctypes.
-  It reads the 1-bit matrix once per 4 activation rows and takes ``2·(sum of x over the set bits) −
-  (sum of x)`` in fp32 in a fixed order, so its bits do not depend on the thread count, the instruction
-  set (AVX-512 masked adds or portable code) or the rows batched with a row. From
-  :data:`LUT_MIN_ROWS` rows on (prefill) a table-lookup form takes 16 rows per vector: per 8-column
-  group a 256-entry table of the rows' ±x sums, one vector add per 8 columns. Its bits are also fixed
-  for a row, whatever the threads or other rows, but round differently from the few-rows form;
+  Few rows (decoding) take the tile form: the bits laid out 16 matrix rows to a tile
+  (:func:`sign_tiles`, same size as the packed bits), a 16-entry table of ±x sums per 4 columns and row,
+  and one vector permute + add per 16 matrix rows and 4 columns (AVX-512; portable code does the same
+  additions). Its sums are in a fixed order, so its bits do not depend on the thread count, the
+  instruction set or the rows batched with a row. From :data:`LUT_MIN_ROWS` rows on (prefill) a
+  table-lookup form takes 16 rows per vector: per 8-column group a 256-entry table of the rows' ±x
+  sums, one vector add per 8 columns. Its bits are also fixed for a row, whatever the threads or other
+  rows, but round differently from the tile form;
 - elsewhere (CUDA tensors, ``in`` not a multiple of 8, no C compiler, ``DELTAKIT_NATIVE=0``):
   ``x @ unpack(S)ᵀ`` in fp32 (:func:`reference_sign_matmul`), the same sums in the matmul's order.
 
@@ -40,14 +42,15 @@ from deltakit.ops.bitpack import unpack_signs
 #: compiled together into one library
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("signmm_native.c", "lowrank_native.c"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
-#: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used
-LUT_MIN_ROWS = 4
+#: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used: on SmolLM2's
+#: shapes it is slower than the tile form up to 16 rows and level with it at 32 (docs/speed.md)
+LUT_MIN_ROWS = 24
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 #: argument types of the kernel's entry points (every one returns an int status, 0 = done)
 _SIGNATURES = {
-    "deltakit_sign_matmul": (_P, _I64, _I64, _P, _I64, _P, _P, _I32),
+    "deltakit_sign_matmul_tiles": (_P, _I64, _I64, _P, _I64, _P, _I32),
     "deltakit_sign_matmul_lut": (_P, _I64, _I64, _P, _I64, _P, _I32),
-    "deltakit_sign_matmul_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I32),
+    "deltakit_sign_matmul_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I32),
     # the one-pass rows of ops/fused.py: base, kind, up, down, rank, cols, r0, r1, bits, alpha, round,
     # out, kind, extremes
     "deltakit_fused_rows": (
@@ -156,6 +159,26 @@ def reference_sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[in
     return x.to(torch.float32) @ signs.T
 
 
+#: matrix rows per tile of :func:`sign_tiles`
+TILE_ROWS = 16
+
+
+def sign_tiles(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The packed bits of S (out, in), ``in % 8 == 0``, in the tile layout of the few-rows kernel: uint8
+    (tiles * in / 8 * 16,), byte ``(b * in / 8 + g) * 16 + j`` = byte g of matrix row ``16 b + j`` (zero past
+    the last row). packed is not mutated."""
+    out_features, in_features = shape
+    groups = in_features // 8
+    if in_features % 8 != 0:
+        raise ValueError(f"the tile layout needs in_features % 8 == 0, got shape {shape}")
+    if packed.dtype != torch.uint8 or packed.numel() < out_features * groups:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold a {shape} sign matrix")
+    count = -(-out_features // TILE_ROWS)
+    padded = torch.zeros(count * TILE_ROWS, groups, dtype=torch.uint8, device=packed.device)
+    padded[:out_features] = packed.reshape(-1)[: out_features * groups].view(out_features, groups)
+    return padded.view(count, TILE_ROWS, groups).transpose(1, 2).contiguous().view(-1)  # (count, groups, 16)
+
+
 def sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """``x Sᵀ`` for x (..., in) of any float dtype and packed bits of S (out, in) -> fp32 (..., out).
 
@@ -174,16 +197,15 @@ def sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -
     assert lib is not None
     lead = x.shape[:-1]
     flat = x.reshape(-1, in_features).to(torch.float32).contiguous()  # (n, in)
-    bits = packed.contiguous()
     rows = flat.shape[0]
     y = torch.empty(rows, out_features, dtype=torch.float32)
+    bits = packed.contiguous() if rows >= LUT_MIN_ROWS else sign_tiles(packed, shape)
     args = (flat.data_ptr(), rows, in_features, bits.data_ptr(), out_features, y.data_ptr())
     threads = torch.get_num_threads()
     if rows >= LUT_MIN_ROWS:
         code = lib.deltakit_sign_matmul_lut(*args, threads)
     else:
-        totals = torch.empty(rows, dtype=torch.float32)
-        code = lib.deltakit_sign_matmul(*args, totals.data_ptr(), threads)
+        code = lib.deltakit_sign_matmul_tiles(*args, threads)
     if code != 0:
         raise ValueError(f"sign kernel failed for shape {shape} (code {code})")
     return y.reshape(*lead, out_features)
@@ -193,25 +215,47 @@ class SignGroup:
     """Several packed sign matrices of one shape, each applied to its own rows, in one kernel call.
 
     packed: per part the packed bits of S_p (out, in); rows: per part the row indices (into the
-    flattened activations) it applies to, disjoint; scales: per part α_p. The tensors are kept (their
-    addresses are handed to the kernel). Only for CPU tensors with ``in % 8 == 0`` and the C kernel
-    present (:func:`native_applies`).
+    flattened activations) it applies to, disjoint; scales: per part α_p; tiles: per part the same bits
+    in :func:`sign_tiles` layout when the caller keeps them (else made here for the parts of fewer than
+    :data:`LUT_MIN_ROWS` rows, which take the tile form). The tensors are kept (their addresses are
+    handed to the kernel). Only for CPU tensors with ``in % 8 == 0`` and the C kernel present
+    (:func:`native_applies`).
     """
 
     def __init__(
-        self, packed: list[torch.Tensor], shape: tuple[int, int], rows: list[list[int]], scales: list[float]
+        self,
+        packed: list[torch.Tensor],
+        shape: tuple[int, int],
+        rows: list[list[int]],
+        scales: list[float],
+        tiles: list[torch.Tensor] | None = None,
     ):
-        if len(packed) != len(rows) or len(rows) != len(scales):
-            raise ValueError("a sign group needs as many row lists and scales as packed matrices")
+        if (
+            len(packed) != len(rows)
+            or len(rows) != len(scales)
+            or (tiles is not None and len(tiles) != len(rows))
+        ):
+            raise ValueError("a sign group needs as many row lists, scales and tiles as packed matrices")
         needed = (shape[0] * shape[1] + 7) // 8
         for part in packed:  # the kernel reads `needed` bytes of every part: refuse anything shorter
             if part.dtype != torch.uint8 or part.device.type != "cpu" or part.numel() < needed:
                 raise ValueError(f"{part.numel()} packed bytes cannot hold a {shape} sign matrix")
+        tiled = -(-shape[0] // TILE_ROWS) * TILE_ROWS * (shape[1] // 8)
+        for part in tiles or ():
+            if part.dtype != torch.uint8 or part.device.type != "cpu" or part.numel() != tiled:
+                raise ValueError(f"{part.numel()} tiled bytes do not lay out a {shape} sign matrix")
         if any(i < 0 for r in rows for i in r):
             raise ValueError("sign group rows must be non-negative")
         self.shape = shape
         self.packed = [p.contiguous() for p in packed]
+        if tiles is None:
+            tiles = [
+                sign_tiles(p, shape) if len(r) < LUT_MIN_ROWS else torch.empty(0, dtype=torch.uint8)
+                for p, r in zip(self.packed, rows, strict=True)
+            ]
+        self.tiles = [t.contiguous() for t in tiles]
         self.pointers = torch.tensor([p.data_ptr() for p in self.packed], dtype=torch.int64)
+        self.tile_pointers = torch.tensor([t.data_ptr() for t in self.tiles], dtype=torch.int64)
         self.offsets = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.int64)
         self.rows = torch.tensor([i for r in rows for i in r], dtype=torch.int64)
         self.scales = torch.tensor(scales, dtype=torch.float32)
@@ -241,6 +285,7 @@ class SignGroup:
             out_features,
             len(self.packed),
             self.pointers.data_ptr(),
+            self.tile_pointers.data_ptr(),
             self.offsets.data_ptr(),
             self.rows.data_ptr(),
             self.scales.data_ptr(),

@@ -1,22 +1,26 @@
 /* Packed 1-bit sign matrix times activations, without materialising the ±1 matrix.
  *
  * y[t, o] = sum_i x[t, i] * s(o, i) for x (n, in) fp32 row-major and y (n, out) fp32 row-major, where
- * s(o, i) = +1 when bit (o * in + i) of `packed` is set (bits least significant first within a byte)
- * and -1 otherwise. Requires in % 8 == 0 (every matrix row starts on a byte boundary).
+ * s(o, i) = +1 when bit (o * in + i) of the row-major packed bits is set (bits least significant first
+ * within a byte) and -1 otherwise. Requires in % 8 == 0 (every matrix row starts on a byte boundary).
  *
- * Computed as y = 2 * P - T, P = the sum of x over the set bits, T = the sum of all of x (per row).
- * Both sums use 32 lanes: lane c takes columns 32 j + c of the full 32-column blocks in order of j,
- * then the tail's 8-column groups k go to lanes 8 k .. 8 k + 7; the lanes are combined by a fixed
- * pairwise tree. The AVX-512 form (masked adds) and the portable form (multiply by 0/1, exact) produce
- * the same lane sums, so the bits depend neither on the instruction set, nor on the number of threads
- * (threads split the output columns, never a sum), nor on the rows batched together.
+ * Few rows (decoding), deltakit_sign_matmul_tiles: the bits are first laid out in tiles of 16 matrix
+ * rows (ops/signmm.py sign_tiles: tiles[(b * groups + g) * 16 + j] = byte g of matrix row 16 b + j, zero
+ * past the last row; groups = in / 8). Per activation row t and 4-column group q (columns 4q .. 4q+3) a
+ * table of 16 values T_q[v] = ((s0 x0 + s1 x1) + s2 x2) + s3 x3, s_k = +1 when bit k of v is set, else -1.
+ * Nibble v of matrix row o for group q (the low nibble of its byte for even q, the high one for odd q)
+ * selects T_q[v]; y[t, o] = (a0 + a1) + (a2 + a3), where a_m sums T_q[nibble] over the groups q with
+ * q % 4 == m in order of q, starting from +0. With AVX-512 a tile's 16 rows are one vector and the
+ * lookup is one permute; the portable form performs the same additions lane by lane, so the bits depend
+ * neither on the instruction set, nor on the number of threads (threads split the tiles, never a sum),
+ * nor on the rows batched together.
  *
  * deltakit_sign_matmul_lut takes many rows (prefill) 16 at a time: for each 8-column group g a table
  * holds, for every byte value b, the 16 rows' sums of ±x over the group's columns (+ where b's bit is
  * set), built in a fixed order; y[t, o] is then the sum over g of table[g][byte (o, g)] (one 16-row
  * vector load and add per 8 columns), partial sums taken in a fixed order (group chunks in order;
  * within a chunk g % 4 into four partials, combined pairwise). Its bits are independent of the thread
- * count and of the other rows, but differ in rounding from deltakit_sign_matmul.
+ * count and of the other rows, but differ in rounding from the tile form.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,179 +29,118 @@
 #include <immintrin.h>
 #endif
 
-#define ROWS 4 /* activation rows sharing one pass over a matrix row */
-#define OUTS 4 /* matrix rows sharing one load of the activations */
+typedef float v16 __attribute__((vector_size(64)));
 
-typedef float v8 __attribute__((vector_size(32)));
+#define TILE 16 /* matrix rows per tile */
 
-static v8 bit_table[256] __attribute__((aligned(32))); /* row b: bits of byte b as 0/1, LSB first */
+/* s_k[v] = +1 when bit k of v is set, else -1 */
+static const v16 nibble_signs[4] = {
+    {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1},
+    {-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1},
+    {-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1},
+    {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1},
+};
 
-__attribute__((constructor)) static void fill_table(void) {
-    for (int b = 0; b < 256; b++)
-        for (int k = 0; k < 8; k++) bit_table[b][k] = (float)((b >> k) & 1);
+/* the 16-entry tables of one activation row: tables[q] for the in / 4 groups of 4 columns */
+static void nibble_tables(const float *x, int64_t in, v16 *tables) {
+    const v16 s0 = nibble_signs[0], s1 = nibble_signs[1], s2 = nibble_signs[2], s3 = nibble_signs[3];
+    for (int64_t q = 0; q < in / 4; q++) {
+        const float *c = x + 4 * q;
+        v16 x0 = c[0] - (v16){0}, x1 = c[1] - (v16){0}, x2 = c[2] - (v16){0}, x3 = c[3] - (v16){0};
+        tables[q] = ((s0 * x0 + s1 * x1) + s2 * x2) + s3 * x3; /* ±x is exact: one rounding per add */
+    }
 }
 
-static inline v8 load8(const float *p) {
-    v8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static float tree32(const float *l) {
-    float a[16];
-    for (int i = 0; i < 16; i++) a[i] = l[i] + l[i + 16];
-    for (int w = 8; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) a[i] = a[i] + a[i + w];
-    return a[0];
-}
-
-/* the tail's 8-column groups, added into lanes 8 k + l */
-static inline void tail(const float *x, int64_t in, const uint8_t *p, float *lanes) {
-    int64_t groups = in / 8, full = groups - groups % 4;
-    for (int64_t g = full; g < groups; g++)
-        for (int l = 0; l < 8; l++)
-            if ((p[g] >> l) & 1) lanes[(g - full) * 8 + l] += x[g * 8 + l];
-}
+#define TILE_PASS 4 /* activation rows sharing one pass over a tile */
 
 #ifdef __AVX512F__
-/* tree32 of the lanes (lo: 0..15, hi: 16..31) with vector adds, pair for pair the same sums */
-static inline float reduce_zmm(__m512 lo, __m512 hi) {
-    __m512 a = _mm512_add_ps(lo, hi);
-    __m256 b = _mm256_add_ps(_mm512_castps512_ps256(a),
-                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
-    __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
-    return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+/* partial sums a[t][m] of rows t < nt (nt known at compile time: the accumulators stay in registers) over
+ * the groups g0 .. g1 - 1 of one tile; the bytes' nibbles widened once and used by every row */
+static inline __attribute__((always_inline)) void tile_pass(const v16 *tables, int64_t quads, const uint8_t *tile,
+                                                             int64_t groups, v16 a[TILE_PASS][4], const int nt) {
+    __m512 r[TILE_PASS][4];
+    for (int t = 0; t < nt; t++)
+        for (int m = 0; m < 4; m++) r[t][m] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) { /* groups g, g + 1: 4-column groups 2g .. 2g + 3, partials 0 .. 3 */
+        __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(tile + g * TILE)));
+        __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(tile + (g + 1) * TILE)));
+        __m512i h0 = _mm512_srli_epi32(i0, 4), h1 = _mm512_srli_epi32(i1, 4); /* permutes read 4 index bits */
+        for (int t = 0; t < nt; t++) {
+            const v16 *tab = tables + t * quads + 2 * g;
+            r[t][0] = _mm512_add_ps(r[t][0], _mm512_permutexvar_ps(i0, (__m512)tab[0]));
+            r[t][1] = _mm512_add_ps(r[t][1], _mm512_permutexvar_ps(h0, (__m512)tab[1]));
+            r[t][2] = _mm512_add_ps(r[t][2], _mm512_permutexvar_ps(i1, (__m512)tab[2]));
+            r[t][3] = _mm512_add_ps(r[t][3], _mm512_permutexvar_ps(h1, (__m512)tab[3]));
+        }
+    }
+    if (g < groups) { /* an odd last group: 4-column groups 2g, 2g + 1 (2g % 4 == 0) */
+        __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(tile + g * TILE)));
+        __m512i h0 = _mm512_srli_epi32(i0, 4);
+        for (int t = 0; t < nt; t++) {
+            const v16 *tab = tables + t * quads + 2 * g;
+            r[t][0] = _mm512_add_ps(r[t][0], _mm512_permutexvar_ps(i0, (__m512)tab[0]));
+            r[t][1] = _mm512_add_ps(r[t][1], _mm512_permutexvar_ps(h0, (__m512)tab[1]));
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int m = 0; m < 4; m++) a[t][m] = (v16)r[t][m];
 }
-#endif
-
-/* nt (1..ROWS) rows of x against no (1..OUTS) consecutive matrix rows starting at p (each in / 8
- * bytes): lanes[o][t][32] of the set-bit sums of the full blocks; returns 1 when lanes[o][t][0] already
- * holds the reduced sum (no tail). Every (o, t) has its own accumulators, the same sums as one row alone:
- * the rows are taken together only so that one load of x serves several independent add chains. */
-static inline __attribute__((always_inline)) int block_lanes(const float *x, int64_t in, const uint8_t *p,
-                                                              float lanes[OUTS][ROWS][32], const int nt,
-                                                              const int no) {
-    int64_t full = (in / 32) * 32, stride = in / 8;
-#ifdef __AVX512F__
-    __m512 lo[OUTS][ROWS], hi[OUTS][ROWS];
-    for (int o = 0; o < no; o++)
-        for (int t = 0; t < nt; t++) lo[o][t] = hi[o][t] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < full; i += 32) {
-        uint16_t m0[OUTS], m1[OUTS];
-        for (int o = 0; o < no; o++) {
-            memcpy(&m0[o], p + o * stride + i / 8, 2);
-            memcpy(&m1[o], p + o * stride + i / 8 + 2, 2);
-        }
-        for (int t = 0; t < nt; t++) {
-            const float *xr = x + t * in + i;
-            __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + 16);
-            for (int o = 0; o < no; o++) {
-                lo[o][t] = _mm512_mask_add_ps(lo[o][t], m0[o], lo[o][t], x0);
-                hi[o][t] = _mm512_mask_add_ps(hi[o][t], m1[o], hi[o][t], x1);
-            }
-        }
-    }
-    if (in % 32 == 0) { /* no tail: reduce in registers, the same pairwise tree as tree32 */
-        for (int o = 0; o < no; o++)
-            for (int t = 0; t < nt; t++) lanes[o][t][0] = reduce_zmm(lo[o][t], hi[o][t]);
-        return 1;
-    }
-    for (int o = 0; o < no; o++)
-        for (int t = 0; t < nt; t++) {
-            _mm512_storeu_ps(lanes[o][t], lo[o][t]);
-            _mm512_storeu_ps(lanes[o][t] + 16, hi[o][t]);
-        }
 #else
-    v8 acc[OUTS][ROWS][4];
-    memset(acc, 0, sizeof acc);
-    for (int64_t i = 0; i < full; i += 32)
-        for (int o = 0; o < no; o++) {
-            const uint8_t *q = p + o * stride + i / 8;
-            v8 s0 = bit_table[q[0]], s1 = bit_table[q[1]], s2 = bit_table[q[2]], s3 = bit_table[q[3]];
-            for (int t = 0; t < nt; t++) {
-                const float *xr = x + t * in + i;
-                acc[o][t][0] += s0 * load8(xr);
-                acc[o][t][1] += s1 * load8(xr + 8);
-                acc[o][t][2] += s2 * load8(xr + 16);
-                acc[o][t][3] += s3 * load8(xr + 24);
+/* the same partial sums lane by lane */
+static void tile_pass(const v16 *tables, int64_t quads, const uint8_t *tile, int64_t groups,
+                      v16 a[TILE_PASS][4], const int nt) {
+    for (int t = 0; t < nt; t++) {
+        const v16 *tab = tables + t * quads;
+        for (int m = 0; m < 4; m++) a[t][m] = (v16){0};
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *bytes = tile + g * TILE;
+            int m = (int)((2 * g) % 4);
+            for (int j = 0; j < TILE; j++) {
+                a[t][m][j] = a[t][m][j] + tab[2 * g][bytes[j] & 15];
+                a[t][m + 1][j] = a[t][m + 1][j] + tab[2 * g + 1][bytes[j] >> 4];
             }
         }
-    for (int o = 0; o < no; o++)
-        for (int t = 0; t < nt; t++) memcpy(lanes[o][t], acc[o][t], 32 * sizeof(float));
+    }
+}
 #endif
-    return 0;
-}
 
-/* y[t, o0 + o] for t < nt, o < no (y points at y[0, o0], row stride out) */
-static inline __attribute__((always_inline)) void row_block(const float *x, int64_t in, const uint8_t *p,
-                                                            const float *totals, float *y, int64_t out,
-                                                            const int nt, const int no) {
-    float lanes[OUTS][ROWS][32];
-    if (block_lanes(x, in, p, lanes, nt, no)) {
-        for (int o = 0; o < no; o++)
-            for (int t = 0; t < nt; t++) y[t * out + o] = 2.0f * lanes[o][t][0] - totals[t];
-        return;
-    }
-    for (int o = 0; o < no; o++)
-        for (int t = 0; t < nt; t++) {
-            tail(x + t * in, in, p + o * (in / 8), lanes[o][t]);
-            y[t * out + o] = 2.0f * tree32(lanes[o][t]) - totals[t];
+/* y[t, 16 b + j] for the rows t < n of one tile b (tile: its groups x 16 bytes), written where 16 b + j < out */
+static void tile_rows(const v16 *tables, int64_t n, int64_t in, const uint8_t *tile, int64_t b, int64_t out,
+                      float *y) {
+    int64_t groups = in / 8, quads = in / 4;
+    int64_t lanes = out - TILE * b < TILE ? out - TILE * b : TILE;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE_PASS) {
+        v16 a[TILE_PASS][4];
+        const v16 *tab = tables + t0 * quads;
+        int nt = n - t0 < TILE_PASS ? (int)(n - t0) : TILE_PASS;
+        switch (nt) {
+            case 1: tile_pass(tab, quads, tile, groups, a, 1); break;
+            case 2: tile_pass(tab, quads, tile, groups, a, 2); break;
+            case 3: tile_pass(tab, quads, tile, groups, a, 3); break;
+            default: tile_pass(tab, quads, tile, groups, a, TILE_PASS); break;
         }
-}
-
-/* T for each row of x: the same lanes and tree as P with every bit set */
-static float row_total(const float *x, int64_t in) {
-    float lanes[32] = {0};
-    int64_t full = (in / 32) * 32;
-    for (int64_t i = 0; i < full; i += 32)
-        for (int c = 0; c < 32; c++) lanes[c] += x[i + c];
-    for (int64_t i = full; i < in; i++) lanes[i - full] += x[i];
-    return tree32(lanes);
-}
-
-/* rows t .. t + nt - 1 of x against matrix rows o .. o + no - 1, nt and no known at compile time */
-#define ROW_BLOCK(nt, no) row_block(x + t * in, in, p, totals + t, y + t * out + o, out, nt, no)
-static inline __attribute__((always_inline)) void out_block(const float *x, int64_t n, int64_t in,
-                                                            const uint8_t *p, const float *totals, float *y,
-                                                            int64_t out, int64_t o, const int no) {
-    int64_t t = 0;
-    for (; t + ROWS <= n; t += ROWS) ROW_BLOCK(ROWS, (no < 2 ? no : 2));
-    switch (n - t) {
-        case 3: ROW_BLOCK(3, (no < 2 ? no : 2)); break;
-        case 2: ROW_BLOCK(2, no); break;
-        case 1: ROW_BLOCK(1, no); break;
-        default: break;
+        for (int t = 0; t < nt; t++) {
+            v16 sum = (a[t][0] + a[t][1]) + (a[t][2] + a[t][3]);
+            memcpy(y + (t0 + t) * out + TILE * b, &sum, (size_t)lanes * sizeof(float));
+        }
     }
 }
 
-int deltakit_sign_matmul(const float *x, int64_t n, int64_t in, const uint8_t *packed, int64_t out, float *y,
-                         float *totals, int threads) {
+int deltakit_sign_matmul_tiles(const float *x, int64_t n, int64_t in, const uint8_t *tiles, int64_t out, float *y,
+                               int threads) {
     if (in % 8 != 0 || n < 0 || out < 0) return 1;
     if (threads < 1) threads = 1;
-    for (int64_t t = 0; t < n; t++) totals[t] = row_total(x + t * in, in);
-    /* OUTS matrix rows per pass with 1-2 activation rows (8-16 independent add chains), 2 with 3-4 */
-    int per = n <= 2 ? OUTS : 2;
-    int64_t passes = (out + per - 1) / per;
+    if (n == 0 || out == 0) return 0;
+    v16 *tables = aligned_alloc(64, (size_t)(n * (in / 4) > 0 ? n * (in / 4) : 1) * sizeof(v16));
+    if (!tables) return 2;
+    for (int64_t t = 0; t < n; t++) nibble_tables(x + t * in, in, tables + t * (in / 4));
+    int64_t count = (out + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t k = 0; k < passes; k++) {
-        int64_t o = k * per, end = o + per < out ? o + per : out;
-        if (end - o == OUTS) {
-            out_block(x, n, in, packed + o * (in / 8), totals, y, out, o, OUTS);
-            continue;
-        }
-        for (; o < end; o += 2) {
-            const uint8_t *p = packed + o * (in / 8);
-            if (end - o >= 2)
-                out_block(x, n, in, p, totals, y, out, o, 2);
-            else
-                out_block(x, n, in, p, totals, y, out, o, 1);
-        }
-    }
+    for (int64_t b = 0; b < count; b++) tile_rows(tables, n, in, tiles + b * (in / 8) * TILE, b, out, y);
+    free(tables);
     return 0;
 }
-
-typedef float v16 __attribute__((vector_size(64)));
 
 #define LUT_ROWS 16
 #define CHUNK 32 /* 8-column groups per table chunk: 32 x 256 x 64 bytes = 512 KiB */
@@ -279,38 +222,55 @@ int deltakit_sign_matmul_lut(const float *x, int64_t n, int64_t in, const uint8_
 
 /* Several sign matrices of one shape (out, in), each against its own rows of x, accumulated into y:
  * y[rows[k], :] += scales[p] * (x[rows[k], :] S_pᵀ) for the rows k in offsets[p] .. offsets[p + 1].
- * x (rows of x, in) fp32, y (rows of y, out) fp32, packed[p] the address of part p's bits. A part of
- * lut_min rows or more takes the table-lookup form, fewer the masked-add form; each part's product
- * has the bits of a single call on its gathered rows. Rows of different parts must differ. */
+ * x (rows of x, in) fp32, y (rows of y, out) fp32; packed[p] the address of part p's row-major bits and
+ * tiles[p] of the same bits in tiles (sign_tiles). A part of lut_min rows or more takes the table-lookup
+ * form, fewer the tile form (the tiles of all such parts in one parallel loop); each part's product has
+ * the bits of a single call on its gathered rows. Rows of different parts must differ. */
 int deltakit_sign_matmul_multi(const float *x, int64_t in, int64_t out, int64_t nparts, const int64_t *packed,
-                               const int64_t *offsets, const int64_t *rows, const float *scales, float *y,
-                               int64_t lut_min, int threads) {
-    if (in % 8 != 0 || out < 0) return 1;
-    for (int64_t p = 0; p < nparts; p++) {
-        int64_t n = offsets[p + 1] - offsets[p];
+                               const int64_t *tiles, const int64_t *offsets, const int64_t *rows,
+                               const float *scales, float *y, int64_t lut_min, int threads) {
+    if (in % 8 != 0 || out < 0 || nparts < 0) return 1;
+    if (threads < 1) threads = 1;
+    int64_t total = offsets[nparts] - offsets[0], quads = in / 4, count = (out + TILE - 1) / TILE;
+    if (total <= 0 || out == 0) return 0;
+    float *xs = malloc((size_t)(total * in) * sizeof(float));
+    float *ys = malloc((size_t)(total * out) * sizeof(float));
+    v16 *tables = aligned_alloc(64, (size_t)(total * quads > 0 ? total * quads : 1) * sizeof(v16));
+    int code = (xs && ys && tables) ? 0 : 2;
+    int64_t few = 0; /* parts of the tile form */
+    for (int64_t p = 0; code == 0 && p < nparts; p++) {
+        int64_t first = offsets[p] - offsets[0], n = offsets[p + 1] - offsets[p];
         if (n <= 0) continue;
-        float *xs = malloc(n * in * sizeof(float));
-        float *ys = malloc((n * out > 0 ? n * out : 1) * sizeof(float));
-        float *totals = malloc(n * sizeof(float));
-        int code = (xs && ys && totals) ? 0 : 2;
-        const uint8_t *bits = (const uint8_t *)(uintptr_t)packed[p];
-        if (code == 0) {
-            for (int64_t r = 0; r < n; r++) memcpy(xs + r * in, x + rows[offsets[p] + r] * in, in * sizeof(float));
-            code = n >= lut_min ? deltakit_sign_matmul_lut(xs, n, in, bits, out, ys, threads)
-                                : deltakit_sign_matmul(xs, n, in, bits, out, ys, totals, threads);
+        for (int64_t r = 0; r < n; r++)
+            memcpy(xs + (first + r) * in, x + rows[offsets[p] + r] * in, (size_t)in * sizeof(float));
+        if (n >= lut_min) {
+            code = deltakit_sign_matmul_lut(xs + first * in, n, in, (const uint8_t *)(uintptr_t)packed[p], out,
+                                            ys + first * out, threads);
+        } else {
+            for (int64_t r = 0; r < n; r++) nibble_tables(xs + (first + r) * in, in, tables + (first + r) * quads);
+            few++;
         }
-        if (code == 0)
-            for (int64_t r = 0; r < n; r++) {
-                float *yr = y + rows[offsets[p] + r] * out;
-                const float *src = ys + r * out;
-                for (int64_t o = 0; o < out; o++) yr[o] += scales[p] * src[o];
-            }
-        free(xs);
-        free(ys);
-        free(totals);
-        if (code != 0) return code;
     }
-    return 0;
+    if (code == 0 && few > 0) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t item = 0; item < nparts * count; item++) {
+            int64_t p = item / count, b = item % count;
+            int64_t first = offsets[p] - offsets[0], n = offsets[p + 1] - offsets[p];
+            if (n <= 0 || n >= lut_min) continue;
+            const uint8_t *tile = (const uint8_t *)(uintptr_t)tiles[p] + b * (in / 8) * TILE;
+            tile_rows(tables + first * quads, n, in, tile, b, out, ys + first * out);
+        }
+    }
+    for (int64_t k = 0; code == 0 && k < nparts; k++)
+        for (int64_t r = offsets[k]; r < offsets[k + 1]; r++) {
+            float *yr = y + rows[r] * out;
+            const float *src = ys + (r - offsets[0]) * out;
+            for (int64_t o = 0; o < out; o++) yr[o] += scales[k] * src[o];
+        }
+    free(xs);
+    free(ys);
+    free(tables);
+    return code;
 }
 
 /* Rows r0 .. r1 - 1 of the low-rank product up @ down (ops/lowrank.py): up (rows, rank) and down (rank, cols)

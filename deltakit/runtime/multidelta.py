@@ -35,7 +35,7 @@ from torch import nn
 from deltakit.errors import UsageError
 from deltakit.ops import lowrank_group
 from deltakit.ops.lowrank_group import GroupFactors, LowRankGroup
-from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul
+from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul, sign_tiles
 from deltakit.ops.threads import one_thread_on_cpu
 from deltakit.runtime.batchplan import (
     ModulePlan,
@@ -73,7 +73,8 @@ class MultiDeltaExecutor:
     """Runs mixed-delta batches on a :class:`HotSwapRuntime`'s resident model.
 
     sign_cache_bytes: budget of the LRU of ready-to-use tensors (on the device, in the activations'
-    dtype: low-rank factors, bias differences, rebuilt dense parameters, and ±1 sign matrices where the
+    dtype: low-rank factors, bias differences, rebuilt dense parameters, sign bits in the few-rows kernel's
+    tile layout, and ±1 sign matrices where the
     packed-bit kernel does not apply) reused across the forward passes and batches; 0 rebuilds them on
     every call (same results).
     profile: accumulate the seconds spent in each part of the delta shares in :attr:`costs`
@@ -357,9 +358,22 @@ class MultiDeltaExecutor:
             parts = plan.grouped_sign_parts
             views = [p.weight.view for p in parts]
             rows = _token_rows(parts, per_row)
-            group = SignGroup([v.signs for v in views], views[0].shape, rows, [float(v.scale) for v in views])
+            tiles = [self._sign_tiles(p) for p in parts]
+            scales = [float(v.scale) for v in views]
+            group = SignGroup([v.signs for v in views], views[0].shape, rows, scales, tiles)
             plan.sign_groups[per_row] = group
         return group
+
+    def _sign_tiles(self, part: Part) -> torch.Tensor:
+        """The part's sign bits in the few-rows kernel's tile layout (:func:`sign_tiles`), cached so that
+        a new ``assign`` does not lay them out again."""
+        op = part.weight
+        view = op.view
+
+        def make() -> tuple[torch.Tensor]:
+            return (sign_tiles(view.signs, view.shape),)
+
+        return self._cached(f"{part.prepared.name}\0{op.name}\0sign tiles", op, make)[0]
 
     def _sign_share(self, delta: str, op: TensorOp, layout: str, x: torch.Tensor) -> torch.Tensor:
         """``α·(x Sᵀ)`` (``out_in``) or ``α·(x S)`` (``in_out``) in fp32 for x (n, ..., in)."""
