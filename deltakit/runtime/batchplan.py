@@ -58,12 +58,13 @@ class Part:
         return self.ops.get("bias")
 
 
-def part_path(module: nn.Module, prepared: PreparedDelta, ops: dict[str, TensorOp]) -> str:
-    """``factored`` when the delta's share can be computed from the encoded form, else ``dense``."""
+def part_path(module: nn.Module, factored: bool, ops: dict[str, TensorOp]) -> str:
+    """``factored`` when the delta's share can be computed from the encoded form, else ``dense``.
+    factored: the delta's :attr:`~.prepared.PreparedDelta.factored` (taken once per delta by the caller)."""
     layout = module_layout(module)
     weight, bias = ops.get("weight"), ops.get("bias")
     fast = (
-        prepared.factored
+        factored
         and layout is not None
         and set(ops) <= {"weight", "bias"}
         and (weight is None or weight.kind == "encoded")
@@ -96,6 +97,9 @@ class ModulePlan:
     dense_parts: list[Part] = field(init=False)
     #: factored parts whose low-rank factors go into the stack (linear layers only)
     low_rank_parts: list[Part] = field(init=False)
+    #: factored parts with a share besides the low-rank and grouped sign parts (embedding rows, a sign part
+    #: outside the group, a bias change); set by :meth:`settle` once ``grouped_sign_parts`` is chosen
+    share_parts: list[Part] = field(init=False)
 
     def __post_init__(self) -> None:
         self.factored_parts = [p for p in self.parts if p.path == "factored"]
@@ -106,6 +110,22 @@ class ModulePlan:
             for p in self.factored_parts
             if linear and p.weight is not None and p.weight.view is not None and p.weight.view.up is not None
         ]
+        self.settle()
+
+    def settle(self) -> None:
+        """Recompute :attr:`share_parts` (after ``grouped_sign_parts`` changed)."""
+        grouped = {id(p) for p in self.grouped_sign_parts}
+
+        def has_share(part: Part) -> bool:
+            weight = part.weight
+            signs = weight is not None and weight.view is not None and weight.view.signs is not None
+            return (
+                part.bias is not None
+                or (weight is not None and self.layout == "embedding")
+                or (signs and id(part) not in grouped)
+            )
+
+        self.share_parts = [p for p in self.factored_parts if has_share(p)]
 
 
 def factor_pair(op: TensorOp, layout: str, dtype: torch.dtype, device: torch.device) -> tuple:

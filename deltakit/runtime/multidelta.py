@@ -133,6 +133,7 @@ class MultiDeltaExecutor:
                     )
                 for module, attr in users:
                     per_module.setdefault(module, {}).setdefault(name, {})[attr] = op
+        factored = {name: prepared.factored for name, prepared in deltas.items()}  # one pass over each delta
         plans = []
         for module, by_delta in per_module.items():
             parts = [
@@ -141,7 +142,7 @@ class MultiDeltaExecutor:
                     _on(row_selector(row_lists[name]), runtime.device),
                     row_lists[name],
                     ops,
-                    part_path(module, deltas[name], ops),
+                    part_path(module, factored[name], ops),
                 )
                 for name, ops in by_delta.items()
             ]
@@ -155,6 +156,7 @@ class MultiDeltaExecutor:
                     and p.weight.view.signs is not None
                     and p.weight.view.shape[1] % 8 == 0
                 ]
+                plan.settle()
             plans.append(plan)
         return plans
 
@@ -199,7 +201,8 @@ class MultiDeltaExecutor:
         else:
             result = output
         share = None  # fp32 (batch, ..., out): every factored part's share, added to result at once
-        xf = x.to(torch.float32) if plan.low_rank_parts or plan.grouped_sign_parts else x
+        needs_fp32 = (plan.low_rank_parts or plan.grouped_sign_parts) and x.dtype != torch.float32
+        xf = x.to(torch.float32) if needs_fp32 else x
         if plan.low_rank_parts:
             start = self._tick(x)
             share = self._low_rank(plan, xf)
@@ -211,7 +214,7 @@ class MultiDeltaExecutor:
             flat = xf.reshape(-1, xf.shape[-1]).contiguous()  # (tokens, in)
             self._sign_group(plan, flat.shape[0] // batch).add_into(flat, share.view(-1, share.shape[-1]))
             self._tock("sign_s", start, share)
-        for part in plan.factored_parts:
+        for part in plan.share_parts:
             part_share = self._factored_share(plan, part, x)
             if part_share is None:
                 continue
@@ -280,7 +283,8 @@ class MultiDeltaExecutor:
         return rms_norm_rows(x, plan.row_weights.view(shape), eps)
 
     def _low_rank(self, plan: ModulePlan, x: torch.Tensor) -> torch.Tensor:
-        """fp32 ``(x A) B`` of each row's own delta, for all rows (0 for rows of no low-rank delta).
+        """fp32 ``(x A) B`` of each row's own delta for the fp32 input x, for all rows (0 for rows of no
+        low-rank delta).
 
         Few token rows (decoding) on the CPU: one compiled call over every delta's factors at their
         stored width (:class:`~deltakit.ops.lowrank_group.LowRankGroup`, bits independent of the thread
@@ -291,7 +295,7 @@ class MultiDeltaExecutor:
         if x.device.type == "cpu" and tokens <= STACK_TOKENS and lowrank_group.available():
             group = self._low_rank_group(plan, tokens // plan.batch)
             share = torch.zeros(*x.shape[:-1], group.out_features, dtype=torch.float32)
-            flat = x.to(torch.float32).reshape(-1, x.shape[-1]).contiguous()  # (tokens, in)
+            flat = x.reshape(-1, x.shape[-1]).contiguous()  # (tokens, in), x is fp32 here
             group.add_into(flat, share.view(tokens, -1))
             return share
         with one_thread_on_cpu(x.device):
