@@ -44,15 +44,20 @@ def _mixed_prefill_then_step(
     return first.logits[:, -1], step.logits[:, -1]
 
 
-def test_long_prefill_and_cached_steps_equal_merged_weights():
-    """Prefill over STACK_TOKENS token rows (per-delta low rank, table-form signs), then a one-token
-    step (stacked low rank, few-row signs): both equal the merged model of each row's delta."""
+@pytest.mark.parametrize("native", [True, False])
+def test_long_prefill_and_cached_steps_equal_merged_weights(monkeypatch, native):
+    """Prefill over STACK_TOKENS token rows (compiled low-rank group and table-form signs, or without
+    the library per-delta low rank and unpacked signs), then a one-token step (compiled group and
+    tile-form signs, or the stacked low rank): both equal the merged model of each row's delta."""
+    if not native:
+        monkeypatch.setattr(signmm, "_tried", True)
+        monkeypatch.setattr(signmm, "_library", None)
     fleet = cached_fleet("llama")
     rt = _runtime(fleet)
     assignment = _assignment(fleet)
-    length = STACK_TOKENS // len(assignment) + 4
+    length = max(STACK_TOKENS // len(assignment), signmm.LUT_MIN_ROWS) + 4
     ids = torch.randint(0, 256, (len(assignment), length), generator=torch.Generator().manual_seed(8))
-    assert len(assignment) * (length - 1) > STACK_TOKENS
+    assert len(assignment) * (length - 1) > STACK_TOKENS and length - 1 >= signmm.LUT_MIN_ROWS
     prefill, step = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
     merged_prefill = _merged_last_logits(rt, ids[:, :-1], assignment)
     merged_step = _merged_last_logits(rt, ids, assignment)
