@@ -29,7 +29,8 @@ def fleet() -> None:
     multiple=True,
     metavar="NAMES",
     help="Domains to fine-tune on, comma-separated or repeated (default: shakespeare, milton, "
-    "fortunes-computers, jargon; also fortunes-politics or any fortunes-<category>).",
+    "fortunes-computers, jargon, fortunes-politics and shakespeare-heavy, the last ~50 min alone; "
+    "also any fortunes-<category>).",
 )
 @click.option(
     "--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps per variant [default: 40]."
