@@ -150,3 +150,38 @@ def test_mixed_batch_on_cuda_equals_merged_weights():
     merged = _merged_last_logits(rt, ids, assignment)
     for row in range(len(assignment)):
         torch.testing.assert_close(step[row], merged[row], rtol=1e-4, atol=1e-4)
+
+
+def test_forwards_are_restored_after_the_block_and_norms_skip_their_own_once_checked():
+    """Inside assign the touched modules run a replaced forward; on exit every module's own forward is
+    back, and one that another library set on the instance is kept. A checked per-row RMSNorm does not
+    run its own forward again: three cached steps still equal the merged weights."""
+    fleet = cached_fleet("llama")
+    rt = _runtime(fleet)
+    assignment = _assignment(fleet)
+    model = rt.model
+    norm = model.model.norm
+    calls = []
+    own = norm.forward
+
+    def wrapped(*args, **kwargs):  # what an accelerate-style hook leaves on the instance
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    norm.forward = wrapped
+    ids = torch.randint(0, 256, (len(assignment), 5), generator=torch.Generator().manual_seed(13))
+    executor = MultiDeltaExecutor(rt)
+    with torch.no_grad(), executor.assign(assignment):
+        replaced = [m for m in model.modules() if "forward" in m.__dict__]
+        assert len(replaced) > 1 and norm.forward is not wrapped
+        out = model(ids[:, :2], use_cache=True)
+        checked = len(calls)
+        for t in range(2, 5):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+    assert norm.forward is wrapped
+    assert [m for m in model.modules() if "forward" in m.__dict__] == [norm]
+    plan_norm_skipped = len(calls) == checked  # the model's last norm is touched by the deltas
+    assert checked >= 1 and plan_norm_skipped
+    merged = _merged_last_logits(rt, ids, assignment)
+    for row in range(len(assignment)):
+        torch.testing.assert_close(out.logits[row, -1], merged[row], rtol=1e-4, atol=1e-4)

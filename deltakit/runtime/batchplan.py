@@ -87,6 +87,8 @@ class ModulePlan:
     row_weight: bool | None = None
     #: (batch, dim) the per-row weights of that form
     row_weights: torch.Tensor | None = None
+    #: dtype of the module's output, recorded when the per-row form is checked
+    out_dtype: torch.dtype | None = None
     #: factored parts whose sign products go through one packed-bit kernel call (CPU, ``out_in``)
     grouped_sign_parts: list[Part] = field(default_factory=list)
     #: tokens per row -> the kernel's :class:`~deltakit.ops.signmm.SignGroup` for those parts

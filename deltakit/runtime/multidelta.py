@@ -1,9 +1,9 @@
 """Batches whose rows use different deltas, without merging: base forward once, plus per-row deltas.
 
 Inside ``with executor.assign(["chat", None, "code", "chat"]):`` every forward pass of the resident model
-(which holds the *base* weights) gets, through forward hooks on the modules whose parameters the deltas
-touch, each row's delta added to that module's output (the plan of each module is made once per
-``assign``, see :mod:`.batchplan`):
+(which holds the *base* weights) gets, through the ``forward`` (replaced for the block) of the modules
+whose parameters the deltas touch, each row's delta added to that module's output (the plan of each
+module is made once per ``assign``, see :mod:`.batchplan`):
 
 - Linear / GPT-2 Conv1D weights of ``dqrelo``, ``bitdelta`` and ``svd`` deltas: the low-rank parts of all
   deltas in one compiled call reading the factors at their stored width (CPU), or as two thin matmuls
@@ -19,7 +19,8 @@ and the delta shares must not depend on the thread count (the packed sign kernel
 by construction). With few rows one thread is also the faster choice.
 
 Row i of every module input must be row i of the batch (true for decoder-only models with a KV cache).
-Hooks exist only inside ``assign``; outside it the model is untouched.
+The touched modules' ``forward`` is replaced only inside ``assign`` (the module's own, or one another
+library set on the instance, is restored on exit); outside it the model is untouched.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class MultiDeltaExecutor:
     def assign(self, assignment: Sequence[str | None]) -> Iterator[None]:
         """Within the block, batch row i runs with delta ``assignment[i]`` (None: the base).
 
-        Activates the base first (a swap), holds the runtime lock for the whole block, and removes the
-        hooks on exit.
+        Activates the base first (a swap), holds the runtime lock for the whole block, and restores the
+        modules' forwards on exit.
         """
         runtime = self.runtime
         with runtime.lock:
@@ -111,14 +112,19 @@ class MultiDeltaExecutor:
             for name in dict.fromkeys(a for a in assignment if a is not None):
                 deltas[name] = runtime.device_delta(name)[0]
             plans = self._plans(deltas, assignment)
-            handles = []
+            replaced: list[tuple[nn.Module, object]] = []
             try:
                 for plan in plans:
-                    handles.append(plan.module.register_forward_hook(self._make_hook(plan), with_kwargs=True))
+                    module = plan.module
+                    replaced.append((module, module.__dict__.get("forward")))
+                    module.forward = self._make_forward(plan, module.forward)
                 yield
             finally:
-                for handle in handles:
-                    handle.remove()
+                for module, own in reversed(replaced):
+                    if own is None:
+                        del module.forward
+                    else:
+                        module.forward = own
 
     def _plans(self, deltas: dict[str, PreparedDelta], assignment: Sequence[str | None]) -> list[ModulePlan]:
         """One plan per touched module: the row grouping and paths, made once for the whole batch."""
@@ -161,16 +167,34 @@ class MultiDeltaExecutor:
             plans.append(plan)
         return plans
 
-    def _make_hook(self, plan: ModulePlan):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    def _make_forward(self, plan: ModulePlan, inner):
+        """The module's forward inside ``assign``: ``inner`` (its own forward) and the delta shares added.
+
+        An RMSNorm already checked to take the per-row weight form (:meth:`_dense_rows`) skips ``inner``:
+        its base output would be recomputed for every row anyway. Dense re-runs (``_guard``) call
+        ``inner`` alone.
+        """
+
+        def forward(*args, **kwargs):
             if getattr(_guard, "active", False):
-                return None
+                return inner(*args, **kwargs)
+            if plan.row_weight is True:
+                x = args[0] if args else next(iter(kwargs.values()))
+                start = self._tick(x)
+                if x.shape[0] == plan.batch:
+                    batched = self._row_weight_rerun(plan, x, args, kwargs)
+                    if batched is not None:
+                        result = batched.to(plan.out_dtype)
+                        self._tock("dense_s", start, result)
+                        self._tock("hooks_s", start, result)
+                        return result
+            output = inner(*args, **kwargs)
             start = self._tick(output)
             result = self._hook_body(plan, args, kwargs, output)
             self._tock("hooks_s", start, result)
             return result
 
-        return hook
+        return forward
 
     def _tick(self, tensor: torch.Tensor) -> float:
         """A start time for :meth:`_tock` (device synchronised when profiling)."""
@@ -188,8 +212,8 @@ class MultiDeltaExecutor:
         self.costs = dict.fromkeys(COST_KEYS, 0.0)
 
     def _hook_body(self, plan: ModulePlan, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        """The hook's work: the base output with every row group's delta share added (in place when it
-        is a fresh tensor and no gradient is recorded, else into a copy)."""
+        """The work after the module's own forward: the base output with every row group's delta share
+        added (in place when it is a fresh tensor and no gradient is recorded, else into a copy)."""
         x = args[0] if args else next(iter(kwargs.values()))
         batch = plan.batch
         if x.shape[0] == 1 and batch > 1:  # broadcast input (GPT-2's position ids): same for every row
@@ -245,6 +269,7 @@ class MultiDeltaExecutor:
             if plan.row_weight is None:
                 per_part = self._per_part_rerun(plan, x, args, kwargs, result.clone())
                 plan.row_weight = batched is not None and torch.equal(batched.to(result.dtype), per_part)
+                plan.out_dtype = result.dtype
                 return per_part
             if batched is not None:
                 return batched.to(result.dtype)
