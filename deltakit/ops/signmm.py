@@ -43,7 +43,7 @@ from deltakit.ops.bitpack import unpack_signs
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("signmm_native.c", "lowrank_native.c"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
 #: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used: on SmolLM2's
-#: shapes it is slower than the tile form up to 16 rows and level with it at 32 (docs/sign_kernel.md)
+#: shapes it is slower than the tile form up to 16 rows, level at 24 and faster from 32 (docs/sign_kernel.md)
 LUT_MIN_ROWS = 24
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 #: argument types of the kernel's entry points (every one returns an int status, 0 = done)
