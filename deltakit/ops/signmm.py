@@ -199,13 +199,19 @@ def sign_matmul(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -
     flat = x.reshape(-1, in_features).to(torch.float32).contiguous()  # (n, in)
     rows = flat.shape[0]
     y = torch.empty(rows, out_features, dtype=torch.float32)
-    bits = packed.contiguous() if rows >= LUT_MIN_ROWS else sign_tiles(packed, shape)
-    args = (flat.data_ptr(), rows, in_features, bits.data_ptr(), out_features, y.data_ptr())
-    threads = torch.get_num_threads()
     if rows >= LUT_MIN_ROWS:
-        code = lib.deltakit_sign_matmul_lut(*args, threads)
+        kernel, bits = lib.deltakit_sign_matmul_lut, packed.contiguous()
     else:
-        code = lib.deltakit_sign_matmul_tiles(*args, threads)
+        kernel, bits = lib.deltakit_sign_matmul_tiles, sign_tiles(packed, shape)
+    code = kernel(
+        flat.data_ptr(),
+        rows,
+        in_features,
+        bits.data_ptr(),
+        out_features,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
     if code != 0:
         raise ValueError(f"sign kernel failed for shape {shape} (code {code})")
     return y.reshape(*lead, out_features)

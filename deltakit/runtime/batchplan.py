@@ -2,7 +2,7 @@
 
 A :class:`ModulePlan` holds, for one module, every delta of the batch that changes it (its rows, its
 ops, which path it takes) and the low-rank factors of all those deltas stacked side by side, so one
-forward hook call does:
+call of the module's replaced forward does:
 
 - low-rank parts of every delta at once while decoding: on the CPU one compiled call over every
   delta's factors at their stored width, each on its own rows (:mod:`deltakit.ops.lowrank_group`);
@@ -89,8 +89,8 @@ class ModulePlan:
     row_weights: torch.Tensor | None = None
     #: dtype of the module's output, recorded when the per-row form is checked
     out_dtype: torch.dtype | None = None
-    #: factored parts whose sign products go through one packed-bit kernel call (CPU, ``out_in``)
-    grouped_sign_parts: list[Part] = field(default_factory=list)
+    #: whether the packed-bit sign kernel can take this batch's sign parts (CPU, library built)
+    group_signs: bool = False
     #: tokens per row -> the kernel's :class:`~deltakit.ops.signmm.SignGroup` for those parts
     sign_groups: dict[int, Any] = field(default_factory=dict)
     #: tokens per row -> the :class:`~deltakit.ops.lowrank_group.LowRankGroup` of the low-rank parts
@@ -99,8 +99,11 @@ class ModulePlan:
     dense_parts: list[Part] = field(init=False)
     #: factored parts whose low-rank factors go into the stack (linear layers only)
     low_rank_parts: list[Part] = field(init=False)
+    #: factored parts whose sign products go through one packed-bit kernel call (``group_signs``,
+    #: ``out_in``, ``in % 8 == 0``)
+    grouped_sign_parts: list[Part] = field(init=False)
     #: factored parts with a share besides the low-rank and grouped sign parts (embedding rows, a sign part
-    #: outside the group, a bias change); set by :meth:`settle` once ``grouped_sign_parts`` is chosen
+    #: outside the group, a bias change)
     share_parts: list[Part] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,22 +115,21 @@ class ModulePlan:
             for p in self.factored_parts
             if linear and p.weight is not None and p.weight.view is not None and p.weight.view.up is not None
         ]
-        self.settle()
-
-    def settle(self) -> None:
-        """Recompute :attr:`share_parts` (after ``grouped_sign_parts`` changed)."""
-        grouped = {id(p) for p in self.grouped_sign_parts}
-
-        def has_share(part: Part) -> bool:
-            weight = part.weight
-            signs = weight is not None and weight.view is not None and weight.view.signs is not None
-            return (
-                part.bias is not None
-                or (weight is not None and self.layout == "embedding")
-                or (signs and id(part) not in grouped)
-            )
-
-        self.share_parts = [p for p in self.factored_parts if has_share(p)]
+        signed = [
+            p
+            for p in self.factored_parts
+            if p.weight is not None and p.weight.view is not None and p.weight.view.signs is not None
+        ]
+        grouped = self.group_signs and self.layout == "out_in"
+        self.grouped_sign_parts = [p for p in signed if grouped and p.weight.view.shape[1] % 8 == 0]
+        ungrouped = {id(p) for p in signed} - {id(p) for p in self.grouped_sign_parts}
+        self.share_parts = [
+            p
+            for p in self.factored_parts
+            if p.bias is not None
+            or (p.weight is not None and self.layout == "embedding")
+            or id(p) in ungrouped
+        ]
 
 
 def factor_pair(op: TensorOp, layout: str, dtype: torch.dtype, device: torch.device) -> tuple:

@@ -141,6 +141,7 @@ class MultiDeltaExecutor:
                 for module, attr in users:
                     per_module.setdefault(module, {}).setdefault(name, {})[attr] = op
         factored = {name: prepared.factored for name, prepared in deltas.items()}  # one pass over each delta
+        group_signs = runtime.device.type == "cpu" and native_library() is not None
         plans = []
         for module, by_delta in per_module.items():
             parts = [
@@ -153,17 +154,7 @@ class MultiDeltaExecutor:
                 )
                 for name, ops in by_delta.items()
             ]
-            plan = ModulePlan(module, module_layout(module), len(assignment), parts)
-            if runtime.device.type == "cpu" and plan.layout == "out_in" and native_library() is not None:
-                plan.grouped_sign_parts = [
-                    p
-                    for p in plan.factored_parts
-                    if p.weight is not None
-                    and p.weight.view is not None
-                    and p.weight.view.signs is not None
-                    and p.weight.view.shape[1] % 8 == 0
-                ]
-                plan.settle()
+            plan = ModulePlan(module, module_layout(module), len(assignment), parts, group_signs=group_signs)
             plans.append(plan)
         return plans
 
