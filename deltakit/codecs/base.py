@@ -285,6 +285,11 @@ class Codec(ABC):
     max_error: ClassVar[float] = 1.0
     #: bytes of float params an encoded matrix carries (4 per top-level float, as the delta counts them)
     param_bytes: ClassVar[int] = 0
+    #: whether compress may run :meth:`encode` (and :meth:`spectrum`) for several tensors at once on CPU
+    #: threads, each at one torch thread. True needs encode to be a function of its arguments (no state
+    #: kept between calls, nothing shared mutated); a codec that cannot promise it sets False and its
+    #: tensors are encoded one after another
+    concurrent_encode: ClassVar[bool] = True
 
     @abstractmethod
     def encode(
@@ -293,7 +298,8 @@ class Codec(ABC):
         """Encode one matrix.
 
         base, target: same shape (2-D), any float dtype, any device; not mutated.
-        Returns tensors on the CPU.
+        Returns tensors on the CPU. May run on a worker thread beside other tensors' calls (see
+        :attr:`concurrent_encode`).
         """
 
     @abstractmethod

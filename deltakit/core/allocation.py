@@ -32,6 +32,7 @@ from deltakit.errors import BudgetError, UsageError
 from deltakit.models.checkpoint import TensorSource
 from deltakit.models.roles import EMBEDDING, LM_HEAD, TensorRole, infer_roles
 from deltakit.ops.allocate import allocate
+from deltakit.ops.workers import ordered_map
 
 ALLOCATIONS = ("uniform", "rd")
 UNCHANGED_KIND, PASSTHROUGH_KIND, ENCODED_KIND = "unchanged", "passthrough", "encoded"
@@ -112,29 +113,48 @@ def survey(
     exclude_roles: tuple[str, ...],
     device: torch.device,
     spectra: bool,
+    workers: int = 1,
 ) -> Survey:
-    """Read every tensor pair once; record encoded shapes, passthrough bytes and (``spectra``) spectra."""
+    """Read every tensor pair once; record encoded shapes, passthrough bytes and (``spectra``) spectra.
+
+    workers: tensors surveyed side by side on CPU threads (one torch thread each; the figures do not
+    depend on it). Tensors are read in this thread, in order."""
     out = Survey()
     names, base_names = target_src.names(), set(base_src.names())
     roles = infer_roles({n: target_src.spec(n) for n in names})
-    for name in names:
-        t = target_src.get(name)
-        b = base_src.get(name) if name in base_names else None
+
+    def read(name: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        return name, target_src.get(name), base_src.get(name) if name in base_names else None
+
+    def measure(
+        item: tuple[str, torch.Tensor, torch.Tensor | None],
+    ) -> tuple[str, str, int, tuple, float, Any]:
+        """(name, kind, passthrough bytes, encoded shape, squared norm, spectrum) of one tensor pair."""
+        name, t, b = item
         kind, is_grown = classify(t, b, roles[name], exclude_roles)
         if kind == PASSTHROUGH_KIND:
-            out.passthrough_bytes += t.numel() * t.element_size()
+            return name, kind, t.numel() * t.element_size(), (), 0.0, None
+        if kind != ENCODED_KIND:
+            return name, kind, 0, (), 0.0, None
+        rows = b.shape[0]
+        extra = (t.shape[0] - rows) * t.shape[1] * t.element_size() if is_grown else 0
+        delta = t[:rows].to(device=device, dtype=torch.float32) - b.to(device=device, dtype=torch.float32)
+        norm2 = float((delta.double() ** 2).sum())
+        spectrum = codec.spectrum(delta, config) if spectra else None
+        if spectra and spectrum is None:
+            raise UsageError(f"allocation='rd' needs a codec with candidates; {codec.name} has none")
+        return name, kind, extra, (int(rows), int(t.shape[1])), norm2, spectrum
+
+    items = (read(name) for name in names)
+    for name, kind, passthrough, shape, norm2, spectrum in ordered_map(
+        measure, items, workers, ahead=workers + 1
+    ):
+        out.passthrough_bytes += passthrough
         if kind != ENCODED_KIND:
             continue
-        rows = b.shape[0] if b is not None else t.shape[0]
-        if is_grown:
-            out.passthrough_bytes += (t.shape[0] - rows) * t.shape[1] * t.element_size()
-        delta = t[:rows].to(device=device, dtype=torch.float32) - b.to(device=device, dtype=torch.float32)
-        out.shapes[name] = (int(rows), int(t.shape[1]))
-        out.norms2[name] = float((delta.double() ** 2).sum())
+        out.shapes[name] = shape
+        out.norms2[name] = norm2
         if spectra:
-            spectrum = codec.spectrum(delta, config)
-            if spectrum is None:
-                raise UsageError(f"allocation='rd' needs a codec with candidates; {codec.name} has none")
             out.spectra[name] = spectrum
     return out
 

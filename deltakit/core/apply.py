@@ -2,7 +2,8 @@
 
 Each output tensor is rebuilt from the matching base tensor (``base + decode(delta)`` in fp32, cast
 to the target dtype, unless the codec restores exact bits) and streamed to the output shards, so peak
-memory is about one tensor pair. The base's fingerprint is computed on the way; a mismatch aborts
+memory is about one tensor pair per worker. On the CPU, tensors are rebuilt on as many threads as torch
+has (one torch thread each; the bits do not depend on it) while this thread writes them in order. The base's fingerprint is computed on the way; a mismatch aborts
 the run (the atomic output is discarded) unless ``force`` is set.
 """
 
@@ -32,6 +33,7 @@ from deltakit.format.fingerprint import FingerprintBuilder
 from deltakit.format.paths import check_aux_name, confined
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
+from deltakit.ops.workers import cpu_workers, ordered_map
 
 Progress = Callable[[int, int, str], None]
 
@@ -137,15 +139,26 @@ def _apply_into(
     decoder = Decoder.of(delta)
     total = len(specs) + len(manifest.removed)
     base_names = set(base_src.names())
-    for index, spec in enumerate(specs):
-        if progress is not None:
-            progress(index, total, spec.name)
+
+    def read(spec: TensorSpec) -> tuple[TensorSpec, torch.Tensor | None]:
         base_tensor = base_src.get(spec.name) if spec.name in base_names else None
         if base_tensor is not None:
             base_fp.add_later(spec.name, base_tensor)
+        return spec, base_tensor
+
+    def rebuild(item: tuple[TensorSpec, torch.Tensor | None]) -> torch.Tensor:
         # fused where it can (checked tile by tile as it is written); unchanged tensors are the base's own
+        spec, base_tensor = item
         rebuilt = reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True)
-        rebuilt = rebuilt.to(spec.dtype).cpu()
+        return rebuilt.to(spec.dtype).cpu()
+
+    workers = cpu_workers(dev)
+    items = (read(spec) for spec in specs)
+    for index, (spec, rebuilt) in enumerate(
+        zip(specs, ordered_map(rebuild, items, workers, ahead=workers + 1), strict=True)
+    ):
+        if progress is not None:
+            progress(index, total, spec.name)
         out_fp.add_later(spec.name, rebuilt)
         sink(spec.name, rebuilt)
     for offset, name in enumerate(manifest.removed):

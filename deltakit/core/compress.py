@@ -1,8 +1,10 @@
 """Streaming compression of a fine-tune into a delta against its base.
 
 Tensors are read one pair at a time; each changed matrix is encoded by the chosen codec, vectors
-(norms, biases) and tensors the base lacks are stored exactly, identical tensors cost nothing. Peak
-memory is one tensor pair plus the codec's work and one output shard.
+(norms, biases) and tensors the base lacks are stored exactly, identical tensors cost nothing. On the
+CPU, as many tensors as torch has threads (at most 8) are encoded side by side, each at one
+thread, so the delta's bytes do not depend on the thread count. Peak memory is a tensor pair and the
+codec's work per worker, plus one output shard.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from deltakit.codecs.base import Budget, Codec, CodecConfig, EncodeContext
+from deltakit.codecs.base import Budget, Codec, CodecConfig, EncodeContext, Encoded
 from deltakit.codecs.registry import get_codec
 from deltakit.core import activations
 from deltakit.core import allocation as alloc
@@ -42,6 +44,7 @@ from deltakit.models.checkpoint import CheckpointReader, TensorSource, open_chec
 from deltakit.models.roles import TensorRole, infer_roles
 from deltakit.ops.finite import all_finite
 from deltakit.ops.threads import one_thread_on_cpu
+from deltakit.ops.workers import cpu_workers, ordered_map
 
 __all__ = ["CompressOptions", "build_config", "compress"]
 
@@ -115,8 +118,11 @@ def _plan(
     mode = opts.allocation
     if mode is None:
         mode = "rd" if codec.allocatable else "uniform"
+    workers = encode_workers(codec, dev)
     with encode_threads(dev):
-        found = alloc.survey(codec, cfg, base_src, target_src, opts.exclude_roles, dev, spectra=mode == "rd")
+        found = alloc.survey(
+            codec, cfg, base_src, target_src, opts.exclude_roles, dev, spectra=mode == "rd", workers=workers
+        )
     if not found.shapes:
         return alloc.Plan(Budget(ratio=opts.ratio) if opts.ratio else Budget(), {}, {}, 0, mode)
     target = alloc.coded_target(found, size=opts.size, bits_per_weight=opts.bits_per_weight, ratio=opts.ratio)
@@ -202,30 +208,60 @@ class _DeltaBuilder:
         self.stats["passthrough_tensors"] += 1
         return entry
 
-    def encode(
-        self, entry: TensorEntry, name: str, b: torch.Tensor, t: torch.Tensor, grown: bool
-    ) -> TensorEntry:
-        """Encode the rows ``t`` shares with ``b`` through the codec; grown rows are stored exactly."""
+    def compute(self, item: tuple[str, torch.Tensor, torch.Tensor | None, TensorRole]) -> _Work:
+        """The kind decision for one tensor and, for a changed matrix, its encoding (on a worker thread).
+
+        item: (name, fine-tuned tensor, base tensor or None, role); the tensors are not mutated."""
+        name, t, b, role = item
+        _check_finite(name, t, "fine-tuned")
+        if b is None:
+            return _Work(PASSTHROUGH)
+        _check_finite(name, b, "base")
+        kind, grown = alloc.classify(t, b, role, self.opts.exclude_roles)
+        if tuple(b.shape) != tuple(t.shape) and not grown:
+            raise TensorMismatchError(
+                f"tensor {name}: base shape {list(b.shape)} and fine-tune shape {list(t.shape)} differ "
+                "(only embedding/lm_head rows may grow)"
+            )
+        if kind != alloc.ENCODED_KIND:
+            return _Work(kind, grown)
         shared = t[: b.shape[0]] if grown else t  # (base rows, cols)
         budget = self.plan.per_tensor.get(name, self.budget) if self.plan is not None else self.budget
         ctx = EncodeContext(
             budget=budget, device=self.dev, seed=self.opts.seed, name=name, prepared=self.prepared
         )
+        actual = None
         with encode_threads(self.dev):
             encoded = self.codec.encode(b, shared, self.cfg, ctx)
-        entry.kind, entry.params = ENCODED, encoded.params
-        if self.plan is not None and name in self.plan.info:
-            delta = shared.to(torch.float32) - b.to(torch.float32)
-            with encode_threads(self.dev):
+            if self.plan is not None and name in self.plan.info:
+                delta = shared.to(torch.float32) - b.to(torch.float32)
                 actual = alloc.relative_error(delta, self.codec.decode(encoded, "cpu", base=b))
-            entry.params = {**encoded.params, "allocation": {**self.plan.info[name], "actual_error": actual}}
+        return _Work(ENCODED, grown, encoded, actual)
+
+    def record(self, name: str, t: torch.Tensor, b: torch.Tensor | None, role: TensorRole, work: _Work):
+        """The manifest entry of one computed tensor; its stored tensors queued in order (caller's thread)."""
+        entry = TensorEntry(kind=UNCHANGED, dtype=dtype_name(t.dtype), shape=list(t.shape), role=role.role)
+        if role.role == "linear" and role.layout != "out_in":
+            entry.layout = role.layout
+        if work.kind == UNCHANGED:
+            self.stats["unchanged_tensors"] += 1
+            return entry
+        if work.kind == PASSTHROUGH:
+            return self.exact(entry, name, t, in_base=b is not None)
+        encoded = work.encoded
+        entry.kind, entry.params = ENCODED, encoded.params
+        if work.actual_error is not None:
+            entry.params = {
+                **encoded.params,
+                "allocation": {**self.plan.info[name], "actual_error": work.actual_error},
+            }
         for local, tensor in encoded.tensors.items():
             entry.stored[local] = key = f"{name}::{local}"
             entry.shard = self.store(key, tensor)
             self.stats["encoded_bytes"] += _nbytes(tensor)
         self.stats["param_bytes"] += 4 * sum(1 for v in encoded.params.values() if isinstance(v, float))
         self.stats["fp16_delta_bytes"] += fp16_delta_bytes(tuple(b.shape))
-        if grown:
+        if work.grown:
             entry.base_shape = list(b.shape)
             entry.extra_rows = f"{name}::extra_rows"
             entry.shard = self.store(entry.extra_rows, t[b.shape[0] :])
@@ -233,29 +269,11 @@ class _DeltaBuilder:
         self.stats["encoded_tensors"] += 1
         return entry
 
-    def entry(self, name: str, t: torch.Tensor, b: torch.Tensor | None, role: TensorRole) -> TensorEntry:
-        """The kind decision for one tensor: passthrough, unchanged or encoded."""
-        entry = TensorEntry(kind=UNCHANGED, dtype=dtype_name(t.dtype), shape=list(t.shape), role=role.role)
-        if role.role == "linear" and role.layout != "out_in":
-            entry.layout = role.layout
-        if b is None:
-            return self.exact(entry, name, t, in_base=False)
-        same_shape = tuple(b.shape) == tuple(t.shape)
-        if same_shape and b.dtype == t.dtype and torch.equal(b, t):
-            self.stats["unchanged_tensors"] += 1
-            return entry
-        grown = not same_shape and alloc.grown(b, t, role)
-        if not same_shape and not grown:
-            raise TensorMismatchError(
-                f"tensor {name}: base shape {list(b.shape)} and fine-tune shape {list(t.shape)} differ "
-                "(only embedding/lm_head rows may grow)"
-            )
-        if t.ndim != 2 or not t.is_floating_point() or role.role in self.opts.exclude_roles:
-            return self.exact(entry, name, t, in_base=True)
-        return self.encode(entry, name, b, t, grown)
-
     def run(self, base_src: TensorSource, target_src: TensorSource, out_dir: Path | None) -> Delta:
-        """Walk the fine-tune's tensors (then the removed base ones) and write the delta to ``out_dir``."""
+        """Walk the fine-tune's tensors (then the removed base ones) and write the delta to ``out_dir``.
+
+        Tensors are read, fingerprinted and recorded in order in this thread; :meth:`compute` runs on
+        :func:`encode_workers` threads, so the delta is the same for any worker count."""
         progress = self.opts.progress
         self.shards = ShardWriter(out_dir, self.opts.max_shard_bytes) if out_dir is not None else None
         base_names, target_names = base_src.names(), target_src.names()
@@ -264,17 +282,25 @@ class _DeltaBuilder:
         base_fp, target_fp = FingerprintBuilder(), FingerprintBuilder()
         removed = [n for n in base_names if n not in target_set]
         total = len(target_names) + len(removed)
-        for index, name in enumerate(target_names):
-            if progress is not None:
-                progress(index, total, name)
+
+        def read(name: str) -> tuple[str, torch.Tensor, torch.Tensor | None, TensorRole]:
             t = target_src.get(name)
-            _check_finite(name, t, "fine-tuned")
             target_fp.add_later(name, t)
             b = base_src.get(name) if name in base_set else None
             if b is not None:
-                _check_finite(name, b, "base")
                 base_fp.add_later(name, b)
-            self.tensors[name] = self.entry(name, t, b, roles[name])
+            return name, t, b, roles[name]
+
+        def compute(item):
+            return item, self.compute(item)
+
+        workers = encode_workers(self.codec, self.dev)
+        items = (read(name) for name in target_names)
+        for index, (item, work) in enumerate(ordered_map(compute, items, workers, ahead=workers + 1)):
+            name, t, b, role = item
+            if progress is not None:
+                progress(index, total, name)
+            self.tensors[name] = self.record(name, t, b, role, work)
             if self.shards is not None and self.refinement is None:
                 self.shards.maybe_flush()  # a refined delta stays queued until its scales are fitted
         for offset, name in enumerate(removed):
@@ -358,6 +384,24 @@ def _aux_files(
             files[rel] = FileEntry(digest, size)
             aux[file.name] = AuxFile("delta", digest, size, rel)
     return aux
+
+
+@dataclasses.dataclass
+class _Work:
+    """What a worker decided for one tensor: its kind and, for a changed matrix, the codec's output and
+    (under a size plan) the relative error it reached."""
+
+    kind: str
+    grown: bool = False
+    encoded: Encoded | None = None
+    actual_error: float | None = None
+
+
+def encode_workers(codec: Codec, device: torch.device) -> int:
+    """Tensors encoded side by side: :func:`~deltakit.ops.workers.cpu_workers` (each worker runs at one
+    thread, which keeps the bytes thread-independent), or one for a codec that does not allow concurrent
+    encode calls."""
+    return cpu_workers(device) if codec.concurrent_encode else 1
 
 
 def encode_threads(device: torch.device):

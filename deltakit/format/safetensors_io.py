@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import torch
 
 from deltakit.errors import FormatError
+from deltakit.format.atomic import start_writeback
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -137,6 +138,10 @@ def _header_entry(path: Path, name: str, entry: Any) -> tuple[TensorSpec, tuple[
     return spec, (offsets[0], offsets[1])
 
 
+#: bytes a streaming writer lets accumulate before asking the kernel to start writing them to disk
+WRITEBACK_BYTES = 32 << 20
+
+
 class StreamingSafetensorsWriter:
     """Write a safetensors file whose tensors arrive one at a time, in ``specs`` order.
 
@@ -160,6 +165,7 @@ class StreamingSafetensorsWriter:
         self._next = 0
         self._hash = hashlib.sha256() if digest else None
         self.size = 0
+        self._written_back = 0
         header: dict[str, Any] = {}
         if metadata:
             header["__metadata__"] = dict(metadata)
@@ -181,6 +187,10 @@ class StreamingSafetensorsWriter:
         if self._hash is not None:
             self._hash.update(data)
         self.size += len(data)
+        if self.size - self._written_back >= WRITEBACK_BYTES:  # overlap the disk writes with the work
+            self._fh.flush()
+            start_writeback(self._fh.fileno(), self._written_back, self.size - self._written_back)
+            self._written_back = self.size
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` (must match the next spec's name, dtype and shape; any device)."""

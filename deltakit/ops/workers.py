@@ -1,0 +1,78 @@
+"""Per-tensor work on several CPU threads, results in input order, bytes independent of the worker count.
+
+Compress, the size survey and apply handle one tensor at a time, and the numerics of each tensor run at
+one intra-op thread so that its bytes do not depend on the thread count (:mod:`deltakit.ops.threads`).
+That leaves all but one core idle. :func:`ordered_map` instead runs that many tensors side by side, one
+torch thread each: every tensor is computed exactly as it would be alone (the same kernels at one
+thread), so the output is the same for any worker count, and the caller consumes results in input order
+(shards, manifests and progress come out as in a serial run).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+#: most tensors handled side by side (each worker holds a tensor pair and the work on it)
+MAX_WORKERS = 8
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def _one_torch_thread() -> None:
+    """Worker-thread initializer: MKL keeps its thread count per OS thread, and a new thread whose first
+    torch op is a BLAS call runs it at the machine's default whatever the process set, so each worker
+    sets its own."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def cpu_workers(device) -> int:
+    """Workers for per-tensor work on ``device`` (a torch.device or its type name): torch's thread count
+    on the CPU, at most MAX_WORKERS; one on an accelerator, whose kernels are queued in order anyway."""
+    import torch
+
+    if getattr(device, "type", device) != "cpu":
+        return 1
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
+
+
+def ordered_map(
+    fn: Callable[[Item], Result], items: Iterable[Item], workers: int, *, ahead: int | None = None
+) -> Iterator[Result]:
+    """Yield ``fn(item)`` for each item, in the order of ``items``.
+
+    workers: threads computing ``fn`` (each at one torch intra-op thread); ``<= 1`` runs ``fn`` in the
+    caller's thread, one item at a time, as a plain loop would. ahead: items in flight at most (default
+    ``2 * workers``): bounds the tensors alive at once. ``items`` is drawn lazily in the caller's thread,
+    so reading inputs and ordered side effects stay there. An exception raised by ``fn`` surfaces when its
+    item's turn comes (the first failing item in input order wins); items not yet started are cancelled
+    and the threads are joined before it propagates, also when the consumer stops early. The caller's
+    torch thread count is restored when the map ends.
+    """
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    import torch
+
+    previous = torch.get_num_threads()  # the workers set the process-wide count too; restored at the end
+    limit = max(1, ahead if ahead is not None else 2 * workers)
+    pending: deque[Future[Result]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="deltakit-work", initializer=_one_torch_thread)
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= limit:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(previous)
