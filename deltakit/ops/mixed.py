@@ -281,44 +281,26 @@ def _best_staircase(
 ) -> tuple[list[int], float]:
     """Counts per width (widest first) and model error of the best staircase within ``bits_left`` bits.
 
-    prefix: (r + 1,) cumulative σ². The first widths are looped over in Python, the next (up to) two are
-    a vectorised grid and the last takes as many vectors as fit; ties go to the first staircase found.
+    prefix: (r + 1,) cumulative σ². Every width but the last is an axis of one vectorised grid (at most
+    :data:`EXACT_CELLS` cells, the caller's bound) and the last takes as many vectors as fit; ties go to
+    the first cell in row-major order, i.e. the fewest vectors at the widest width.
     """
     total, m = prefix.numel() - 1, len(per_vector)
-    best: tuple[float, list[int]] = (float(prefix[-1]), [0] * m)  # everything dropped
-    n_loop = max(0, m - 3)
-
-    def visit(fixed: list[int], used: int, spent: int) -> None:
-        nonlocal best
-        if len(fixed) < n_loop:
-            cap = min(total - used, (bits_left - spent) // per_vector[len(fixed)])
-            for n in range(cap + 1):
-                visit(fixed + [n], used + n, spent + n * per_vector[len(fixed)])
-            return
-        free = list(range(len(fixed), m - 1))  # widths on the grid
-        axes = [torch.arange(min(total - used, (bits_left - spent) // per_vector[k]) + 1) for k in free]
-        grids = torch.meshgrid(*axes, indexing="ij") if axes else ()
-        counts = [
-            torch.full_like(grids[0] if grids else torch.zeros(()), n, dtype=torch.int64) for n in fixed
-        ]
-        counts += [g.to(torch.int64) for g in grids]
-        used_grid = sum(counts[len(fixed) :], torch.tensor(used))
-        spent_grid = sum((c * per_vector[k] for k, c in enumerate(counts)), torch.tensor(0))
-        feasible = (used_grid <= total) & (spent_grid <= bits_left)
-        last = (
-            ((bits_left - spent_grid).clamp(min=0) // per_vector[-1]).minimum(total - used_grid).clamp(min=0)
-        )
-        counts.append(last)
-        err = torch.zeros_like(last, dtype=torch.float64) + prefix[-1]
-        pos = torch.zeros_like(last)
-        for k, c in enumerate(counts):  # infeasible cells are clamped here and masked below
-            end = (pos + c).clamp(max=total)
-            err = err + (factor[k] - 1) * (prefix[end] - prefix[pos])  # quantized instead of dropped
-            pos = end
-        err = torch.where(feasible, err, torch.full_like(err, float("inf"))).reshape(-1)
-        k = int(torch.argmin(err))
-        if float(err[k]) < best[0]:
-            best = (float(err[k]), [int(c.reshape(-1)[k]) for c in counts])
-
-    visit([], 0, 0)
-    return best[1], best[0]
+    axes = [torch.arange(min(total, bits_left // per_vector[k]) + 1) for k in range(m - 1)]
+    counts = [g.to(torch.int64) for g in torch.meshgrid(*axes, indexing="ij")] if axes else []
+    used = sum(counts, torch.tensor(0))
+    spent = sum((c * per_vector[k] for k, c in enumerate(counts)), torch.tensor(0))
+    feasible = (used <= total) & (spent <= bits_left)
+    last = ((bits_left - spent).clamp(min=0) // per_vector[-1]).minimum(total - used).clamp(min=0)
+    counts.append(last)
+    err = torch.zeros_like(last, dtype=torch.float64) + prefix[-1]
+    pos = torch.zeros_like(last)
+    for k, c in enumerate(counts):  # infeasible cells are clamped here and masked below
+        end = (pos + c).clamp(max=total)
+        err = err + (factor[k] - 1) * (prefix[end] - prefix[pos])  # quantized instead of dropped
+        pos = end
+    err = torch.where(feasible, err, torch.full_like(err, float("inf"))).reshape(-1)
+    k = int(torch.argmin(err))
+    if float(err[k]) < float(prefix[-1]):
+        return [int(c.reshape(-1)[k]) for c in counts], float(err[k])
+    return [0] * m, float(prefix[-1])  # everything dropped
