@@ -88,7 +88,7 @@ DEVICE = click.Choice(["cpu", "cuda"])
 )
 @click.option("--refine-steps", type=int, help="Adam steps of --refine-scales (default 20)")
 @click.option(
-    "--refine-lr", type=float, help="learning rate of --refine-scales, relative to each scale (default 0.05)"
+    "--refine-lr", type=float, help="learning rate of --refine-scales, relative to each scale (default 0.1)"
 )
 @click.option("--refine-batch", type=int, help="calibration windows per refinement step (default 4)")
 @click.option(
