@@ -9,10 +9,11 @@ import torch
 
 from deltakit.codecs.base import Budget, Candidate, CodecConfig, Encoded, StoredTensor, config_field
 from deltakit.errors import BudgetError, ConfigError, FormatError
-from deltakit.ops.bitpack import pack_signs, unpack_signs
+from deltakit.ops.bitpack import unpack_signs
 from deltakit.ops.factors import factors_nbytes, quantize_factors
 from deltakit.ops.mixed import measure_error_factors
 from deltakit.ops.quant import QuantizedTensor, dequantize
+from deltakit.ops.signstage import sign_stage
 from deltakit.ops.svd import svd_factors
 
 FACTOR_DTYPES = ("float16", "bfloat16", "float32")
@@ -145,9 +146,14 @@ def low_rank_product(up: torch.Tensor, down: torch.Tensor, device: torch.device 
     return up.to(device=device, dtype=torch.float32) @ down.to(device=device, dtype=torch.float32)
 
 
-def sign_part(delta: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Packed signs of ``delta`` and the Frobenius-optimal scale mean|delta| for a ±1 matrix."""
-    return pack_signs(delta).cpu(), float(delta.abs().mean())
+def sign_part(
+    base: torch.Tensor, target: torch.Tensor, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(delta, signs, scale)``: the fp32 ``target - base`` on ``device``, its packed signs (CPU) and the
+    Frobenius-optimal scale mean|delta| for a ±1 matrix (:func:`deltakit.ops.signstage.sign_stage`;
+    inputs not mutated)."""
+    delta, signs = sign_stage(base, target, device)
+    return delta, signs, float(delta.abs().mean())
 
 
 def dense_signs(packed: torch.Tensor, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:

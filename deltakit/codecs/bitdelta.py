@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltakit.codecs._common import dense_signs, fp32_delta, require_2d, rescaled_parts, sign_part
+from deltakit.codecs._common import dense_signs, require_2d, rescaled_parts, sign_part
 from deltakit.codecs.base import (
     Budget,
     Codec,
@@ -48,7 +48,7 @@ class BitDelta(Codec):
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
         if ctx.budget.rank is not None:
             raise BudgetError("bitdelta has no rank; its size is fixed at 1/16 of the fp16 delta")
-        signs, scale = sign_part(fp32_delta(base, target, ctx.device))
+        _, signs, scale = sign_part(base, target, ctx.device)
         return Encoded({"signs": signs}, {"shape": list(shape), "scale": scale})
 
     def decode(

@@ -27,7 +27,6 @@ import torch
 from deltakit.codecs._common import (
     LowRankConfig,
     dense_signs,
-    fp32_delta,
     has_factors,
     load_factors,
     low_rank_candidates,
@@ -52,6 +51,7 @@ from deltakit.codecs.base import (
 from deltakit.codecs.registry import register_codec
 from deltakit.errors import BudgetError
 from deltakit.ops.lowrank import low_rank_product
+from deltakit.ops.signstage import sign_residual
 
 
 @dataclass(frozen=True)
@@ -97,19 +97,20 @@ class DQRelo(Codec):
         self, base: torch.Tensor, target: torch.Tensor, config: DQReloConfig, ctx: EncodeContext
     ) -> Encoded:
         shape = require_2d(ctx.name, self.name, tuple(target.shape))
-        delta = fp32_delta(base, target, ctx.device)  # (out, in)
-        signs, scale = sign_part(delta)
-        sign_dense = torch.where(delta >= 0, 1.0, -1.0)  # same ±1 matrix the packed bits hold
+        delta, signs, scale = sign_part(base, target, ctx.device)  # (out, in) fp32, bits of delta >= 0
         rank = self.rank_for(shape, ctx, config)
         tensors: dict[str, torch.Tensor] = {"signs": signs}
         params: dict = {}
         if rank > 0:
             rounds = config.rounds if config.compensation == "alternate" else 1
+            sign_dense = None  # the ±1 matrix the bits hold, built only for the compensation's re-fit
             for _ in range(max(1, rounds)):
-                residual = delta - scale * sign_dense
+                residual = sign_residual(delta, scale)  # delta - scale * S
                 up, down = config.factors(residual, rank, ctx.tensor_seed())
                 stored, params = store_factors(up, down, config, target=residual)
                 if config.compensation != "none":
+                    if sign_dense is None:
+                        sign_dense = torch.where(delta >= 0, 1.0, -1.0)
                     q_up, q_down = load_factors(Encoded(stored, {"shape": list(shape), **params}), ctx.device)
                     scale = float(((delta - q_up @ q_down) * sign_dense).mean())
             tensors.update(stored)

@@ -19,7 +19,8 @@ S (out, in) is stored as bits (1 = +1, 0 = -1, least significant bit first, row-
 The same library holds the one-pass rebuild of :mod:`deltakit.ops.fused` (``deltakit_fused_rows``) and the
 fixed-order low-rank product of :mod:`deltakit.ops.lowrank` (``deltakit_low_rank_rows``); a second source,
 ``lowrank_native.c``, compiled into it, holds the mixed batch's low-rank shares at the factors' stored width
-(:mod:`deltakit.ops.lowrank_group`).
+(:mod:`deltakit.ops.lowrank_group`), and a third, ``signstage_native.c``, the encode-side sign stage
+(:mod:`deltakit.ops.signstage`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ import torch
 from deltakit.ops.bitpack import unpack_signs
 
 #: compiled together into one library
-_SOURCES = tuple(Path(__file__).with_name(n) for n in ("signmm_native.c", "lowrank_native.c"))
+_SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("signmm_native.c", "lowrank_native.c", "signstage_native.c")
+)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
 #: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used: on SmolLM2's
 #: shapes it is slower than the tile form up to 16 rows, level at 24 and faster from 32 (docs/sign_kernel.md)
@@ -75,6 +78,9 @@ _SIGNATURES = {
     # lowrank_native.c (ops/lowrank_group.py): x, in, out, parts, first, second, ranks, kind, offsets,
     # rows, y, threads
     "deltakit_low_rank_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _I32, _P, _P, _P, _I32),
+    # signstage_native.c (ops/signstage.py): base, kind, target, kind, n, delta, packed / delta, n, scale, out
+    "deltakit_sign_stage": (_P, _I32, _P, _I32, _I64, _P, _P),
+    "deltakit_sign_residual": (_P, _I64, ctypes.c_float, _P),
 }
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
