@@ -29,6 +29,7 @@ from deltakit.errors import (
 )
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta
+from deltakit.format.digest_cache import SourceDigests
 from deltakit.format.fingerprint import FingerprintBuilder
 from deltakit.format.paths import check_aux_name, confined
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
@@ -134,7 +135,8 @@ def _apply_into(
     progress: Progress | None,
     sink: Callable[[str, torch.Tensor], None],
 ) -> ApplyReport:
-    base_fp, out_fp = FingerprintBuilder(), FingerprintBuilder()
+    base_digests = SourceDigests.of(base_src)  # a base applied to before is not hashed again
+    base_fp, out_fp = FingerprintBuilder(known=base_digests.get), FingerprintBuilder()
     manifest = delta.manifest
     decoder = Decoder.of(delta)
     total = len(specs) + len(manifest.removed)
@@ -168,6 +170,7 @@ def _apply_into(
     if progress is not None:
         progress(total, total, "")
     base_fingerprint = base_fp.fingerprint()
+    base_digests.save(base_fp.digests())
     if base_fingerprint != manifest.base.fingerprint:
         message = (
             f"base fingerprint {base_fingerprint[:19]}… differs from the one the delta was made from "

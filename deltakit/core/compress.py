@@ -27,6 +27,7 @@ from deltakit.core.refine import Refinement
 from deltakit.errors import BudgetError, NonFiniteError, TensorMismatchError, UsageError
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta, ShardWriter, fp16_delta_bytes, write_manifest
+from deltakit.format.digest_cache import SourceDigests
 from deltakit.format.fingerprint import FingerprintBuilder
 from deltakit.format.manifest import (
     ENCODED,
@@ -279,7 +280,9 @@ class _DeltaBuilder:
         base_names, target_names = base_src.names(), target_src.names()
         base_set, target_set = set(base_names), set(target_names)
         roles = infer_roles({n: target_src.spec(n) for n in target_names})
-        base_fp, target_fp = FingerprintBuilder(), FingerprintBuilder()
+        base_digests, target_digests = SourceDigests.of(base_src), SourceDigests.of(target_src)
+        base_fp = FingerprintBuilder(known=base_digests.get)  # checkpoints read before are not hashed again
+        target_fp = FingerprintBuilder(known=target_digests.get)
         removed = [n for n in base_names if n not in target_set]
         total = len(target_names) + len(removed)
 
@@ -310,6 +313,8 @@ class _DeltaBuilder:
         if progress is not None:
             progress(total, total, "")
         manifest = self.manifest(base_src, target_src, base_fp, target_fp, removed)
+        base_digests.save(base_fp.digests())
+        target_digests.save(target_fp.digests())
         return self.finish(manifest, base_src, target_src, out_dir)
 
     def manifest(self, base_src, target_src, base_fp, target_fp, removed: list[str]) -> Manifest:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -38,9 +39,12 @@ class FingerprintBuilder:
     or writes tensors overlaps that work with hashing; :meth:`fingerprint` waits for every digest.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, known: Callable[[str], str | None] | None = None) -> None:
+        """known: the digest of a tensor name when already known (e.g. remembered by
+        :class:`deltakit.format.digest_cache.SourceDigests`), None to hash it."""
         self._digests: dict[str, str] = {}
         self._pending: deque[tuple[str, Future[str]]] = deque()
+        self._known = known
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
         digest = tensor_digest(name, tensor)
@@ -49,7 +53,12 @@ class FingerprintBuilder:
 
     def add_later(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor``'s digest on the background thread; the caller must not mutate ``tensor``
-        before :meth:`fingerprint` returns. Waits for the oldest digest when MAX_PENDING are queued."""
+        before :meth:`fingerprint` returns. Waits for the oldest digest when MAX_PENDING are queued. A
+        digest the ``known`` lookup gives is taken as is, without hashing."""
+        digest = self._known(name) if self._known is not None else None
+        if digest is not None:
+            self._digests[name] = digest
+            return
         self._pending.append((name, _HASHER.submit(tensor_digest, name, tensor)))
         while len(self._pending) > MAX_PENDING:
             self._collect_one()
@@ -65,6 +74,12 @@ class FingerprintBuilder:
         while self._pending:
             self._collect_one()
         return len(self._digests)
+
+    def digests(self) -> dict[str, str]:
+        """Every tensor digest so far (name -> hex), after waiting for the queued ones."""
+        while self._pending:
+            self._collect_one()
+        return dict(self._digests)
 
     def fingerprint(self) -> str:
         while self._pending:

@@ -154,6 +154,10 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self._specs)
 
+    def file_of(self) -> dict[str, Path]:
+        """Tensor name -> the weight file holding it."""
+        return dict(self._file_of)
+
     def __contains__(self, name: str) -> bool:
         return name in self._specs
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from deltakit.cachedir import cache_dir
 from deltakit.ops.bitpack import unpack_signs
 
 #: compiled together into one library
@@ -87,15 +88,6 @@ _library: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("DELTAKIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("deltakit"))
-
-
 def _build(target: Path, compiler: str) -> None:
     """Compile the kernel into ``target`` (written under a temporary name, then renamed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +121,7 @@ def native_library() -> ctypes.CDLL | None:
             b"".join(p.read_bytes() for p in _SOURCES)
             + repr((_FLAGS, compiler, platform.machine(), _cpu_flags())).encode()
         ).hexdigest()[:16]
-        target = _cache_root() / "kernels" / f"signmm-{key}.so"
+        target = cache_dir() / "kernels" / f"signmm-{key}.so"
         try:
             if not target.exists():
                 _build(target, compiler)

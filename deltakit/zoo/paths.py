@@ -8,19 +8,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from deltakit.cachedir import cache_dir
 from deltakit.format.atomic import atomic_directory
-
-ENV_CACHE = "DELTAKIT_CACHE"
-
-
-def cache_dir() -> Path:
-    """The deltakit cache root: ``$DELTAKIT_CACHE`` if set, else ``platformdirs.user_cache_dir("deltakit")``."""
-    env = os.environ.get(ENV_CACHE)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("deltakit"))
 
 
 def zoo_dir() -> Path:
