@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "deltakit"
 LAYERS = [
-    ("deltakit._version", "deltakit.errors", "deltakit.plugins"),
+    ("deltakit._version", "deltakit.errors", "deltakit.plugins", "deltakit.cachedir"),
     ("deltakit.ops",),
     ("deltakit.format", "deltakit.models"),
     ("deltakit.codecs", "deltakit.compressors", "deltakit.lillama", "deltakit.deltallm", "deltakit.distill"),
