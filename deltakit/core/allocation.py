@@ -29,13 +29,13 @@ import torch
 
 from deltakit.codecs.base import FP16_BYTES, Budget, Codec, CodecConfig
 from deltakit.errors import BudgetError, UsageError
+from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
 from deltakit.models.checkpoint import TensorSource
 from deltakit.models.roles import EMBEDDING, LM_HEAD, TensorRole, infer_roles
 from deltakit.ops.allocate import allocate
 from deltakit.ops.workers import ordered_map
 
 ALLOCATIONS = ("uniform", "rd")
-UNCHANGED_KIND, PASSTHROUGH_KIND, ENCODED_KIND = "unchanged", "passthrough", "encoded"
 
 
 def grown(base: torch.Tensor, target: torch.Tensor, role: TensorRole) -> bool:
@@ -55,14 +55,14 @@ def classify(
     """(kind, grown) of one fine-tune tensor: unchanged, passthrough or encoded (shape errors are the
     caller's to raise)."""
     if b is None:
-        return PASSTHROUGH_KIND, False
+        return PASSTHROUGH, False
     same_shape = tuple(b.shape) == tuple(t.shape)
     if same_shape and b.dtype == t.dtype and torch.equal(b, t):
-        return UNCHANGED_KIND, False
+        return UNCHANGED, False
     is_grown = not same_shape and grown(b, t, role)
     if t.ndim != 2 or not t.is_floating_point() or role.role in exclude_roles:
-        return PASSTHROUGH_KIND, is_grown
-    return ENCODED_KIND, is_grown
+        return PASSTHROUGH, is_grown
+    return ENCODED, is_grown
 
 
 @dataclass
@@ -132,9 +132,9 @@ def survey(
         """(name, kind, passthrough bytes, encoded shape, squared norm, spectrum) of one tensor pair."""
         name, t, b = item
         kind, is_grown = classify(t, b, roles[name], exclude_roles)
-        if kind == PASSTHROUGH_KIND:
+        if kind == PASSTHROUGH:
             return name, kind, t.numel() * t.element_size(), (), 0.0, None
-        if kind != ENCODED_KIND:
+        if kind != ENCODED:
             return name, kind, 0, (), 0.0, None
         rows = b.shape[0]
         extra = (t.shape[0] - rows) * t.shape[1] * t.element_size() if is_grown else 0
@@ -150,7 +150,7 @@ def survey(
         measure, items, workers, ahead=workers + 1
     ):
         out.passthrough_bytes += passthrough
-        if kind != ENCODED_KIND:
+        if kind != ENCODED:
             continue
         out.shapes[name] = shape
         out.norms2[name] = norm2

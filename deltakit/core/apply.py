@@ -135,8 +135,8 @@ def _apply_into(
     progress: Progress | None,
     sink: Callable[[str, torch.Tensor], None],
 ) -> ApplyReport:
-    base_digests = SourceDigests.of(base_src)  # a base applied to before is not hashed again
-    base_fp, out_fp = FingerprintBuilder(known=base_digests.get), FingerprintBuilder()
+    base_fp = FingerprintBuilder(SourceDigests.of(base_src))  # a base read before is not hashed again
+    out_fp = FingerprintBuilder()
     manifest = delta.manifest
     decoder = Decoder.of(delta)
     total = len(specs) + len(manifest.removed)
@@ -170,7 +170,6 @@ def _apply_into(
     if progress is not None:
         progress(total, total, "")
     base_fingerprint = base_fp.fingerprint()
-    base_digests.save(base_fp.digests())
     if base_fingerprint != manifest.base.fingerprint:
         message = (
             f"base fingerprint {base_fingerprint[:19]}… differs from the one the delta was made from "

@@ -224,7 +224,7 @@ class _DeltaBuilder:
                 f"tensor {name}: base shape {list(b.shape)} and fine-tune shape {list(t.shape)} differ "
                 "(only embedding/lm_head rows may grow)"
             )
-        if kind != alloc.ENCODED_KIND:
+        if kind != ENCODED:
             return _Work(kind, grown)
         shared = t[: b.shape[0]] if grown else t  # (base rows, cols)
         budget = self.plan.per_tensor.get(name, self.budget) if self.plan is not None else self.budget
@@ -280,9 +280,11 @@ class _DeltaBuilder:
         base_names, target_names = base_src.names(), target_src.names()
         base_set, target_set = set(base_names), set(target_names)
         roles = infer_roles({n: target_src.spec(n) for n in target_names})
-        base_digests, target_digests = SourceDigests.of(base_src), SourceDigests.of(target_src)
-        base_fp = FingerprintBuilder(known=base_digests.get)  # checkpoints read before are not hashed again
-        target_fp = FingerprintBuilder(known=target_digests.get)
+        # checkpoints read before are not hashed again
+        base_fp, target_fp = (
+            FingerprintBuilder(SourceDigests.of(base_src)),
+            FingerprintBuilder(SourceDigests.of(target_src)),
+        )
         removed = [n for n in base_names if n not in target_set]
         total = len(target_names) + len(removed)
 
@@ -313,8 +315,6 @@ class _DeltaBuilder:
         if progress is not None:
             progress(total, total, "")
         manifest = self.manifest(base_src, target_src, base_fp, target_fp, removed)
-        base_digests.save(base_fp.digests())
-        target_digests.save(target_fp.digests())
         return self.finish(manifest, base_src, target_src, out_dir)
 
     def manifest(self, base_src, target_src, base_fp, target_fp, removed: list[str]) -> Manifest:

@@ -68,7 +68,8 @@ def _read_record(resolved: Path, identity: list[int]) -> dict[str, str]:
 
 
 class SourceDigests:
-    """Known digests of one tensor source's files: :meth:`get` before hashing, :meth:`save` after.
+    """Known digests of one tensor source's files: :meth:`get` before hashing, :meth:`save` after
+    (:class:`deltakit.format.fingerprint.FingerprintBuilder` does both).
 
     files: tensor name -> the safetensors file holding it (an empty map disables the cache, as for
     in-memory sources and ``.bin`` checkpoints).
@@ -123,6 +124,7 @@ class SourceDigests:
             }
             record = {"path": str(resolved), "identity": identity, "digests": {**known, **entries}}
             _write_atomic(_record_path(resolved), json.dumps(record, sort_keys=True))
+            self._known.update(entries)
         if new:
             _prune(cache_dir() / "digests", MAX_RECORDS)
 

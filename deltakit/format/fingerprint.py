@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from deltakit.format.digest_cache import SourceDigests
 from deltakit.format.safetensors_io import dtype_name
 
 
@@ -39,12 +39,12 @@ class FingerprintBuilder:
     or writes tensors overlaps that work with hashing; :meth:`fingerprint` waits for every digest.
     """
 
-    def __init__(self, known: Callable[[str], str | None] | None = None) -> None:
-        """known: the digest of a tensor name when already known (e.g. remembered by
-        :class:`deltakit.format.digest_cache.SourceDigests`), None to hash it."""
+    def __init__(self, remembered: SourceDigests | None = None) -> None:
+        """remembered: digests kept from earlier runs over the same files; a tensor found there is not
+        hashed, and :meth:`fingerprint` saves the ones it had to compute."""
         self._digests: dict[str, str] = {}
         self._pending: deque[tuple[str, Future[str]]] = deque()
-        self._known = known
+        self._remembered = remembered
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
         digest = tensor_digest(name, tensor)
@@ -54,8 +54,8 @@ class FingerprintBuilder:
     def add_later(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor``'s digest on the background thread; the caller must not mutate ``tensor``
         before :meth:`fingerprint` returns. Waits for the oldest digest when MAX_PENDING are queued. A
-        digest the ``known`` lookup gives is taken as is, without hashing."""
-        digest = self._known(name) if self._known is not None else None
+        digest remembered for ``name`` is taken as is, without hashing."""
+        digest = self._remembered.get(name) if self._remembered is not None else None
         if digest is not None:
             self._digests[name] = digest
             return
@@ -75,15 +75,11 @@ class FingerprintBuilder:
             self._collect_one()
         return len(self._digests)
 
-    def digests(self) -> dict[str, str]:
-        """Every tensor digest so far (name -> hex), after waiting for the queued ones."""
-        while self._pending:
-            self._collect_one()
-        return dict(self._digests)
-
     def fingerprint(self) -> str:
         while self._pending:
             self._collect_one()
+        if self._remembered is not None:
+            self._remembered.save(self._digests)
         combined = hashlib.sha256()
         for name in sorted(self._digests):
             combined.update(f"{name}\0{self._digests[name]}\n".encode())
