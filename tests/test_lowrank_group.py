@@ -100,6 +100,51 @@ def test_bits_do_not_depend_on_threads_or_on_the_other_parts(dtype):
     assert torch.equal(outs[0][4], torch.zeros(1536))  # the rank-0 part adds nothing
 
 
+@pytest.mark.parametrize("act", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_16_bit_activations_and_output_give_torch_add_of_the_fp32_share(act, dtype):
+    """A 16-bit x is read as its exact fp32 widening and a 16-bit y takes the share rounded to nearest
+    even, bit for bit ``y.add_(share)`` of the fp32 path; rows of no part keep their bits (-0 included)."""
+    firsts, seconds = _parts(5, 150, 97, [9, 0, 33], dtype)  # tails in both stages, a rank-0 part
+    rows = [[0, 4], [1], [2, 3, 5]]
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 150, generator=gen).to(act)
+    y0 = (torch.randn(7, 97, generator=gen) * 4).to(act)
+    y0[6] = -0.0  # row 6 belongs to no part
+    share = torch.zeros(7, 97)
+    _group(firsts, seconds, rows).add_into(x.float(), share)
+    expected = y0.clone()
+    expected.add_(share)
+    for threads in (1, 3):
+        y = y0.clone()
+        _group(firsts, seconds, rows).add_into(x, y, threads)
+        assert torch.equal(y[:6].view(torch.int16), expected[:6].view(torch.int16))
+        assert torch.equal(y[6].view(torch.int16), y0[6].view(torch.int16))
+    assert not torch.equal(y[:6], y0[:6])
+
+
+def test_16_bit_output_rounds_ties_to_even_and_overflows_like_torch():
+    """Values placed on bf16 rounding ties and at the fp16 limit: the kernel's rounding is torch's."""
+    first = torch.zeros(1, 64)
+    first[0, 0] = 1.0
+    second = torch.ones(1, 64)  # share = x[:, 0] for every output column
+    ties = torch.tensor([2**-8, 3 * 2**-8, -(2**-8), 2**-9])  # halfway between neighbouring bf16 of 1.0
+    for act, y_value, x_values in (
+        (torch.bfloat16, 1.0, ties),
+        (torch.float16, 65504.0, torch.tensor([16.0, 32.0, -16.0, 1e6])),
+    ):
+        x = torch.zeros(4, 64)
+        x[:, 0] = x_values
+        y0 = torch.full((4, 64), y_value).to(act)
+        share = torch.zeros(4, 64)
+        _group([first], [second], [[0, 1, 2, 3]]).add_into(x, share)
+        expected = y0.clone()
+        expected.add_(share)
+        y = y0.clone()
+        _group([first.to(act)], [second.to(act)], [[0, 1, 2, 3]]).add_into(x.to(act), y)
+        assert torch.equal(y.view(torch.int16), expected.view(torch.int16)), act
+
+
 def test_result_is_close_to_the_float64_product():
     firsts, seconds = _parts(3, 200, 300, [16, 33], torch.float16)
     rows = [[0, 2], [1]]
@@ -159,8 +204,12 @@ def test_bad_arguments_are_refused():
         group.add_into(torch.zeros(2, 8), torch.zeros(2, 6))
     with pytest.raises(ValueError, match="got activations"):
         group.add_into(torch.zeros(4, 7), torch.zeros(4, 6))
-    with pytest.raises(ValueError, match="fp32"):
+    with pytest.raises(ValueError, match="one dtype"):
         group.add_into(torch.zeros(4, 8, dtype=torch.float16), torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="one dtype"):
+        group.add_into(torch.zeros(4, 8, dtype=torch.float64), torch.zeros(4, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        group.add_into(torch.zeros(8, 4).T, torch.zeros(4, 6))
 
 
 def test_every_kernel_source_ships_with_the_package():

@@ -86,6 +86,39 @@ def test_bf16_model_rows_equal_merged_weights_within_bf16_rounding():
             assert effect > 0.1 and gap < 0.2 * effect, (name, float(gap), float(effect))
 
 
+def test_low_rank_only_rows_add_into_a_bf16_output_with_the_bits_of_the_fp32_share(monkeypatch):
+    """Where svd deltas' low-rank parts are a module's only shares, the compiled group reads the bf16
+    activations and adds into the bf16 output directly: the same logits, bit for bit, as the fp32 copy
+    of x, fp32 share and separate add."""
+    from deltakit.ops import lowrank_group
+
+    if not lowrank_group.available():
+        pytest.skip("needs the compiled kernel")
+    fleet = cached_fleet("llama-bf16")
+    rt = _runtime(fleet)
+    svd = next(n for n in fleet["delta"] if n.startswith("svd"))
+    assignment = [svd, None, svd, None]
+    ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(14))
+    direct_calls = []
+    into_output = MultiDeltaExecutor._low_rank_into_output
+
+    def counted(self, plan, x, result):
+        taken = into_output(self, plan, x, result)
+        direct_calls.append((bool(plan.low_rank_parts), taken))
+        return taken
+
+    monkeypatch.setattr(MultiDeltaExecutor, "_low_rank_into_output", counted)
+    direct = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    assert any(taken for _, taken in direct_calls)
+    assert all(taken == low_rank for low_rank, taken in direct_calls)  # every linear layer of the delta
+    monkeypatch.setattr(MultiDeltaExecutor, "_low_rank_into_output", lambda self, plan, x, result: False)
+    through_share = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    for got, want in zip(direct, through_share, strict=True):
+        assert torch.equal(got, want)
+    base = _merged_last_logits(rt, ids, [None] * len(assignment))
+    assert torch.equal(direct[1][1], base[1]) and not torch.equal(direct[1][0], base[0])
+
+
 def test_tiny_cache_budget_evicts_and_gives_the_same_logits():
     fleet = cached_fleet("llama")
     rt = _runtime(fleet)

@@ -141,7 +141,7 @@ def cached_fleet(kind: str = "llama") -> dict:
     """Fleets built once per test session (in a temporary directory), shared by the test modules.
 
     kinds: ``llama`` (fp32, tied embeddings; dqrelo, bitdelta, svd and lossless deltas), ``llama-bf16``
-    (dqrelo, bitdelta), ``gpt2`` (fp32, Conv1D; dqrelo, svd).
+    (dqrelo, bitdelta, svd), ``gpt2`` (fp32, Conv1D; dqrelo, svd).
     """
     import tempfile
 
@@ -150,7 +150,7 @@ def cached_fleet(kind: str = "llama") -> dict:
         if kind == "llama":
             fleet = make_fleet(root, methods=("dqrelo", "bitdelta", "svd", "lossless"))
         elif kind == "llama-bf16":
-            fleet = make_fleet(root, dtype=torch.bfloat16, methods=("dqrelo", "bitdelta"))
+            fleet = make_fleet(root, dtype=torch.bfloat16, methods=("dqrelo", "bitdelta", "svd"))
         elif kind == "gpt2":
             fleet = make_fleet(root, arch="gpt2", methods=("dqrelo", "svd"))
         else:

@@ -115,16 +115,21 @@ class LowRankGroup:
         self.max_row = max(flat_rows, default=-1)
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor, threads: int | None = None) -> None:
-        """``y[rows_p] += (x[rows_p] Aₚᵀ) Bₚ`` for every part; x (N, in) and y (N, out) contiguous fp32
-        CPU tensors, y mutated. threads: default torch's intra-op count (the bits do not depend on it)."""
+        """``y[rows_p] += (x[rows_p] Aₚᵀ) Bₚ`` for every part; x (N, in) and y (N, out) contiguous CPU
+        tensors of one dtype of :data:`KINDS`, y mutated (a 16-bit y takes the fp32 share rounded to
+        nearest even, bit for bit ``y.add_(share)``; rows of no part are left as they are).
+        threads: default torch's intra-op count (the bits do not depend on it)."""
         if (
-            x.dtype != torch.float32
-            or y.dtype != torch.float32
+            x.dtype != y.dtype
+            or x.dtype not in KINDS
             or x.device.type != "cpu"
             or y.device.type != "cpu"
             or not (x.is_contiguous() and y.is_contiguous())
         ):
-            raise ValueError("low-rank group wants contiguous fp32 CPU activations and output")
+            raise ValueError(
+                "low-rank group wants contiguous CPU activations and output of one dtype "
+                f"({', '.join(sorted(map(str, KINDS)))}), got {x.dtype} and {y.dtype}"
+            )
         if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"activations {list(x.shape)} and output {list(y.shape)} are not (N, in), (N, out)"
@@ -151,6 +156,7 @@ class LowRankGroup:
             self.offsets.data_ptr(),
             self.rows.data_ptr(),
             y.data_ptr(),
+            KINDS[x.dtype],
             threads if threads is not None else torch.get_num_threads(),
         )
         if code != 0:

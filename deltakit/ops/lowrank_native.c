@@ -5,18 +5,20 @@
  *
  *     y[t, :] += (x[t, :] Aᵀ) B        A = first[p] (rank_p, in), B = second[p] (rank_p, out)
  *
- * x (N, in) and y (N, out) fp32 row-major; A (rank_p, in) row-major; B in column tiles of TILE_COLS = 32
- * columns, tile t (columns 32 t .. 32 t + width - 1, the last one narrower) stored at element 32 t rank_p as a
- * (rank_p, width) row-major block, so that the second stage streams contiguous memory. Both at `kind`
- * (0 = fp32, 1 = fp16, 2 = bf16), widened to fp32 in registers: a 16-bit factor costs half the memory traffic
- * of an fp32 copy.
+ * x (N, in) and y (N, out) row-major at `act_kind`; A (rank_p, in) row-major; B in column tiles of
+ * TILE_COLS = 32 columns, tile t (columns 32 t .. 32 t + width - 1, the last one narrower) stored at element
+ * 32 t rank_p as a (rank_p, width) row-major block, so that the second stage streams contiguous memory. Both
+ * at `kind`. Kinds: 0 = fp32, 1 = fp16, 2 = bf16. 16-bit values are widened to fp32 in registers: a 16-bit
+ * factor costs half the memory traffic of an fp32 copy, and 16-bit activations need no fp32 copy.
  *
  * Operations, all in fp32 with every product and sum rounded on its own (built with -ffp-contract=off):
  * - h[t, j] = x[t] · A[j]: 64 lanes, lane c sums the products of columns 64 m + c in order of m, then the
  *   tail's columns i (in % 64 of them) are added into lanes i - full; the lanes are combined by a fixed
  *   pairwise tree (dot_tile);
  * - s[t, o] = (...((h[t,0] B[0,o] + h[t,1] B[1,o]) + h[t,2] B[2,o]) + ...) over the rank in order, then
- *   y[t, o] = y[t, o] + s[t, o].
+ *   y[t, o] = y[t, o] + (0 + s[t, o]), rounded to nearest even into a 16-bit y (a NaN becomes 0x7FC0 in
+ *   bf16). That is, bit for bit, torch's `y.add_(share)` of an fp32 `share` that started as zeros and
+ *   took `share += s`, so a 16-bit layer output can take the share directly, with no fp32 buffer.
  * Each element's arithmetic is fixed: the bits depend neither on the number of threads (they split the
  * rank components of the first stage and the output columns of the second, never a sum), nor on the other
  * rows or parts of the call, nor on the vector width the compiler picks. Rows of different parts must
@@ -73,6 +75,53 @@ static inline __attribute__((always_inline)) f32x16 load16(const void *p, const 
     return v;
 }
 
+/* v rounded to nearest even into 16 elements of p at kind (0 = fp32 stored as is) */
+static inline __attribute__((always_inline)) void store16(void *p, const int kind, int64_t i, f32x16 v) {
+    if (kind == 0) {
+        memcpy((float *)p + i, &v, sizeof v);
+        return;
+    }
+    if (kind == 1) { /* the hardware conversion where there is one, as in load16 */
+#if defined(__AVX512F__)
+        __m512 w;
+        memcpy(&w, &v, sizeof w);
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i),
+                            _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+        __m256 lo, hi;
+        memcpy(&lo, &v, sizeof lo);
+        memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
+#else
+        f16x16 h = __builtin_convertvector(v, f16x16);
+        memcpy((_Float16 *)p + i, &h, sizeof h);
+#endif
+        return;
+    }
+    u32x16 u;
+    memcpy(&u, &v, sizeof u);
+    u32x16 nan = (u32x16)(v != v);
+    u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    u32x16 bits = (rounded & ~nan) | (0x7FC0u & nan);
+    u16x16 h = __builtin_convertvector(bits, u16x16);
+    memcpy((uint16_t *)p + i, &h, sizeof h);
+}
+
+static inline __attribute__((always_inline)) void store1(void *p, const int kind, int64_t i, float v) {
+    if (kind == 0) {
+        ((float *)p)[i] = v;
+        return;
+    }
+    if (kind == 1) {
+        ((_Float16 *)p)[i] = (_Float16)v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    ((uint16_t *)p)[i] = v != v ? (uint16_t)0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 static inline __attribute__((always_inline)) float load1(const void *p, const int kind, int64_t i) {
     if (kind == 0) return ((const float *)p)[i];
     if (kind == 1) return (float)((const _Float16 *)p)[i];
@@ -99,13 +148,14 @@ static inline float tree16v(f32x16 l) {
  * independent vectors per row (one would make the loop wait on each add's latency): lane c sums the
  * products of columns 64 m + c in order of m, the tail's columns i go into lanes i - full, then
  * (l[i] + l[i + 32]) + (l[i + 16] + l[i + 48]) for i < 16, then the 16-lane tree of tree16v. */
-static inline __attribute__((always_inline)) void dot_tile(const float *x, int64_t in, const int64_t *rows,
-                                                           const void *a, const int kind, int64_t a_off,
-                                                           float *h, int64_t hstride, const int nt) {
-    const float *xr[TILE_ROWS];
+static inline __attribute__((always_inline)) void dot_tile(const void *x, const int xkind, int64_t in,
+                                                           const int64_t *rows, const void *a, const int kind,
+                                                           int64_t a_off, float *h, int64_t hstride,
+                                                           const int nt) {
+    int64_t xr[TILE_ROWS];
     f32x16 acc[TILE_ROWS][4];
     for (int r = 0; r < nt; r++) {
-        xr[r] = x + rows[r] * in;
+        xr[r] = rows[r] * in;
         for (int v = 0; v < 4; v++) acc[r][v] = (f32x16){0};
     }
     int64_t full = in - in % DOT_LANES;
@@ -114,8 +164,7 @@ static inline __attribute__((always_inline)) void dot_tile(const float *x, int64
         for (int v = 0; v < 4; v++) av[v] = load16(a, kind, a_off + i + v * LANES);
         for (int r = 0; r < nt; r++)
             for (int v = 0; v < 4; v++) {
-                f32x16 xv;
-                memcpy(&xv, xr[r] + i + v * LANES, sizeof xv);
+                f32x16 xv = load16(x, xkind, xr[r] + i + v * LANES);
                 acc[r][v] = acc[r][v] + xv * av[v];
             }
     }
@@ -124,7 +173,7 @@ static inline __attribute__((always_inline)) void dot_tile(const float *x, int64
             float lanes[DOT_LANES];
             memcpy(lanes, acc[r], sizeof lanes);
             for (int64_t i = full; i < in; i++)
-                lanes[i - full] = lanes[i - full] + xr[r][i] * load1(a, kind, a_off + i);
+                lanes[i - full] = lanes[i - full] + load1(x, xkind, xr[r] + i) * load1(a, kind, a_off + i);
             memcpy(acc[r], lanes, sizeof lanes);
         }
         h[r * hstride] = tree16v((acc[r][0] + acc[r][2]) + (acc[r][1] + acc[r][3]));
@@ -134,8 +183,9 @@ static inline __attribute__((always_inline)) void dot_tile(const float *x, int64
 /* y[rows[r], j0 .. j0 + TILE_COLS) += h[r] B for the nt rows of one full column tile; b: the tile, (rank,
  * TILE_COLS) contiguous, so the rank is streamed in one pass with the sums in registers */
 static inline __attribute__((always_inline)) void axpy_tile(const float *h, int64_t rank, const void *b,
-                                                            const int kind, int64_t out, int64_t j0, float *y,
-                                                            const int64_t *rows, const int nt) {
+                                                            const int kind, int64_t out, int64_t j0, void *y,
+                                                            const int ykind, const int64_t *rows,
+                                                            const int nt) {
     f32x16 acc[TILE_ROWS][2];
     f32x16 b0 = load16(b, kind, 0), b1 = load16(b, kind, LANES);
     for (int r = 0; r < nt; r++) {
@@ -151,36 +201,35 @@ static inline __attribute__((always_inline)) void axpy_tile(const float *h, int6
             acc[r][1] = acc[r][1] + s * b1;
         }
     }
+    const f32x16 zero = {0};
     for (int r = 0; r < nt; r++) {
-        float *yr = y + rows[r] * out + j0;
-        f32x16 y0, y1;
-        memcpy(&y0, yr, sizeof y0);
-        memcpy(&y1, yr + LANES, sizeof y1);
-        y0 = y0 + acc[r][0];
-        y1 = y1 + acc[r][1];
-        memcpy(yr, &y0, sizeof y0);
-        memcpy(yr + LANES, &y1, sizeof y1);
+        int64_t yr = rows[r] * out + j0;
+        f32x16 y0 = load16(y, ykind, yr), y1 = load16(y, ykind, yr + LANES);
+        store16(y, ykind, yr, y0 + (zero + acc[r][0]));
+        store16(y, ykind, yr + LANES, y1 + (zero + acc[r][1]));
     }
 }
 
-/* one output element: column j of a tile of `width` columns (the same operations as axpy_tile's lanes) */
+/* one output element y[yi]: column j of a tile of `width` columns (the same operations as axpy_tile's lanes) */
 static inline __attribute__((always_inline)) void axpy_one(const float *h, int64_t rank, const void *b,
-                                                           const int kind, int64_t width, int64_t j, float *y) {
+                                                           const int kind, int64_t width, int64_t j, void *y,
+                                                           const int ykind, int64_t yi) {
     float s = h[0] * load1(b, kind, j);
     for (int64_t k = 1; k < rank; k++) s = s + h[k] * load1(b, kind, k * width + j);
-    *y = *y + s;
+    store1(y, ykind, yi, load1(y, ykind, yi) + (0.0f + s));
 }
 
 typedef struct {
-    const float *x;
-    float *y;
+    const void *x;
+    void *y;
     int64_t in, out, nparts;
     const int64_t *first, *second, *ranks, *offsets, *rows, *h_offsets, *starts;
     float *h;
 } job;
 
 /* first stage for component c of the stacked ranks (part p, component j) */
-static inline __attribute__((always_inline)) void first_stage(const job *w, int64_t c, const int kind) {
+static inline __attribute__((always_inline)) void first_stage(const job *w, int64_t c, const int kind,
+                                                              const int akind) {
     int64_t p = 0;
     while (c >= w->starts[p + 1]) p++;
     int64_t j = c - w->starts[p], rank = w->ranks[p];
@@ -191,17 +240,18 @@ static inline __attribute__((always_inline)) void first_stage(const job *w, int6
     for (int64_t r = 0; r < n; r += TILE_ROWS) {
         int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
         switch (nt) {
-            case 4: dot_tile(w->x, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 4); break;
-            case 3: dot_tile(w->x, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 3); break;
-            case 2: dot_tile(w->x, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 2); break;
-            default: dot_tile(w->x, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 1); break;
+            case 4: dot_tile(w->x, akind, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 4); break;
+            case 3: dot_tile(w->x, akind, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 3); break;
+            case 2: dot_tile(w->x, akind, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 2); break;
+            default: dot_tile(w->x, akind, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 1); break;
         }
     }
 }
 
 /* second stage for column tile t (columns TILE_COLS t .. + width) of every part; B is stored tile by tile:
  * tile t at element TILE_COLS * t * rank, (rank, width) row-major (lowrank_group.tile_columns) */
-static inline __attribute__((always_inline)) void second_stage(const job *w, int64_t t, const int kind) {
+static inline __attribute__((always_inline)) void second_stage(const job *w, int64_t t, const int kind,
+                                                               const int akind) {
     int64_t j0 = t * TILE_COLS, width = w->out - j0 < TILE_COLS ? w->out - j0 : TILE_COLS;
     size_t esize = kind == 0 ? 4 : 2;
     for (int64_t p = 0; p < w->nparts; p++) {
@@ -214,39 +264,51 @@ static inline __attribute__((always_inline)) void second_stage(const job *w, int
             int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
             if (width == TILE_COLS) {
                 switch (nt) {
-                    case 4: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, rows + r, 4); break;
-                    case 3: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, rows + r, 3); break;
-                    case 2: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, rows + r, 2); break;
-                    default: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, rows + r, 1); break;
+                    case 4: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, akind, rows + r, 4); break;
+                    case 3: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, akind, rows + r, 3); break;
+                    case 2: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, akind, rows + r, 2); break;
+                    default: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, akind, rows + r, 1); break;
                 }
                 continue;
             }
             for (int64_t q = 0; q < nt; q++)
                 for (int64_t j = 0; j < width; j++)
-                    axpy_one(h + (r + q) * rank, rank, b, kind, width, j, w->y + rows[r + q] * w->out + j0 + j);
+                    axpy_one(h + (r + q) * rank, rank, b, kind, width, j, w->y, akind,
+                             rows[r + q] * w->out + j0 + j);
         }
     }
 }
 
-/* one entry per factor kind, so that the kind is a constant inside the parallel region */
-#define DEFINE_RUN(NAME, KIND)                                                                  \
+/* one entry per factor kind and activation kind, so that both are constants inside the parallel region */
+#define DEFINE_RUN(NAME, KIND, AKIND)                                                           \
     static void NAME(const job *w, int64_t components, int threads) {                          \
         int64_t tiles = (w->out + TILE_COLS - 1) / TILE_COLS;                                   \
         _Pragma("omp parallel num_threads(threads)") {                                          \
             _Pragma("omp for schedule(static)") for (int64_t c = 0; c < components; c++)        \
-                first_stage(w, c, KIND);                                                        \
+                first_stage(w, c, KIND, AKIND);                                                 \
             _Pragma("omp for schedule(static)") for (int64_t t = 0; t < tiles; t++)             \
-                second_stage(w, t, KIND);                                                       \
+                second_stage(w, t, KIND, AKIND);                                                \
         }                                                                                       \
     }
-DEFINE_RUN(run_fp32, 0)
-DEFINE_RUN(run_fp16, 1)
-DEFINE_RUN(run_bf16, 2)
+DEFINE_RUN(run_fp32_fp32, 0, 0)
+DEFINE_RUN(run_fp16_fp32, 1, 0)
+DEFINE_RUN(run_bf16_fp32, 2, 0)
+DEFINE_RUN(run_fp32_fp16, 0, 1)
+DEFINE_RUN(run_fp16_fp16, 1, 1)
+DEFINE_RUN(run_bf16_fp16, 2, 1)
+DEFINE_RUN(run_fp32_bf16, 0, 2)
+DEFINE_RUN(run_fp16_bf16, 1, 2)
+DEFINE_RUN(run_bf16_bf16, 2, 2)
+typedef void (*run_fn)(const job *, int64_t, int);
+/* [act_kind][kind] */
+static const run_fn RUNS[3][3] = {{run_fp32_fp32, run_fp16_fp32, run_bf16_fp32},
+                                  {run_fp32_fp16, run_fp16_fp16, run_bf16_fp16},
+                                  {run_fp32_bf16, run_fp16_bf16, run_bf16_bf16}};
 
-int deltakit_low_rank_multi(const float *x, int64_t in, int64_t out, int64_t nparts, const int64_t *first,
+int deltakit_low_rank_multi(const void *x, int64_t in, int64_t out, int64_t nparts, const int64_t *first,
                             const int64_t *second, const int64_t *ranks, int kind, const int64_t *offsets,
-                            const int64_t *rows, float *y, int threads) {
-    if (in < 0 || out < 0 || nparts < 0 || kind < 0 || kind > 2) return 1;
+                            const int64_t *rows, void *y, int act_kind, int threads) {
+    if (in < 0 || out < 0 || nparts < 0 || kind < 0 || kind > 2 || act_kind < 0 || act_kind > 2) return 1;
     if (threads < 1) threads = 1;
     int64_t *starts = malloc((size_t)(nparts + 1) * sizeof(int64_t));
     int64_t *h_offsets = malloc((size_t)(nparts + 1) * sizeof(int64_t));
@@ -273,11 +335,7 @@ int deltakit_low_rank_multi(const float *x, int64_t in, int64_t out, int64_t npa
         return 2;
     }
     job w = {x, y, in, out, nparts, first, second, ranks, offsets, rows, h_offsets, starts, h};
-    switch (kind) {
-        case 0: run_fp32(&w, starts[nparts], threads); break;
-        case 1: run_fp16(&w, starts[nparts], threads); break;
-        default: run_bf16(&w, starts[nparts], threads); break;
-    }
+    RUNS[act_kind][kind](&w, starts[nparts], threads);
     free(h);
     free(starts);
     free(h_offsets);

@@ -77,8 +77,8 @@ _SIGNATURES = {
     # ops/lowrank.py: up, down, rank, cols, first row, end row, out
     "deltakit_low_rank_rows": (_P, _P, _I64, _I64, _I64, _I64, _P, _I32),
     # lowrank_native.c (ops/lowrank_group.py): x, in, out, parts, first, second, ranks, kind, offsets,
-    # rows, y, threads
-    "deltakit_low_rank_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _I32, _P, _P, _P, _I32),
+    # rows, y, act_kind, threads
+    "deltakit_low_rank_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _I32, _P, _P, _P, _I32, _I32),
     # signstage_native.c (ops/signstage.py): base, kind, target, kind, n, delta, packed / delta, n, scale, out
     "deltakit_sign_stage": (_P, _I32, _P, _I32, _I64, _P, _P),
     "deltakit_sign_residual": (_P, _I64, ctypes.c_float, _P),

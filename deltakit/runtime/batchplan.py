@@ -87,6 +87,8 @@ class ModulePlan:
     row_weight: bool | None = None
     #: (batch, dim) the per-row weights of that form
     row_weights: torch.Tensor | None = None
+    #: the RMSNorm's epsilon, recorded with ``row_weights``
+    row_eps: float = 0.0
     #: dtype of the module's output, recorded when the per-row form is checked
     out_dtype: torch.dtype | None = None
     #: whether the packed-bit sign kernel can take this batch's sign parts (CPU, library built)

@@ -6,7 +6,8 @@ whose parameters the deltas touch, each row's delta added to that module's outpu
 module is made once per ``assign``, see :mod:`.batchplan`):
 
 - Linear / GPT-2 Conv1D weights of ``dqrelo``, ``bitdelta`` and ``svd`` deltas: the low-rank parts of all
-  deltas in one compiled call reading the factors at their stored width (CPU), or as two thin matmuls
+  deltas in one compiled call reading the factors at their stored width (CPU; where they are the layer's
+  only shares, reading the activations and adding into the output at the model's dtype), or as two thin matmuls
   over all rows (masked per row) or per delta, the sign part per delta from the packed bits (all
   deltas of a module in one compiled call on the CPU), and a changed bias as ``b_ft − b_base``;
 - embedding tables of those codecs: the rows of Δ for the looked-up ids;
@@ -217,12 +218,15 @@ class MultiDeltaExecutor:
         else:
             result = output
         share = None  # fp32 (batch, ..., out): every factored part's share, added to result at once
-        needs_fp32 = (plan.low_rank_parts or plan.grouped_sign_parts) and x.dtype != torch.float32
-        xf = x.to(torch.float32) if needs_fp32 else x
-        if plan.low_rank_parts:
-            start = self._tick(x)
-            share = self._low_rank(plan, xf)
-            self._tock("low_rank_s", start, share)
+        if self._low_rank_into_output(plan, x, result):
+            xf = x  # the only share: already added
+        else:
+            needs_fp32 = (plan.low_rank_parts or plan.grouped_sign_parts) and x.dtype != torch.float32
+            xf = x.to(torch.float32) if needs_fp32 else x
+            if plan.low_rank_parts:
+                start = self._tick(x)
+                share = self._low_rank(plan, xf)
+                self._tock("low_rank_s", start, share)
         if plan.grouped_sign_parts:
             start = self._tick(x)
             if share is None:
@@ -275,7 +279,23 @@ class MultiDeltaExecutor:
         return result
 
     def _row_weight_rerun(self, plan: ModulePlan, x: torch.Tensor, args: tuple, kwargs: dict):
-        """An RMSNorm on all rows with a per-row weight; None when the plan or module does not fit."""
+        """An RMSNorm on all rows with a per-row weight; None when the plan or module does not fit.
+
+        The module and plan are checked once (the per-row weights are built then); later calls only
+        check that the call itself takes the plain ``norm(x)`` form."""
+        if len(args) != 1 or kwargs:
+            plan.row_weight = False
+            return None
+        if plan.row_weights is None and not self._prepare_row_weights(plan):
+            plan.row_weight = False
+            return None
+        weights = plan.row_weights  # (batch, dim)
+        shape = (plan.batch, *([1] * (x.dim() - 2)), weights.shape[-1])
+        return rms_norm_rows(x, weights.view(shape), plan.row_eps)
+
+    def _prepare_row_weights(self, plan: ModulePlan) -> bool:
+        """Whether the plan's module is an RMSNorm whose only change is its 1-D weight; if so, sets
+        ``plan.row_weights`` (batch, dim) and ``plan.row_eps``."""
         module = plan.module
         own = dict(module.named_parameters(recurse=False))
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
@@ -286,18 +306,37 @@ class MultiDeltaExecutor:
             or own["weight"].dim() != 1
             or any(set(p.ops) != {"weight"} for p in plan.dense_parts)
             or plan.factored_parts
-            or len(args) != 1
-            or kwargs
         ):
-            plan.row_weight = False
-            return None
-        if plan.row_weights is None:
-            weights = own["weight"].detach().expand(plan.batch, -1).clone()  # (batch, dim)
-            for part in plan.dense_parts:
-                weights[part.rows] = self._dense_params(part)["weight"].to(weights.dtype)
-            plan.row_weights = weights
-        shape = (plan.batch, *([1] * (x.dim() - 2)), plan.row_weights.shape[-1])
-        return rms_norm_rows(x, plan.row_weights.view(shape), eps)
+            return False
+        weights = own["weight"].detach().expand(plan.batch, -1).clone()  # (batch, dim)
+        for part in plan.dense_parts:
+            weights[part.rows] = self._dense_params(part)["weight"].to(weights.dtype)
+        plan.row_weights, plan.row_eps = weights, eps
+        return True
+
+    def _low_rank_into_output(self, plan: ModulePlan, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """When low-rank parts are the module's only delta shares (svd deltas), add them straight into
+        ``result`` (contiguous, mutated) at its own dtype with the compiled group, reading x at its own
+        dtype: no fp32 copy of x, no fp32 share buffer, no separate add. The kernel rounds each element as
+        ``result.add_(share)`` would (same bits); rows of no delta are not touched. False (nothing done)
+        when the plan has other shares, or off the CPU, without the library, or for mixed dtypes."""
+        if (
+            not plan.low_rank_parts
+            or plan.grouped_sign_parts
+            or plan.share_parts
+            or x.device.type != "cpu"
+            or x.dtype != result.dtype
+            or x.dtype not in lowrank_group.KINDS
+            or x.shape[0] != plan.batch
+            or not lowrank_group.available()
+        ):
+            return False
+        start = self._tick(x)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # (tokens, in)
+        group = self._low_rank_group(plan, flat.shape[0] // plan.batch)
+        group.add_into(flat, result.view(flat.shape[0], -1))
+        self._tock("low_rank_s", start, result)
+        return True
 
     def _low_rank(self, plan: ModulePlan, x: torch.Tensor) -> torch.Tensor:
         """fp32 ``(x A) B`` of each row's own delta for the fp32 input x, for all rows (0 for rows of no
