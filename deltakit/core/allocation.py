@@ -50,14 +50,21 @@ def grown(base: torch.Tensor, target: torch.Tensor, role: TensorRole) -> bool:
 
 
 def classify(
-    t: torch.Tensor, b: torch.Tensor | None, role: TensorRole, exclude_roles: tuple[str, ...]
+    t: torch.Tensor,
+    b: torch.Tensor | None,
+    role: TensorRole,
+    exclude_roles: tuple[str, ...],
+    equal: bool | None = None,
 ) -> tuple[str, bool]:
     """(kind, grown) of one fine-tune tensor: unchanged, passthrough or encoded (shape errors are the
-    caller's to raise)."""
+    caller's to raise). equal: ``torch.equal(b, t)`` when the caller already knows it (see
+    :func:`deltakit.ops.finite.scan_pair`), else computed here."""
     if b is None:
         return PASSTHROUGH, False
     same_shape = tuple(b.shape) == tuple(t.shape)
-    if same_shape and b.dtype == t.dtype and torch.equal(b, t):
+    if equal is None:
+        equal = same_shape and b.dtype == t.dtype and torch.equal(b, t)
+    if equal:
         return UNCHANGED, False
     is_grown = not same_shape and grown(b, t, role)
     if t.ndim != 2 or not t.is_floating_point() or role.role in exclude_roles:

@@ -43,7 +43,7 @@ from deltakit.format.manifest import (
 from deltakit.format.safetensors_io import dtype_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, TensorSource, open_checkpoint
 from deltakit.models.roles import TensorRole, infer_roles
-from deltakit.ops.finite import all_finite
+from deltakit.ops.finite import all_finite, scan_pair
 from deltakit.ops.threads import one_thread_on_cpu
 from deltakit.ops.workers import cpu_workers, ordered_map
 
@@ -139,9 +139,8 @@ def _plan(
         return alloc.plan_uniform(codec, cfg, found, target)
 
 
-def _check_finite(name: str, tensor: torch.Tensor, which: str) -> None:
-    if not all_finite(tensor):
-        raise NonFiniteError(f"{which} tensor {name} contains NaN or Inf")
+def _non_finite(name: str, which: str) -> NonFiniteError:
+    return NonFiniteError(f"{which} tensor {name} contains NaN or Inf")
 
 
 def _model_name(source: TensorSource, given: str | None) -> str:
@@ -214,11 +213,16 @@ class _DeltaBuilder:
 
         item: (name, fine-tuned tensor, base tensor or None, role); the tensors are not mutated."""
         name, t, b, role = item
-        _check_finite(name, t, "fine-tuned")
         if b is None:
+            if not all_finite(t):
+                raise _non_finite(name, "fine-tuned")
             return _Work(PASSTHROUGH)
-        _check_finite(name, b, "base")
-        kind, grown = alloc.classify(t, b, role, self.opts.exclude_roles)
+        finite_t, finite_b, equal = scan_pair(t, b)  # one pass over the pair
+        if not finite_t:
+            raise _non_finite(name, "fine-tuned")
+        if not finite_b:
+            raise _non_finite(name, "base")
+        kind, grown = alloc.classify(t, b, role, self.opts.exclude_roles, equal=equal)
         if tuple(b.shape) != tuple(t.shape) and not grown:
             raise TensorMismatchError(
                 f"tensor {name}: base shape {list(b.shape)} and fine-tune shape {list(t.shape)} differ "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from deltakit.ops.signmm import native_library
+
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """True when floating ``tensor`` holds no NaN or Inf (always true for other dtypes and for empty
@@ -17,3 +19,37 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+#: dtype codes of the compiled scan (``deltakit_scan_pair`` in pairscan_native.c)
+_SCAN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def scan_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool, bool]:
+    """``(a finite, b finite, a equals b)`` for two floating tensors, neither mutated.
+
+    The third is ``torch.equal(a, b)`` for tensors of one shape and dtype (False otherwise), and is only
+    meaningful when both are finite. For contiguous CPU fp32/bf16/fp16 pairs of one dtype and shape a
+    compiled loop reads each element once on the calling thread (three reductions of torch take three
+    passes); elsewhere those three reductions run.
+    """
+    same = a.shape == b.shape and a.dtype == b.dtype
+    if same and a.dtype in _SCAN_KINDS and a.numel() > 0:
+        lib = _scan_library(a, b)
+        if lib is not None:
+            flags = torch.zeros(3, dtype=torch.int32)
+            code = lib.deltakit_scan_pair(
+                a.data_ptr(), b.data_ptr(), _SCAN_KINDS[a.dtype], a.numel(), flags.data_ptr()
+            )
+            if code != 0:
+                raise ValueError(f"pair scan kernel refused its arguments (code {code})")
+            finite_a, finite_b, equal = (bool(f) for f in flags.tolist())
+            return finite_a, finite_b, equal
+    return all_finite(a), all_finite(b), same and bool(torch.equal(a, b))
+
+
+def _scan_library(a: torch.Tensor, b: torch.Tensor):
+    """The compiled library for two contiguous CPU tensors, else None."""
+    if a.device.type != "cpu" or b.device.type != "cpu" or not (a.is_contiguous() and b.is_contiguous()):
+        return None
+    return native_library()

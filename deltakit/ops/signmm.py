@@ -19,8 +19,9 @@ S (out, in) is stored as bits (1 = +1, 0 = -1, least significant bit first, row-
 The same library holds the one-pass rebuild of :mod:`deltakit.ops.fused` (``deltakit_fused_rows``) and the
 fixed-order low-rank product of :mod:`deltakit.ops.lowrank` (``deltakit_low_rank_rows``); a second source,
 ``lowrank_native.c``, compiled into it, holds the mixed batch's low-rank shares at the factors' stored width
-(:mod:`deltakit.ops.lowrank_group`), and a third, ``signstage_native.c``, the encode-side sign stage
-(:mod:`deltakit.ops.signstage`).
+(:mod:`deltakit.ops.lowrank_group`), a third, ``signstage_native.c``, the encode-side sign stage
+(:mod:`deltakit.ops.signstage`), and a fourth, ``pairscan_native.c``, the finiteness and equality scan
+of a fine-tune tensor and its base (:func:`deltakit.ops.finite.scan_pair`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from deltakit.ops.bitpack import unpack_signs
 
 #: compiled together into one library
 _SOURCES = tuple(
-    Path(__file__).with_name(n) for n in ("signmm_native.c", "lowrank_native.c", "signstage_native.c")
+    Path(__file__).with_name(n)
+    for n in ("signmm_native.c", "lowrank_native.c", "signstage_native.c", "pairscan_native.c")
 )
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
 #: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used: on SmolLM2's
@@ -82,6 +84,8 @@ _SIGNATURES = {
     # signstage_native.c (ops/signstage.py): base, kind, target, kind, n, delta, packed / delta, n, scale, out
     "deltakit_sign_stage": (_P, _I32, _P, _I32, _I64, _P, _P),
     "deltakit_sign_residual": (_P, _I64, ctypes.c_float, _P),
+    # pairscan_native.c (ops/finite.py): a, b, kind, n, flags
+    "deltakit_scan_pair": (_P, _P, _I32, _I64, _P),
 }
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
