@@ -264,3 +264,21 @@ def test_changed_integer_matrices_are_stored_exactly(method):
     out = deltakit.apply(base, delta).state_dict
     assert out["model.layers.0.ids"].dtype == torch.int64
     assert torch.equal(out["model.layers.0.ids"], target["model.layers.0.ids"])
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+@pytest.mark.parametrize("remembered", ["1", "0"])
+def test_output_fingerprint_is_the_written_checkpoints_with_unchanged_tensors(
+    tmp_path, monkeypatch, dtype, remembered
+):
+    """Unchanged tensors are written with the base's bytes and take the base's digest (remembered or
+    just computed); cast to another dtype they are hashed as written. Either way the reported
+    fingerprint is the output checkpoint's own."""
+    monkeypatch.setenv("DELTAKIT_DIGEST_CACHE", remembered)
+    base, target = fm.make_pair(tmp_path / "models", "llama", keep_embeddings=True)
+    delta = deltakit.compress(base, target, tmp_path / "delta", method="dqrelo")
+    assert any(e.kind == "unchanged" for e in delta.manifest.tensors.values())
+    for attempt in range(2):  # the second apply finds the base's digests remembered (when enabled)
+        out = tmp_path / f"out-{attempt}"
+        report = deltakit.apply(base, tmp_path / "delta", out, dtype=dtype)
+        assert report.output_fingerprint == checkpoint_fingerprint(out)

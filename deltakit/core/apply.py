@@ -31,6 +31,7 @@ from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import Delta
 from deltakit.format.digest_cache import SourceDigests
 from deltakit.format.fingerprint import FingerprintBuilder
+from deltakit.format.manifest import UNCHANGED
 from deltakit.format.paths import check_aux_name, confined
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
@@ -156,12 +157,16 @@ def _apply_into(
 
     workers = cpu_workers(dev)
     items = (read(spec) for spec in specs)
+    as_base = []  # tensors written with the base's bytes: their digest is the base's
     for index, (spec, rebuilt) in enumerate(
         zip(specs, ordered_map(rebuild, items, workers, ahead=workers + 1), strict=True)
     ):
         if progress is not None:
             progress(index, total, spec.name)
-        out_fp.add_later(spec.name, rebuilt)
+        if manifest.tensors[spec.name].kind == UNCHANGED and rebuilt.dtype == base_src.spec(spec.name).dtype:
+            as_base.append(spec.name)
+        else:
+            out_fp.add_later(spec.name, rebuilt)
         sink(spec.name, rebuilt)
     for offset, name in enumerate(manifest.removed):
         if progress is not None:
@@ -178,6 +183,8 @@ def _apply_into(
         if not force:
             raise BaseMismatchError(message + "; pass force=True to apply anyway")
         warnings.warn(message + "; applying anyway (force=True)", stacklevel=3)
+    for name in as_base:
+        out_fp.add_digest(name, base_fp.digest(name))
     output_fingerprint = out_fp.fingerprint()
     return ApplyReport(
         None,

@@ -70,6 +70,12 @@ class FingerprintBuilder:
     def add_digest(self, name: str, digest: str) -> None:
         self._digests[name] = digest
 
+    def digest(self, name: str) -> str | None:
+        """The digest of tensor ``name`` (waiting for queued ones as needed), None when it was not added."""
+        while name not in self._digests and self._pending:
+            self._collect_one()
+        return self._digests.get(name)
+
     def __len__(self) -> int:
         while self._pending:
             self._collect_one()
