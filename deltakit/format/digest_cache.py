@@ -81,10 +81,13 @@ class SourceDigests:
         self._known: dict[str, str] = {}
         if not enabled():
             return
-        by_file: dict[Path, list[str]] = {}
+        per_path: dict[Path, list[str]] = {}
         for name, file in files.items():
             if file.suffix == ".safetensors":
-                by_file.setdefault(Path(os.path.realpath(file)), []).append(name)
+                per_path.setdefault(file, []).append(name)
+        by_file: dict[Path, list[str]] = {}  # resolved once per file, not once per tensor
+        for file, names in per_path.items():
+            by_file.setdefault(Path(os.path.realpath(file)), []).extend(names)
         for resolved, names in by_file.items():
             identity = file_identity(resolved)
             if identity is None:
