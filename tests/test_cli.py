@@ -214,6 +214,16 @@ def test_cuda_requested_without_gpu_is_a_clear_error(pair, tmp_path, capsys):
     assert code == 2 and "no CUDA device" in err
 
 
+@pytest.mark.parametrize("device", ["cuda:x", "mps", "", "cuda:-1"])
+def test_a_malformed_or_unknown_device_is_a_usage_error(pair, tmp_path, capsys, device):
+    base, ft = pair
+    code, _, err = run(
+        capsys, "compress", "--base", str(base), str(ft), "-o", str(tmp_path / "d"), "--device", device
+    )
+    assert code == 2 and "device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize(
     ("message", "shown"),
     [

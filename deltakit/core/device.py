@@ -9,7 +9,10 @@ from deltakit.errors import UsageError
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``cpu``/``cuda``/``cuda:N`` -> torch.device; asking for CUDA without one is an error."""
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"invalid device {device!r}; choose cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device}: no CUDA device is available here; use device=cpu")
     if dev.type not in ("cpu", "cuda"):
