@@ -152,29 +152,18 @@ def build_variant(
     general = general_text()
     tokenizer = load_tokenizer(base)
 
-    base_model = None
-
-    def lazy_base():
-        nonlocal base_model
-        if base_model is None:
-            base_model = load_model(base)
-        return base_model
-
-    ppl_base = base_perplexity(base, lazy_base, tokenizer, f"heldout:{recipe.domain}", heldout_text, report)
-    gen_base = base_perplexity(base, lazy_base, tokenizer, "general:pydoc_data.topics", general, report)
-    del base_model
+    ppl_base, gen_base = _base_perplexities(base, tokenizer, recipe.domain, heldout_text, general, report)
     t0 = time.perf_counter()
     model, stats = finetune(
         base, train_text, recipe, on_step=lambda s, n, loss: rep(name, "train", s, n), device=device
     )
     ho_ids = tokenize(tokenizer, heldout_text, EVAL_MAX_TOKENS)
-    gen_ids = tokenize(tokenizer, general, EVAL_MAX_TOKENS)
-    n_eval = 2
-    rep(name, "eval-finetune", 0, n_eval)
-    ppl_ft = perplexity(model, ho_ids, EVAL_WINDOW)
-    rep(name, "eval-finetune", 1, n_eval)
-    gen_ft = perplexity(model, gen_ids, EVAL_WINDOW)
-    rep(name, "eval-finetune", 2, n_eval)
+    ppl_ft, gen_ft = _finetune_perplexities(
+        model,
+        ho_ids,
+        tokenize(tokenizer, general, EVAL_MAX_TOKENS),
+        lambda done: rep(name, "eval-finetune", done, 2),
+    )
     from deltakit._version import __version__
 
     record = {
@@ -209,6 +198,34 @@ def build_variant(
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     rep(name, "saved", 1, 1)
     return {**record, "path": str(out)}
+
+
+def _base_perplexities(
+    base: Path, tokenizer, domain: str, heldout_text: str, general: str, report: Report | None
+) -> tuple[float, float]:
+    """The base's perplexity on the held-out domain text and on general text (each cached on disk; the
+    base model is loaded only when one is missing)."""
+    loaded = []
+
+    def lazy_base():
+        if not loaded:
+            loaded.append(load_model(base))
+        return loaded[0]
+
+    heldout = base_perplexity(base, lazy_base, tokenizer, f"heldout:{domain}", heldout_text, report)
+    return heldout, base_perplexity(base, lazy_base, tokenizer, "general:pydoc_data.topics", general, report)
+
+
+def _finetune_perplexities(
+    model: torch.nn.Module, heldout_ids: torch.Tensor, general_ids: torch.Tensor, done: Callable[[int], None]
+) -> tuple[float, float]:
+    """The fine-tune's perplexity on held-out domain text and on general text (``done(k)`` after each)."""
+    done(0)
+    heldout = perplexity(model, heldout_ids, EVAL_WINDOW)
+    done(1)
+    general = perplexity(model, general_ids, EVAL_WINDOW)
+    done(2)
+    return heldout, general
 
 
 def parse_variant(spec: str) -> str:
