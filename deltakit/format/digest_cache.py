@@ -81,13 +81,13 @@ class SourceDigests:
         self._known: dict[str, str] = {}
         if not enabled():
             return
-        per_path: dict[Path, list[str]] = {}
+        resolved_of: dict[Path, Path] = {}  # each file resolved once, not once per tensor
+        by_file: dict[Path, list[str]] = {}
         for name, file in files.items():
             if file.suffix == ".safetensors":
-                per_path.setdefault(file, []).append(name)
-        by_file: dict[Path, list[str]] = {}  # resolved once per file, not once per tensor
-        for file, names in per_path.items():
-            by_file.setdefault(Path(os.path.realpath(file)), []).extend(names)
+                if file not in resolved_of:
+                    resolved_of[file] = Path(os.path.realpath(file))
+                by_file.setdefault(resolved_of[file], []).append(name)
         for resolved, names in by_file.items():
             identity = file_identity(resolved)
             if identity is None:

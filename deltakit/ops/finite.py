@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from deltakit.ops.signmm import native_library
+from deltakit.ops.signmm import native_for
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -34,22 +34,14 @@ def scan_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool, bool]:
     passes); elsewhere those three reductions run.
     """
     same = a.shape == b.shape and a.dtype == b.dtype
-    if same and a.dtype in _SCAN_KINDS and a.numel() > 0:
-        lib = _scan_library(a, b)
-        if lib is not None:
-            flags = torch.zeros(3, dtype=torch.int32)
-            code = lib.deltakit_scan_pair(
-                a.data_ptr(), b.data_ptr(), _SCAN_KINDS[a.dtype], a.numel(), flags.data_ptr()
-            )
-            if code != 0:
-                raise ValueError(f"pair scan kernel refused its arguments (code {code})")
-            finite_a, finite_b, equal = (bool(f) for f in flags.tolist())
-            return finite_a, finite_b, equal
-    return all_finite(a), all_finite(b), same and bool(torch.equal(a, b))
-
-
-def _scan_library(a: torch.Tensor, b: torch.Tensor):
-    """The compiled library for two contiguous CPU tensors, else None."""
-    if a.device.type != "cpu" or b.device.type != "cpu" or not (a.is_contiguous() and b.is_contiguous()):
-        return None
-    return native_library()
+    lib = native_for((a, b), _SCAN_KINDS) if same and a.numel() > 0 else None
+    if lib is None:
+        return all_finite(a), all_finite(b), same and bool(torch.equal(a, b))
+    flags = torch.zeros(3, dtype=torch.int32)
+    code = lib.deltakit_scan_pair(
+        a.data_ptr(), b.data_ptr(), _SCAN_KINDS[a.dtype], a.numel(), flags.data_ptr()
+    )
+    if code != 0:
+        raise ValueError(f"pair scan kernel refused its arguments (code {code})")
+    finite_a, finite_b, equal = (bool(f) for f in flags.tolist())
+    return finite_a, finite_b, equal

@@ -107,6 +107,14 @@ def _build(target: Path, compiler: str) -> None:
             os.unlink(tmp)
 
 
+def native_for(tensors: tuple[torch.Tensor, ...], dtypes) -> ctypes.CDLL | None:
+    """The compiled library when every tensor is a contiguous CPU tensor of one of ``dtypes``, else None
+    (then the caller's torch form runs)."""
+    if not all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in dtypes for t in tensors):
+        return None
+    return native_library()
+
+
 def native_library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None when unavailable (then the torch form is used)."""
     global _library, _tried

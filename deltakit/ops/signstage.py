@@ -13,17 +13,10 @@ from __future__ import annotations
 import torch
 
 from deltakit.ops.bitpack import pack_signs
-from deltakit.ops.signmm import native_library
+from deltakit.ops.signmm import native_for
 
 #: dtype codes of the compiled loop
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def _native(*tensors: torch.Tensor):
-    """The compiled library when every tensor is a contiguous fp32/bf16 CPU tensor, else None."""
-    if not all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _KINDS for t in tensors):
-        return None
-    return native_library()
 
 
 def sign_stage(
@@ -37,7 +30,7 @@ def sign_stage(
     if base.shape != target.shape:
         raise ValueError(f"base {tuple(base.shape)} and target {tuple(target.shape)} differ in shape")
     device = torch.device(device)
-    lib = _native(base, target) if device.type == "cpu" else None
+    lib = native_for((base, target), _KINDS) if device.type == "cpu" else None
     if lib is None:
         delta = target.to(device=device, dtype=torch.float32) - base.to(device=device, dtype=torch.float32)
         return delta, pack_signs(delta).cpu()
@@ -60,7 +53,7 @@ def sign_stage(
 def sign_residual(delta: torch.Tensor, scale: float) -> torch.Tensor:
     """``delta - scale * S`` with S = +1 where ``delta >= 0`` and -1 elsewhere: a new fp32 tensor of
     ``delta``'s shape and device (delta: fp32, not mutated)."""
-    lib = _native(delta)
+    lib = native_for((delta,), _KINDS)
     if lib is None or delta.dtype != torch.float32:
         return delta - scale * torch.where(delta >= 0, 1.0, -1.0)
     out = torch.empty_like(delta)

@@ -218,15 +218,13 @@ class MultiDeltaExecutor:
         else:
             result = output
         share = None  # fp32 (batch, ..., out): every factored part's share, added to result at once
-        if self._low_rank_into_output(plan, x, result):
-            xf = x  # the only share: already added
-        else:
-            needs_fp32 = (plan.low_rank_parts or plan.grouped_sign_parts) and x.dtype != torch.float32
-            xf = x.to(torch.float32) if needs_fp32 else x
-            if plan.low_rank_parts:
-                start = self._tick(x)
-                share = self._low_rank(plan, xf)
-                self._tock("low_rank_s", start, share)
+        direct = self._low_rank_into_output(plan, x, result)  # svd rows: their only share, added already
+        needs_fp32 = (plan.low_rank_parts or plan.grouped_sign_parts) and x.dtype != torch.float32
+        xf = x.to(torch.float32) if needs_fp32 and not direct else x
+        if plan.low_rank_parts and not direct:
+            start = self._tick(x)
+            share = self._low_rank(plan, xf)
+            self._tock("low_rank_s", start, share)
         if plan.grouped_sign_parts:
             start = self._tick(x)
             if share is None:
