@@ -304,9 +304,15 @@ def resolve_base_arg(base: str, registry_path: Path | None) -> Path:
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="apply even if the base fingerprint differs from the delta's")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option(
+    "--no-sync",
+    is_flag=True,
+    help="return without waiting for the output to reach the disk: faster, but an OS crash or power "
+    "loss soon after can leave it incomplete",
+)
 @click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
-def apply(base, delta, output, dtype, device, force, overwrite, registry_path, as_json):
+def apply(base, delta, output, dtype, device, force, overwrite, no_sync, registry_path, as_json):
     """Rebuild the fine-tune from BASE and DELTA (a directory or NAME[:TAG] in the registry)."""
     import deltakit
 
@@ -322,6 +328,7 @@ def apply(base, delta, output, dtype, device, force, overwrite, registry_path, a
             device=device,
             force=force,
             overwrite=overwrite,
+            sync=not no_sync,
             progress=progress,
         )
     result = {

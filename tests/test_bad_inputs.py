@@ -299,6 +299,42 @@ def test_existing_apply_output_needs_overwrite(state_pair, tmp_path):
     assert list((tmp_path / "out").glob("*.safetensors"))
 
 
+def _count_disk_syncs(monkeypatch) -> dict[str, int]:
+    """Count fsync and sync_file_range calls made through deltakit's atomic writes."""
+    import deltakit.format.atomic as atomic
+    import deltakit.format.safetensors_io as sio
+
+    calls = {"fsync": 0, "writeback": 0}
+    real_fsync, real_writeback = os.fsync, sio.start_writeback
+
+    def fsync(fd):
+        calls["fsync"] += 1
+        return real_fsync(fd)
+
+    def writeback(*args):
+        calls["writeback"] += 1
+        return real_writeback(*args)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(sio, "start_writeback", writeback)
+    monkeypatch.setattr(sio, "WRITEBACK_BYTES", 1)  # ask for writeback after every tensor
+    return calls
+
+
+def test_apply_without_sync_writes_the_same_bytes_and_never_syncs(state_pair, tmp_path, monkeypatch):
+    delta = deltakit.compress(*state_pair, tmp_path / "delta")
+    calls = _count_disk_syncs(monkeypatch)
+    synced = deltakit.apply(state_pair[0], delta, tmp_path / "synced")
+    assert calls["fsync"] >= 3 and calls["writeback"] >= 1  # files, the directory, its parent
+    calls.update(fsync=0, writeback=0)
+    unsynced = deltakit.apply(state_pair[0], delta, tmp_path / "unsynced", sync=False)
+    assert calls == {"fsync": 0, "writeback": 0}
+    assert unsynced.output_fingerprint == synced.output_fingerprint
+    for path in (tmp_path / "synced").iterdir():
+        assert path.read_bytes() == (tmp_path / "unsynced" / path.name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta", "synced", "unsynced"]  # no temps left
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_failure_mid_compress_leaves_no_output_and_no_temp_dir(llama_pair, tmp_path, monkeypatch, overwrite):
     codec_cls = type(deltakit.get_codec("dqrelo"))

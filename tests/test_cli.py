@@ -93,6 +93,29 @@ def test_lossless_apply_is_bit_exact(pair, tmp_path, capsys):
     assert all(torch.equal(rebuilt[k], original[k]) for k in original)
 
 
+def test_apply_no_sync_flag_reaches_the_library(pair, tmp_path, capsys, monkeypatch):
+    import deltakit
+
+    base, ft = pair
+    delta = tmp_path / "d"
+    assert run(capsys, "compress", "-m", "svd", "--base", str(base), str(ft), "-o", str(delta))[0] == 0
+    seen = []
+    real_apply = deltakit.apply
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["sync"])
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(deltakit, "apply", spy)
+    for flags, out in (([], "a"), (["--no-sync"], "b")):
+        code, _, err = run(capsys, "apply", str(base), str(delta), "-o", str(tmp_path / out), *flags)
+        assert code == 0, err
+    assert seen == [True, False]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+
+
 def test_methods_lists_every_codec_with_fields(capsys):
     code, out, _ = run(capsys, "methods", "--json")
     assert code == 0

@@ -84,6 +84,7 @@ def apply(
     overwrite: bool = False,
     verify: bool = True,
     max_shard_bytes: int = 5 * 1024**3,
+    sync: bool = True,
     progress: Progress | None = None,
 ) -> ApplyReport:
     """Rebuild the fine-tune from ``base`` and ``delta``.
@@ -95,6 +96,9 @@ def apply(
     unchanged may share storage with an in-memory base: clone before editing them in place).
     dtype: cast floating tensors of the output (default: the fine-tune's dtypes).
     force: apply even when the base fingerprint differs from the one recorded in the delta.
+    sync: return only once ``output`` is on disk (fsync); ``False`` leaves the disk writes to the kernel,
+    which is faster but an OS crash or power loss soon after can leave the output incomplete (the output
+    still appears whole or not at all to other processes).
     """
     if not isinstance(delta, Delta):
         delta = load_delta(delta, verify=verify)
@@ -118,8 +122,8 @@ def apply(
         report.state_dict = state
         return report
     inputs = (getattr(base_src, "path", None), delta.path)
-    with atomic_directory(output, overwrite=overwrite, inputs=inputs) as tmp:
-        writer = CheckpointWriter(tmp, specs, max_shard_bytes)
+    with atomic_directory(output, overwrite=overwrite, inputs=inputs, sync=sync) as tmp:
+        writer = CheckpointWriter(tmp, specs, max_shard_bytes, writeback=sync)
         report = _apply_into(delta, base_src, specs, dev, force, progress, writer.write)
         writer.close()
         _copy_aux(delta, base_src, tmp)

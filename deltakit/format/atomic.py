@@ -157,12 +157,19 @@ def pid_alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def atomic_directory(
-    final: Path | str, *, overwrite: bool = False, inputs: tuple[Path | str | None, ...] = ()
+    final: Path | str,
+    *,
+    overwrite: bool = False,
+    inputs: tuple[Path | str | None, ...] = (),
+    sync: bool = True,
 ) -> Iterator[Path]:
     """Yield a temp directory that becomes ``final`` when the block exits without error.
 
     final: the output directory; must not exist unless ``overwrite`` (then it is replaced whole).
     inputs: directories the writer reads; ``final`` may not be, contain or lie inside any of them.
+    sync: fsync every file and directory before the rename and the parent after it, so the output
+    survives an OS crash or power loss once this returns. Without it the rename still makes the output
+    appear whole or not at all to other processes, but the kernel writes it to disk later.
     On error the temp directory is removed and ``final`` is left as it was.
     """
     final = Path(final)
@@ -182,7 +189,8 @@ def atomic_directory(
         tmp.mkdir()
         try:
             yield tmp
-            fsync_tree(tmp)
+            if sync:
+                fsync_tree(tmp)
             if final.exists():
                 trash = temp_path(final, "old")
                 os.rename(final, trash)
@@ -190,7 +198,8 @@ def atomic_directory(
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(tmp, final)
-            fsync_dir(final.parent)
+            if sync:
+                fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

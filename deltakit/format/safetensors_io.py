@@ -148,8 +148,10 @@ class StreamingSafetensorsWriter:
     The header is written first from ``specs``; each :meth:`write` appends one tensor's bytes and
     checks its dtype and shape against the spec. With ``digest`` (a delta's shards, whose sha256 the
     manifest records) the sha256 of the whole file is computed on the way; without it (a rebuilt
-    checkpoint) nothing is hashed. Use as a context manager; the file is complete only when every spec
-    has been written.
+    checkpoint) nothing is hashed. With ``writeback`` the kernel is asked to start writing each
+    32 MiB to disk as it is written (the final fsync then has little left to do); leave it off when the
+    file will not be fsynced. Use as a context manager; the file is complete only when every spec has
+    been written.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class StreamingSafetensorsWriter:
         metadata: dict[str, str] | None = None,
         *,
         digest: bool = True,
+        writeback: bool = True,
     ):
         self.path = Path(path)
         self.specs = list(specs)
@@ -166,6 +169,7 @@ class StreamingSafetensorsWriter:
         self._hash = hashlib.sha256() if digest else None
         self.size = 0
         self._written_back = 0
+        self._writeback = writeback
         header: dict[str, Any] = {}
         if metadata:
             header["__metadata__"] = dict(metadata)
@@ -187,7 +191,9 @@ class StreamingSafetensorsWriter:
         if self._hash is not None:
             self._hash.update(data)
         self.size += len(data)
-        if self.size - self._written_back >= WRITEBACK_BYTES:  # overlap the disk writes with the work
+        if (
+            self._writeback and self.size - self._written_back >= WRITEBACK_BYTES
+        ):  # overlap the disk writes with the work
             self._fh.flush()
             start_writeback(self._fh.fileno(), self._written_back, self.size - self._written_back)
             self._written_back = self.size

@@ -219,11 +219,20 @@ class CheckpointWriter:
     """Stream tensors into a Hugging Face checkpoint directory (sharded safetensors + index).
 
     specs: every tensor to write, in the order :meth:`write` will receive them.
+    writeback: start the disk writes as the bytes arrive (for a directory that will be fsynced).
     The directory must exist (use :func:`deltakit.format.atomic.atomic_directory`).
     """
 
-    def __init__(self, out_dir: Path, specs: list[TensorSpec], max_shard_bytes: int = 5 * 1024**3):
+    def __init__(
+        self,
+        out_dir: Path,
+        specs: list[TensorSpec],
+        max_shard_bytes: int = 5 * 1024**3,
+        *,
+        writeback: bool = True,
+    ):
         self.out_dir = Path(out_dir)
+        self.writeback = writeback
         self.shards = plan_shards(specs, max_shard_bytes)
         count = len(self.shards)
         if count == 1:
@@ -248,6 +257,7 @@ class CheckpointWriter:
                 self.shards[index],
                 metadata={"format": "pt"},
                 digest=False,
+                writeback=self.writeback,
             )
         assert self._current is not None
         self._current.write(name, tensor)
