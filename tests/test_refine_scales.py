@@ -22,8 +22,11 @@ from deltakit.codecs.registry import get_codec
 from deltakit.core.decode import load_delta
 from deltakit.core.refine import (
     EVAL_WINDOWS,
+    LR_FEW,
+    LR_MANY,
     STATS_KEY,
     RefineSettings,
+    default_lr,
     refinable_codecs,
     refine_scales,
     supports_refinement,
@@ -174,6 +177,24 @@ def test_fits_scales_that_are_far_off(pair):
     assert sum(g < 0.6 for g in shrunk) >= len(shrunk) // 2, shrunk
 
 
+def test_default_learning_rate_falls_above_80_multipliers_per_matrix():
+    assert default_lr(1, 1) == LR_FEW == 0.1
+    assert default_lr(14_940, 210) == LR_FEW  # svd at 1 bit/weight: ~71 per matrix
+    assert default_lr(80 * 210, 210) == LR_FEW
+    assert default_lr(80 * 210 + 1, 210) == LR_MANY == 0.05
+    assert default_lr(21_072, 210) == LR_MANY  # deltacome at 1 bit/weight: ~100 per matrix
+    assert default_lr(5, 0) == LR_FEW  # no matrix: nothing to divide by
+
+
+def test_report_names_the_rate_used_given_or_default(pair):
+    chosen = _compress(pair, None, "svd", refine=True).manifest.stats[STATS_KEY]
+    multipliers = chosen["sign_scales"] + chosen["components"]
+    assert chosen["lr_default"] is True and chosen["lr"] == default_lr(multipliers, chosen["tensors"])
+    given = _compress(pair, None, "svd", refine=True, refine_lr=0.03).manifest.stats[STATS_KEY]
+    assert given["lr_default"] is False and given["lr"] == 0.03
+    assert given["kl_fitted"] != chosen["kl_fitted"]  # the rate given is the rate used
+
+
 def test_missing_data_is_one_line(pair):
     with pytest.raises(UsageError, match=r"data=") as info:
         deltakit.compress(pair["base"], pair["ft"], None, method="bitdelta", refine_scales=True)
@@ -246,7 +267,8 @@ def test_cli_end_to_end(pair, tmp_path, capsys):
     code, stdout, _ = _run(capsys, "inspect", str(out), "--json", "--no-tensors")
     assert code == 0 and json.loads(stdout)["stats"][STATS_KEY] == report
     code, stdout, _ = _run(capsys, "inspect", str(out), "--no-tensors")
-    assert code == 0 and "scales refined on 1024 tokens, 5 steps" in stdout
+    assert code == 0 and f"scales refined on 1024 tokens, 5 steps, lr {report['lr']:.4g}," in stdout
+    assert report["lr_default"] is True
     code, stdout, _ = _run(capsys, "verify", str(out), "--base", str(pair["base"]), "--json")
     assert code == 0 and json.loads(stdout)["ok"]
     code, stdout, _ = _run(capsys, "apply", str(pair["base"]), str(out), "-o", str(tmp_path / "m"), "--json")
@@ -306,4 +328,4 @@ def test_inspect_survives_a_malformed_refinement_report(pair, tmp_path, capsys):
     (out / "manifest.json").write_text(json.dumps(manifest))
     code, stdout, _ = _run(capsys, "inspect", str(out), "--no-tensors")
     assert code == 0
-    assert "scales refined on - tokens, - steps, - matrices: calibration KL - -> -, data-free" in stdout
+    assert "scales refined on - tokens, - steps, lr -, - matrices: calibration KL - -> -, data-free" in stdout

@@ -52,17 +52,17 @@ class CompressOptions:
     exclude_roles: tuple[str, ...] = ()
     #: fit each sign part's per-matrix scale on ``data`` against the fine-tune's logits after encoding
     #: (:mod:`deltakit.core.refine`). Halving steps or windows per step lowered KL closed on shakespeare at
-    #: 0.5 bits/weight (docs/rate_distortion/scale_refinement/README.md); so is the learning rate
-    #: (relative to each scale): 0.02 / 0.05 / 0.1 / 0.2 gave 0.9913 / 0.9930 / 0.9937 / 0.9917 KL closed on
-    #: shakespeare, 0.05 / 0.1 gave 0.9605 / 0.9637 on shakespeare-heavy (0.1 wins on the whole fleet at 0.5
-    #: and 0.25 bits/weight; at 1 bit/weight deltacome's fleet mean is 0.9958 with 0.05, 0.9944 with 0.1)
+    #: 0.5 bits/weight (docs/rate_distortion/scale_refinement/README.md). The learning rate (relative to
+    #: each scale): 0.02 / 0.05 / 0.1 / 0.2 gave 0.9913 / 0.9930 / 0.9937 / 0.9917 KL closed on
+    #: shakespeare at 0.5 bits/weight; None picks 0.1 or 0.05 from the number of multipliers per matrix
+    #: (:func:`deltakit.core.refine.default_lr`, measured on the whole fleet)
     refine_scales: bool = False
     #: weight each matrix's error in the ``rd`` allocation by its layer's input energy on ``data``
     #: (:mod:`deltakit.core.activations`). Off by default: on the fleet it lowered deltacome's KL closed at
     #: 1 bit/weight (milton 0.9948 -> 0.9839, jargon 0.9940 -> 0.9794; docs/rate_distortion/README.md)
     weight_allocation: bool = False
     refine_steps: int = 20
-    refine_lr: float = 0.1
+    refine_lr: float | None = None
     refine_batch: int = 4
     overwrite: bool = False
     max_shard_bytes: int = 1 << 30

@@ -23,6 +23,7 @@ int8 and its fp32 factors; the batch's logits twice.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +60,32 @@ STATS_KEY = "scale_refinement"
 EVAL_WINDOWS = 8
 
 
+#: learning rates of the fit when none is given (:func:`default_lr`): the larger one up to
+#: ``MANY_MULTIPLIERS`` multipliers per refined matrix, the smaller one above. Measured on the SmolLM2
+#: fleet means (docs/rate_distortion/scale_refinement/README.md): 0.1 wins at 28 and 54 multipliers per
+#: matrix (deltacome at 0.25 and 0.5 bits/weight, every variant), 0.05 at 101 (deltacome at 1 bit/weight,
+#: 5 of 6 variants); at 71 (svd, 4-bit factors, 1 bit/weight) the two are level (0.9928 both), so that
+#: case keeps 0.1. bitdelta (1 per matrix) does better with 0.1 on shakespeare (0.9929 against 0.988).
+LR_FEW, LR_MANY = 0.1, 0.05
+MANY_MULTIPLIERS = 80
+
+
+def default_lr(multipliers: int, matrices: int) -> float:
+    """The fit's learning rate when ``refine_lr`` is not given: LR_FEW for at most MANY_MULTIPLIERS
+    multipliers (sign scales plus low-rank components) per refined matrix on average, else LR_MANY.
+    With many multipliers each Adam step moves the rebuilt weights further, and the larger rate
+    overshoots."""
+    return LR_MANY if multipliers > MANY_MULTIPLIERS * max(matrices, 1) else LR_FEW
+
+
 @dataclass(frozen=True)
 class RefineSettings:
-    """Adam steps, learning rate (relative to each data-free scale), windows per step and the seed that
-    orders the minibatches (defaults: :class:`~deltakit.core.options.CompressOptions`' ``refine_*``)."""
+    """Adam steps, learning rate (relative to each data-free scale; None: :func:`default_lr`), windows
+    per step and the seed that orders the minibatches (defaults: :class:`~deltakit.core.options.
+    CompressOptions`' ``refine_*``)."""
 
     steps: int
-    lr: float
+    lr: float | None
     batch_size: int
     seed: int = 0
 
@@ -75,7 +95,7 @@ class RefineSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 name = "refine_batch" if key == "batch_size" else f"refine_{key}"
                 raise UsageError(f"{name}={value!r} is not valid: give an integer >= 1")
-        if (
+        if self.lr is not None and (
             isinstance(self.lr, bool)
             or not isinstance(self.lr, int | float)
             or not (math.isfinite(self.lr) and self.lr > 0)
@@ -274,7 +294,8 @@ def _mean_kl(
 
 
 def _fit(model, student: _Student, windows: torch.Tensor, settings: RefineSettings, progress) -> None:
-    """``settings.steps`` Adam steps on minibatches of ``windows`` in a seeded order (cycled as needed)."""
+    """``settings.steps`` Adam steps on minibatches of ``windows`` in a seeded order (cycled as needed);
+    ``settings.lr`` is set."""
     optimizer = torch.optim.Adam([student.m, student.g], lr=settings.lr)
     epochs = math.ceil(settings.steps * settings.batch_size / windows.shape[0]) + 1
     batches = iter_minibatches(windows, settings.batch_size, seed=settings.seed, epochs=epochs)
@@ -338,6 +359,10 @@ def refine_scales(
             raise UsageError(
                 "refine_scales: low-rank component scales are rewritten; give an in-memory delta"
             )
+        lr_default = settings.lr is None
+        if lr_default:
+            lr = default_lr(student.n_signs + student.n_components, len(student.parts))
+            settings = dataclasses.replace(settings, lr=lr)
         held = windows[: max(EVAL_WINDOWS, settings.batch_size)]
         kl_before = _mean_kl(model, student.weights(), held, settings.batch_size, device)
         _fit(model, student, windows, settings, progress)
@@ -347,7 +372,8 @@ def refine_scales(
         )
     report = _write_scales(delta, student, rescaled, kl_before, kl_fitted)
     report.update(
-        steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
+        steps=settings.steps, lr=settings.lr, lr_default=lr_default, batch_size=settings.batch_size,
+        seed=settings.seed,
         windows=int(windows.shape[0]), seq_len=int(windows.shape[1]), tokens=int(windows.numel()),
         eval_windows=int(held.shape[0]),
     )  # fmt: skip
