@@ -326,6 +326,7 @@ def bench_apply_compress(base: Path, ft: Path, delta: Path, work: Path, repeats:
             ("compress_dqrelo_s", compress),
             ("compress_dqrelo_uncached_s", uncached(compress)),
         ):
+            os.sync()  # untimed: no earlier command's dirty pages are written back inside this one
             times.setdefault(key, []).append(median_time(fn, 1))
     out = {key: statistics.median(values) for key, values in times.items()}
     ls = out["load_save_s"]

@@ -311,7 +311,7 @@ def resolve_base_arg(base: str, registry_path: Path | None) -> Path:
     "--no-sync",
     is_flag=True,
     help="return without waiting for the output to reach the disk: faster, but an OS crash or power "
-    "loss soon after can leave it incomplete",
+    "loss soon after can leave it incomplete (and lose the output --overwrite replaced)",
 )
 @click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
@@ -435,7 +435,8 @@ def _refinement_line(report: dict) -> str:
     kept = "refined scales kept" if report.get("applied") is True else "data-free scales kept (no KL gain)"
     return (
         f"scales refined on {num(report.get('tokens'))} tokens, {num(report.get('steps'))} steps, "
-        f"lr {num(report.get('lr'))}, {num(report.get('tensors'))} matrices{_components(report)}: "
+        f"lr {num(report.get('lr'))}{' (default)' if report.get('lr_default') is True else ''}, "
+        f"{num(report.get('tensors'))} matrices{_components(report)}: "
         "calibration KL "
         f"{num(report.get('kl_before'))} -> "
         f"{num(report.get('kl_fitted'))}, {kept}"

@@ -195,6 +195,17 @@ def test_report_names_the_rate_used_given_or_default(pair):
     assert given["kl_fitted"] != chosen["kl_fitted"]  # the rate given is the rate used
 
 
+def test_many_multipliers_per_matrix_take_the_smaller_default_rate(pair, monkeypatch):
+    from deltakit.core import refine
+
+    few = _compress(pair, None, "svd", refine=True).manifest.stats[STATS_KEY]
+    assert few["lr"] == LR_FEW  # the tiny model's svd holds fewer than 80 components per matrix
+    monkeypatch.setattr(refine, "MANY_MULTIPLIERS", 0)  # every count is now "many"
+    many = _compress(pair, None, "svd", refine=True).manifest.stats[STATS_KEY]
+    assert many["lr"] == LR_MANY and many["lr_default"] is True
+    assert many["kl_fitted"] != few["kl_fitted"]
+
+
 def test_missing_data_is_one_line(pair):
     with pytest.raises(UsageError, match=r"data=") as info:
         deltakit.compress(pair["base"], pair["ft"], None, method="bitdelta", refine_scales=True)
@@ -267,7 +278,7 @@ def test_cli_end_to_end(pair, tmp_path, capsys):
     code, stdout, _ = _run(capsys, "inspect", str(out), "--json", "--no-tensors")
     assert code == 0 and json.loads(stdout)["stats"][STATS_KEY] == report
     code, stdout, _ = _run(capsys, "inspect", str(out), "--no-tensors")
-    assert code == 0 and f"scales refined on 1024 tokens, 5 steps, lr {report['lr']:.4g}," in stdout
+    assert code == 0 and f"scales refined on 1024 tokens, 5 steps, lr {report['lr']:.4g} (default)," in stdout
     assert report["lr_default"] is True
     code, stdout, _ = _run(capsys, "verify", str(out), "--base", str(pair["base"]), "--json")
     assert code == 0 and json.loads(stdout)["ok"]

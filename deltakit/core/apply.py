@@ -97,8 +97,8 @@ def apply(
     dtype: cast floating tensors of the output (default: the fine-tune's dtypes).
     force: apply even when the base fingerprint differs from the one recorded in the delta.
     sync: return only once ``output`` is on disk (fsync); ``False`` leaves the disk writes to the kernel,
-    which is faster but an OS crash or power loss soon after can leave the output incomplete (the output
-    still appears whole or not at all to other processes).
+    which is faster but an OS crash or power loss soon after can leave the output incomplete, and with
+    ``overwrite`` lose the output it replaced (other processes still see a whole output or none).
     """
     if not isinstance(delta, Delta):
         delta = load_delta(delta, verify=verify)

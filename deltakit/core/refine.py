@@ -295,7 +295,9 @@ def _mean_kl(
 
 def _fit(model, student: _Student, windows: torch.Tensor, settings: RefineSettings, progress) -> None:
     """``settings.steps`` Adam steps on minibatches of ``windows`` in a seeded order (cycled as needed);
-    ``settings.lr`` is set."""
+    ``settings.lr`` must be set (:func:`refine_scales` sets it)."""
+    if settings.lr is None:
+        raise ValueError("_fit needs a learning rate; refine_scales picks default_lr when none is given")
     optimizer = torch.optim.Adam([student.m, student.g], lr=settings.lr)
     epochs = math.ceil(settings.steps * settings.batch_size / windows.shape[0]) + 1
     batches = iter_minibatches(windows, settings.batch_size, seed=settings.seed, epochs=epochs)
