@@ -356,8 +356,9 @@ def test_failure_mid_compress_leaves_no_output_and_no_temp_dir(llama_pair, tmp_p
         deltakit.compress(
             llama_pair[0], llama_pair[1], out, method="dqrelo", overwrite=overwrite, max_shard_bytes=1
         )  # flush a shard after every tensor: files exist mid-run
-    # the run stops at the failing tensor; tensors other workers had already started finish first
-    assert 4 <= calls["n"] <= 4 + torch.get_num_threads()
+    # the run stops at the failing tensor; tensors queued behind it that workers had already started
+    # finish first (ordered_map keeps at most 2 * workers + 2 in flight, the failing one included)
+    assert 4 <= calls["n"] <= 4 + 2 * torch.get_num_threads() + 1
     assert out.exists() == overwrite
     if overwrite:
         assert os.listdir(out) == ["old.txt"]

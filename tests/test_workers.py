@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deltakit.ops.threads import torch_threads
-from deltakit.ops.workers import ordered_map
+from deltakit.ops.workers import ordered_map, tensor_bytes
 
 
 def _cpu_over_wall() -> float:
@@ -58,6 +58,41 @@ def test_in_flight_items_never_exceed_ahead():
         with lock:
             live[0] -= 1
     assert peak[0] <= 3
+
+
+def _peak_in_flight(workers: int, **options) -> int:
+    """Most items drawn and not yet consumed during an ordered_map over 24 items of 1 MiB each."""
+    live, peak, lock = [0], [0], threading.Lock()
+    payload = torch.zeros(1 << 20, dtype=torch.uint8)
+
+    def items():
+        for i in range(24):
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            yield i, payload
+
+    def slow_first(item):
+        time.sleep(0.01 if item[0] % 4 == 0 else 0.0)
+        return item[0]
+
+    results = []
+    for result in ordered_map(slow_first, items(), workers, **options):
+        with lock:
+            live[0] -= 1
+        results.append(result)
+    assert results == list(range(24))
+    return peak[0]
+
+
+def test_cheap_items_queue_ahead_costly_ones_stop_at_workers_plus_one():
+    assert _peak_in_flight(2) == 6  # default ahead 2 * workers + 2, no cost given
+    assert _peak_in_flight(2, cost=tensor_bytes) == 6  # 1 MiB items, far below AHEAD_BYTES
+    # the bytes bound: the queued items hold at most ahead_bytes, plus the item just drawn
+    assert _peak_in_flight(2, cost=tensor_bytes, ahead_bytes=(1 << 20) * 4) == 5
+    assert _peak_in_flight(2, cost=tensor_bytes, ahead_bytes=(1 << 20) * 2) == 3
+    assert _peak_in_flight(3, cost=tensor_bytes, ahead_bytes=0) == 4  # never below workers + 1
+    assert tensor_bytes(("name", torch.zeros(3, dtype=torch.float32), None, torch.zeros(2, 2))) == 28
 
 
 def test_the_first_failing_item_in_input_order_is_raised():

@@ -33,7 +33,7 @@ from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
 from deltakit.models.checkpoint import TensorSource
 from deltakit.models.roles import EMBEDDING, LM_HEAD, TensorRole, infer_roles
 from deltakit.ops.allocate import allocate
-from deltakit.ops.workers import ordered_map
+from deltakit.ops.workers import ordered_map, tensor_bytes
 
 ALLOCATIONS = ("uniform", "rd")
 
@@ -154,7 +154,7 @@ def survey(
 
     items = (read(name) for name in names)
     for name, kind, passthrough, shape, norm2, spectrum in ordered_map(
-        measure, items, workers, ahead=workers + 1
+        measure, items, workers, cost=tensor_bytes
     ):
         out.passthrough_bytes += passthrough
         if kind != ENCODED:

@@ -35,7 +35,7 @@ from deltakit.format.manifest import UNCHANGED
 from deltakit.format.paths import check_aux_name, confined
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
-from deltakit.ops.workers import cpu_workers, ordered_map
+from deltakit.ops.workers import cpu_workers, ordered_map, tensor_bytes
 
 Progress = Callable[[int, int, str], None]
 
@@ -163,7 +163,7 @@ def _apply_into(
     items = (read(spec) for spec in specs)
     as_base = []  # tensors written with the base's bytes: their digest is the base's
     for index, (spec, rebuilt) in enumerate(
-        zip(specs, ordered_map(rebuild, items, workers, ahead=workers + 1), strict=True)
+        zip(specs, ordered_map(rebuild, items, workers, cost=tensor_bytes), strict=True)
     ):
         if progress is not None:
             progress(index, total, spec.name)

@@ -45,7 +45,7 @@ from deltakit.models.checkpoint import CheckpointReader, TensorSource, open_chec
 from deltakit.models.roles import TensorRole, infer_roles
 from deltakit.ops.finite import all_finite, scan_pair
 from deltakit.ops.threads import one_thread_on_cpu
-from deltakit.ops.workers import cpu_workers, ordered_map
+from deltakit.ops.workers import cpu_workers, ordered_map, tensor_bytes
 
 __all__ = ["CompressOptions", "build_config", "compress"]
 
@@ -305,7 +305,7 @@ class _DeltaBuilder:
 
         workers = encode_workers(self.codec, self.dev)
         items = (read(name) for name in target_names)
-        for index, (item, work) in enumerate(ordered_map(compute, items, workers, ahead=workers + 1)):
+        for index, (item, work) in enumerate(ordered_map(compute, items, workers, cost=tensor_bytes)):
             name, t, b, role = item
             if progress is not None:
                 progress(index, total, name)

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 #: most tensors handled side by side (each worker holds a tensor pair and the work on it)
 MAX_WORKERS = 8
+#: bytes that items queued beyond ``workers + 1`` may hold together (:func:`ordered_map`'s ``cost``)
+AHEAD_BYTES = 256 << 20
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -31,6 +33,14 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+def tensor_bytes(item: tuple) -> int:
+    """Bytes of the torch tensors among ``item``'s fields (other fields count nothing): the ``cost`` of
+    an item of :func:`ordered_map` that carries its tensors."""
+    import torch
+
+    return sum(x.nbytes for x in item if isinstance(x, torch.Tensor))
+
+
 def cpu_workers(device) -> int:
     """Workers for per-tensor work on ``device`` (a torch.device or its type name): torch's thread count
     on the CPU, at most MAX_WORKERS; one on an accelerator, whose kernels are queued in order anyway."""
@@ -42,17 +52,27 @@ def cpu_workers(device) -> int:
 
 
 def ordered_map(
-    fn: Callable[[Item], Result], items: Iterable[Item], workers: int, *, ahead: int | None = None
+    fn: Callable[[Item], Result],
+    items: Iterable[Item],
+    workers: int,
+    *,
+    ahead: int | None = None,
+    cost: Callable[[Item], int] | None = None,
+    ahead_bytes: int | None = None,
 ) -> Iterator[Result]:
     """Yield ``fn(item)`` for each item, in the order of ``items``.
 
     workers: threads computing ``fn`` (each at one torch intra-op thread); ``<= 1`` runs ``fn`` in the
-    caller's thread, one item at a time, as a plain loop would. ahead: items in flight at most (default
-    ``2 * workers``): bounds the tensors alive at once. ``items`` is drawn lazily in the caller's thread,
-    so reading inputs and ordered side effects stay there. An exception raised by ``fn`` surfaces when its
-    item's turn comes (the first failing item in input order wins); items not yet started are cancelled
-    and the threads are joined before it propagates, also when the consumer stops early. The caller's
-    torch thread count is restored when the map ends.
+    caller's thread, one item at a time, as a plain loop would. ahead: items drawn and not yet yielded at
+    most (default ``2 * workers + 2``): with more items queued than workers, a worker that finishes a
+    small item starts the next one while the oldest, larger one is still running, instead of waiting for
+    it to be consumed. cost: bytes an item holds (its tensors); beyond ``workers + 1`` items, an item
+    stays queued only while the queued items hold at most ``ahead_bytes`` (default AHEAD_BYTES)
+    together, which bounds the memory when tensors are large. ``items`` is drawn lazily in the caller's
+    thread, so reading inputs and ordered side effects stay there. An exception raised by ``fn``
+    surfaces when its item's turn comes (the first failing item in input order wins); items not yet
+    started are cancelled and the threads are joined before it propagates, also when the consumer stops
+    early. The caller's torch thread count is restored when the map ends.
     """
     if workers <= 1:
         for item in items:
@@ -61,18 +81,25 @@ def ordered_map(
     import torch
 
     previous = torch.get_num_threads()  # the workers set the process-wide count too; restored at the end
-    limit = max(1, ahead if ahead is not None else 2 * workers)
-    pending: deque[Future[Result]] = deque()
+    limit = max(1, ahead if ahead is not None else 2 * workers + 2)
+    floor = min(limit, workers + 1)  # queued regardless of their bytes
+    budget = AHEAD_BYTES if ahead_bytes is None else ahead_bytes
+    pending: deque[tuple[Future[Result], int]] = deque()
+    held = 0  # bytes of the items in ``pending``
     pool = ThreadPoolExecutor(workers, thread_name_prefix="deltakit-work", initializer=_one_torch_thread)
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= limit:
-                yield pending.popleft().result()
+            size = cost(item) if cost is not None else 0
+            pending.append((pool.submit(fn, item), size))
+            held += size
+            while len(pending) >= limit or (len(pending) >= floor and held > budget):
+                future, size = pending.popleft()
+                held -= size
+                yield future.result()
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:
-        for future in pending:
+        for future, _ in pending:
             future.cancel()
         pool.shutdown(wait=True)
         torch.set_num_threads(previous)
