@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import fixtures_models as fm
 import pytest
@@ -339,11 +340,13 @@ def test_apply_without_sync_writes_the_same_bytes_and_never_syncs(state_pair, tm
 def test_failure_mid_compress_leaves_no_output_and_no_temp_dir(llama_pair, tmp_path, monkeypatch, overwrite):
     codec_cls = type(deltakit.get_codec("dqrelo"))
     original = codec_cls.encode
-    calls = {"n": 0}
+    calls, lock = {"n": 0}, threading.Lock()
 
     def failing_encode(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 3:
+        with lock:  # encode runs on several worker threads
+            calls["n"] += 1
+            failing = calls["n"] > 3
+        if failing:
             raise RuntimeError("disk on fire")
         return original(self, *args, **kwargs)
 

@@ -282,3 +282,32 @@ def test_output_fingerprint_is_the_written_checkpoints_with_unchanged_tensors(
         out = tmp_path / f"out-{attempt}"
         report = deltakit.apply(base, tmp_path / "delta", out, dtype=dtype)
         assert report.output_fingerprint == checkpoint_fingerprint(out)
+
+
+def test_apply_queue_counts_the_base_tensor_and_the_rebuilt_one(qwen_pair, monkeypatch):
+    """The work queue's byte bound sees what a queued tensor holds until it is written: its base tensor
+    and its rebuilt copy at the output dtype (twice a bf16 base's bytes when cast to float32)."""
+    import deltakit.core.apply as apply_module
+
+    seen = []
+    real_map = apply_module.ordered_map
+
+    def spy(fn, items, workers, **options):
+        cost = options["cost"]
+
+        def counted():
+            for item in items:
+                seen.append((item, cost(item)))
+                yield item
+
+        return real_map(fn, counted(), workers, **options)
+
+    monkeypatch.setattr(apply_module, "ordered_map", spy)
+    delta = deltakit.compress(*qwen_pair, None, method="svd")
+    deltakit.apply(qwen_pair[0], delta, None, dtype="float32")
+    assert seen
+    for (spec, base_tensor), cost in seen:
+        output = spec.nbytes
+        assert spec.dtype == torch.float32
+        assert cost == output + (base_tensor.nbytes if base_tensor is not None else 0)
+        assert base_tensor is None or cost > base_tensor.nbytes

@@ -35,7 +35,7 @@ from deltakit.format.manifest import UNCHANGED
 from deltakit.format.paths import check_aux_name, confined
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
-from deltakit.ops.workers import cpu_workers, ordered_map, tensor_bytes
+from deltakit.ops.workers import cpu_workers, ordered_map
 
 Progress = Callable[[int, int, str], None]
 
@@ -159,11 +159,16 @@ def _apply_into(
         rebuilt = reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True)
         return rebuilt.to(spec.dtype).cpu()
 
+    def held_bytes(item: tuple[TensorSpec, torch.Tensor | None]) -> int:
+        """What a queued tensor holds until it is written: the base tensor read and the rebuilt one."""
+        spec, base_tensor = item
+        return spec.nbytes + (base_tensor.nbytes if base_tensor is not None else 0)
+
     workers = cpu_workers(dev)
     items = (read(spec) for spec in specs)
     as_base = []  # tensors written with the base's bytes: their digest is the base's
     for index, (spec, rebuilt) in enumerate(
-        zip(specs, ordered_map(rebuild, items, workers, cost=tensor_bytes), strict=True)
+        zip(specs, ordered_map(rebuild, items, workers, cost=held_bytes), strict=True)
     ):
         if progress is not None:
             progress(index, total, spec.name)

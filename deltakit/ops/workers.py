@@ -17,7 +17,8 @@ from typing import TypeVar
 
 #: most tensors handled side by side (each worker holds a tensor pair and the work on it)
 MAX_WORKERS = 8
-#: bytes that items queued beyond ``workers + 1`` may hold together (:func:`ordered_map`'s ``cost``)
+#: bytes all queued items may hold together before more than ``workers + 1`` are kept
+#: (:func:`ordered_map`'s ``cost``)
 AHEAD_BYTES = 256 << 20
 
 Item = TypeVar("Item")
@@ -66,13 +67,16 @@ def ordered_map(
     caller's thread, one item at a time, as a plain loop would. ahead: items drawn and not yet yielded at
     most (default ``2 * workers + 2``): with more items queued than workers, a worker that finishes a
     small item starts the next one while the oldest, larger one is still running, instead of waiting for
-    it to be consumed. cost: bytes an item holds (its tensors); beyond ``workers + 1`` items, an item
-    stays queued only while the queued items hold at most ``ahead_bytes`` (default AHEAD_BYTES)
-    together, which bounds the memory when tensors are large. ``items`` is drawn lazily in the caller's
-    thread, so reading inputs and ordered side effects stay there. An exception raised by ``fn``
-    surfaces when its item's turn comes (the first failing item in input order wins); items not yet
-    started are cancelled and the threads are joined before it propagates, also when the consumer stops
-    early. The caller's torch thread count is restored when the map ends.
+    it to be consumed. cost: bytes an item holds until its result is consumed (its tensors and its
+    result's); more than ``workers + 1`` items stay queued only while they hold at most
+    ``ahead_bytes`` (default AHEAD_BYTES) together, which bounds the memory when tensors are large (the
+    next item is drawn before its cost is known, so the peak is that bound plus one item). ``items`` is
+    drawn lazily in the caller's thread, so reading inputs and ordered side effects stay there. An
+    exception raised by ``fn`` surfaces when its item's turn comes (the first failing item in input
+    order wins among ``fn``'s errors; an error raised while drawing an item surfaces at once, possibly
+    before an earlier item's); items not yet started are cancelled and the threads are joined before
+    it propagates, also when the consumer stops early. The caller's torch thread count is restored when
+    the map ends.
     """
     if workers <= 1:
         for item in items:
@@ -101,5 +105,5 @@ def ordered_map(
     finally:
         for future, _ in pending:
             future.cancel()
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(previous)
