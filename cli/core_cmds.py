@@ -436,8 +436,7 @@ def _refinement_line(report: dict) -> str:
     return (
         f"scales refined on {num(report.get('tokens'))} tokens, {num(report.get('steps'))} steps, "
         f"lr {num(report.get('lr'))}{' (default)' if report.get('lr_default') is True else ''}, "
-        f"{num(report.get('tensors'))} matrices{_components(report)}: "
-        "calibration KL "
+        f"{num(report.get('tensors'))} matrices{_components(report)}: calibration KL "
         f"{num(report.get('kl_before'))} -> "
         f"{num(report.get('kl_fitted'))}, {kept}"
     )

@@ -191,9 +191,8 @@ class StreamingSafetensorsWriter:
         if self._hash is not None:
             self._hash.update(data)
         self.size += len(data)
-        if (
-            self._writeback and self.size - self._written_back >= WRITEBACK_BYTES
-        ):  # overlap the disk writes with the work
+        # overlap the disk writes with the work (only for a file that will be fsynced)
+        if self._writeback and self.size - self._written_back >= WRITEBACK_BYTES:
             self._fh.flush()
             start_writeback(self._fh.fileno(), self._written_back, self.size - self._written_back)
             self._written_back = self.size

@@ -59,7 +59,7 @@ def ordered_map(
     *,
     ahead: int | None = None,
     cost: Callable[[Item], int] | None = None,
-    ahead_bytes: int | None = None,
+    ahead_bytes: int = AHEAD_BYTES,
 ) -> Iterator[Result]:
     """Yield ``fn(item)`` for each item, in the order of ``items``.
 
@@ -69,7 +69,7 @@ def ordered_map(
     small item starts the next one while the oldest, larger one is still running, instead of waiting for
     it to be consumed. cost: bytes an item holds until its result is consumed (its tensors and its
     result's); more than ``workers + 1`` items stay queued only while they hold at most
-    ``ahead_bytes`` (default AHEAD_BYTES) together, which bounds the memory when tensors are large (the
+    ``ahead_bytes`` together, which bounds the memory when tensors are large (the
     next item is drawn before its cost is known, so the peak is that bound plus one item). ``items`` is
     drawn lazily in the caller's thread, so reading inputs and ordered side effects stay there. An
     exception raised by ``fn`` surfaces when its item's turn comes (the first failing item in input
@@ -87,7 +87,6 @@ def ordered_map(
     previous = torch.get_num_threads()  # the workers set the process-wide count too; restored at the end
     limit = max(1, ahead if ahead is not None else 2 * workers + 2)
     floor = min(limit, workers + 1)  # queued regardless of their bytes
-    budget = AHEAD_BYTES if ahead_bytes is None else ahead_bytes
     pending: deque[tuple[Future[Result], int]] = deque()
     held = 0  # bytes of the items in ``pending``
     pool = ThreadPoolExecutor(workers, thread_name_prefix="deltakit-work", initializer=_one_torch_thread)
@@ -96,14 +95,12 @@ def ordered_map(
             size = cost(item) if cost is not None else 0
             pending.append((pool.submit(fn, item), size))
             held += size
-            while len(pending) >= limit or (len(pending) >= floor and held > budget):
+            while len(pending) >= limit or (len(pending) >= floor and held > ahead_bytes):
                 future, size = pending.popleft()
                 held -= size
                 yield future.result()
         while pending:
             yield pending.popleft()[0].result()
     finally:
-        for future, _ in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # items not yet started never run
         torch.set_num_threads(previous)
