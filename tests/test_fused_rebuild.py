@@ -133,9 +133,22 @@ def test_a_float64_base_is_upcast_to_fp32_before_the_sum():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("parts", ["signs", "low_rank", "both"])
-def test_compiled_tiles_equal_the_torch_tiles_bit_for_bit(monkeypatch, dtype, out_dtype, parts):
-    """The C tile kernel (when a compiler exists) against the torch tiles, NaN, Inf and tails included."""
+@pytest.mark.parametrize(
+    ("parts", "factor_dtypes"),
+    [
+        ("signs", None),
+        ("low_rank", (torch.float32, torch.float32)),
+        ("both", (torch.float32, torch.float32)),
+        ("both", (torch.float16, torch.float16)),  # read as stored, widened inside the kernel
+        ("low_rank", (torch.bfloat16, torch.bfloat16)),
+        ("both", (torch.float16, torch.float32)),  # mixed: widened before the kernel
+    ],
+)
+def test_compiled_tiles_equal_the_torch_tiles_bit_for_bit(
+    monkeypatch, dtype, out_dtype, parts, factor_dtypes
+):
+    """The C tile kernel (when a compiler exists) against the torch tiles, NaN, Inf and tails included,
+    with fp32 and 16-bit factors (the torch tiles widen those to fp32 first)."""
     if fused.native_library() is None:
         pytest.skip("no C compiler: only the torch tiles exist")
     gen = torch.Generator().manual_seed(1)
@@ -143,8 +156,10 @@ def test_compiled_tiles_equal_the_torch_tiles_bit_for_bit(monkeypatch, dtype, ou
     base = torch.randn(rows, cols, generator=gen).to(dtype)
     base[3, 5], base[40, 7], base[50, 1] = float("nan"), float("inf"), -float("inf")
     signs = torch.randint(0, 256, (rows * cols // 8,), dtype=torch.uint8, generator=gen)
-    up = torch.randn(rows, rank, generator=gen) if parts != "signs" else None
-    down = torch.randn(rank, cols, generator=gen) if parts != "signs" else None
+    up = down = None
+    if parts != "signs":
+        up = torch.randn(rows, rank, generator=gen).to(factor_dtypes[0])
+        down = torch.randn(rank, cols, generator=gen).to(factor_dtypes[1])
     kw = {"signs": signs if parts != "low_rank" else None, "scale": 0.0173, "up": up, "down": down}
     for tile in (8, 24, None):
         native = fused.fused_rebuild(
@@ -182,3 +197,16 @@ def test_a_view_whose_factors_do_not_fit_is_one_format_error():
     view = FactoredView((40, 24), up=torch.zeros(8, 4), down=torch.zeros(4, 24))
     with pytest.raises(FormatError, match="do not rebuild a 40x24 matrix"):
         rebuild(codec, "encoded", torch.float32, encoded.tensors, encoded.params, base, view=view, name="w")
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rank_zero_factors_of_any_width_add_nothing(factor_dtype):
+    """Rank-0 factors (an empty low-rank part) at every factor width leave base + signs, on the compiled
+    path and the torch tiles alike."""
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(24, 48, generator=gen).bfloat16()
+    signs = torch.randint(0, 256, (24 * 48 // 8,), dtype=torch.uint8, generator=gen)
+    empty = {"up": torch.zeros(24, 0, dtype=factor_dtype), "down": torch.zeros(0, 48, dtype=factor_dtype)}
+    assert torch.equal(fused_rebuild(base, torch.bfloat16, **empty), base)
+    with_signs = fused_rebuild(base, torch.bfloat16, signs=signs, scale=0.5, **empty)
+    assert torch.equal(with_signs, fused_rebuild(base, torch.bfloat16, signs=signs, scale=0.5))

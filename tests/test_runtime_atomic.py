@@ -111,10 +111,13 @@ def test_failed_swap_between_deltas_restores_the_previous_delta(fleet):
 
 
 def test_non_finite_decode_at_swap_time_is_refused_and_rolled_back(fleet, base_state, monkeypatch):
-    """A tensor that decodes to NaN (e.g. a cached delta changed on disk after it was checked)."""
+    """A tensor that decodes to NaN on a copy's first swap (e.g. a delta read again from disk after it
+    changed there): refused, every parameter restored."""
     rt = _runtime(fleet)
     original = HotSwapRuntime._rebuild
-    victim = list(rt.host_delta("dqrelo-0")[0].ops)[3]
+    host = rt.host_delta("dqrelo-0")[0]
+    host.checked = False  # a copy never written before: every rebuilt tensor is checked
+    victim = list(host.ops)[3]
 
     def poisoned(prepared, op, base, out=None, **options):
         value = original(prepared, op, base, out=out, **options)
@@ -153,6 +156,32 @@ def test_a_new_copy_of_a_delta_is_checked_for_non_finite_values_on_its_first_swa
     rt.host_cache.put(name, host)
     rt.activate(name)
     assert rt.active == name
+
+
+def test_tensors_outside_the_fused_path_are_checked_for_finite_values_on_a_copys_first_swap_only(
+    fleet, monkeypatch
+):
+    """Like the fused write: a copy written once without fault is not scanned again (its rebuild is
+    deterministic); its shapes are checked on every write."""
+    import deltakit.runtime.hotswap as hotswap
+
+    rt = _runtime(fleet)
+    host = rt.host_delta("dqrelo-0")[0]
+    host.checked = False  # as a copy read again from disk
+    flags = []
+    original = hotswap.check_rebuilt
+
+    def recording(d, c, v, p, *, finite=True):
+        flags.append(finite)
+        original(d, c, v, p, finite=finite)
+
+    monkeypatch.setattr(hotswap, "check_rebuilt", recording)
+    rt.activate("dqrelo-0")
+    first, flags[:] = list(flags), []
+    assert first and all(first) and host.checked
+    rt.activate(None)
+    rt.activate("dqrelo-0")
+    assert len(flags) == len(first) and not any(flags)
 
 
 def test_shape_that_only_broadcasts_is_refused_at_swap(fleet, base_state, monkeypatch):
@@ -293,7 +322,7 @@ def test_fused_writes_land_in_the_parameter_without_a_second_pass(fleet, monkeyp
     checked = []
     original = hotswap.check_rebuilt
     monkeypatch.setattr(
-        hotswap, "check_rebuilt", lambda d, c, v, p: (checked.append(c), original(d, c, v, p))
+        hotswap, "check_rebuilt", lambda d, c, v, p, **kw: (checked.append(c), original(d, c, v, p, **kw))
     )
     rt.activate("dqrelo-0")
     assert checked and not factored & set(checked)  # only the non-factored tensors took the slow path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -151,16 +153,30 @@ def test_sign_group_refuses_parts_too_short_for_the_shape_and_negative_rows():
 
 @needs_kernel
 def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path):
-    """The library built without AVX-512 (the portable loops) against the native build: same bits."""
+    """The library built without AVX-512 (the portable loops) against the native build: same bits, for the
+    sign products and for the fused rebuild with 16-bit factors (widened by F16C or by the compiler)."""
+    from deltakit.ops.fused import fused_rebuild
+
     shape, cases = (70, 584), [_case(70, 584, n, seed=5 + n) for n in (1, 3, 6, 30)]
     native = [sign_matmul(x, packed, shape) for packed, x in cases]
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=gen).bfloat16()
+    parts = {
+        "signs": cases[0][0],
+        "scale": 0.01,
+        "up": torch.randn(70, 5, generator=gen).half(),
+        "down": torch.randn(5, 584, generator=gen).half(),
+    }
+    native.append(fused_rebuild(base, torch.bfloat16, **parts))
     monkeypatch.setattr(signmm, "_FLAGS", (*signmm._FLAGS, "-mno-avx512f"))
     monkeypatch.setenv("DELTAKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(signmm, "_tried", False)
     monkeypatch.setattr(signmm, "_library", None)
-    if signmm.native_library() is None:
-        pytest.skip("the compiler cannot build the portable form")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("-mno-avx512f is an x86 flag")
+    assert signmm.native_library() is not None, "the portable form does not build"
     portable = [sign_matmul(x, packed, shape) for packed, x in cases]
+    portable.append(fused_rebuild(base, torch.bfloat16, **parts))
     assert all(torch.equal(a, b) for a, b in zip(native, portable, strict=True))
 
 

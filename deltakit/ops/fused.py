@@ -20,7 +20,10 @@ like the sign kernel of :mod:`deltakit.ops.signmm`) takes each tile 8 rows at a 
 product (the operations of :func:`~deltakit.ops.lowrank.low_rank_product`) into a per-thread buffer that
 stays in cache, then sign lookup, base add, rounding, cast and finite check in one pass. It performs the
 same fp32 operations in the same order, so its bits are the torch tiles' (tested, NaN bits included).
-Without a C compiler, with ``DELTAKIT_NATIVE=0``, for fp16 or on CUDA the torch tiles run.
+fp16 and bf16 factors are passed as stored and widened inside the kernel (exact), once per call for
+``down`` and per 8-row block for ``up``: no fp32 copies are allocated per rebuild.
+Without a C compiler, with ``DELTAKIT_NATIVE=0``, for an fp16 base or output, or on CUDA the torch tiles
+run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from deltakit.ops.signmm import native_library
 
 #: dtype codes of the native kernel (``deltakit_fused_rows`` in ops/signmm_native.c)
 _NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+#: factor dtype codes of the same kernel: 16-bit factors are read as stored and widened inside it (exact)
+_FACTOR_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 #: fp32 values per CPU tile (4 MiB): on the SmolLM2-135M swap, 64 K-value tiles spent more time in
 #: per-tile Python and dispatch than in arithmetic (0.54 s a swap against 0.25 s at 1 M; whole matrices
@@ -118,7 +123,6 @@ def fused_rebuild(
         out = torch.empty((rows, cols), dtype=dtype, device=device)
     elif tuple(out.shape) != (rows, cols):
         raise ValueError(f"{name}: out has shape {list(out.shape)}, expected {[rows, cols]}")
-    table = _sign_table(device) * float(scale) if signs is not None else None  # (256, 8) ±α
     packed = signs.reshape(-1).to(device) if signs is not None else None
     if packed is not None and packed.numel() * 8 < rows * cols:
         raise ValueError(f"{name}: {packed.numel()} sign bytes cannot hold {rows}x{cols} bits")
@@ -131,13 +135,19 @@ def fused_rebuild(
             f"{name}: factors up {list(up.shape)} and down {list(down.shape)} do not rebuild a "
             f"{rows}x{cols} matrix"
         )
-    up32 = up.to(device=device, dtype=torch.float32) if up is not None else None  # (rows, r)
-    down32 = down.to(device=device, dtype=torch.float32) if down is not None else None  # (r, cols)
     step = tile if tile is not None else tile_rows(rows, cols, device)
     if step < rows and step % TILE_ALIGN:
         raise ValueError(f"{name}: tile={step} is not a multiple of {TILE_ALIGN} rows")
     extremes = []  # per tile (min, max) of the fp32 sums: NaN propagates; rounding is monotonic
-    native = _native_tiles(base, dtype, out, table is not None or up32 is not None)
+    native = _native_tiles(base, dtype, out, signs is not None or up is not None)
+    table = None  # (256, 8) ±α of the torch tiles' sign lookup
+    if native is None and signs is not None:
+        table = _sign_table(device) * float(scale)
+    if native is not None and up is not None and _factor_kind(up, down) is not None:
+        up32, down32 = up.contiguous(), down.contiguous()  # (rows, r), (r, cols): widened by the kernel
+    else:
+        up32 = up.to(device=device, dtype=torch.float32) if up is not None else None  # (rows, r)
+        down32 = down.to(device=device, dtype=torch.float32) if down is not None else None  # (r, cols)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if native is not None:
@@ -170,6 +180,13 @@ def _native_tiles(base: torch.Tensor, dtype: torch.dtype, out: torch.Tensor, has
     return native_library()
 
 
+def _factor_kind(up: torch.Tensor, down: torch.Tensor) -> int | None:
+    """The kernel's code for factors it reads as stored (one CPU dtype of :data:`_FACTOR_KINDS`), else None."""
+    if up.dtype != down.dtype or up.device.type != "cpu" or down.device.type != "cpu":
+        return None
+    return _FACTOR_KINDS.get(up.dtype)
+
+
 def _native_tile(
     lib,
     base: torch.Tensor,
@@ -183,7 +200,8 @@ def _native_tile(
     r1: int,
 ) -> torch.Tensor:
     """Rows r0:r1 of ``out`` written by the compiled kernel, the low-rank rows computed inside it a few
-    rows at a time (the torch tile's operations, in its order); returns the (min, max) of the fp32 sums."""
+    rows at a time (the torch tile's operations, in its order); returns the (min, max) of the fp32 sums.
+    The factors may be fp32, fp16 or bf16 (both the same): the kernel widens 16-bit ones exactly."""
     cols = base.shape[1]
     bits = None
     if packed is not None:
@@ -197,6 +215,7 @@ def _native_tile(
         _NATIVE_KINDS[base.dtype],
         up32.data_ptr() if has_low else None,
         down32.data_ptr() if has_low else None,
+        _FACTOR_KINDS[up32.dtype] if has_low else 0,
         up32.shape[1] if has_low else 0,
         cols,
         r0,

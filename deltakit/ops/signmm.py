@@ -47,7 +47,17 @@ _SOURCES = tuple(
     Path(__file__).with_name(n)
     for n in ("signmm_native.c", "lowrank_native.c", "signstage_native.c", "pairscan_native.c")
 )
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
+#: an undeclared function is an error, never an implicit ``int`` one (a missing header must not build)
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-fno-fast-math",
+    "-ffp-contract=off",
+    "-Werror=implicit-function-declaration",
+)
 #: from this many activation rows on, the table-lookup kernel (16 rows per vector) is used: on SmolLM2's
 #: shapes it is slower than the tile form up to 16 rows, level at 24 and faster from 32 (docs/sign_kernel.md)
 LUT_MIN_ROWS = 24
@@ -57,13 +67,14 @@ _SIGNATURES = {
     "deltakit_sign_matmul_tiles": (_P, _I64, _I64, _P, _I64, _P, _I32),
     "deltakit_sign_matmul_lut": (_P, _I64, _I64, _P, _I64, _P, _I32),
     "deltakit_sign_matmul_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I32),
-    # the one-pass rows of ops/fused.py: base, kind, up, down, rank, cols, r0, r1, bits, alpha, round,
-    # out, kind, extremes
+    # the one-pass rows of ops/fused.py: base, kind, up, down, factor kind, rank, cols, r0, r1, bits, alpha,
+    # round, out, kind, extremes, threads
     "deltakit_fused_rows": (
         _P,
         _I32,
         _P,
         _P,
+        _I32,
         _I64,
         _I64,
         _I64,

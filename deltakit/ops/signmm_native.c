@@ -25,7 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -368,8 +368,10 @@ int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int
  * acc_i = (L[i] + s_i * alpha) + base[i] in fp32, the same additions in the same order as the torch path,
  * so the bits are the same:
  *
- * - L: the low-rank product up @ down of deltakit_low_rank_rows (up (rows, rank), down (rank, cols), fp32),
- *   computed 8 rows at a time into a per-thread buffer that stays in cache, or none when up is NULL;
+ * - L: the low-rank product up @ down of deltakit_low_rank_rows (up (rows, rank), down (rank, cols), both at
+ *   `factor_kind`: 0 = fp32, 1 = fp16, 2 = bf16; 16-bit factors are widened to fp32 once per call, which
+ *   is exact, so their product is that of the widened tensors), computed 8 rows at a time into a
+ *   per-thread buffer that stays in cache, or none when up is NULL;
  *   s_i = +1 when bit i of `packed` is set, else -1 (packed may be NULL: no sign part); base: fp32 or bf16
  *   values (exact in fp32);
  * - round: the fine-tune's dtype (0 = fp32, 1 = bf16: round to nearest even, NaN -> 0xFFFF as torch's CPU
@@ -507,35 +509,95 @@ static void fused_span(const void *base, int base_kind, const float *low, const 
 
 #define FUSED_ROWS 8 /* rows per block: a block's first sign bit is at a byte */
 
-int deltakit_fused_rows(const void *base, int base_kind, const float *up, const float *down, int64_t rank,
-                        int64_t cols, int64_t r0, int64_t r1, const uint8_t *packed, float alpha, int round_kind,
-                        void *out, int out_kind, float *extremes, int threads) {
+/* n factor values widened to fp32 (exact): kind 0 = fp32, 1 = fp16, 2 = bf16 */
+static void widen_factors(const void *src, int kind, int64_t n, float *dst) {
+    if (kind == 1) { /* the hardware conversion where there is one: the compiler's generic one is a call */
+        const _Float16 *h = (const _Float16 *)src;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+#elif defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+        for (; i < n; i++) dst[i] = (float)h[i];
+    } else if (kind == 2) {
+        const uint16_t *h = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(h[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* Scratch slots of a thread for at least n floats, kept between calls until the thread ends (a fresh block
+ * of this size per call would come from mmap and fault in every page) and aligned to cache lines (the
+ * kernel's 64-byte vector loads and stores then stay on one line each: unaligned, the widened factors
+ * took 1.6x as long on a 576x1536 matrix); grown on demand, NULL when it cannot be. */
+#define SCRATCH_LOW 0     /* a block's low-rank rows */
+#define SCRATCH_FACTORS 1 /* widened factors */
+static float *thread_scratch(int slot, int64_t n) {
+    static __thread float *buffers[2] = {NULL, NULL};
+    static __thread int64_t capacity[2] = {0, 0};
+    if (n < 1) n = 1; /* rank 0: nothing to widen, but a buffer all the same */
+    if (n > capacity[slot]) {
+        free(buffers[slot]);
+        void *fresh = NULL;
+        buffers[slot] = posix_memalign(&fresh, 64, (size_t)n * sizeof(float) + 64) == 0 ? fresh : NULL;
+        capacity[slot] = buffers[slot] ? n : 0;
+    }
+    return buffers[slot];
+}
+
+int deltakit_fused_rows(const void *base, int base_kind, const void *up_in, const void *down_in, int factor_kind,
+                        int64_t rank, int64_t cols, int64_t r0, int64_t r1, const uint8_t *packed, float alpha,
+                        int round_kind, void *out, int out_kind, float *extremes, int threads) {
     if (base_kind < 0 || base_kind > 1 || round_kind < 0 || round_kind > 1 || out_kind < 0 || out_kind > 1)
         return 1;
-    if (rank < 0 || cols < 0 || r0 < 0 || r1 < r0 || (up && !down)) return 1;
+    if (factor_kind < 0 || factor_kind > 2) return 1;
+    if (rank < 0 || cols < 0 || r0 < 0 || r1 < r0 || (up_in && !down_in)) return 1;
     if (threads < 1) threads = 1;
     int64_t blocks = (r1 - r0 + FUSED_ROWS - 1) / FUSED_ROWS;
     size_t base_size = base_kind == 0 ? 4 : 2, out_size = out_kind == 0 ? 4 : 2;
+    size_t factor_size = factor_kind == 0 ? 4 : 2;
     float lo = __builtin_inff(), hi = -__builtin_inff();
     int nan = 0, failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         span_stats st = {__builtin_inff(), -__builtin_inff(), 0};
-        float *low = up ? malloc((size_t)(FUSED_ROWS * cols) * sizeof(float) + 64) : NULL;
-        if (up && !low) {
+        float *low = up_in ? thread_scratch(SCRATCH_LOW, FUSED_ROWS * cols) : NULL;
+        /* 16-bit factors: each thread widens all of down once and a block's rows of up per block */
+        const float *down = (const float *)down_in;
+        float *up_rows = NULL;
+        if (up_in && factor_kind != 0) {
+            float *scratch = thread_scratch(SCRATCH_FACTORS, rank * cols + FUSED_ROWS * rank);
+            if (scratch) {
+                widen_factors(down_in, factor_kind, rank * cols, scratch);
+                down = scratch;
+                up_rows = scratch + rank * cols;
+            }
+        }
+        if (up_in && (!low || (factor_kind != 0 && !up_rows))) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
-            if (up && !low) continue;
+            if (up_in && (!low || (factor_kind != 0 && !up_rows))) continue;
             int64_t first = b * FUSED_ROWS, rows = r1 - r0 - first < FUSED_ROWS ? r1 - r0 - first : FUSED_ROWS;
-            if (up) low_rank_block(up, down, rank, cols, r0 + first, r0 + first + rows, low);
+            if (up_in) {
+                const char *up_block = (const char *)up_in + (size_t)((r0 + first) * rank) * factor_size;
+                const float *up = (const float *)up_block;
+                if (factor_kind != 0) {
+                    widen_factors(up_block, factor_kind, rows * rank, up_rows);
+                    up = up_rows;
+                }
+                low_rank_block(up, down, rank, cols, 0, rows, low);
+            }
             fused_span((const char *)base + (size_t)(first * cols) * base_size, base_kind, low,
                        packed ? packed + first * cols / 8 : NULL, alpha, rows * cols, round_kind,
                        (char *)out + (size_t)(first * cols) * out_size, out_kind, &st);
         }
-        free(low);
 #pragma omp critical
         {
             lo = st.lo < lo ? st.lo : lo;

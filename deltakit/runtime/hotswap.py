@@ -87,9 +87,11 @@ def _swap_error(name: str | None, back: str | None, exc: Exception) -> DeltakitE
     return FormatError(message)
 
 
-def check_rebuilt(delta: str, canonical: str, value: torch.Tensor, param: torch.Tensor) -> None:
+def check_rebuilt(
+    delta: str, canonical: str, value: torch.Tensor, param: torch.Tensor, *, finite: bool = True
+) -> None:
     """Refuse a rebuilt tensor that cannot replace ``param`` as is: another shape (no broadcasting), a
-    non-float dtype for a float parameter, NaN or Inf (NonFiniteError)."""
+    non-float dtype for a float parameter, and with ``finite`` NaN or Inf (NonFiniteError)."""
     if tuple(value.shape) != tuple(param.shape):
         raise TensorMismatchError(
             f"delta {delta!r} rebuilds {canonical} with shape {list(value.shape)}, "
@@ -99,7 +101,7 @@ def check_rebuilt(delta: str, canonical: str, value: torch.Tensor, param: torch.
         raise TensorMismatchError(
             f"delta {delta!r} rebuilds {canonical} as {value.dtype}, the served parameter is {param.dtype}"
         )
-    if not all_finite(value):
+    if finite and not all_finite(value):
         raise NonFiniteError(f"delta {delta!r} decodes to NaN or Inf values in {canonical}")
 
 
@@ -437,10 +439,11 @@ class HotSwapRuntime:
         """Write ``value`` into parameter ``canonical``, in place (cast to the parameter dtype).
 
         A tensor is copied as is. A :class:`PendingRebuild` is rebuilt straight into ``param.data`` where
-        the fused path applies (one pass), else rebuilt, checked (:func:`check_rebuilt`) and copied. The
-        fused path checks finiteness only the first time a copy of a delta is written: the rebuild is
+        the fused path applies (one pass), else rebuilt, checked (:func:`check_rebuilt`) and copied. Both
+        paths check finiteness only the first time a copy of a delta is written: the rebuild is
         deterministic and reads the same pristine weights, so a copy found finite once stays finite (a
-        delta read again from disk, or copied to the device, is a new copy and is checked again).
+        delta read again from disk, or copied to the device, is a new copy and is checked again). Shapes
+        and dtypes are checked on every write.
         """
         param = self.resident.param(canonical)
         if isinstance(value, PendingRebuild):
@@ -450,7 +453,7 @@ class HotSwapRuntime:
             )
             if rebuilt is data:
                 return
-            check_rebuilt(value.prepared.name, canonical, rebuilt, param)
+            check_rebuilt(value.prepared.name, canonical, rebuilt, param, finite=not value.prepared.checked)
             value = rebuilt
         param.data.copy_(value, non_blocking=True)
 
