@@ -10,7 +10,7 @@ from deltakit.codecs.registry import get_codec, list_codecs
 from deltakit.core.rebuild import factored_view, fusable, rebuild
 from deltakit.errors import NonFiniteError
 from deltakit.ops import fused
-from deltakit.ops.fused import fused_rebuild
+from deltakit.ops.fused import FusedWrite, fused_rebuild, fused_rebuild_many
 from deltakit.ops.threads import torch_threads
 
 SHAPES = [(64, 192), (192, 64), (37, 13), (301, 13), (9, 200), (100, 7)]
@@ -210,3 +210,88 @@ def test_rank_zero_factors_of_any_width_add_nothing(factor_dtype):
     assert torch.equal(fused_rebuild(base, torch.bfloat16, **empty), base)
     with_signs = fused_rebuild(base, torch.bfloat16, signs=signs, scale=0.5, **empty)
     assert torch.equal(with_signs, fused_rebuild(base, torch.bfloat16, signs=signs, scale=0.5))
+
+
+def _many_writes(seed: int = 0) -> list[FusedWrite]:
+    """Matrices of several shapes (tails, single blocks, partial blocks), dtypes and parts, with one the
+    compiled batch does not take (an fp16 base: the torch tiles)."""
+    gen = torch.Generator().manual_seed(seed)
+    kinds = [
+        (torch.bfloat16, torch.float16, torch.bfloat16),
+        (torch.float32, torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16, torch.float32),
+    ]
+    writes = []
+    for i, (rows, cols) in enumerate([(61, 40), (8, 16), (200, 96), (17, 24), (576, 192), (3, 8), (300, 64)]):
+        for base_dtype, factor_dtype, out_dtype in kinds:
+            base = torch.randn(rows, cols, generator=gen).to(base_dtype)
+            rank = i % 4 + 1
+            has_low, has_signs = i % 3 != 1, i % 3 != 2
+            writes.append(
+                FusedWrite(
+                    base,
+                    base_dtype,
+                    torch.full((rows, cols), 7.0, dtype=out_dtype),
+                    torch.randint(0, 256, (rows * cols // 8 + 1,), dtype=torch.uint8, generator=gen)
+                    if has_signs
+                    else None,
+                    0.013 * (i + 1),
+                    torch.randn(rows, rank, generator=gen).to(factor_dtype) if has_low else None,
+                    torch.randn(rank, cols, generator=gen).to(factor_dtype) if has_low else None,
+                    f"w{i}",
+                )
+            )
+    base = torch.randn(16, 32, generator=gen).half()
+    writes.append(
+        FusedWrite(
+            base,
+            torch.float16,
+            torch.empty(16, 32, dtype=torch.float16),
+            up=torch.randn(16, 2),
+            down=torch.randn(2, 32),
+            name="fp16",
+        )
+    )
+    return writes
+
+
+def _one_by_one(write: FusedWrite) -> torch.Tensor:
+    return fused_rebuild(
+        write.base,
+        write.dtype,
+        signs=write.signs,
+        scale=write.scale,
+        up=write.up,
+        down=write.down,
+        out=torch.empty_like(write.out),
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_writes_in_one_call_equal_one_by_one_bit_for_bit(threads):
+    """The batch (one compiled call, blocks dealt out between threads by cost) writes each matrix's bits."""
+    writes = _many_writes()
+    if fused.native_library() is not None:  # all but the fp16 one go through the compiled batch
+        assert sum(fused._batch_job(w, w.signs) is not None for w in writes) == len(writes) - 1
+    expected = [_one_by_one(w) for w in writes]
+    with torch_threads(threads):
+        fused_rebuild_many(writes, check_finite=True)
+    for write, reference in zip(writes, expected, strict=True):
+        assert torch.equal(write.out, reference), write.name
+
+
+def test_many_writes_check_every_part_before_writing_anything():
+    writes = _many_writes()
+    bad = writes[6]
+    writes[6] = FusedWrite(bad.base, bad.dtype, bad.out, bad.signs, bad.scale, bad.up[:-1], bad.down, "w-bad")
+    with pytest.raises(ValueError, match="w-bad: factors up"):
+        fused_rebuild_many(writes)
+    assert all(bool((w.out == 7.0).all()) for w in writes[:-1])  # nothing was written
+
+
+def test_many_writes_name_a_non_finite_one():
+    writes = _many_writes()
+    writes[4].base[2, 3] = float("inf")
+    fused_rebuild_many(writes)  # unchecked: written as they decode
+    with pytest.raises(NonFiniteError, match=f"{writes[4].name} decodes to NaN or Inf"):
+        fused_rebuild_many(writes, check_finite=True)

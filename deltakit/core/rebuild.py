@@ -19,7 +19,7 @@ from deltakit.errors import FormatError, NonFiniteError
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
 from deltakit.format.safetensors_io import dtype_from_name
 from deltakit.ops.finite import all_finite
-from deltakit.ops.fused import fused_rebuild
+from deltakit.ops.fused import FusedWrite, fused_rebuild, fused_rebuild_many
 
 
 def fusable(codec: Codec) -> bool:
@@ -81,6 +81,35 @@ def rebuild(
         )
     except ValueError as exc:  # parts that do not fit the base (fused_rebuild checks before any write)
         raise FormatError(str(exc).splitlines()[0][:240]) from None  # the message names the tensor
+
+
+def fused_write(
+    codec: Codec,
+    kind: str,
+    dtype: torch.dtype,
+    base: torch.Tensor,
+    view: FactoredView | None,
+    out: torch.Tensor,
+    name: str = "tensor",
+) -> FusedWrite | None:
+    """The single-pass write :func:`rebuild` would make into ``out`` for an entry with this ``view`` (the
+    codec's factored view), or None when it would take another path. Nothing is checked or written yet:
+    :func:`rebuild_many` does both."""
+    if kind != ENCODED or view is None or not fusable(codec) or base.dim() != 2:
+        return None
+    if tuple(view.shape) != tuple(base.shape):
+        return None
+    return FusedWrite(base, dtype, out, view.signs, view.scale, view.up, view.down, name)
+
+
+def rebuild_many(writes: list[FusedWrite], *, check_finite: bool) -> None:
+    """Every write of :func:`fused_write`, the compiled ones in one call (:func:`fused_rebuild_many`):
+    the bits :func:`rebuild` writes. Parts that do not fit their base are a FormatError naming the tensor,
+    raised before anything is written; check_finite: NonFiniteError when a value is NaN or Inf."""
+    try:
+        fused_rebuild_many(writes, check_finite=check_finite)
+    except ValueError as exc:
+        raise FormatError(str(exc).splitlines()[0][:240]) from None
 
 
 def reconstruct(

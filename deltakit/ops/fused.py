@@ -28,7 +28,9 @@ run.
 
 from __future__ import annotations
 
+import ctypes
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -121,20 +123,7 @@ def fused_rebuild(
     device = base.device
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype, device=device)
-    elif tuple(out.shape) != (rows, cols):
-        raise ValueError(f"{name}: out has shape {list(out.shape)}, expected {[rows, cols]}")
-    packed = signs.reshape(-1).to(device) if signs is not None else None
-    if packed is not None and packed.numel() * 8 < rows * cols:
-        raise ValueError(f"{name}: {packed.numel()} sign bytes cannot hold {rows}x{cols} bits")
-    if (up is None) != (down is None):
-        raise ValueError(f"{name}: up and down come together (got only one)")
-    if up is not None and (
-        up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape != (up.shape[1], cols)
-    ):  # the compiled kernel indexes both by the base's shape: a mismatch must never reach it
-        raise ValueError(
-            f"{name}: factors up {list(up.shape)} and down {list(down.shape)} do not rebuild a "
-            f"{rows}x{cols} matrix"
-        )
+    packed = _checked_parts(base, signs, up, down, out, name)
     step = tile if tile is not None else tile_rows(rows, cols, device)
     if step < rows and step % TILE_ALIGN:
         raise ValueError(f"{name}: tile={step} is not a multiple of {TILE_ALIGN} rows")
@@ -166,6 +155,159 @@ def fused_rebuild(
     if check_finite and not _finite(extremes, dtype, out.dtype):
         raise NonFiniteError(f"{name} decodes to NaN or Inf values")
     return out
+
+
+def _checked_parts(
+    base: torch.Tensor,
+    signs: torch.Tensor | None,
+    up: torch.Tensor | None,
+    down: torch.Tensor | None,
+    out: torch.Tensor,
+    name: str,
+) -> torch.Tensor | None:
+    """Refuse parts that do not rebuild ``base``'s (rows, cols) matrix (ValueError naming ``name``); the
+    flat sign bytes on ``base``'s device, or None. The compiled kernel indexes every part by the base's
+    shape: a mismatch must never reach it."""
+    rows, cols = base.shape
+    if tuple(out.shape) != (rows, cols):
+        raise ValueError(f"{name}: out has shape {list(out.shape)}, expected {[rows, cols]}")
+    packed = signs.reshape(-1).to(base.device) if signs is not None else None
+    if packed is not None and packed.numel() * 8 < rows * cols:
+        raise ValueError(f"{name}: {packed.numel()} sign bytes cannot hold {rows}x{cols} bits")
+    if (up is None) != (down is None):
+        raise ValueError(f"{name}: up and down come together (got only one)")
+    if up is not None and (
+        up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape != (up.shape[1], cols)
+    ):
+        raise ValueError(
+            f"{name}: factors up {list(up.shape)} and down {list(down.shape)} do not rebuild a "
+            f"{rows}x{cols} matrix"
+        )
+    return packed
+
+
+@dataclass(frozen=True)
+class FusedWrite:
+    """One matrix for :func:`fused_rebuild_many`: the arguments of :func:`fused_rebuild`, ``out`` given."""
+
+    base: torch.Tensor
+    dtype: torch.dtype
+    out: torch.Tensor
+    signs: torch.Tensor | None = None
+    scale: float = 0.0
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    name: str = "tensor"
+
+
+class _Job(ctypes.Structure):
+    """``fused_job`` of ops/signmm_native.c: one matrix of a batch."""
+
+    _fields_ = [
+        ("base", ctypes.c_void_p),
+        ("up", ctypes.c_void_p),
+        ("down", ctypes.c_void_p),
+        ("packed", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("rank", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("r0", ctypes.c_int64),
+        ("r1", ctypes.c_int64),
+        ("alpha", ctypes.c_float),
+        ("base_kind", ctypes.c_int32),
+        ("factor_kind", ctypes.c_int32),
+        ("round_kind", ctypes.c_int32),
+        ("out_kind", ctypes.c_int32),
+    ]
+
+
+def fused_rebuild_many(writes: list[FusedWrite], *, check_finite: bool = False) -> None:
+    """:func:`fused_rebuild` of every write into its ``out``, the same bits, with the matrices the compiled
+    kernel takes written in one call (one parallel region for all of them: no per-matrix dispatch).
+
+    Every write's parts are checked first (ValueError naming it, before anything is written); then the
+    compiled batch runs, then the other writes one by one. check_finite: raise NonFiniteError naming a
+    write with a NaN or Inf value (the batch's first in order, else the first of the others); other
+    writes may be done by then. Neither ``base`` nor the parts are mutated.
+    """
+    batch: list[tuple[FusedWrite, tuple]] = []
+    single: list[FusedWrite] = []
+    for write in writes:
+        packed = _checked_parts(write.base, write.signs, write.up, write.down, write.out, write.name)
+        job = _batch_job(write, packed)
+        if job is None:
+            single.append(write)
+        else:
+            batch.append((write, job))
+    if batch:
+        jobs = (_Job * len(batch))(*(job for _, (job, *_held) in batch))  # the tensors stay held by `batch`
+        extremes = torch.empty(len(batch), 2, dtype=torch.float32)  # (n, 2) min, max of each job's sums
+        code = native_library().deltakit_fused_batch(
+            jobs, len(batch), extremes.data_ptr(), torch.get_num_threads()
+        )
+        if code != 0:
+            raise ValueError(f"fused batch kernel refused its arguments (code {code})")
+        if check_finite:
+            finite = _finite_rows(extremes, [(w.dtype, w.out.dtype) for w, _ in batch])
+            bad = next((w for (w, _), ok in zip(batch, finite, strict=True) if not ok), None)
+            if bad is not None:
+                raise NonFiniteError(f"{bad.name} decodes to NaN or Inf values")
+    for write in single:
+        fused_rebuild(
+            write.base,
+            write.dtype,
+            signs=write.signs,
+            scale=write.scale,
+            up=write.up,
+            down=write.down,
+            out=write.out,
+            check_finite=check_finite,
+            name=write.name,
+        )
+
+
+def _finite_rows(extremes: torch.Tensor, dtypes: list[tuple[torch.dtype, torch.dtype]]) -> list[bool]:
+    """:func:`_finite` of each row of ``extremes`` (n, 2) with its (fine-tune dtype, written dtype), one
+    conversion per distinct pair."""
+    finite = [True] * len(dtypes)
+    for pair in set(dtypes):
+        rows = [i for i, d in enumerate(dtypes) if d == pair]
+        values = extremes[rows].to(pair[0]).to(pair[1])  # (k, 2)
+        for i, ok in zip(rows, torch.isfinite(values).all(dim=1).tolist(), strict=True):
+            finite[i] = ok
+    return finite
+
+
+def _batch_job(write: FusedWrite, packed: torch.Tensor | None) -> tuple | None:
+    """(the kernel's job, the tensors it points into) for a write the compiled batch takes, else None."""
+    base, up, down = write.base, write.up, write.down
+    native = _native_tiles(base, write.dtype, write.out, packed is not None or up is not None)
+    if native is None or base.numel() == 0:
+        return None
+    factor_kind = 0
+    if up is not None:
+        factor_kind = _factor_kind(up, down)
+        if factor_kind is None:
+            return None
+        up, down = up.contiguous(), down.contiguous()  # (rows, r), (r, cols)
+    packed = packed.contiguous() if packed is not None else None
+    job = _Job(
+        base.data_ptr(),
+        up.data_ptr() if up is not None else None,
+        down.data_ptr() if down is not None else None,
+        packed.data_ptr() if packed is not None else None,
+        write.out.data_ptr(),
+        up.shape[1] if up is not None else 0,
+        base.shape[1],
+        0,
+        base.shape[0],
+        float(write.scale),
+        _NATIVE_KINDS[base.dtype],
+        factor_kind,
+        _NATIVE_KINDS[write.dtype],
+        _NATIVE_KINDS[write.out.dtype],
+    )
+    return job, up, down, packed
 
 
 def _native_tiles(base: torch.Tensor, dtype: torch.dtype, out: torch.Tensor, has_parts: bool):

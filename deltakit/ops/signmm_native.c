@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -579,58 +580,99 @@ static float *thread_scratch(int slot, int64_t n) {
     return buffers[slot];
 }
 
+/* One matrix for the fused kernel: rows r0 .. r1 - 1 of it, base, packed and out pointing at row r0
+ * (packed: r0 * cols is a multiple of 8, so at a byte), up at row 0; the other fields as
+ * deltakit_fused_rows' arguments. The layout matches ops/fused.py's ctypes structure. */
+typedef struct {
+    const void *base;
+    const void *up;
+    const void *down;
+    const uint8_t *packed;
+    void *out;
+    int64_t rank, cols, r0, r1;
+    float alpha;
+    int32_t base_kind, factor_kind, round_kind, out_kind;
+} fused_job;
+
+static int job_invalid(const fused_job *j) {
+    if (j->base_kind < 0 || j->base_kind > 1 || j->round_kind < 0 || j->round_kind > 1 || j->out_kind < 0 ||
+        j->out_kind > 1 || j->factor_kind < 0 || j->factor_kind > 2)
+        return 1;
+    return j->rank < 0 || j->cols < 0 || j->r0 < 0 || j->r1 < j->r0 || (j->up && !j->down);
+}
+
+/* a thread's buffers for one job: its blocks' low-rank rows and, for 16-bit factors, down widened once
+ * and a block's rows of up */
+typedef struct {
+    float *low;
+    const float *down;
+    float *up_rows;
+} job_scratch;
+
+/* 0, or 2 when a buffer cannot be had */
+static int job_scratch_for(const fused_job *j, job_scratch *s) {
+    s->low = NULL;
+    s->down = (const float *)j->down;
+    s->up_rows = NULL;
+    if (!j->up) return 0;
+    s->low = thread_scratch(SCRATCH_LOW, FUSED_ROWS * j->cols);
+    if (!s->low) return 2;
+    if (j->factor_kind != 0) {
+        float *scratch = thread_scratch(SCRATCH_FACTORS, j->rank * j->cols + FUSED_ROWS * j->rank);
+        if (!scratch) return 2;
+        widen_factors(j->down, j->factor_kind, j->rank * j->cols, scratch);
+        s->down = scratch;
+        s->up_rows = scratch + j->rank * j->cols;
+    }
+    return 0;
+}
+
+/* block b of a job (rows r0 + 8 b .. at most r0 + 8 b + 7) on this thread */
+static void job_block(const fused_job *j, const job_scratch *s, int64_t b, span_stats *st) {
+    size_t base_size = j->base_kind == 0 ? 4 : 2, out_size = j->out_kind == 0 ? 4 : 2;
+    size_t factor_size = j->factor_kind == 0 ? 4 : 2;
+    int64_t cols = j->cols, rank = j->rank, first = b * FUSED_ROWS;
+    int64_t rows = j->r1 - j->r0 - first < FUSED_ROWS ? j->r1 - j->r0 - first : FUSED_ROWS;
+    size_t at = (size_t)(first * cols), count = (size_t)(rows * cols);
+    if (j->up) {
+        const char *up_block = (const char *)j->up + (size_t)((j->r0 + first) * rank) * factor_size;
+        const float *up = (const float *)up_block;
+        if (j->factor_kind != 0) {
+            widen_factors(up_block, j->factor_kind, rows * rank, s->up_rows);
+            up = s->up_rows;
+        }
+        prefetch_plan pf = {(const char *)j->base + at * base_size, (int64_t)(count * base_size / 64),
+                            (char *)j->out + at * out_size, (int64_t)(count * out_size / 64)};
+        low_rank_block(up, s->down, rank, cols, 0, rows, s->low, &pf);
+    }
+    fused_span((const char *)j->base + at * base_size, j->base_kind, s->low, j->packed ? j->packed + at / 8 : NULL,
+               j->alpha, rows * cols, j->round_kind, (char *)j->out + at * out_size, j->out_kind, st);
+}
+
+static int64_t job_blocks(const fused_job *j) { return (j->r1 - j->r0 + FUSED_ROWS - 1) / FUSED_ROWS; }
+
 int deltakit_fused_rows(const void *base, int base_kind, const void *up_in, const void *down_in, int factor_kind,
                         int64_t rank, int64_t cols, int64_t r0, int64_t r1, const uint8_t *packed, float alpha,
                         int round_kind, void *out, int out_kind, float *extremes, int threads) {
-    if (base_kind < 0 || base_kind > 1 || round_kind < 0 || round_kind > 1 || out_kind < 0 || out_kind > 1)
-        return 1;
-    if (factor_kind < 0 || factor_kind > 2) return 1;
-    if (rank < 0 || cols < 0 || r0 < 0 || r1 < r0 || (up_in && !down_in)) return 1;
+    fused_job job = {base,  up_in, down_in,   packed,      out,        rank,       cols,
+                     r0,    r1,    alpha,     base_kind,   factor_kind, round_kind, out_kind};
+    if (job_invalid(&job)) return 1;
     if (threads < 1) threads = 1;
-    int64_t blocks = (r1 - r0 + FUSED_ROWS - 1) / FUSED_ROWS;
-    size_t base_size = base_kind == 0 ? 4 : 2, out_size = out_kind == 0 ? 4 : 2;
-    size_t factor_size = factor_kind == 0 ? 4 : 2;
+    int64_t blocks = job_blocks(&job);
     float lo = __builtin_inff(), hi = -__builtin_inff();
     int nan = 0, failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         span_stats st = {__builtin_inff(), -__builtin_inff(), 0};
-        float *low = up_in ? thread_scratch(SCRATCH_LOW, FUSED_ROWS * cols) : NULL;
-        /* 16-bit factors: each thread widens all of down once and a block's rows of up per block */
-        const float *down = (const float *)down_in;
-        float *up_rows = NULL;
-        if (up_in && factor_kind != 0) {
-            float *scratch = thread_scratch(SCRATCH_FACTORS, rank * cols + FUSED_ROWS * rank);
-            if (scratch) {
-                widen_factors(down_in, factor_kind, rank * cols, scratch);
-                down = scratch;
-                up_rows = scratch + rank * cols;
-            }
-        }
-        if (up_in && (!low || (factor_kind != 0 && !up_rows))) {
+        job_scratch scratch;
+        int ready = job_scratch_for(&job, &scratch) == 0;
+        if (!ready) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            if (up_in && (!low || (factor_kind != 0 && !up_rows))) continue;
-            int64_t first = b * FUSED_ROWS, rows = r1 - r0 - first < FUSED_ROWS ? r1 - r0 - first : FUSED_ROWS;
-            if (up_in) {
-                const char *up_block = (const char *)up_in + (size_t)((r0 + first) * rank) * factor_size;
-                const float *up = (const float *)up_block;
-                if (factor_kind != 0) {
-                    widen_factors(up_block, factor_kind, rows * rank, up_rows);
-                    up = up_rows;
-                }
-                size_t at = (size_t)(first * cols), count = (size_t)(rows * cols);
-                prefetch_plan pf = {(const char *)base + at * base_size, (int64_t)(count * base_size / 64),
-                                    (char *)out + at * out_size, (int64_t)(count * out_size / 64)};
-                low_rank_block(up, down, rank, cols, 0, rows, low, &pf);
-            }
-            fused_span((const char *)base + (size_t)(first * cols) * base_size, base_kind, low,
-                       packed ? packed + first * cols / 8 : NULL, alpha, rows * cols, round_kind,
-                       (char *)out + (size_t)(first * cols) * out_size, out_kind, &st);
-        }
+        for (int64_t b = 0; b < blocks; b++)
+            if (ready) job_block(&job, &scratch, b, &st);
 #pragma omp critical
         {
             lo = st.lo < lo ? st.lo : lo;
@@ -642,4 +684,76 @@ int deltakit_fused_rows(const void *base, int base_kind, const void *up_in, cons
     extremes[0] = nan ? __builtin_nanf("") : lo;
     extremes[1] = nan ? __builtin_nanf("") : hi;
     return 0;
+}
+
+/* The estimated cost of one block of a job, in multiply-add units: the low-rank arithmetic, and the memory
+ * pass counted as 8 multiply-adds per element (only the split of work between threads depends on it). */
+static double block_cost(const fused_job *j) { return (double)FUSED_ROWS * (double)j->cols * (double)(j->rank + 8); }
+
+/* The first block of job j that thread t of `threads` owns: blocks are dealt out in job order, each thread
+ * a contiguous run of about equal estimated cost (a block goes to the thread whose share holds its middle). */
+static int64_t first_owned(double start, double cost, int64_t blocks, double total, int t, int threads) {
+    if (cost <= 0.0) return t == 0 ? 0 : blocks;
+    double at = (double)t * total / (double)threads; /* the share of thread t starts here */
+    double i = (at - start) / cost - 0.5;            /* the block whose middle is at `at` */
+    if (i <= 0.0) return 0;
+    int64_t first = (int64_t)i + ((double)(int64_t)i < i ? 1 : 0);
+    return first < blocks ? first : blocks;
+}
+
+/* Several matrices in one parallel region (a hot swap writes every touched matrix of a model at once):
+ * each job as deltakit_fused_rows would write it, the same operations per element, so the same bits for
+ * any number of threads. extremes: (n, 2), each job's min and max (both NaN when a sum is NaN; +inf, -inf
+ * for a job with no rows). Returns 0, 1 for a bad job (nothing written), 2 when a buffer cannot be had. */
+int deltakit_fused_batch(const fused_job *jobs, int64_t n, float *extremes, int threads) {
+    if (n < 0) return 1;
+    for (int64_t k = 0; k < n; k++)
+        if (job_invalid(&jobs[k])) return 1;
+    if (threads < 1) threads = 1;
+    double *start = malloc((size_t)(n + 1) * sizeof(double));
+    int *nans = calloc((size_t)(n > 0 ? n : 1), sizeof(int));
+    if (!start || !nans) {
+        free(start);
+        free(nans);
+        return 2;
+    }
+    start[0] = 0.0;
+    for (int64_t k = 0; k < n; k++) {
+        start[k + 1] = start[k] + block_cost(&jobs[k]) * (double)job_blocks(&jobs[k]);
+        extremes[2 * k] = __builtin_inff();
+        extremes[2 * k + 1] = -__builtin_inff();
+    }
+    double total = start[n];
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), count = omp_get_num_threads();
+        for (int64_t k = 0; k < n; k++) {
+            const fused_job *j = &jobs[k];
+            int64_t blocks = job_blocks(j);
+            double cost = block_cost(j);
+            int64_t b0 = first_owned(start[k], cost, blocks, total, t, count);
+            int64_t b1 = t + 1 == count ? blocks : first_owned(start[k], cost, blocks, total, t + 1, count);
+            if (b0 >= b1) continue;
+            job_scratch scratch;
+            if (job_scratch_for(j, &scratch) != 0) {
+#pragma omp atomic write
+                failed = 1;
+                break;
+            }
+            span_stats st = {__builtin_inff(), -__builtin_inff(), 0};
+            for (int64_t b = b0; b < b1; b++) job_block(j, &scratch, b, &st);
+#pragma omp critical
+            {
+                extremes[2 * k] = st.lo < extremes[2 * k] ? st.lo : extremes[2 * k];
+                extremes[2 * k + 1] = st.hi > extremes[2 * k + 1] ? st.hi : extremes[2 * k + 1];
+                nans[k] |= st.nan;
+            }
+        }
+    }
+    for (int64_t k = 0; k < n; k++)
+        if (nans[k]) extremes[2 * k] = extremes[2 * k + 1] = __builtin_nanf("");
+    free(start);
+    free(nans);
+    return failed ? 2 : 0;
 }

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from deltakit.codecs.base import Codec
-from deltakit.core.rebuild import rebuild
+from deltakit.core.rebuild import fused_write, rebuild, rebuild_many
 from deltakit.errors import (
     BaseMismatchError,
     DeltakitError,
@@ -33,6 +33,7 @@ from deltakit.errors import (
 from deltakit.format.delta import Delta, load_delta
 from deltakit.format.manifest import Manifest
 from deltakit.ops.finite import all_finite
+from deltakit.ops.fused import FusedWrite
 from deltakit.runtime.lru import ByteLRU
 from deltakit.runtime.prefetch import Prefetcher
 from deltakit.runtime.prepared import PreparedDelta, TensorOp, prepare_delta
@@ -422,18 +423,45 @@ class HotSwapRuntime:
             self._write_param(canonical, pristine)
             restored += pristine.numel() * pristine.element_size()
             written += pristine.numel() * self.resident.param(canonical).element_size()
+        pending = []
         for canonical, op in new_ops.items():
             param = self.resident.param(canonical)
             pristine = self.resident.pristine(canonical)
             base = pristine.to(self.device, non_blocking=True)
             restored += pristine.numel() * pristine.element_size()
-            self._write_param(canonical, PendingRebuild(prepared, op, base))
+            pending.append((canonical, PendingRebuild(prepared, op, base)))
             written += param.numel() * param.element_size()
+        self._write_rebuilds(pending)
         if prepared is not None:
             prepared.checked = True  # this copy's rebuilds were all finite
         self._active_ops = set(new_ops)
         self.active = name
         return len(previous | set(new_ops)), restored, written
+
+    def _write_rebuilds(self, pending: list[tuple[str, PendingRebuild]]) -> None:
+        """Write every pending rebuild into its parameter: the single-pass ones together
+        (:func:`~deltakit.core.rebuild.rebuild_many`: one compiled call for all of them on the CPU), the
+        others through :meth:`_write_param`. Finiteness is checked on a copy's first write only, as
+        there."""
+        writes, others = [], []
+        for canonical, value in pending:
+            op = value.op
+            label = f"delta {value.prepared.name!r}: {op.name}"
+            data = self.resident.param(canonical).data
+            write = fused_write(value.prepared.codec, op.kind, op.dtype, value.base, op.view, data, label)
+            if write is None:
+                others.append((canonical, value))
+            else:
+                writes.append(write)
+        if writes:
+            self._write_fused(writes, check_finite=not pending[0][1].prepared.checked)
+        for canonical, value in others:
+            self._write_param(canonical, value)
+
+    @staticmethod
+    def _write_fused(writes: list[FusedWrite], *, check_finite: bool) -> None:
+        """The single-pass writes of one swap, into the parameters they name (see :meth:`_write_rebuilds`)."""
+        rebuild_many(writes, check_finite=check_finite)
 
     def _write_param(self, canonical: str, value: torch.Tensor | PendingRebuild) -> None:
         """Write ``value`` into parameter ``canonical``, in place (cast to the parameter dtype).
