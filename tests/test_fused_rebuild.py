@@ -10,7 +10,8 @@ from deltakit.codecs.registry import get_codec, list_codecs
 from deltakit.core.rebuild import factored_view, fusable, rebuild
 from deltakit.errors import NonFiniteError
 from deltakit.ops import fused
-from deltakit.ops.fused import FusedWrite, fused_rebuild, fused_rebuild_many
+from deltakit.ops.fused import fused_rebuild
+from deltakit.ops.fused_batch import FusedWrite, batch_job, fused_rebuild_many
 from deltakit.ops.threads import torch_threads
 
 SHAPES = [(64, 192), (192, 64), (37, 13), (301, 13), (9, 200), (100, 7)]
@@ -256,15 +257,7 @@ def _many_writes(seed: int = 0) -> list[FusedWrite]:
 
 
 def _one_by_one(write: FusedWrite) -> torch.Tensor:
-    return fused_rebuild(
-        write.base,
-        write.dtype,
-        signs=write.signs,
-        scale=write.scale,
-        up=write.up,
-        down=write.down,
-        out=torch.empty_like(write.out),
-    )
+    return write.rebuild_alone(out=torch.empty_like(write.out))  # fused_rebuild, one matrix per call
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -272,7 +265,7 @@ def test_many_writes_in_one_call_equal_one_by_one_bit_for_bit(threads):
     """The batch (one compiled call, blocks dealt out between threads by cost) writes each matrix's bits."""
     writes = _many_writes()
     if fused.native_library() is not None:  # all but the fp16 one go through the compiled batch
-        assert sum(fused._batch_job(w, w.signs) is not None for w in writes) == len(writes) - 1
+        assert sum(batch_job(w, w.signs) is not None for w in writes) == len(writes) - 1
     expected = [_one_by_one(w) for w in writes]
     with torch_threads(threads):
         fused_rebuild_many(writes, check_finite=True)

@@ -54,7 +54,7 @@ def _count_writes(rt: HotSwapRuntime, name: str | None) -> int:
     calls = []
     original, batch = rt._write_param, rt._write_fused
     rt._write_param = lambda canonical, value: (calls.append(canonical), original(canonical, value))
-    rt._write_fused = lambda writes, **kw: (calls.append("batch"), batch(writes, **kw))
+    rt._write_fused = lambda plan, **kw: (calls.append("batch"), batch(plan, **kw))
     try:
         rt.activate(name)
     finally:
@@ -77,9 +77,9 @@ def _inject_at(rt: HotSwapRuntime, k: int) -> None:
         fault(canonical)
         original(canonical, value)
 
-    def write_batch(writes, **kw) -> None:
-        fault(f"{len(writes)} matrices")
-        batch(writes, **kw)
+    def write_batch(plan, **kw) -> None:
+        fault("the single-pass matrices")
+        batch(plan, **kw)
 
     rt._write_param, rt._write_fused = write, write_batch
 

@@ -74,3 +74,33 @@ def test_cost_profile_splits_sign_and_low_rank_parts_without_changing_logits(fle
     assert plain.costs["hooks_s"] == 0.0  # not profiled
     profiled.reset_costs()
     assert set(profiled.costs.values()) == {0.0}
+
+
+def test_a_swap_plan_is_kept_per_copy_and_rebuilt_when_a_parameter_moves(fleet, monkeypatch):
+    """The checked single-pass writes of a cached copy are reused by its next swap (same bits); a parameter
+    whose storage moved makes a new plan, written into the new storage."""
+    import deltakit.runtime.hotswap as hotswap
+
+    rt = HotSwapRuntime.from_pretrained(fleet["base"])
+    rt.add_delta("dqrelo-0", fleet["delta"]["dqrelo-0"])
+    built = []
+    original = hotswap.fused_batch
+    monkeypatch.setattr(
+        hotswap, "fused_batch", lambda writes: (built.append(len(writes)), original(writes))[1]
+    )
+    rt.activate("dqrelo-0")
+    expected = _state(rt.model)
+    plan = rt.host_delta("dqrelo-0")[0].swap_plan
+    assert len(built) == 1 and built[0] > 0 and plan.fused
+    rt.activate(None)
+    rt.activate("dqrelo-0")
+    assert len(built) == 1 and rt.host_delta("dqrelo-0")[0].swap_plan is plan
+    assert all(torch.equal(p, expected[n]) for n, p in rt.model.named_parameters())
+
+    rt.activate(None)
+    moved = next(c for c in plan.fused)
+    param = rt.resident.param(moved)
+    param.data = param.data.clone()  # new storage: the kept plan would write into the old one
+    rt.activate("dqrelo-0")
+    assert len(built) == 2 and rt.host_delta("dqrelo-0")[0].swap_plan is not plan
+    assert all(torch.equal(p, expected[n]) for n, p in rt.model.named_parameters())

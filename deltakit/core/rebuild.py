@@ -19,7 +19,8 @@ from deltakit.errors import FormatError, NonFiniteError
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, UNCHANGED
 from deltakit.format.safetensors_io import dtype_from_name
 from deltakit.ops.finite import all_finite
-from deltakit.ops.fused import FusedWrite, fused_rebuild, fused_rebuild_many
+from deltakit.ops.fused import fused_rebuild
+from deltakit.ops.fused_batch import FusedBatch, FusedWrite
 
 
 def fusable(codec: Codec) -> bool:
@@ -94,7 +95,7 @@ def fused_write(
 ) -> FusedWrite | None:
     """The single-pass write :func:`rebuild` would make into ``out`` for an entry with this ``view`` (the
     codec's factored view), or None when it would take another path. Nothing is checked or written yet:
-    :func:`rebuild_many` does both."""
+    :func:`fused_batch` checks, and its ``run`` writes."""
     if kind != ENCODED or view is None or not fusable(codec) or base.dim() != 2:
         return None
     if tuple(view.shape) != tuple(base.shape):
@@ -102,12 +103,12 @@ def fused_write(
     return FusedWrite(base, dtype, out, view.signs, view.scale, view.up, view.down, name)
 
 
-def rebuild_many(writes: list[FusedWrite], *, check_finite: bool) -> None:
-    """Every write of :func:`fused_write`, the compiled ones in one call (:func:`fused_rebuild_many`):
-    the bits :func:`rebuild` writes. Parts that do not fit their base are a FormatError naming the tensor,
-    raised before anything is written; check_finite: NonFiniteError when a value is NaN or Inf."""
+def fused_batch(writes: list[FusedWrite]) -> FusedBatch:
+    """The writes of :func:`fused_write` checked and ready to run together (:class:`FusedBatch`: the
+    compiled ones in one call, the bits :func:`rebuild` writes). Parts that do not fit their base are a
+    FormatError naming the tensor; nothing is written."""
     try:
-        fused_rebuild_many(writes, check_finite=check_finite)
+        return FusedBatch(writes)
     except ValueError as exc:
         raise FormatError(str(exc).splitlines()[0][:240]) from None
 

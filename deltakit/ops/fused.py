@@ -28,9 +28,7 @@ run.
 
 from __future__ import annotations
 
-import ctypes
 import threading
-from dataclasses import dataclass
 
 import torch
 
@@ -39,9 +37,9 @@ from deltakit.ops.lowrank import low_rank_product
 from deltakit.ops.signmm import native_library
 
 #: dtype codes of the native kernel (``deltakit_fused_rows`` in ops/signmm_native.c)
-_NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 #: factor dtype codes of the same kernel: 16-bit factors are read as stored and widened inside it (exact)
-_FACTOR_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FACTOR_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 #: fp32 values per CPU tile (4 MiB): on the SmolLM2-135M swap, 64 K-value tiles spent more time in
 #: per-tile Python and dispatch than in arithmetic (0.54 s a swap against 0.25 s at 1 M; whole matrices
@@ -123,16 +121,16 @@ def fused_rebuild(
     device = base.device
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype, device=device)
-    packed = _checked_parts(base, signs, up, down, out, name)
+    packed = checked_parts(base, signs, up, down, out, name)
     step = tile if tile is not None else tile_rows(rows, cols, device)
     if step < rows and step % TILE_ALIGN:
         raise ValueError(f"{name}: tile={step} is not a multiple of {TILE_ALIGN} rows")
     extremes = []  # per tile (min, max) of the fp32 sums: NaN propagates; rounding is monotonic
-    native = _native_tiles(base, dtype, out, signs is not None or up is not None)
+    native = native_tiles(base, dtype, out, signs is not None or up is not None)
     table = None  # (256, 8) ±α of the torch tiles' sign lookup
     if native is None and signs is not None:
         table = _sign_table(device) * float(scale)
-    if native is not None and up is not None and _factor_kind(up, down) is not None:
+    if native is not None and up is not None and factor_kind(up, down) is not None:
         up32, down32 = up.contiguous(), down.contiguous()  # (rows, r), (r, cols): widened by the kernel
     else:
         up32 = up.to(device=device, dtype=torch.float32) if up is not None else None  # (rows, r)
@@ -143,21 +141,21 @@ def fused_rebuild(
             extremes.append(
                 _native_tile(native, base, packed, float(scale), up32, down32, out, dtype, r0, r1)
             )
-            if check_finite and not _finite(extremes[-1:], dtype, out.dtype):
+            if check_finite and not finite_extremes(extremes[-1:], dtype, out.dtype):
                 break
             continue
         acc = _tile_sum(base, table, packed, up32, down32, r0, r1)  # (r1 - r0, cols) fp32
         out[r0:r1].copy_(acc if out.dtype == dtype else acc.to(dtype))
         if check_finite:
             extremes.append(torch.stack(torch.aminmax(acc)))
-            if device.type == "cpu" and not _finite(extremes[-1:], dtype, out.dtype):
+            if device.type == "cpu" and not finite_extremes(extremes[-1:], dtype, out.dtype):
                 break
-    if check_finite and not _finite(extremes, dtype, out.dtype):
+    if check_finite and not finite_extremes(extremes, dtype, out.dtype):
         raise NonFiniteError(f"{name} decodes to NaN or Inf values")
     return out
 
 
-def _checked_parts(
+def checked_parts(
     base: torch.Tensor,
     signs: torch.Tensor | None,
     up: torch.Tensor | None,
@@ -186,147 +184,23 @@ def _checked_parts(
     return packed
 
 
-@dataclass(frozen=True)
-class FusedWrite:
-    """One matrix for :func:`fused_rebuild_many`: the arguments of :func:`fused_rebuild`, ``out`` given."""
-
-    base: torch.Tensor
-    dtype: torch.dtype
-    out: torch.Tensor
-    signs: torch.Tensor | None = None
-    scale: float = 0.0
-    up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
-    name: str = "tensor"
-
-
-class _Job(ctypes.Structure):
-    """``fused_job`` of ops/signmm_native.c: one matrix of a batch."""
-
-    _fields_ = [
-        ("base", ctypes.c_void_p),
-        ("up", ctypes.c_void_p),
-        ("down", ctypes.c_void_p),
-        ("packed", ctypes.c_void_p),
-        ("out", ctypes.c_void_p),
-        ("rank", ctypes.c_int64),
-        ("cols", ctypes.c_int64),
-        ("r0", ctypes.c_int64),
-        ("r1", ctypes.c_int64),
-        ("alpha", ctypes.c_float),
-        ("base_kind", ctypes.c_int32),
-        ("factor_kind", ctypes.c_int32),
-        ("round_kind", ctypes.c_int32),
-        ("out_kind", ctypes.c_int32),
-    ]
-
-
-def fused_rebuild_many(writes: list[FusedWrite], *, check_finite: bool = False) -> None:
-    """:func:`fused_rebuild` of every write into its ``out``, the same bits, with the matrices the compiled
-    kernel takes written in one call (one parallel region for all of them: no per-matrix dispatch).
-
-    Every write's parts are checked first (ValueError naming it, before anything is written); then the
-    compiled batch runs, then the other writes one by one. check_finite: raise NonFiniteError naming a
-    write with a NaN or Inf value (the batch's first in order, else the first of the others); other
-    writes may be done by then. Neither ``base`` nor the parts are mutated.
-    """
-    batch: list[tuple[FusedWrite, tuple]] = []
-    single: list[FusedWrite] = []
-    for write in writes:
-        packed = _checked_parts(write.base, write.signs, write.up, write.down, write.out, write.name)
-        job = _batch_job(write, packed)
-        if job is None:
-            single.append(write)
-        else:
-            batch.append((write, job))
-    if batch:
-        jobs = (_Job * len(batch))(*(job for _, (job, *_held) in batch))  # the tensors stay held by `batch`
-        extremes = torch.empty(len(batch), 2, dtype=torch.float32)  # (n, 2) min, max of each job's sums
-        code = native_library().deltakit_fused_batch(
-            jobs, len(batch), extremes.data_ptr(), torch.get_num_threads()
-        )
-        if code != 0:
-            raise ValueError(f"fused batch kernel refused its arguments (code {code})")
-        if check_finite:
-            finite = _finite_rows(extremes, [(w.dtype, w.out.dtype) for w, _ in batch])
-            bad = next((w for (w, _), ok in zip(batch, finite, strict=True) if not ok), None)
-            if bad is not None:
-                raise NonFiniteError(f"{bad.name} decodes to NaN or Inf values")
-    for write in single:
-        fused_rebuild(
-            write.base,
-            write.dtype,
-            signs=write.signs,
-            scale=write.scale,
-            up=write.up,
-            down=write.down,
-            out=write.out,
-            check_finite=check_finite,
-            name=write.name,
-        )
-
-
-def _finite_rows(extremes: torch.Tensor, dtypes: list[tuple[torch.dtype, torch.dtype]]) -> list[bool]:
-    """:func:`_finite` of each row of ``extremes`` (n, 2) with its (fine-tune dtype, written dtype), one
-    conversion per distinct pair."""
-    finite = [True] * len(dtypes)
-    for pair in set(dtypes):
-        rows = [i for i, d in enumerate(dtypes) if d == pair]
-        values = extremes[rows].to(pair[0]).to(pair[1])  # (k, 2)
-        for i, ok in zip(rows, torch.isfinite(values).all(dim=1).tolist(), strict=True):
-            finite[i] = ok
-    return finite
-
-
-def _batch_job(write: FusedWrite, packed: torch.Tensor | None) -> tuple | None:
-    """(the kernel's job, the tensors it points into) for a write the compiled batch takes, else None."""
-    base, up, down = write.base, write.up, write.down
-    native = _native_tiles(base, write.dtype, write.out, packed is not None or up is not None)
-    if native is None or base.numel() == 0:
-        return None
-    factor_kind = 0
-    if up is not None:
-        factor_kind = _factor_kind(up, down)
-        if factor_kind is None:
-            return None
-        up, down = up.contiguous(), down.contiguous()  # (rows, r), (r, cols)
-    packed = packed.contiguous() if packed is not None else None
-    job = _Job(
-        base.data_ptr(),
-        up.data_ptr() if up is not None else None,
-        down.data_ptr() if down is not None else None,
-        packed.data_ptr() if packed is not None else None,
-        write.out.data_ptr(),
-        up.shape[1] if up is not None else 0,
-        base.shape[1],
-        0,
-        base.shape[0],
-        float(write.scale),
-        _NATIVE_KINDS[base.dtype],
-        factor_kind,
-        _NATIVE_KINDS[write.dtype],
-        _NATIVE_KINDS[write.out.dtype],
-    )
-    return job, up, down, packed
-
-
-def _native_tiles(base: torch.Tensor, dtype: torch.dtype, out: torch.Tensor, has_parts: bool):
+def native_tiles(base: torch.Tensor, dtype: torch.dtype, out: torch.Tensor, has_parts: bool):
     """The compiled tile kernel when it applies (CPU, contiguous fp32/bf16 tensors, something to add),
     else None: the torch tiles are used."""
     if not has_parts or base.device.type != "cpu" or out.device.type != "cpu":
         return None
     if not (base.is_contiguous() and out.is_contiguous()):
         return None
-    if not {base.dtype, dtype, out.dtype} <= _NATIVE_KINDS.keys():
+    if not {base.dtype, dtype, out.dtype} <= NATIVE_KINDS.keys():
         return None
     return native_library()
 
 
-def _factor_kind(up: torch.Tensor, down: torch.Tensor) -> int | None:
-    """The kernel's code for factors it reads as stored (one CPU dtype of :data:`_FACTOR_KINDS`), else None."""
+def factor_kind(up: torch.Tensor, down: torch.Tensor) -> int | None:
+    """The kernel's code for factors it reads as stored (one CPU dtype of :data:`FACTOR_KINDS`), else None."""
     if up.dtype != down.dtype or up.device.type != "cpu" or down.device.type != "cpu":
         return None
-    return _FACTOR_KINDS.get(up.dtype)
+    return FACTOR_KINDS.get(up.dtype)
 
 
 def _native_tile(
@@ -354,19 +228,19 @@ def _native_tile(
     extremes = torch.empty(2, dtype=torch.float32)
     code = lib.deltakit_fused_rows(
         base[r0:r1].data_ptr(),
-        _NATIVE_KINDS[base.dtype],
+        NATIVE_KINDS[base.dtype],
         up32.data_ptr() if has_low else None,
         down32.data_ptr() if has_low else None,
-        _FACTOR_KINDS[up32.dtype] if has_low else 0,
+        FACTOR_KINDS[up32.dtype] if has_low else 0,
         up32.shape[1] if has_low else 0,
         cols,
         r0,
         r1,
         bits.data_ptr() if bits is not None else None,
         scale,
-        _NATIVE_KINDS[dtype],
+        NATIVE_KINDS[dtype],
         out[r0:r1].data_ptr(),
-        _NATIVE_KINDS[out.dtype],
+        NATIVE_KINDS[out.dtype],
         extremes.data_ptr(),
         torch.get_num_threads(),
     )
@@ -388,7 +262,7 @@ def _low_rank_rows(
     return low_rank_product(up32, down32, rows=(r0, r1), out=acc)  # (tile, cols)
 
 
-def _finite(extremes: list[torch.Tensor], dtype: torch.dtype, written: torch.dtype) -> bool:
+def finite_extremes(extremes: list[torch.Tensor], dtype: torch.dtype, written: torch.dtype) -> bool:
     """Whether every value between these fp32 extremes stays finite once rounded to ``dtype`` and then
     to the written dtype (the extremes round to the extremes of the rounded values)."""
     values = torch.cat(extremes).to(dtype).to(written)

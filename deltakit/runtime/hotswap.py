@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from deltakit.codecs.base import Codec
-from deltakit.core.rebuild import fused_write, rebuild, rebuild_many
+from deltakit.core.rebuild import fused_batch, fused_write, rebuild
 from deltakit.errors import (
     BaseMismatchError,
     DeltakitError,
@@ -33,7 +33,7 @@ from deltakit.errors import (
 from deltakit.format.delta import Delta, load_delta
 from deltakit.format.manifest import Manifest
 from deltakit.ops.finite import all_finite
-from deltakit.ops.fused import FusedWrite
+from deltakit.ops.fused_batch import FusedBatch
 from deltakit.runtime.lru import ByteLRU
 from deltakit.runtime.prefetch import Prefetcher
 from deltakit.runtime.prepared import PreparedDelta, TensorOp, prepare_delta
@@ -431,37 +431,52 @@ class HotSwapRuntime:
             restored += pristine.numel() * pristine.element_size()
             pending.append((canonical, PendingRebuild(prepared, op, base)))
             written += param.numel() * param.element_size()
-        self._write_rebuilds(pending)
+        if prepared is not None:
+            self._write_rebuilds(prepared, pending)
         if prepared is not None:
             prepared.checked = True  # this copy's rebuilds were all finite
         self._active_ops = set(new_ops)
         self.active = name
         return len(previous | set(new_ops)), restored, written
 
-    def _write_rebuilds(self, pending: list[tuple[str, PendingRebuild]]) -> None:
-        """Write every pending rebuild into its parameter: the single-pass ones together
-        (:func:`~deltakit.core.rebuild.rebuild_many`: one compiled call for all of them on the CPU), the
+    def _write_rebuilds(self, prepared: PreparedDelta, pending: list[tuple[str, PendingRebuild]]) -> None:
+        """Write every pending rebuild of ``prepared`` into its parameter: the single-pass ones together
+        (:func:`~deltakit.core.rebuild.fused_batch`: one compiled call for all of them on the CPU), the
         others through :meth:`_write_param`. Finiteness is checked on a copy's first write only, as
         there."""
-        writes, others = [], []
+        plan = self._swap_plan(prepared, pending)
+        if plan.fused:
+            self._write_fused(plan.batch, check_finite=not prepared.checked)
         for canonical, value in pending:
-            op = value.op
-            label = f"delta {value.prepared.name!r}: {op.name}"
-            data = self.resident.param(canonical).data
-            write = fused_write(value.prepared.codec, op.kind, op.dtype, value.base, op.view, data, label)
-            if write is None:
-                others.append((canonical, value))
-            else:
+            if canonical not in plan.fused:
+                self._write_param(canonical, value)
+
+    def _swap_plan(self, prepared: PreparedDelta, pending: list[tuple[str, PendingRebuild]]) -> SwapPlan:
+        """The checked single-pass writes of ``pending``: the plan kept on this copy when the parameters
+        and pristine copies it points into are still where they were (CPU), else a new one."""
+        plan = prepared.swap_plan
+        if isinstance(plan, SwapPlan) and all(
+            self.resident.param(c).data_ptr() == out and self.resident.pristine(c).data_ptr() == base
+            for c, out, base in plan.addresses
+        ):
+            return plan
+        writes, addresses = [], []
+        for canonical, value in pending:
+            op, data = value.op, self.resident.param(canonical).data
+            label = f"delta {prepared.name!r}: {op.name}"
+            write = fused_write(prepared.codec, op.kind, op.dtype, value.base, op.view, data, label)
+            if write is not None:
                 writes.append(write)
-        if writes:
-            self._write_fused(writes, check_finite=not pending[0][1].prepared.checked)
-        for canonical, value in others:
-            self._write_param(canonical, value)
+                addresses.append((canonical, data.data_ptr(), value.base.data_ptr()))
+        plan = SwapPlan(fused_batch(writes), frozenset(c for c, _, _ in addresses), tuple(addresses))
+        if self.device.type == "cpu":  # a device copy of the pristine weights is new at every swap
+            prepared.swap_plan = plan
+        return plan
 
     @staticmethod
-    def _write_fused(writes: list[FusedWrite], *, check_finite: bool) -> None:
+    def _write_fused(batch: FusedBatch, *, check_finite: bool) -> None:
         """The single-pass writes of one swap, into the parameters they name (see :meth:`_write_rebuilds`)."""
-        rebuild_many(writes, check_finite=check_finite)
+        batch.run(check_finite=check_finite)
 
     def _write_param(self, canonical: str, value: torch.Tensor | PendingRebuild) -> None:
         """Write ``value`` into parameter ``canonical``, in place (cast to the parameter dtype).
@@ -538,6 +553,17 @@ class HotSwapRuntime:
             check_finite=check_finite,
             name=label,
         )
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """The single-pass writes of one delta copy onto the served model, checked and ready to run again."""
+
+    batch: FusedBatch
+    #: canonical names of the parameters the batch writes
+    fused: frozenset[str]
+    #: (canonical name, parameter address, pristine address) the batch points into
+    addresses: tuple[tuple[str, int, int], ...]
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,8 @@ class PreparedDelta:
     ops: dict[str, TensorOp]
     #: every op of this copy was rebuilt onto the served base and found finite (copies start unchecked)
     checked: bool = False
+    #: the runtime's swap plan for this copy (its checked single-pass writes), kept for the next swap
+    swap_plan: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,178 @@
+"""Many single-pass rebuilds in one compiled call: what a hot swap writes into a served model.
+
+A swap rebuilds every touched matrix of the model (210 on SmolLM2-135M). Through
+:func:`deltakit.ops.fused.fused_rebuild` each one is its own call: parts checked, a kernel call and a
+parallel region per matrix. :class:`FusedBatch` checks every write once and hands the compiled kernel
+(``deltakit_fused_batch`` in ``signmm_native.c``) all the matrices it takes in one call, one parallel
+region in which each thread takes a contiguous run of 8-row blocks of about equal estimated cost. Each
+element gets the operations of ``fused_rebuild``'s compiled loop, so the bits are the same, for any
+number of threads (tested). Writes the compiled kernel does not take (CUDA, fp16 bases or outputs, no
+compiler) run through ``fused_rebuild`` one by one.
+
+A batch can be kept and run again (a swap back to a delta already written once): its checks and
+pointers hold for as long as the tensors it was built from stay where they are, which the caller
+guarantees (:class:`deltakit.runtime.hotswap.HotSwapRuntime` compares the parameters' and pristine
+copies' addresses before each reuse).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from deltakit.errors import NonFiniteError
+from deltakit.ops.fused import (
+    NATIVE_KINDS,
+    checked_parts,
+    factor_kind,
+    fused_rebuild,
+    native_tiles,
+)
+from deltakit.ops.signmm import native_library
+
+
+@dataclass(frozen=True)
+class FusedWrite:
+    """One matrix: the arguments of :func:`~deltakit.ops.fused.fused_rebuild`, ``out`` given."""
+
+    base: torch.Tensor
+    dtype: torch.dtype
+    out: torch.Tensor
+    signs: torch.Tensor | None = None
+    scale: float = 0.0
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    name: str = "tensor"
+
+    def rebuild_alone(self, *, check_finite: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This write on its own through :func:`~deltakit.ops.fused.fused_rebuild`, into ``out`` (default:
+        the write's own); returns it."""
+        return fused_rebuild(
+            self.base,
+            self.dtype,
+            signs=self.signs,
+            scale=self.scale,
+            up=self.up,
+            down=self.down,
+            out=self.out if out is None else out,
+            check_finite=check_finite,
+            name=self.name,
+        )
+
+
+class _Job(ctypes.Structure):
+    """``fused_job`` of ops/signmm_native.c: one matrix of a batch (base, packed and out at row 0)."""
+
+    _fields_ = [
+        ("base", ctypes.c_void_p),
+        ("up", ctypes.c_void_p),
+        ("down", ctypes.c_void_p),
+        ("packed", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("rank", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("r0", ctypes.c_int64),
+        ("r1", ctypes.c_int64),
+        ("alpha", ctypes.c_float),
+        ("base_kind", ctypes.c_int32),
+        ("factor_kind", ctypes.c_int32),
+        ("round_kind", ctypes.c_int32),
+        ("out_kind", ctypes.c_int32),
+    ]
+
+
+class FusedBatch:
+    """Writes checked once, ready to run: the compiled ones in one call, the others one by one.
+
+    writes: every write's parts are checked on construction (ValueError naming the first that does not
+    fit its base; nothing is written). Neither ``base`` nor the parts are mutated by :meth:`run`.
+    """
+
+    def __init__(self, writes: list[FusedWrite]) -> None:
+        compiled: list[tuple[FusedWrite, _Job, tuple]] = []
+        self.single: list[FusedWrite] = []
+        for write in writes:
+            packed = checked_parts(write.base, write.signs, write.up, write.down, write.out, write.name)
+            job = batch_job(write, packed)
+            if job is None:
+                self.single.append(write)
+            else:
+                compiled.append((write, *job))
+        self.compiled = [write for write, _, _ in compiled]
+        self._held = [held for _, _, held in compiled]  # the tensors the jobs point into
+        self._jobs = (_Job * len(compiled))(*(job for _, job, _ in compiled))
+        self._extremes = torch.empty(len(compiled), 2, dtype=torch.float32)  # (n, 2) min, max per job
+        self._dtypes = [(w.dtype, w.out.dtype) for w in self.compiled]
+
+    def run(self, *, check_finite: bool = False) -> None:
+        """Write every ``out``. check_finite: raise NonFiniteError naming a write with a NaN or Inf value
+        (the compiled ones' first in order, else the first of the others); the others may be written."""
+        if self.compiled:
+            code = native_library().deltakit_fused_batch(
+                self._jobs, len(self.compiled), self._extremes.data_ptr(), torch.get_num_threads()
+            )
+            if code != 0:
+                raise ValueError(f"fused batch kernel refused its arguments (code {code})")
+            if check_finite:
+                finite = _finite_rows(self._extremes, self._dtypes)
+                bad = next((w for w, ok in zip(self.compiled, finite, strict=True) if not ok), None)
+                if bad is not None:
+                    raise NonFiniteError(f"{bad.name} decodes to NaN or Inf values")
+        for write in self.single:
+            write.rebuild_alone(check_finite=check_finite)
+
+
+def fused_rebuild_many(writes: list[FusedWrite], *, check_finite: bool = False) -> None:
+    """:func:`~deltakit.ops.fused.fused_rebuild` of every write into its ``out``, the same bits: parts
+    checked first (ValueError, nothing written), then :meth:`FusedBatch.run`."""
+    FusedBatch(writes).run(check_finite=check_finite)
+
+
+def _finite_rows(extremes: torch.Tensor, dtypes: list[tuple[torch.dtype, torch.dtype]]) -> list[bool]:
+    """Whether each row's (min, max) of ``extremes`` (n, 2) stays finite once rounded to its fine-tune
+    dtype and then to its written dtype (as :func:`~deltakit.ops.fused.finite_extremes`), one conversion
+    per distinct pair."""
+    finite = [True] * len(dtypes)
+    for pair in set(dtypes):
+        rows = [i for i, d in enumerate(dtypes) if d == pair]
+        values = extremes[rows].to(pair[0]).to(pair[1])  # (k, 2)
+        for i, ok in zip(rows, torch.isfinite(values).all(dim=1).tolist(), strict=True):
+            finite[i] = ok
+    return finite
+
+
+def batch_job(write: FusedWrite, packed: torch.Tensor | None) -> tuple[_Job, tuple] | None:
+    """(the kernel's job, the tensors it points into) for a write whose parts were checked
+    (:func:`~deltakit.ops.fused.checked_parts` gave ``packed``), or None when the compiled batch does not
+    take it."""
+    base, up, down = write.base, write.up, write.down
+    if native_tiles(base, write.dtype, write.out, packed is not None or up is not None) is None:
+        return None
+    if base.numel() == 0:
+        return None
+    kind = 0
+    if up is not None:
+        kind = factor_kind(up, down)
+        if kind is None:
+            return None
+        up, down = up.contiguous(), down.contiguous()  # (rows, r), (r, cols)
+    packed = packed.contiguous() if packed is not None else None
+    job = _Job(
+        base.data_ptr(),
+        up.data_ptr() if up is not None else None,
+        down.data_ptr() if down is not None else None,
+        packed.data_ptr() if packed is not None else None,
+        write.out.data_ptr(),
+        up.shape[1] if up is not None else 0,
+        base.shape[1],
+        0,
+        base.shape[0],
+        float(write.scale),
+        NATIVE_KINDS[base.dtype],
+        kind,
+        NATIVE_KINDS[write.dtype],
+        NATIVE_KINDS[write.out.dtype],
+    )
+    return job, (base, up, down, packed, write.out)
