@@ -104,6 +104,17 @@ def compress_all(base: Path, fts: list[Path], work: Path, method: str) -> list[P
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (figures differ between CPU models), or the architecture where none is found."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # -- 1. swaps -------------------------------------------------------------------------------------
 def copy_bandwidth(nbytes: int, repeats: int = 5, pinned_to: str | None = None) -> float:
     """Median bytes/s of ``copy_`` between two host buffers (or pinned host -> ``pinned_to``)."""
@@ -472,7 +483,7 @@ def main() -> None:
     prompt, steps = (8, 8) if args.tiny else (32, 32)
     result: dict = {
         "fleet": kind,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
         "cpus": available_cpus(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
