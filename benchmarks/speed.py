@@ -202,7 +202,8 @@ def bench_swaps(
 
 
 def low_rank_floor(delta_path: Path, device: str, repeats: int) -> dict:
-    """Seconds of the fp32 products ``up @ down`` alone, over every factored tensor of one delta.
+    """Seconds of the fp32 products ``up @ down`` alone (the BLAS, into preallocated outputs), over every
+    factored tensor of one delta.
 
     Any decode that forms the low-rank part in fp32 does this arithmetic (rank·rows·cols multiply-adds
     per matrix); with 4-bit factors the rank, and so this floor, is about 4x that of fp16 factors.
@@ -220,11 +221,13 @@ def low_rank_floor(delta_path: Path, device: str, repeats: int) -> dict:
         if view is not None and view.up is not None:
             pairs.append((view.up.float().to(device), view.down.float().to(device)))  # (rows, r), (r, cols)
     macs = sum(up.shape[0] * up.shape[1] * down.shape[1] for up, down in pairs)
+    # into outputs allocated once: fresh outputs would add page faults or not, as the allocator decides
+    outs = [torch.empty(up.shape[0], down.shape[1], device=device) for up, down in pairs]
 
     def once() -> float:
         t = time.perf_counter()
-        for up, down in pairs:
-            up @ down
+        for (up, down), out in zip(pairs, outs, strict=True):
+            torch.matmul(up, down, out=out)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
