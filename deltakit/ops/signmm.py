@@ -287,6 +287,7 @@ class SignGroup:
         self.tile_pointers = torch.tensor([t.data_ptr() for t in self.tiles], dtype=torch.int64)
         self.offsets = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.int64)
         self.rows = torch.tensor([i for r in rows for i in r], dtype=torch.int64)
+        self.max_row = max((i for r in rows for i in r), default=-1)
         self.scales = torch.tensor(scales, dtype=torch.float32)
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -303,8 +304,8 @@ class SignGroup:
             raise ValueError(
                 f"sign group of {self.shape} got activations {tuple(x.shape)}, output {tuple(y.shape)}"
             )
-        if self.rows.numel() and int(self.rows.max()) >= x.shape[0]:
-            raise ValueError(f"sign group rows reach {int(self.rows.max())}, activations have {x.shape[0]}")
+        if self.max_row >= x.shape[0]:
+            raise ValueError(f"sign group rows reach {self.max_row}, activations have {x.shape[0]}")
         lib = native_library()
         if lib is None:
             raise ValueError("the sign kernel is not available")
