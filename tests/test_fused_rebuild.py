@@ -201,16 +201,78 @@ def test_a_view_whose_factors_do_not_fit_is_one_format_error():
 
 
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_rank_zero_factors_of_any_width_add_nothing(factor_dtype):
-    """Rank-0 factors (an empty low-rank part) at every factor width leave base + signs, on the compiled
-    path and the torch tiles alike."""
+def test_rank_zero_factors_of_any_width_add_a_zero_product(monkeypatch, factor_dtype):
+    """Rank-0 factors (an empty low-rank part) at every factor width add a zero product, as the reference
+    sum does: base + signs, and a -0.0 of the base becomes +0.0, on the compiled path (one matrix or in a
+    batch) and the torch tiles alike. An empty tensor's address is 0, which the kernel would take for no
+    low-rank part at all (the base copied, -0.0 kept)."""
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(24, 48, generator=gen).bfloat16()
+    base[0, :5] = -0.0
     signs = torch.randint(0, 256, (24 * 48 // 8,), dtype=torch.uint8, generator=gen)
     empty = {"up": torch.zeros(24, 0, dtype=factor_dtype), "down": torch.zeros(0, 48, dtype=factor_dtype)}
-    assert torch.equal(fused_rebuild(base, torch.bfloat16, **empty), base)
+    plus_zero = (base.float() + 0.0).bfloat16().view(torch.int16)  # (24, 48): -0.0 -> +0.0
+    assert not torch.equal(plus_zero, base.view(torch.int16))
+    assert torch.equal(fused_rebuild(base, torch.bfloat16, **empty).view(torch.int16), plus_zero)
+    write = FusedWrite(
+        base, torch.bfloat16, torch.empty_like(base), None, 0.0, empty["up"], empty["down"], "w"
+    )
+    fused_rebuild_many([write], check_finite=True)
+    assert torch.equal(write.out.view(torch.int16), plus_zero)
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "native_library", lambda: None)
+        assert torch.equal(fused_rebuild(base, torch.bfloat16, **empty).view(torch.int16), plus_zero)
     with_signs = fused_rebuild(base, torch.bfloat16, signs=signs, scale=0.5, **empty)
     assert torch.equal(with_signs, fused_rebuild(base, torch.bfloat16, signs=signs, scale=0.5))
+
+
+@pytest.mark.parametrize("shape", [(8, 0), (0, 8)])
+def test_empty_matrices_rebuild_to_empty_tensors(shape):
+    """A matrix with no rows or no columns rebuilds to an empty tensor, checked or not, alone or in a
+    batch: no spurious non-finite error, no failed concatenation."""
+    rows, cols = shape
+    parts = {
+        "signs": torch.zeros(0, dtype=torch.uint8),
+        "scale": 0.5,
+        "up": torch.zeros(rows, 2, dtype=torch.float16),
+        "down": torch.zeros(2, cols, dtype=torch.float16),
+    }
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    for check in (False, True):
+        assert fused_rebuild(base, torch.bfloat16, check_finite=check, **parts).shape == shape
+    write = FusedWrite(base, torch.bfloat16, torch.empty(shape, dtype=torch.bfloat16), *parts.values(), "w")
+    fused_rebuild_many([write], check_finite=True)
+    assert write.out.shape == shape
+
+
+def test_threads_that_end_give_their_kernel_scratch_back():
+    """Each thread that runs the compiled rebuild keeps scratch buffers between calls; a thread that ends
+    (an apply's worker pool, a server's request thread) gives them back."""
+    import threading
+    import time
+
+    lib = fused.native_library()
+    if lib is None:
+        pytest.skip("no C compiler: no compiled kernel, no scratch")
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(64, 96, generator=gen).bfloat16()
+    up, down = torch.randn(64, 4, generator=gen).half(), torch.randn(4, 96, generator=gen).half()
+    fused_rebuild(base, torch.bfloat16, up=up, down=down)  # this thread's (and its pool's) scratch
+    before = lib.deltakit_scratch_sets()
+
+    def rebuild() -> None:
+        fused_rebuild(base, torch.bfloat16, up=up, down=down)
+
+    workers = [threading.Thread(target=rebuild) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert lib.deltakit_scratch_sets() > 0
+    deadline = time.monotonic() + 10  # OpenMP's helper threads of an ended thread end a moment later
+    while lib.deltakit_scratch_sets() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lib.deltakit_scratch_sets() == before
 
 
 def _many_writes(seed: int = 0) -> list[FusedWrite]:

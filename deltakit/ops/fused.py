@@ -115,18 +115,23 @@ def fused_rebuild(
     neither. out: (rows, cols) tensor written in place (its own dtype; values are rounded to ``dtype``
     first), or None to allocate one of ``dtype``. check_finite: raise NonFiniteError (naming ``name``)
     when a written value is NaN or Inf; rows before the bad tile are already written. tile: rows per tile
-    (a multiple of TILE_ALIGN; default :func:`tile_rows`). Returns ``out``.
+    (a multiple of TILE_ALIGN; default: the whole matrix for the compiled kernel, :func:`tile_rows` for
+    the torch tiles). Returns ``out``.
     """
     rows, cols = base.shape
     device = base.device
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype, device=device)
     packed = checked_parts(base, signs, up, down, out, name)
-    step = tile if tile is not None else tile_rows(rows, cols, device)
+    if base.numel() == 0:
+        return out
+    native = native_tiles(base, dtype, out, signs is not None or up is not None)
+    # the compiled kernel keeps its fp32 rows in cache whatever the row count: one call per matrix (each
+    # call widens 16-bit factors once per thread)
+    step = tile if tile is not None else rows if native is not None else tile_rows(rows, cols, device)
     if step < rows and step % TILE_ALIGN:
         raise ValueError(f"{name}: tile={step} is not a multiple of {TILE_ALIGN} rows")
     extremes = []  # per tile (min, max) of the fp32 sums: NaN propagates; rounding is monotonic
-    native = native_tiles(base, dtype, out, signs is not None or up is not None)
     table = None  # (256, 8) ±α of the torch tiles' sign lookup
     if native is None and signs is not None:
         table = _sign_table(device) * float(scale)
@@ -196,6 +201,16 @@ def native_tiles(base: torch.Tensor, dtype: torch.dtype, out: torch.Tensor, has_
     return native_library()
 
 
+_NO_VALUES = torch.zeros(1)  # an address for factors with no values: nothing is read from it
+
+
+def factor_pointer(factor: torch.Tensor) -> int:
+    """The address the compiled kernel reads ``factor`` at. An empty tensor (rank 0) reports address 0,
+    which the kernel takes for "no low-rank part" (the base copied as is, -0.0 kept) where the reference
+    adds a zero product (-0.0 becomes +0.0): it gets a real address the kernel reads nothing from."""
+    return factor.data_ptr() if factor.numel() else _NO_VALUES.data_ptr()
+
+
 def factor_kind(up: torch.Tensor, down: torch.Tensor) -> int | None:
     """The kernel's code for factors it reads as stored (one CPU dtype of :data:`FACTOR_KINDS`), else None."""
     if up.dtype != down.dtype or up.device.type != "cpu" or down.device.type != "cpu":
@@ -229,8 +244,8 @@ def _native_tile(
     code = lib.deltakit_fused_rows(
         base[r0:r1].data_ptr(),
         NATIVE_KINDS[base.dtype],
-        up32.data_ptr() if has_low else None,
-        down32.data_ptr() if has_low else None,
+        factor_pointer(up32) if has_low else None,
+        factor_pointer(down32) if has_low else None,
         FACTOR_KINDS[up32.dtype] if has_low else 0,
         up32.shape[1] if has_low else 0,
         cols,

@@ -27,6 +27,7 @@ from deltakit.ops.fused import (
     NATIVE_KINDS,
     checked_parts,
     factor_kind,
+    factor_pointer,
     fused_rebuild,
     native_tiles,
 )
@@ -161,8 +162,8 @@ def batch_job(write: FusedWrite, packed: torch.Tensor | None) -> tuple[_Job, tup
     packed = packed.contiguous() if packed is not None else None
     job = _Job(
         base.data_ptr(),
-        up.data_ptr() if up is not None else None,
-        down.data_ptr() if down is not None else None,
+        factor_pointer(up) if up is not None else None,
+        factor_pointer(down) if down is not None else None,
         packed.data_ptr() if packed is not None else None,
         write.out.data_ptr(),
         up.shape[1] if up is not None else 0,

@@ -89,6 +89,8 @@ _SIGNATURES = {
     ),
     # many matrices of ops/fused.py in one call: jobs (fused_job array), count, extremes (count, 2), threads
     "deltakit_fused_batch": (_P, _I64, _P, _I32),
+    # threads holding the fused kernel's scratch now (each gives it back when it ends)
+    "deltakit_scratch_sets": (),
     # ops/lowrank.py: up, down, rank, cols, first row, end row, out
     "deltakit_low_rank_rows": (_P, _P, _I64, _I64, _I64, _I64, _P, _I32),
     # lowrank_native.c (ops/lowrank_group.py): x, in, out, parts, first, second, ranks, kind, offsets,

@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <pthread.h>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -561,23 +562,60 @@ static void widen_factors(const void *src, int kind, int64_t n, float *dst) {
     }
 }
 
-/* Scratch slots of a thread for at least n floats, kept between calls until the thread ends (a fresh block
- * of this size per call would come from mmap and fault in every page) and aligned to cache lines (the
- * kernel's 64-byte vector loads and stores then stay on one line each: unaligned, the widened factors
- * took 1.6x as long on a 576x1536 matrix); grown on demand, NULL when it cannot be. */
+/* Scratch slots of a thread for at least n floats, kept between calls (a fresh block of this size per call
+ * would come from mmap and fault in every page) and freed when the thread ends (a pthread key's
+ * destructor: short-lived callers, such as a worker pool's threads, leave nothing behind); aligned to cache
+ * lines (the kernel's 64-byte vector loads and stores then stay on one line each: unaligned, the widened
+ * factors took 1.6x as long on a 576x1536 matrix); grown on demand, NULL when it cannot be. A thread keeps
+ * at most its largest request per slot. */
 #define SCRATCH_LOW 0     /* a block's low-rank rows */
 #define SCRATCH_FACTORS 1 /* widened factors */
+typedef struct {
+    float *buffers[2];
+    int64_t capacity[2];
+} scratch_set;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok = 0;
+
+static int64_t live_scratch_sets = 0; /* threads holding scratch now (deltakit_scratch_sets) */
+
+static void free_scratch_set(void *p) {
+    scratch_set *set = p;
+    free(set->buffers[0]);
+    free(set->buffers[1]);
+    free(set);
+    __atomic_sub_fetch(&live_scratch_sets, 1, __ATOMIC_RELAXED);
+}
+
+/* How many threads hold fused-rebuild scratch now: a thread that ends gives its scratch back. */
+int deltakit_scratch_sets(void) { return (int)__atomic_load_n(&live_scratch_sets, __ATOMIC_RELAXED); }
+
+static void make_scratch_key(void) { scratch_key_ok = pthread_key_create(&scratch_key, free_scratch_set) == 0; }
+
 static float *thread_scratch(int slot, int64_t n) {
-    static __thread float *buffers[2] = {NULL, NULL};
-    static __thread int64_t capacity[2] = {0, 0};
-    if (n < 1) n = 1; /* rank 0: nothing to widen, but a buffer all the same */
-    if (n > capacity[slot]) {
-        free(buffers[slot]);
-        void *fresh = NULL;
-        buffers[slot] = posix_memalign(&fresh, 64, (size_t)n * sizeof(float) + 64) == 0 ? fresh : NULL;
-        capacity[slot] = buffers[slot] ? n : 0;
+    static __thread scratch_set *set = NULL;
+    if (!set) {
+        pthread_once(&scratch_once, make_scratch_key);
+        if (!scratch_key_ok) return NULL;
+        set = calloc(1, sizeof *set);
+        if (!set) return NULL;
+        if (pthread_setspecific(scratch_key, set) != 0) {
+            free(set);
+            set = NULL;
+            return NULL;
+        }
+        __atomic_add_fetch(&live_scratch_sets, 1, __ATOMIC_RELAXED);
     }
-    return buffers[slot];
+    if (n < 1) n = 1; /* rank 0: nothing to widen, but a buffer all the same */
+    if (n > set->capacity[slot]) {
+        free(set->buffers[slot]);
+        void *fresh = NULL;
+        set->buffers[slot] = posix_memalign(&fresh, 64, (size_t)n * sizeof(float) + 64) == 0 ? fresh : NULL;
+        set->capacity[slot] = set->buffers[slot] ? n : 0;
+    }
+    return set->buffers[slot];
 }
 
 /* One matrix for the fused kernel: rows r0 .. r1 - 1 of it, base, packed and out pointing at row r0
@@ -665,14 +703,18 @@ int deltakit_fused_rows(const void *base, int base_kind, const void *up_in, cons
     {
         span_stats st = {__builtin_inff(), -__builtin_inff(), 0};
         job_scratch scratch;
-        int ready = job_scratch_for(&job, &scratch) == 0;
-        if (!ready) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        int ready = -1; /* set up on this thread's first block: a thread with none widens nothing */
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (ready < 0) {
+                ready = job_scratch_for(&job, &scratch) == 0;
+                if (!ready) {
+#pragma omp atomic write
+                    failed = 1;
+                }
+            }
             if (ready) job_block(&job, &scratch, b, &st);
+        }
 #pragma omp critical
         {
             lo = st.lo < lo ? st.lo : lo;
