@@ -104,13 +104,15 @@ def test_bits_do_not_depend_on_threads_or_on_the_other_parts(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_16_bit_activations_and_output_give_torch_add_of_the_fp32_share(act, dtype):
     """A 16-bit x is read as its exact fp32 widening and a 16-bit y takes the share rounded to nearest
-    even, bit for bit ``y.add_(share)`` of the fp32 path; rows of no part keep their bits (-0 included)."""
+    even, bit for bit ``y.add_(share)`` of the fp32 path, a rank-0 part's rows included (-0.0 becomes
+    +0.0); rows of no part keep their bits (-0 included)."""
     firsts, seconds = _parts(5, 150, 97, [9, 0, 33], dtype)  # tails in both stages, a rank-0 part
     rows = [[0, 4], [1], [2, 3, 5]]
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(7, 150, generator=gen).to(act)
     y0 = (torch.randn(7, 97, generator=gen) * 4).to(act)
     y0[6] = -0.0  # row 6 belongs to no part
+    y0[1, :5] = -0.0  # row 1 belongs to the rank-0 part: its zero share is added all the same (+0.0)
     share = torch.zeros(7, 97)
     _group(firsts, seconds, rows).add_into(x.float(), share)
     expected = y0.clone()

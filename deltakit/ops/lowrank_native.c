@@ -256,8 +256,15 @@ static inline __attribute__((always_inline)) void second_stage(const job *w, int
     size_t esize = kind == 0 ? 4 : 2;
     for (int64_t p = 0; p < w->nparts; p++) {
         int64_t rank = w->ranks[p], n = w->offsets[p + 1] - w->offsets[p];
-        if (rank == 0) continue;
         const int64_t *rows = w->rows + w->offsets[p];
+        if (rank == 0) { /* a zero share, added all the same: y + (0 + 0) turns -0.0 into +0.0 as add_ does */
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t j = 0; j < width; j++) {
+                    int64_t yi = rows[r] * w->out + j0 + j;
+                    store1(w->y, akind, yi, load1(w->y, akind, yi) + (0.0f + 0.0f));
+                }
+            continue;
+        }
         const void *b = (const char *)(uintptr_t)w->second[p] + (size_t)(j0 * rank) * esize;
         const float *h = w->h + w->h_offsets[p];
         for (int64_t r = 0; r < n; r += TILE_ROWS) {
