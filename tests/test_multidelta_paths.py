@@ -119,6 +119,45 @@ def test_low_rank_only_rows_add_into_a_bf16_output_with_the_bits_of_the_fp32_sha
     assert torch.equal(direct[1][1], base[1]) and not torch.equal(direct[1][0], base[0])
 
 
+@pytest.mark.parametrize("dtype_fleet", ["llama-bf16", "llama"])
+def test_sign_and_low_rank_rows_add_into_the_output_in_one_call_with_the_same_bits(monkeypatch, dtype_fleet):
+    """Where grouped sign parts (dqrelo, bitdelta; beside svd rows and base rows) are a module's only
+    shares besides low rank, one compiled call adds them all into the output: the same logits, bit for
+    bit, as the fp32 copy of x, fp32 share, two group calls and separate add; the profiled executor
+    takes the separate calls (to time each) and gets the same logits too."""
+    from deltakit.ops import lowrank_group
+
+    if not lowrank_group.available():
+        pytest.skip("needs the compiled kernel")
+    fleet = cached_fleet(dtype_fleet)
+    rt = _runtime(fleet)
+    dqrelo = next(n for n in fleet["delta"] if n.startswith("dqrelo"))
+    bitdelta = next(n for n in fleet["delta"] if n.startswith("bitdelta"))
+    svd = next(n for n in fleet["delta"] if n.startswith("svd"))
+    assignment = [dqrelo, None, bitdelta, svd, dqrelo]
+    ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(15))
+    calls = []
+    into_output = MultiDeltaExecutor._shares_into_output
+
+    def counted(self, plan, x, result):
+        taken = into_output(self, plan, x, result)
+        calls.append((bool(plan.grouped_sign_parts), taken))
+        return taken
+
+    monkeypatch.setattr(MultiDeltaExecutor, "_shares_into_output", counted)
+    combined = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    assert any(taken for _, taken in calls)
+    assert all(taken == signed for signed, taken in calls)  # every linear layer with sign parts
+    profiled = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt, profile=True), ids, assignment)
+    monkeypatch.setattr(MultiDeltaExecutor, "_shares_into_output", lambda self, plan, x, result: False)
+    separate = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    for got, want, timed in zip(combined, separate, profiled, strict=True):
+        assert torch.equal(got, want) and torch.equal(timed, want)
+    base = _merged_last_logits(rt, ids, [None] * len(assignment))
+    torch.testing.assert_close(combined[1][1], base[1])  # the base row (batched: BLAS blocking may differ)
+    assert not torch.equal(combined[1][0], base[0])
+
+
 def test_tiny_cache_budget_evicts_and_gives_the_same_logits():
     fleet = cached_fleet("llama")
     rt = _runtime(fleet)

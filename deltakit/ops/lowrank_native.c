@@ -348,3 +348,58 @@ int deltakit_low_rank_multi(const void *x, int64_t in, int64_t out, int64_t npar
     free(h_offsets);
     return 0;
 }
+
+/* signmm_native.c, compiled into the same library */
+int deltakit_sign_matmul_multi(const float *x, int64_t in, int64_t out, int64_t nparts, const int64_t *packed,
+                               const int64_t *tiles, const int64_t *offsets, const int64_t *rows,
+                               const float *scales, float *y, int64_t lut_min, int threads);
+
+/* The sign and low-rank shares of several deltas added into a layer's output in one call (runtime/multidelta.py
+ * through ops/mixed_shares.py). x (n, in) and y (n, out) row-major at act_kind (0 = fp32, 1 = fp16,
+ * 2 = bf16), y mutated. The same operations, in the same order, as
+ *
+ *     xf = x widened to fp32 (exact); share = zeros (n, out) fp32;
+ *     deltakit_low_rank_multi(xf, ..., share, act_kind 0)      (the low-rank group, nlr parts; 0: none)
+ *     deltakit_sign_matmul_multi(xf, ..., share)               (the sign group, nsg parts; 0: none)
+ *     y.add_(share)                                            (every row: rows of no part add +0)
+ *
+ * so the bits are those of the separate calls and torch's add (a 16-bit y rounded to nearest even, a NaN
+ * becoming 0x7FC0 in bf16, as store16). The arguments of each group are those of its own entry point.
+ * Returns 0, 1 for bad sizes or kinds, 2 when a buffer cannot be allocated, or the failing call's code. */
+int deltakit_mixed_shares(const void *x, int act_kind, int64_t n, int64_t in, int64_t out, int64_t nlr,
+                          const int64_t *first, const int64_t *second, const int64_t *ranks, int kind,
+                          const int64_t *lr_offsets, const int64_t *lr_rows, int64_t nsg, const int64_t *packed,
+                          const int64_t *tiles, const int64_t *sg_offsets, const int64_t *sg_rows,
+                          const float *scales, int64_t lut_min, void *y, int threads) {
+    if (n < 0 || in < 0 || out < 0 || nlr < 0 || nsg < 0 || act_kind < 0 || act_kind > 2) return 1;
+    int64_t nx = n * in, ny = n * out;
+    float *xf = malloc((size_t)(nx > 0 ? nx : 1) * sizeof(float));
+    float *share = calloc((size_t)(ny > 0 ? ny : 1), sizeof(float));
+    int code = xf && share ? 0 : 2;
+    if (code == 0) {
+        int64_t i = 0;
+        for (; i + LANES <= nx; i += LANES) {
+            f32x16 v = load16(x, act_kind, i);
+            memcpy(xf + i, &v, sizeof v);
+        }
+        for (; i < nx; i++) xf[i] = load1(x, act_kind, i);
+        if (nlr > 0)
+            code = deltakit_low_rank_multi(xf, in, out, nlr, first, second, ranks, kind, lr_offsets, lr_rows, share,
+                                           0, threads);
+        if (code == 0 && nsg > 0)
+            code = deltakit_sign_matmul_multi(xf, in, out, nsg, packed, tiles, sg_offsets, sg_rows,
+                                              scales, share, lut_min, threads);
+    }
+    if (code == 0) {
+        int64_t i = 0;
+        for (; i + LANES <= ny; i += LANES) {
+            f32x16 s;
+            memcpy(&s, share + i, sizeof s);
+            store16(y, act_kind, i, load16(y, act_kind, i) + s);
+        }
+        for (; i < ny; i++) store1(y, act_kind, i, load1(y, act_kind, i) + share[i]);
+    }
+    free(xf);
+    free(share);
+    return code;
+}

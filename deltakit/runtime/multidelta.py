@@ -37,6 +37,7 @@ from torch import nn
 from deltakit.errors import UsageError
 from deltakit.ops import lowrank_group
 from deltakit.ops.lowrank_group import GroupFactors, LowRankGroup
+from deltakit.ops.mixed_shares import add_shares_into
 from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul, sign_tiles
 from deltakit.ops.threads import one_thread_on_cpu
 from deltakit.runtime.batchplan import (
@@ -218,14 +219,15 @@ class MultiDeltaExecutor:
         else:
             result = output
         share = None  # fp32 (batch, ..., out): every factored part's share, added to result at once
-        direct = self._low_rank_into_output(plan, x, result)  # svd rows: their only share, added already
+        # svd rows: their only share, added already; sign + low-rank rows: all their shares in one call
+        direct = self._low_rank_into_output(plan, x, result) or self._shares_into_output(plan, x, result)
         needs_fp32 = (plan.low_rank_parts or plan.grouped_sign_parts) and x.dtype != torch.float32
         xf = x.to(torch.float32) if needs_fp32 and not direct else x
         if plan.low_rank_parts and not direct:
             start = self._tick(x)
             share = self._low_rank(plan, xf)
             self._tock("low_rank_s", start, share)
-        if plan.grouped_sign_parts:
+        if plan.grouped_sign_parts and not direct:
             start = self._tick(x)
             if share is None:
                 share = torch.zeros(result.shape, dtype=torch.float32, device=result.device)
@@ -334,6 +336,31 @@ class MultiDeltaExecutor:
         group = self._low_rank_group(plan, flat.shape[0] // plan.batch)
         group.add_into(flat, result.view(flat.shape[0], -1))
         self._tock("low_rank_s", start, result)
+        return True
+
+    def _shares_into_output(self, plan: ModulePlan, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """When grouped sign parts (and low-rank parts, or none) are the module's only delta shares
+        (dqrelo, bitdelta, with svd deltas or not), add them all into ``result`` (contiguous, mutated) in
+        one compiled call (:func:`~deltakit.ops.mixed_shares.add_shares_into`): the same operations as the
+        fp32 copy of x, the fp32 share, the two group calls and ``result.add_(share)``, so the same bits,
+        without torch's per-call overhead. False (nothing done) when the plan has other shares, off the
+        CPU, without the library, for mixed dtypes, or when profiling: the profiled run makes the sign and
+        low-rank calls apart to time each."""
+        if (
+            self.profile
+            or not plan.grouped_sign_parts
+            or plan.share_parts
+            or x.device.type != "cpu"
+            or x.dtype != result.dtype
+            or x.dtype not in lowrank_group.KINDS
+            or x.shape[0] != plan.batch
+            or not lowrank_group.available()
+        ):
+            return False
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # (tokens, in)
+        per_row = flat.shape[0] // plan.batch
+        low_rank = self._low_rank_group(plan, per_row) if plan.low_rank_parts else None
+        add_shares_into(flat, result.view(flat.shape[0], -1), low_rank, self._sign_group(plan, per_row))
         return True
 
     def _low_rank(self, plan: ModulePlan, x: torch.Tensor) -> torch.Tensor:
