@@ -3,8 +3,8 @@
 For a linear layer whose delta shares are a :class:`~deltakit.ops.signmm.SignGroup` and/or a
 :class:`~deltakit.ops.lowrank_group.LowRankGroup` (dqrelo and bitdelta deltas, mixed with svd ones or
 not), the executor would widen the activations to fp32, allocate an fp32 share, call each group into it
-and add it to the output: four torch operations and two kernel calls per layer and decode step, about a
-third of which was torch's per-call overhead on SmolLM2. ``deltakit_mixed_shares`` (``lowrank_native.c``)
+and add it to the output: torch operations whose per-call cost was about 0.2 s of a 3 s decode of
+SmolLM2 with 4 dqrelo deltas x 2 rows (docs/speed.md). ``deltakit_mixed_shares`` (``lowrank_native.c``)
 does the same operations in the same order in one call, so the output has the same bits. CPU only, and
 only with the compiled library.
 """
