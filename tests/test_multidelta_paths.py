@@ -257,3 +257,34 @@ def test_forwards_are_restored_after_the_block_and_norms_skip_their_own_once_che
     merged = _merged_last_logits(rt, ids, assignment)
     for row in range(len(assignment)):
         torch.testing.assert_close(out.logits[row, -1], merged[row], rtol=1e-4, atol=1e-4)
+
+
+def test_a_norms_per_row_check_is_kept_for_later_batches_with_other_deltas(monkeypatch):
+    """The per-row RMSNorm form is checked against each delta's re-run on a module's first batch; the
+    executor keeps that verdict for the module, so a later batch with other deltas and rows re-runs no
+    delta's norm to compare, and its logits equal those of a fresh executor that checks again."""
+    fleet = cached_fleet("llama")
+    rt = _runtime(fleet)
+    names = [n for n in fleet["delta"] if n != "lossless"]
+    first, later = [names[0], None, names[1]], [names[2], names[0], names[2], None]
+    reruns = []
+    per_part = MultiDeltaExecutor._per_part_rerun
+
+    def counted(self, plan, x, args, kwargs, result):
+        reruns.append(plan.module)
+        return per_part(self, plan, x, args, kwargs, result)
+
+    monkeypatch.setattr(MultiDeltaExecutor, "_per_part_rerun", counted)
+    executor = MultiDeltaExecutor(rt)
+    ids = torch.randint(0, 256, (4, 5), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad(), executor.assign(first):
+        rt.model(ids[:3])
+    norms = {m for m in reruns if "norm" in type(m).__name__.lower()}
+    assert norms  # the first batch checked its norms
+    reruns.clear()
+    with torch.no_grad(), executor.assign(later):
+        kept = rt.model(ids).logits
+    assert not norms & set(reruns)
+    with torch.no_grad(), MultiDeltaExecutor(rt).assign(later):
+        fresh = rt.model(ids).logits
+    assert torch.equal(kept, fresh)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -93,6 +94,12 @@ class MultiDeltaExecutor:
         #: key -> (op the tensors were made from, tensors)
         self.sign_cache: ByteLRU[tuple[TensorOp, tuple[torch.Tensor, ...]]] = ByteLRU(
             sign_cache_bytes, _cached_bytes
+        )
+        #: per module and (input, output) dtypes, whether its per-row weight form gave the bits of its
+        #: per-delta re-runs when first checked: a property of the module's forward, not of the deltas,
+        #: so later batches take the form (or not) without re-running every delta's rows to compare
+        self._row_weight_verdicts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = (
+            weakref.WeakKeyDictionary()
         )
         # parameter identity -> [(module, attribute)] for every module holding it (tied weights: several)
         self._users: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -256,17 +263,23 @@ class MultiDeltaExecutor:
 
         An RMSNorm whose only parameter is the changed 1-D ``weight`` is computed once for all rows with a
         per-row weight (batch, 1, ..., dim) by :func:`~.batchplan.rms_norm_rows`. The first call of a
-        plan checks that against the module's own forward on each delta's rows and keeps the per-delta
-        re-runs when any bit differs.
+        module (per input and output dtype, for this executor) checks that against the module's own
+        forward on each delta's rows and keeps the per-delta re-runs when any bit differs; later plans of
+        the module take that verdict (:attr:`_row_weight_verdicts`) without re-running the deltas' rows.
         """
         if plan.row_weight is not False:
             batched = self._row_weight_rerun(plan, x, args, kwargs)
-            if plan.row_weight is None:
-                per_part = self._per_part_rerun(plan, x, args, kwargs, result.clone())
-                plan.row_weight = batched is not None and torch.equal(batched.to(result.dtype), per_part)
+            if plan.row_weight is None and batched is not None:
+                verdicts = self._row_weight_verdicts.setdefault(plan.module, {})
+                key = (x.dtype, result.dtype)
                 plan.out_dtype = result.dtype
-                return per_part
-            if batched is not None:
+                if key in verdicts:
+                    plan.row_weight = verdicts[key]
+                else:
+                    per_part = self._per_part_rerun(plan, x, args, kwargs, result.clone())
+                    plan.row_weight = verdicts[key] = torch.equal(batched.to(result.dtype), per_part)
+                    return per_part
+            if batched is not None and plan.row_weight:
                 return batched.to(result.dtype)
         return self._per_part_rerun(plan, x, args, kwargs, result)
 
