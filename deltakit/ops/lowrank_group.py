@@ -50,6 +50,24 @@ def tile_columns(second: torch.Tensor) -> torch.Tensor:
     return torch.cat([tiles.reshape(-1), second[:, full:].reshape(-1)])
 
 
+def check_rows_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+    """Refuse (ValueError naming ``what``) anything but contiguous CPU activations x (N, in) and output
+    y (N, out) of one dtype of :data:`KINDS`: what the compiled calls index them as."""
+    if (
+        x.dtype != y.dtype
+        or x.dtype not in KINDS
+        or x.device.type != "cpu"
+        or y.device.type != "cpu"
+        or not (x.is_contiguous() and y.is_contiguous())
+    ):
+        raise ValueError(
+            f"{what} wants contiguous CPU activations and output of one dtype "
+            f"({', '.join(sorted(map(str, KINDS)))}), got {x.dtype} and {y.dtype}"
+        )
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"activations {list(x.shape)} and output {list(y.shape)} are not (N, in), (N, out)")
+
+
 @dataclass(frozen=True)
 class GroupFactors:
     """One delta's factors for one layer, ready for the kernel: ``first`` A (rank, in) contiguous and
@@ -119,21 +137,7 @@ class LowRankGroup:
         tensors of one dtype of :data:`KINDS`, y mutated (a 16-bit y takes the fp32 share rounded to
         nearest even, bit for bit ``y.add_(share)``; rows of no part are left as they are).
         threads: default torch's intra-op count (the bits do not depend on it)."""
-        if (
-            x.dtype != y.dtype
-            or x.dtype not in KINDS
-            or x.device.type != "cpu"
-            or y.device.type != "cpu"
-            or not (x.is_contiguous() and y.is_contiguous())
-        ):
-            raise ValueError(
-                "low-rank group wants contiguous CPU activations and output of one dtype "
-                f"({', '.join(sorted(map(str, KINDS)))}), got {x.dtype} and {y.dtype}"
-            )
-        if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"activations {list(x.shape)} and output {list(y.shape)} are not (N, in), (N, out)"
-            )
+        check_rows_pair(x, y, "low-rank group")
         if x.shape[1] != self.in_features or y.shape[1] != self.out_features:
             raise ValueError(
                 f"low-rank group of ({self.in_features} -> {self.out_features}) got activations "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from deltakit.ops.lowrank_group import KINDS, LowRankGroup
+from deltakit.ops.lowrank_group import KINDS, LowRankGroup, check_rows_pair
 from deltakit.ops.signmm import LUT_MIN_ROWS, SignGroup, native_library
 
 
@@ -31,21 +31,7 @@ def add_shares_into(
     threads: default torch's intra-op count (the bits do not depend on it)."""
     if low_rank is None and signs is None:
         raise ValueError("mixed shares need a low-rank group, a sign group or both")
-    if (
-        x.dtype != y.dtype
-        or x.dtype not in KINDS
-        or x.device.type != "cpu"
-        or y.device.type != "cpu"
-        or not (x.is_contiguous() and y.is_contiguous())
-        or x.dim() != 2
-        or y.dim() != 2
-        or x.shape[0] != y.shape[0]
-    ):
-        raise ValueError(
-            f"mixed shares want contiguous CPU (N, in) activations and (N, out) output of one dtype "
-            f"({', '.join(sorted(map(str, KINDS)))}), got {x.dtype} {list(x.shape)} and "
-            f"{y.dtype} {list(y.shape)}"
-        )
+    check_rows_pair(x, y, "mixed shares")
     features = (x.shape[1], y.shape[1])
     if low_rank is not None and (low_rank.in_features, low_rank.out_features) != features:
         raise ValueError(

@@ -327,6 +327,20 @@ class MultiDeltaExecutor:
         plan.row_weights, plan.row_eps = weights, eps
         return True
 
+    @staticmethod
+    def _into_output_applies(plan: ModulePlan, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """Whether a compiled call can add the plan's shares straight into ``result``: no shares besides
+        the low-rank and grouped sign parts, CPU, x at ``result``'s dtype (one the kernels read), one
+        input row per batch row, and the library built."""
+        return (
+            not plan.share_parts
+            and x.device.type == "cpu"
+            and x.dtype == result.dtype
+            and x.dtype in lowrank_group.KINDS
+            and x.shape[0] == plan.batch
+            and lowrank_group.available()
+        )
+
     def _low_rank_into_output(self, plan: ModulePlan, x: torch.Tensor, result: torch.Tensor) -> bool:
         """When low-rank parts are the module's only delta shares (svd deltas), add them straight into
         ``result`` (contiguous, mutated) at its own dtype with the compiled group, reading x at its own
@@ -336,12 +350,7 @@ class MultiDeltaExecutor:
         if (
             not plan.low_rank_parts
             or plan.grouped_sign_parts
-            or plan.share_parts
-            or x.device.type != "cpu"
-            or x.dtype != result.dtype
-            or x.dtype not in lowrank_group.KINDS
-            or x.shape[0] != plan.batch
-            or not lowrank_group.available()
+            or not self._into_output_applies(plan, x, result)
         ):
             return False
         start = self._tick(x)
@@ -359,16 +368,7 @@ class MultiDeltaExecutor:
         without torch's per-call overhead. False (nothing done) when the plan has other shares, off the
         CPU, without the library, for mixed dtypes, or when profiling: the profiled run makes the sign and
         low-rank calls apart to time each."""
-        if (
-            self.profile
-            or not plan.grouped_sign_parts
-            or plan.share_parts
-            or x.device.type != "cpu"
-            or x.dtype != result.dtype
-            or x.dtype not in lowrank_group.KINDS
-            or x.shape[0] != plan.batch
-            or not lowrank_group.available()
-        ):
+        if self.profile or not plan.grouped_sign_parts or not self._into_output_applies(plan, x, result):
             return False
         flat = x.reshape(-1, x.shape[-1]).contiguous()  # (tokens, in)
         per_row = flat.shape[0] // plan.batch
