@@ -177,6 +177,40 @@ def test_compiled_tiles_equal_the_torch_tiles_bit_for_bit(
             fused.fused_rebuild(base, dtype, check_finite=True, tile=tile, **kw)
 
 
+@pytest.mark.parametrize("magnitude", [2.0**-70, 2.0**66, 1.0])
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16])
+def test_compiled_low_rank_products_equal_the_torch_tiles_at_any_magnitude(
+    monkeypatch, magnitude, factor_dtype
+):
+    """16-bit factors take fused multiply-adds only while every product is exact in fp32. bf16 factors
+    near 2^-70 give products below the normal range (the separate multiply rounds them) and near 2^66
+    products that overflow (inf - inf = NaN where a fused multiply-add keeps a finite sum); both must keep
+    the separate operations' bits, as must fp16 factors (always in range, subnormal ones included) and
+    ordinary values."""
+    if fused.native_library() is None:
+        pytest.skip("no C compiler: only the torch tiles exist")
+    gen = torch.Generator().manual_seed(7)
+    rows, cols, rank = 37, 96, 5  # 8-row and 4-row vector blocks and single rows
+    base = torch.zeros(rows, cols) if magnitude < 1 else torch.randn(rows, cols, generator=gen)
+    # fp16's own extremes (subnormal fp16 values, products near 2^28) stay exact in fp32
+    scale = (
+        magnitude
+        if factor_dtype == torch.bfloat16
+        else {2.0**-70: 2.0**-20, 2.0**66: 2.0**13}.get(magnitude, 1.0)
+    )
+    up = (torch.randn(rows, rank, generator=gen) * scale).to(factor_dtype)
+    down = (torch.randn(rank, cols, generator=gen) * scale).to(factor_dtype)
+    native = fused.fused_rebuild(base, torch.float32, up=up, down=down)
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "native_library", lambda: None)
+        plain = fused.fused_rebuild(base, torch.float32, up=up, down=down)
+    assert torch.equal(native.view(torch.int32), plain.view(torch.int32))  # NaN bits included
+    if magnitude < 1 and factor_dtype == torch.bfloat16:
+        assert (plain != 0).any() and (plain.abs() < 2.0**-126).any()  # subnormal sums were formed
+    if magnitude > 1 and factor_dtype == torch.bfloat16:
+        assert plain.isnan().any()  # overflowing products met
+
+
 @pytest.mark.parametrize(
     ("up_shape", "down_shape"),
     [((1, 4), (4, 24)), ((40, 4), (4, 23)), ((40, 4), (3, 24)), ((40, 4, 1), (4, 24))],

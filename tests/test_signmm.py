@@ -152,9 +152,12 @@ def test_sign_group_refuses_parts_too_short_for_the_shape_and_negative_rows():
 
 
 @needs_kernel
-def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path):
-    """The library built without AVX-512 (the portable loops) against the native build: same bits, for the
-    sign products and for the fused rebuild with 16-bit factors (widened by F16C or by the compiler)."""
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-fma")])
+def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path, flags):
+    """The library built without AVX-512 (the portable loops), with 256-bit fused multiply-adds or none,
+    against the native build: same bits, for the sign products and for the fused rebuild with 16-bit
+    factors (widened by F16C or by the compiler; their exact products taken by fused multiply-adds or by
+    separate multiplies and adds)."""
     from deltakit.ops.fused import fused_rebuild
 
     shape, cases = (70, 584), [_case(70, 584, n, seed=5 + n) for n in (1, 3, 6, 30)]
@@ -168,12 +171,12 @@ def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path):
         "down": torch.randn(5, 584, generator=gen).half(),
     }
     native.append(fused_rebuild(base, torch.bfloat16, **parts))
-    monkeypatch.setattr(signmm, "_FLAGS", (*signmm._FLAGS, "-mno-avx512f"))
+    monkeypatch.setattr(signmm, "_FLAGS", (*signmm._FLAGS, *flags))
     monkeypatch.setenv("DELTAKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(signmm, "_tried", False)
     monkeypatch.setattr(signmm, "_library", None)
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("-mno-avx512f is an x86 flag")
+        pytest.skip("-mno-avx512f and -mno-fma are x86 flags")
     assert signmm.native_library() is not None, "the portable form does not build"
     portable = [sign_matmul(x, packed, shape) for packed, x in cases]
     portable.append(fused_rebuild(base, torch.bfloat16, **parts))

@@ -283,8 +283,11 @@ int deltakit_sign_matmul_multi(const float *x, int64_t in, int64_t out, int64_t 
  * fused multiply-add), the rank in order. Each element's arithmetic is fixed, so the bits depend neither on
  * the rows asked for, nor on the number of threads (threads split rows), nor on the vector width; the torch
  * form in ops/lowrank.py performs the same operations. rank 0 gives zeros. Returns 0, or 1 for bad sizes.
+ * The fused rebuild below runs the same loops with fused multiply-adds where every product is exact
+ * (lr_madd), which gives the same bits.
  */
-#define LR_ROWS 4  /* rows sharing each load of down */
+#define LR_ROWS 4       /* rows sharing each load of down */
+#define LR_ROWS_EXACT 8 /* the same with fused multiply-adds (lr_madd), which leave registers for more */
 #ifdef __AVX512F__
 typedef float lrv __attribute__((vector_size(64))); /* one vector of the low-rank kernel */
 #else
@@ -301,12 +304,27 @@ static inline lrv load_lr(const float *p) {
     return v;
 }
 
-/* LR_ROWS rows from u (row stride rank) into o (row stride cols), columns j0 .. j0 + LR_COLS - 1 */
+/* s * d + a. With `exact` (every product s * d exactly representable in fp32) it is one fused multiply-add
+ * where the CPU has one: rounding the exact product before the addition changes nothing then, so the bits
+ * are those of the separate multiply and add, at half the instructions. */
+static inline __attribute__((always_inline)) lrv lr_madd(lrv s, lrv d, lrv a, const int exact) {
+#if defined(__AVX512F__)
+    if (exact) return (lrv)_mm512_fmadd_ps((__m512)s, (__m512)d, (__m512)a);
+#elif defined(__FMA__)
+    if (exact) return (lrv)_mm256_fmadd_ps((__m256)s, (__m256)d, (__m256)a);
+#endif
+    (void)exact;
+    return a + s * d;
+}
+
+/* `rows` rows (LR_ROWS or LR_ROWS_EXACT) from u (row stride rank) into o (row stride cols), columns
+ * j0 .. j0 + LR_COLS - 1 */
 static inline __attribute__((always_inline)) void lr_block(const float *u, int64_t rank, const float *down,
-                                                           int64_t cols, int64_t j, float *o) {
-    lrv a[LR_ROWS][2];
+                                                           int64_t cols, int64_t j, float *o, const int rows,
+                                                           const int exact) {
+    lrv a[LR_ROWS_EXACT][2];
     lrv d0 = load_lr(down + j), d1 = load_lr(down + j + LR_LANES);
-    for (int r = 0; r < LR_ROWS; r++) {
+    for (int r = 0; r < rows; r++) {
         lrv s = splat(u[r * rank]);
         a[r][0] = s * d0;
         a[r][1] = s * d1;
@@ -314,13 +332,13 @@ static inline __attribute__((always_inline)) void lr_block(const float *u, int64
     for (int64_t k = 1; k < rank; k++) {
         d0 = load_lr(down + k * cols + j);
         d1 = load_lr(down + k * cols + j + LR_LANES);
-        for (int r = 0; r < LR_ROWS; r++) {
+        for (int r = 0; r < rows; r++) {
             lrv s = splat(u[r * rank + k]);
-            a[r][0] = a[r][0] + s * d0;
-            a[r][1] = a[r][1] + s * d1;
+            a[r][0] = lr_madd(s, d0, a[r][0], exact);
+            a[r][1] = lr_madd(s, d1, a[r][1], exact);
         }
     }
-    for (int r = 0; r < LR_ROWS; r++) {
+    for (int r = 0; r < rows; r++) {
         memcpy(o + r * cols + j, &a[r][0], sizeof(lrv));
         memcpy(o + r * cols + j + LR_LANES, &a[r][1], sizeof(lrv));
     }
@@ -359,28 +377,85 @@ static inline __attribute__((always_inline)) void prefetch_part(const prefetch_p
             __builtin_prefetch(pf->write + k * 64, 1, 3);
 }
 
-/* rows r0 .. r1 - 1 into out (row r0 first) on one thread; pf: lines to fetch on the way, or NULL */
-static void low_rank_block(const float *up, const float *down, int64_t rank, int64_t cols, int64_t r0, int64_t r1,
-                           float *out, const prefetch_plan *pf) {
+/* rows r0 .. r1 - 1 into out (row r0 first) on one thread; pf: lines to fetch on the way, or NULL; exact:
+ * see lr_madd */
+static inline __attribute__((always_inline)) void low_rank_block_as(const float *up, const float *down,
+                                                                    int64_t rank, int64_t cols, int64_t r0,
+                                                                    int64_t r1, float *out,
+                                                                    const prefetch_plan *pf, const int exact) {
     if (rank == 0) {
         memset(out, 0, (size_t)((r1 - r0) * cols) * sizeof(float));
         return;
     }
-    int64_t full = cols - cols % LR_COLS;
-    int64_t parts = ((r1 - r0) / LR_ROWS) * (full / LR_COLS), part = 0; /* the vector blocks below */
-    for (int64_t i0 = r0; i0 < r1; i0 += LR_ROWS) {
-        int64_t n = r1 - i0 < LR_ROWS ? r1 - i0 : LR_ROWS;
+    const int rows = exact ? LR_ROWS_EXACT : LR_ROWS;
+    int64_t full = cols - cols % LR_COLS, count = r1 - r0;
+    /* the vector blocks below: `rows` rows at a time, then LR_ROWS, then single rows */
+    int64_t parts = (count / rows + count % rows / LR_ROWS) * (full / LR_COLS), part = 0;
+    for (int64_t i0 = r0; i0 < r1;) {
+        int64_t n = r1 - i0 >= rows ? rows : r1 - i0 >= LR_ROWS ? LR_ROWS : r1 - i0;
         const float *u = up + i0 * rank;
         float *o = out + (i0 - r0) * cols;
-        if (n == LR_ROWS)
-            for (int64_t j = 0; j < full; j += LR_COLS) {
-                if (pf) prefetch_part(pf, part++, parts);
-                lr_block(u, rank, down, cols, j, o);
-            }
+        for (int64_t j = 0; n >= LR_ROWS && j < full; j += LR_COLS) {
+            if (pf) prefetch_part(pf, part++, parts);
+            if (n == rows)
+                lr_block(u, rank, down, cols, j, o, rows, exact);
+            else
+                lr_block(u, rank, down, cols, j, o, LR_ROWS, exact);
+        }
         for (int64_t r = 0; r < n; r++)
-            for (int64_t j = n == LR_ROWS ? full : 0; j < cols; j++)
+            for (int64_t j = n >= LR_ROWS ? full : 0; j < cols; j++)
                 o[r * cols + j] = lr_one(u + r * rank, rank, down, cols, j);
+        i0 += n;
     }
+}
+
+static void low_rank_block(const float *up, const float *down, int64_t rank, int64_t cols, int64_t r0, int64_t r1,
+                           float *out, const prefetch_plan *pf, int exact) {
+    if (exact)
+        low_rank_block_as(up, down, rank, cols, r0, r1, out, pf, 1);
+    else
+        low_rank_block_as(up, down, rank, cols, r0, r1, out, pf, 0);
+}
+
+/* The range of n fp32 factor values: the smallest nonzero and the largest magnitude, and whether all are
+ * finite (lo = +inf when all are zero). */
+typedef struct {
+    float lo, hi;
+    int finite;
+} factor_range;
+
+static factor_range range_of(const float *x, int64_t n) {
+    factor_range r = {__builtin_inff(), 0.0f, 1};
+    int64_t i = 0;
+#ifdef __AVX512F__
+    __m512 lo = _mm512_set1_ps(__builtin_inff()), hi = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+        bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(__builtin_inff()), _CMP_NLT_UQ); /* inf or NaN */
+        hi = _mm512_max_ps(hi, a);
+        lo = _mm512_mask_min_ps(lo, _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ), lo, a);
+    }
+    r.lo = _mm512_reduce_min_ps(lo);
+    r.hi = _mm512_reduce_max_ps(hi);
+    r.finite = bad == 0;
+#endif
+    for (; i < n; i++) {
+        float a = __builtin_fabsf(x[i]);
+        if (!(a < __builtin_inff())) r.finite = 0;
+        if (a > r.hi) r.hi = a;
+        if (a != 0.0f && a < r.lo) r.lo = a;
+    }
+    return r;
+}
+
+/* Whether every product of a value of `a` and one of `b` is exact in fp32, given that the values carry at
+ * most 11 significant bits each (fp16 or bf16 factors widened), so that a product carries at most 22: it
+ * is then exact unless it overflows or falls below the normal range. Products with a zero are exact. */
+static int products_exact(factor_range a, factor_range b) {
+    if (!a.finite || !b.finite) return 0;
+    if (a.lo == __builtin_inff() || b.lo == __builtin_inff()) return 1; /* every product is a zero */
+    return (double)a.hi * (double)b.hi < 0x1p128 && (double)a.lo * (double)b.lo >= 0x1p-126;
 }
 
 int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int64_t cols, int64_t r0,
@@ -391,7 +466,7 @@ int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t i0 = r0 + b * LR_ROWS, i1 = r1 - i0 < LR_ROWS ? r1 : i0 + LR_ROWS;
-        low_rank_block(up, down, rank, cols, i0, i1, out + (i0 - r0) * cols, NULL);
+        low_rank_block(up, down, rank, cols, i0, i1, out + (i0 - r0) * cols, NULL, 0);
     }
     return 0;
 }
@@ -403,7 +478,11 @@ int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int
  * - L: the low-rank product up @ down of deltakit_low_rank_rows (up (rows, rank), down (rank, cols), both at
  *   `factor_kind`: 0 = fp32, 1 = fp16, 2 = bf16; 16-bit factors are widened to fp32 once per call, which
  *   is exact, so their product is that of the widened tensors), computed 8 rows at a time into a
- *   per-thread buffer that stays in cache, or none when up is NULL;
+ *   per-thread buffer that stays in cache, or none when up is NULL. A product of two 16-bit values has at
+ *   most 22 significant bits, so it is exact in fp32 unless it leaves the normal range: for such blocks
+ *   (products_exact, checked on the values) each multiply and add is one fused multiply-add, which
+ *   rounds once where the separate pair rounds the exact product (no change) and then the sum: same bits
+ *   at about 0.8x the swap time on SmolLM2-135M (docs/speed.md);
  *   s_i = +1 when bit i of `packed` is set, else -1 (packed may be NULL: no sign part); base: fp32 or bf16
  *   values (exact in fp32);
  * - round: the fine-tune's dtype (0 = fp32, 1 = bf16: round to nearest even, NaN -> 0xFFFF as torch's CPU
@@ -640,11 +719,12 @@ static int job_invalid(const fused_job *j) {
 }
 
 /* a thread's buffers for one job: its blocks' low-rank rows and, for 16-bit factors, down widened once
- * and a block's rows of up */
+ * and a block's rows of up, with the range of down's values (products_exact) */
 typedef struct {
     float *low;
     const float *down;
     float *up_rows;
+    factor_range down_range;
 } job_scratch;
 
 /* 0, or 2 when a buffer cannot be had */
@@ -659,6 +739,7 @@ static int job_scratch_for(const fused_job *j, job_scratch *s) {
         float *scratch = thread_scratch(SCRATCH_FACTORS, j->rank * j->cols + FUSED_ROWS * j->rank);
         if (!scratch) return 2;
         widen_factors(j->down, j->factor_kind, j->rank * j->cols, scratch);
+        s->down_range = range_of(scratch, j->rank * j->cols);
         s->down = scratch;
         s->up_rows = scratch + j->rank * j->cols;
     }
@@ -675,13 +756,15 @@ static void job_block(const fused_job *j, const job_scratch *s, int64_t b, span_
     if (j->up) {
         const char *up_block = (const char *)j->up + (size_t)((j->r0 + first) * rank) * factor_size;
         const float *up = (const float *)up_block;
+        int exact = 0; /* 16-bit factors: products of at most 22 bits, exact within range (lr_madd) */
         if (j->factor_kind != 0) {
             widen_factors(up_block, j->factor_kind, rows * rank, s->up_rows);
             up = s->up_rows;
+            exact = products_exact(range_of(up, rows * rank), s->down_range);
         }
         prefetch_plan pf = {(const char *)j->base + at * base_size, (int64_t)(count * base_size / 64),
                             (char *)j->out + at * out_size, (int64_t)(count * out_size / 64)};
-        low_rank_block(up, s->down, rank, cols, 0, rows, s->low, &pf);
+        low_rank_block(up, s->down, rank, cols, 0, rows, s->low, &pf, exact);
     }
     fused_span((const char *)j->base + at * base_size, j->base_kind, s->low, j->packed ? j->packed + at / 8 : NULL,
                j->alpha, rows * cols, j->round_kind, (char *)j->out + at * out_size, j->out_kind, st);
