@@ -86,10 +86,30 @@ def test_bf16_model_rows_equal_merged_weights_within_bf16_rounding():
             assert effect > 0.1 and gap < 0.2 * effect, (name, float(gap), float(effect))
 
 
+def _recorded(monkeypatch, method: str, flag) -> list[tuple[bool, bool]]:
+    """Wrap ``MultiDeltaExecutor.<method>`` (plan, x, output) -> taken; returns the list of (flag(plan),
+    taken) of its calls."""
+    calls = []
+    original = getattr(MultiDeltaExecutor, method)
+
+    def counted(self, plan, x, result):
+        taken = original(self, plan, x, result)
+        calls.append((bool(flag(plan)), taken))
+        return taken
+
+    monkeypatch.setattr(MultiDeltaExecutor, method, counted)
+    return calls
+
+
+def _refused(monkeypatch, method: str) -> None:
+    monkeypatch.setattr(MultiDeltaExecutor, method, lambda self, plan, x, result: False)
+
+
 def test_low_rank_only_rows_add_into_a_bf16_output_with_the_bits_of_the_fp32_share(monkeypatch):
     """Where svd deltas' low-rank parts are a module's only shares, the compiled group reads the bf16
     activations and adds into the bf16 output directly: the same logits, bit for bit, as the fp32 copy
-    of x, fp32 share and separate add."""
+    of x, fp32 share and separate add. The forward's fast path (``_direct_fast``) and the general hook's
+    direct path give the same logits too."""
     from deltakit.ops import lowrank_group
 
     if not lowrank_group.available():
@@ -99,22 +119,20 @@ def test_low_rank_only_rows_add_into_a_bf16_output_with_the_bits_of_the_fp32_sha
     svd = next(n for n in fleet["delta"] if n.startswith("svd"))
     assignment = [svd, None, svd, None]
     ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(14))
-    direct_calls = []
-    into_output = MultiDeltaExecutor._low_rank_into_output
-
-    def counted(self, plan, x, result):
-        taken = into_output(self, plan, x, result)
-        direct_calls.append((bool(plan.low_rank_parts), taken))
-        return taken
-
-    monkeypatch.setattr(MultiDeltaExecutor, "_low_rank_into_output", counted)
-    direct = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
-    assert any(taken for _, taken in direct_calls)
-    assert all(taken == low_rank for low_rank, taken in direct_calls)  # every linear layer of the delta
-    monkeypatch.setattr(MultiDeltaExecutor, "_low_rank_into_output", lambda self, plan, x, result: False)
+    with monkeypatch.context() as patch:
+        fast_calls = _recorded(patch, "_direct_fast", lambda plan: plan.low_rank_parts)
+        fast = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    assert fast_calls and all(taken == low_rank for low_rank, taken in fast_calls)  # every linear layer
+    _refused(monkeypatch, "_direct_fast")
+    with monkeypatch.context() as patch:
+        hook_calls = _recorded(patch, "_low_rank_into_output", lambda plan: plan.low_rank_parts)
+        direct = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    assert any(taken for _, taken in hook_calls)
+    assert all(taken == low_rank for low_rank, taken in hook_calls)
+    _refused(monkeypatch, "_low_rank_into_output")
     through_share = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
-    for got, want in zip(direct, through_share, strict=True):
-        assert torch.equal(got, want)
+    for got, hooked, want in zip(fast, direct, through_share, strict=True):
+        assert torch.equal(got, want) and torch.equal(hooked, want)
     base = _merged_last_logits(rt, ids, [None] * len(assignment))
     assert torch.equal(direct[1][1], base[1]) and not torch.equal(direct[1][0], base[0])
 
@@ -123,8 +141,9 @@ def test_low_rank_only_rows_add_into_a_bf16_output_with_the_bits_of_the_fp32_sha
 def test_sign_and_low_rank_rows_add_into_the_output_in_one_call_with_the_same_bits(monkeypatch, dtype_fleet):
     """Where grouped sign parts (dqrelo, bitdelta; beside svd rows and base rows) are a module's only
     shares besides low rank, one compiled call adds them all into the output: the same logits, bit for
-    bit, as the fp32 copy of x, fp32 share, two group calls and separate add; the profiled executor
-    takes the separate calls (to time each) and gets the same logits too."""
+    bit, as the fp32 copy of x, fp32 share, two group calls and separate add; the forward's fast path,
+    the general hook's direct path and the profiled executor (separate calls, to time each) give the
+    same logits too."""
     from deltakit.ops import lowrank_group
 
     if not lowrank_group.available():
@@ -136,23 +155,23 @@ def test_sign_and_low_rank_rows_add_into_the_output_in_one_call_with_the_same_bi
     svd = next(n for n in fleet["delta"] if n.startswith("svd"))
     assignment = [dqrelo, None, bitdelta, svd, dqrelo]
     ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(15))
-    calls = []
-    into_output = MultiDeltaExecutor._shares_into_output
-
-    def counted(self, plan, x, result):
-        taken = into_output(self, plan, x, result)
-        calls.append((bool(plan.grouped_sign_parts), taken))
-        return taken
-
-    monkeypatch.setattr(MultiDeltaExecutor, "_shares_into_output", counted)
-    combined = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
-    assert any(taken for _, taken in calls)
-    assert all(taken == signed for signed, taken in calls)  # every linear layer with sign parts
+    signed = lambda plan: plan.grouped_sign_parts  # noqa: E731
+    with monkeypatch.context() as patch:
+        fast_calls = _recorded(patch, "_direct_fast", signed)
+        fast = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    assert any(taken for _, taken in fast_calls)
+    assert all(taken for _, taken in fast_calls)  # every call of a direct-only plan
     profiled = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt, profile=True), ids, assignment)
-    monkeypatch.setattr(MultiDeltaExecutor, "_shares_into_output", lambda self, plan, x, result: False)
+    _refused(monkeypatch, "_direct_fast")
+    with monkeypatch.context() as patch:
+        hook_calls = _recorded(patch, "_shares_into_output", signed)
+        combined = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    assert any(taken for _, taken in hook_calls)
+    assert all(taken == has_signs for has_signs, taken in hook_calls)  # every linear layer with sign parts
+    _refused(monkeypatch, "_shares_into_output")
     separate = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
-    for got, want, timed in zip(combined, separate, profiled, strict=True):
-        assert torch.equal(got, want) and torch.equal(timed, want)
+    for got, hooked, want, timed in zip(fast, combined, separate, profiled, strict=True):
+        assert torch.equal(got, want) and torch.equal(hooked, want) and torch.equal(timed, want)
     base = _merged_last_logits(rt, ids, [None] * len(assignment))
     torch.testing.assert_close(combined[1][1], base[1])  # the base row (batched: BLAS blocking may differ)
     assert not torch.equal(combined[1][0], base[0])

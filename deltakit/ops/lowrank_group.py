@@ -131,6 +131,16 @@ class LowRankGroup:
         self.offsets = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.int64)
         self.rows = torch.tensor(flat_rows, dtype=torch.int64)
         self.max_row = max(flat_rows, default=-1)
+        #: the call's arguments that do not change between calls (their tensors are kept above)
+        self._parts_args = (
+            len(self.parts),
+            self.first.data_ptr(),
+            self.second.data_ptr(),
+            self.ranks.data_ptr(),
+            self.kind,
+            self.offsets.data_ptr(),
+            self.rows.data_ptr(),
+        )
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor, threads: int | None = None) -> None:
         """``y[rows_p] += (x[rows_p] Aₚᵀ) Bₚ`` for every part; x (N, in) and y (N, out) contiguous CPU
@@ -152,13 +162,7 @@ class LowRankGroup:
             x.data_ptr(),
             self.in_features,
             self.out_features,
-            len(self.parts),
-            self.first.data_ptr(),
-            self.second.data_ptr(),
-            self.ranks.data_ptr(),
-            self.kind,
-            self.offsets.data_ptr(),
-            self.rows.data_ptr(),
+            *self._parts_args,
             y.data_ptr(),
             KINDS[x.dtype],
             threads if threads is not None else torch.get_num_threads(),

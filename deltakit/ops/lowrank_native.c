@@ -227,12 +227,34 @@ typedef struct {
     float *h;
 } job;
 
+/* the cache lines of n bytes from p fetched ahead (no value changes) */
+static inline __attribute__((always_inline)) void prefetch_bytes(const void *p, int64_t n) {
+    for (int64_t k = 0; k < n; k += 64) __builtin_prefetch((const char *)p + k, 0, 3);
+}
+
+#ifndef LR_AHEAD_COMPONENTS
+#define LR_AHEAD_COMPONENTS 2
+#endif
+#ifndef LR_AHEAD_TILES
+#define LR_AHEAD_TILES 1
+#endif
+
+/* A's row of stacked component c, fetched ahead (the caller's next components) */
+static inline __attribute__((always_inline)) void prefetch_component(const job *w, int64_t c, size_t esize) {
+    if (c >= w->starts[w->nparts]) return;
+    int64_t p = 0;
+    while (c >= w->starts[p + 1]) p++;
+    const char *a = (const char *)(uintptr_t)w->first[p];
+    prefetch_bytes(a + (size_t)((c - w->starts[p]) * w->in) * esize, w->in * (int64_t)esize);
+}
+
 /* first stage for component c of the stacked ranks (part p, component j) */
 static inline __attribute__((always_inline)) void first_stage(const job *w, int64_t c, const int kind,
                                                               const int akind) {
     int64_t p = 0;
     while (c >= w->starts[p + 1]) p++;
     int64_t j = c - w->starts[p], rank = w->ranks[p];
+    prefetch_component(w, c + LR_AHEAD_COMPONENTS, kind == 0 ? 4 : 2);
     const int64_t *rows = w->rows + w->offsets[p];
     int64_t n = w->offsets[p + 1] - w->offsets[p];
     const void *a = (const void *)(uintptr_t)w->first[p];
@@ -266,6 +288,12 @@ static inline __attribute__((always_inline)) void second_stage(const job *w, int
             continue;
         }
         const void *b = (const char *)(uintptr_t)w->second[p] + (size_t)(j0 * rank) * esize;
+        int64_t ahead = j0 + LR_AHEAD_TILES * TILE_COLS; /* this part's tile a few ahead */
+        if (ahead < w->out) {
+            int64_t ahead_width = w->out - ahead < TILE_COLS ? w->out - ahead : TILE_COLS;
+            prefetch_bytes((const char *)(uintptr_t)w->second[p] + (size_t)(ahead * rank) * esize,
+                           ahead_width * rank * (int64_t)esize);
+        }
         const float *h = w->h + w->h_offsets[p];
         for (int64_t r = 0; r < n; r += TILE_ROWS) {
             int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
