@@ -309,6 +309,15 @@ def bench_apply_compress(base: Path, ft: Path, delta: Path, work: Path, repeats:
     def load_save() -> None:
         AutoModelForCausalLM.from_pretrained(ft, dtype="auto").save_pretrained(work / "load-save")
 
+    def load_save_synced() -> None:  # the same, then on disk as apply's default output is: fsync'd
+        load_save()
+        for path in (*sorted((work / "load-save").iterdir()), work / "load-save"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def apply() -> None:
         deltakit.apply(base, delta, work / "applied", overwrite=True)
 
@@ -342,6 +351,7 @@ def bench_apply_compress(base: Path, ft: Path, delta: Path, work: Path, repeats:
     for _ in range(repeats):
         for key, fn in (
             ("load_save_s", load_save),
+            ("load_save_synced_s", load_save_synced),
             ("apply_s", apply),
             ("apply_uncached_s", uncached(apply)),
             ("apply_no_sync_s", apply_no_sync),
@@ -363,6 +373,7 @@ def bench_apply_compress(base: Path, ft: Path, delta: Path, work: Path, repeats:
     out["ratio_apply_over_load_save"] = out["apply_s"] / ls
     out["ratio_apply_uncached_over_load_save"] = out["apply_uncached_s"] / ls
     out["ratio_apply_no_sync_over_load_save"] = out["apply_no_sync_s"] / ls
+    out["ratio_apply_over_load_save_synced"] = out["apply_s"] / out["load_save_synced_s"]
     out["ratio_compress_over_load_save"] = out["compress_dqrelo_s"] / ls
     out["ratio_compress_uncached_over_load_save"] = out["compress_dqrelo_uncached_s"] / ls
     out["ratio_compress_new_finetune_over_load_save"] = out["compress_dqrelo_new_finetune_s"] / ls
@@ -419,6 +430,11 @@ TARGETS = [
     (
         "apply --no-sync / load+save (neither waits for the disk; digests remembered)",
         ("apply_compress", "ratio_apply_no_sync_over_load_save"),
+        "–",
+    ),
+    (
+        "apply / load+save with an fsync of its files (both durable; digests remembered)",
+        ("apply_compress", "ratio_apply_over_load_save_synced"),
         "–",
     ),
     (

@@ -109,6 +109,27 @@ def test_damaged_shard_raises_integrity_error_everywhere(damage, delta_copy, lla
     assert not (tmp_path / "out").exists()
 
 
+def corrupt_header(path):
+    data = bytearray(path.read_bytes())
+    data[12] ^= 0xFF  # inside the safetensors JSON header: reading the file fails before any hash check
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [corrupt_byte, corrupt_header], ids=["payload", "header"])
+@pytest.mark.parametrize("to_disk", [True, False], ids=["to-disk", "in-memory"])
+def test_apply_checks_sha256s_beside_the_rebuild_and_reports_the_mismatch(
+    damage, to_disk, delta_copy, llama_pair, tmp_path
+):
+    """apply hashes the delta's files on a background thread while it rebuilds: a damaged file is still
+    an IntegrityError, on disk (nothing written) and in memory (no state dict returned), also when the
+    damage makes the rebuild itself fail first (a broken header)."""
+    damage(shard_of(delta_copy))
+    out = tmp_path / "out" if to_disk else None
+    with pytest.raises(IntegrityError, match="corrupted"):
+        deltakit.apply(llama_pair[0], delta_copy, out)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_shard_raises_integrity_error(delta_copy):
     shard_of(delta_copy).unlink()
     with pytest.raises(IntegrityError, match="missing"):

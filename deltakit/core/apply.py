@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from deltakit.errors import (
     UsageError,
 )
 from deltakit.format.atomic import atomic_directory
-from deltakit.format.delta import Delta
+from deltakit.format.delta import Delta, verify_files_later
 from deltakit.format.digest_cache import SourceDigests
 from deltakit.format.fingerprint import FingerprintBuilder
 from deltakit.format.manifest import UNCHANGED
@@ -99,9 +100,42 @@ def apply(
     sync: return only once ``output`` is on disk (fsync); ``False`` leaves the disk writes to the kernel,
     which is faster but an OS crash or power loss soon after can leave the output incomplete, and with
     ``overwrite`` lose the output it replaced (other processes still see a whole output or none).
+
+    A delta directory's file sizes are checked first and its sha256s on a background thread while the
+    tensors are rebuilt; the output is committed (or returned) only once they match, and a mismatch is
+    the error raised, whatever else the corrupted files caused first.
     """
+    pending: Future[None] | None = None
     if not isinstance(delta, Delta):
-        delta = load_delta(delta, verify=verify)
+        delta = load_delta(delta, verify=False)
+        if verify:
+            pending = verify_files_later(delta.path, delta.manifest)
+    try:
+        return _apply_verified(
+            delta, base, output, dtype, device, force, overwrite, max_shard_bytes, sync, progress, pending
+        )
+    except Exception as exc:
+        failed = pending.exception() if pending is not None else None  # waits for the check
+        if failed is not None:
+            raise failed from exc
+        raise
+
+
+def _apply_verified(
+    delta: Delta,
+    base: str | Path | dict[str, torch.Tensor] | TensorSource,
+    output: str | Path | None,
+    dtype: str | torch.dtype | None,
+    device: str | torch.device,
+    force: bool,
+    overwrite: bool,
+    max_shard_bytes: int,
+    sync: bool,
+    progress: Progress | None,
+    pending: Future[None] | None,
+) -> ApplyReport:
+    """:func:`apply` once the delta is open; ``pending``: its sha256 check, taken before anything is
+    committed or returned."""
     out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise UsageError(f"dtype must be a floating dtype, got {dtype}")
@@ -119,6 +153,8 @@ def apply(
     if output is None:
         state: dict[str, torch.Tensor] = {}
         report = _apply_into(delta, base_src, specs, dev, force, progress, state.__setitem__)
+        if pending is not None:
+            pending.result()
         report.state_dict = state
         return report
     inputs = (getattr(base_src, "path", None), delta.path)
@@ -127,6 +163,8 @@ def apply(
         report = _apply_into(delta, base_src, specs, dev, force, progress, writer.write)
         writer.close()
         _copy_aux(delta, base_src, tmp)
+        if pending is not None:
+            pending.result()  # inside the block: a mismatch discards the output
     report.output = Path(output)
     return report
 

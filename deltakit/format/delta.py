@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,18 @@ def verify_files(delta_dir: Path, manifest: Manifest) -> None:
 
     Every shard a tensor entry names must be one of the listed files.
     """
+    check_sha256s(delta_dir, check_listed_files(delta_dir, manifest))
+
+
+def check_listed_files(delta_dir: Path, manifest: Manifest) -> list[tuple[str, Path, str]]:
+    """:func:`verify_files` without the sha256s: every listed file a plain file inside the directory, of
+    the listed size, every shard a tensor names listed. Returns each file's listed name, path and expected
+    sha256 (for :func:`check_sha256s`)."""
     delta_dir = Path(delta_dir)
     for name, entry in manifest.tensors.items():
         if entry.shard is not None and entry.shard not in manifest.files:
             raise IntegrityError(f"{delta_dir}: tensor {name}: shard {entry.shard!r} is not a listed file")
+    checks = []
     for rel, entry in manifest.files.items():
         path = confined(delta_dir, rel)
         if not path.is_file():
@@ -100,8 +109,28 @@ def verify_files(delta_dir: Path, manifest: Manifest) -> None:
             raise IntegrityError(
                 f"{delta_dir}: {rel} is {size} bytes, manifest says {entry.size} (truncated?)"
             )
-        if file_sha256(path) != entry.sha256:
+        checks.append((rel, path, entry.sha256))
+    return checks
+
+
+def check_sha256s(delta_dir: Path, checks: list[tuple[str, Path, str]]) -> None:
+    """IntegrityError for the first file of :func:`check_listed_files`' list whose sha256 differs."""
+    for rel, path, sha256 in checks:
+        if file_sha256(path) != sha256:
             raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
+
+
+def verify_files_later(delta_dir: Path, manifest: Manifest) -> Future[None]:
+    """:func:`verify_files` with the sha256s checked on a background thread (sha256 releases the GIL):
+    the listing and sizes are checked before it returns, the digests while the caller goes on. The
+    future's ``result()`` raises the :class:`IntegrityError`; a caller must take it before it publishes
+    anything made from the files (``apply`` does so before its output is committed)."""
+    checks = check_listed_files(delta_dir, manifest)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-verify")
+    try:
+        return pool.submit(check_sha256s, Path(delta_dir), checks)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends once the check is done
 
 
 def _is_fatal(exc: BaseException) -> bool:
