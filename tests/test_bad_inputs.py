@@ -125,9 +125,92 @@ def test_apply_checks_sha256s_beside_the_rebuild_and_reports_the_mismatch(
     damage makes the rebuild itself fail first (a broken header)."""
     damage(shard_of(delta_copy))
     out = tmp_path / "out" if to_disk else None
-    with pytest.raises(IntegrityError, match="corrupted"):
+    with pytest.raises(IntegrityError, match="corrupted") as caught:
         deltakit.apply(llama_pair[0], delta_copy, out)
+    assert caught.value.__cause__ is not caught.value
     assert not (tmp_path / "out").exists()
+
+
+def _slow_sha256(monkeypatch, seconds_per_kib: float) -> None:
+    """The background check hashes 1 KiB per read, each taking ``seconds_per_kib``."""
+    import functools
+    import hashlib
+    import time
+    import types
+
+    from deltakit.format import delta as delta_format
+
+    original = delta_format.check_sha256s
+
+    class Slow:
+        def __init__(self):
+            self._inner = hashlib.sha256()
+
+        def update(self, block):
+            time.sleep(seconds_per_kib)
+            self._inner.update(block)
+
+        def hexdigest(self):
+            return self._inner.hexdigest()
+
+    monkeypatch.setattr(delta_format, "hashlib", types.SimpleNamespace(sha256=Slow))
+    monkeypatch.setattr(delta_format, "check_sha256s", functools.partial(original, chunk=1024))
+
+
+def _verify_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("deltakit-verify")]
+
+
+def test_an_interrupted_apply_stops_its_background_check(monkeypatch, delta_copy, llama_pair, tmp_path):
+    """Ctrl-C during apply: the sha256 check on its thread stops at its next read instead of hashing
+    the rest of the delta (which the interpreter would wait for at exit)."""
+    import time
+
+    assert shard_of(delta_copy).stat().st_size > 20 * 1024  # > 1 s of slowed hashing
+    _slow_sha256(monkeypatch, 0.05)
+
+    def interrupt(index, total, name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        deltakit.apply(llama_pair[0], delta_copy, tmp_path / "out", progress=interrupt)
+    deadline = time.monotonic() + 0.5
+    while _verify_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _verify_threads()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_usage_error_does_not_wait_for_the_background_check(monkeypatch, delta_copy, llama_pair, tmp_path):
+    import time
+
+    _slow_sha256(monkeypatch, 0.05)
+    start = time.monotonic()
+    with pytest.raises(UsageError, match="floating"):
+        deltakit.apply(llama_pair[0], delta_copy, tmp_path / "out", dtype=torch.int8)
+    assert time.monotonic() - start < 0.5
+
+
+@pytest.mark.parametrize("replacement", ["symlink", "fifo"])
+def test_a_file_swapped_after_the_listing_is_refused_by_the_sha256_check(delta_copy, tmp_path, replacement):
+    """Between the listing (sizes) and the background sha256 read, a shard replaced by a symbolic link
+    to a same-content file, or by a FIFO, is an IntegrityError, not a read through the link or a hang."""
+    import shutil
+
+    from deltakit.format.delta import check_listed_files, check_sha256s
+    from deltakit.format.manifest import Manifest
+
+    checks = check_listed_files(delta_copy, Manifest.read(delta_copy))
+    shard = shard_of(delta_copy)
+    elsewhere = tmp_path / "same-bytes.safetensors"
+    shutil.copyfile(shard, elsewhere)
+    shard.unlink()
+    if replacement == "symlink":
+        shard.symlink_to(elsewhere)
+    else:
+        os.mkfifo(shard)
+    with pytest.raises(IntegrityError, match="cannot be read|no longer a plain file"):
+        check_sha256s(delta_copy, checks)
 
 
 def test_missing_shard_raises_integrity_error(delta_copy):

@@ -177,15 +177,16 @@ def test_compiled_tiles_equal_the_torch_tiles_bit_for_bit(
             fused.fused_rebuild(base, dtype, check_finite=True, tile=tile, **kw)
 
 
-@pytest.mark.parametrize("magnitude", [2.0**-70, 2.0**66, 1.0])
+@pytest.mark.parametrize("magnitude", [2.0**-70, 2.0**-63, 2.0**66, 2.0**63.5, 1.0])
 @pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16])
 def test_compiled_low_rank_products_equal_the_torch_tiles_at_any_magnitude(
     monkeypatch, magnitude, factor_dtype
 ):
     """16-bit factors take fused multiply-adds only while every product is exact in fp32. bf16 factors
     near 2^-70 give products below the normal range (the separate multiply rounds them) and near 2^66
-    products that overflow (inf - inf = NaN where a fused multiply-add keeps a finite sum); both must keep
-    the separate operations' bits, as must fp16 factors (always in range, subnormal ones included) and
+    products that overflow (inf - inf = NaN where a fused multiply-add keeps a finite sum), and near 2^-63
+    and 2^63.5 products straddle the limits of the normal range; all must keep the separate operations'
+    bits, as must fp16 factors (always in range, subnormal ones included) and
     ordinary values."""
     if fused.native_library() is None:
         pytest.skip("no C compiler: only the torch tiles exist")
@@ -205,10 +206,32 @@ def test_compiled_low_rank_products_equal_the_torch_tiles_at_any_magnitude(
         patch.setattr(fused, "native_library", lambda: None)
         plain = fused.fused_rebuild(base, torch.float32, up=up, down=down)
     assert torch.equal(native.view(torch.int32), plain.view(torch.int32))  # NaN bits included
-    if magnitude < 1 and factor_dtype == torch.bfloat16:
+    if magnitude in (2.0**-70, 2.0**-63) and factor_dtype == torch.bfloat16:
         assert (plain != 0).any() and (plain.abs() < 2.0**-126).any()  # subnormal sums were formed
-    if magnitude > 1 and factor_dtype == torch.bfloat16:
+    if magnitude == 2.0**66 and factor_dtype == torch.bfloat16:
         assert plain.isnan().any()  # overflowing products met
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16])
+def test_non_finite_factors_give_the_torch_tiles_bits(monkeypatch, factor_dtype):
+    """Factors holding NaN or Inf are not taken as exact products (blocks with them keep the separate
+    multiply and add): the compiled rebuild writes the torch tiles' bits, NaN bits included, and a
+    checked rebuild refuses them."""
+    if fused.native_library() is None:
+        pytest.skip("no C compiler: only the torch tiles exist")
+    gen = torch.Generator().manual_seed(8)
+    rows, cols, rank = 24, 64, 4
+    base = torch.randn(rows, cols, generator=gen)
+    up = torch.randn(rows, rank, generator=gen).to(factor_dtype)
+    down = torch.randn(rank, cols, generator=gen).to(factor_dtype)
+    up[3, 1], up[17, 0], down[2, 40] = float("nan"), float("inf"), -float("inf")
+    native = fused.fused_rebuild(base, torch.float32, up=up, down=down)
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "native_library", lambda: None)
+        plain = fused.fused_rebuild(base, torch.float32, up=up, down=down)
+    assert plain.isnan().any() and torch.equal(native.view(torch.int32), plain.view(torch.int32))
+    with pytest.raises(NonFiniteError):
+        fused.fused_rebuild(base, torch.float32, up=up, down=down, check_finite=True)
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,40 @@ def test_low_rank_only_rows_add_into_a_bf16_output_with_the_bits_of_the_fp32_sha
     assert torch.equal(direct[1][1], base[1]) and not torch.equal(direct[1][0], base[0])
 
 
+def test_the_forward_fast_path_leaves_other_inputs_to_the_general_hook(monkeypatch):
+    """A non-contiguous input, or a forward that records gradients, is not the fast path's: the general
+    hook takes it and gives the same output as the fast path on the contiguous input."""
+    from deltakit.ops import lowrank_group
+
+    if not lowrank_group.available():
+        pytest.skip("needs the compiled kernel")
+    fleet = cached_fleet("llama-bf16")
+    rt = _runtime(fleet)
+    svd = next(n for n in fleet["delta"] if n.startswith("svd"))
+    executor = MultiDeltaExecutor(rt)
+    with executor.assign([svd, None, svd, None]):
+        module = next(
+            m for m in rt.model.modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__
+        )
+        features = module.in_features
+        x = torch.randn(4, 3, features, generator=torch.Generator().manual_seed(16)).bfloat16()
+        wide = torch.zeros(4, 3, 2 * features, dtype=torch.bfloat16)
+        wide[..., ::2] = x
+        strided = wide[..., ::2]  # (4, 3, in), the same values, not contiguous
+        assert not strided.is_contiguous()
+        taken = _recorded(monkeypatch, "_direct_fast", lambda plan: True)
+        with torch.no_grad():
+            fast = module(x)
+            from_strided = module(strided)
+        with torch.enable_grad():
+            with_grad = module(x)
+    assert [t for _, t in taken] == [True, False, False]
+    assert torch.equal(from_strided, fast) and torch.equal(with_grad.detach(), fast)
+    with torch.no_grad():
+        base_out = torch.nn.functional.linear(x, module.weight, module.bias)
+    assert torch.equal(fast[1], base_out[1]) and not torch.equal(fast[0], base_out[0])
+
+
 @pytest.mark.parametrize("dtype_fleet", ["llama-bf16", "llama"])
 def test_sign_and_low_rank_rows_add_into_the_output_in_one_call_with_the_same_bits(monkeypatch, dtype_fleet):
     """Where grouped sign parts (dqrelo, bitdelta; beside svd rows and base rows) are a module's only

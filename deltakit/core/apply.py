@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from deltakit.errors import (
     UsageError,
 )
 from deltakit.format.atomic import atomic_directory
-from deltakit.format.delta import Delta, verify_files_later
+from deltakit.format.delta import BackgroundCheck, Delta
 from deltakit.format.digest_cache import SourceDigests
 from deltakit.format.fingerprint import FingerprintBuilder
 from deltakit.format.manifest import UNCHANGED
@@ -101,45 +100,53 @@ def apply(
     which is faster but an OS crash or power loss soon after can leave the output incomplete, and with
     ``overwrite`` lose the output it replaced (other processes still see a whole output or none).
 
-    A delta directory's file sizes are checked first and its sha256s on a background thread while the
-    tensors are rebuilt; the output is committed (or returned) only once they match, and a mismatch is
-    the error raised, whatever else the corrupted files caused first.
+    A delta directory's file sizes are checked first. On the CPU its sha256s are checked on a background
+    thread while the tensors are rebuilt: the output is committed (or returned) only once they match,
+    and a mismatch is the error raised, whatever else the damaged bytes caused first. On CUDA they are
+    checked before anything is decoded (a damaged index could trip a device-side assert, which leaves
+    the process's CUDA context unusable).
     """
-    pending: Future[None] | None = None
+    out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise UsageError(f"dtype must be a floating dtype, got {dtype}")
+    dev = resolve_device(device)
+    check: BackgroundCheck | None = None
     if not isinstance(delta, Delta):
-        delta = load_delta(delta, verify=False)
-        if verify:
-            pending = verify_files_later(delta.path, delta.manifest)
+        beside = verify and dev.type == "cpu"
+        delta = load_delta(delta, verify=verify and not beside)
+        if beside:
+            check = BackgroundCheck(delta.path, delta.manifest)
     try:
         return _apply_verified(
-            delta, base, output, dtype, device, force, overwrite, max_shard_bytes, sync, progress, pending
+            delta, base, output, out_dtype, dev, force, overwrite, max_shard_bytes, sync, progress, check
         )
     except Exception as exc:
-        failed = pending.exception() if pending is not None else None  # waits for the check
-        if failed is not None:
+        # a damaged file is the cause to report, whatever error its bytes caused first; a usage error is
+        # the caller's and does not wait for the check
+        failed = check.failure() if check is not None and not isinstance(exc, UsageError) else None
+        if isinstance(failed, IntegrityError) and failed is not exc:
             raise failed from exc
         raise
+    finally:
+        if check is not None:
+            check.cancel()  # no-op once done; stops the hashing after an interrupt
 
 
 def _apply_verified(
     delta: Delta,
     base: str | Path | dict[str, torch.Tensor] | TensorSource,
     output: str | Path | None,
-    dtype: str | torch.dtype | None,
-    device: str | torch.device,
+    out_dtype: torch.dtype | None,
+    dev: torch.device,
     force: bool,
     overwrite: bool,
     max_shard_bytes: int,
     sync: bool,
     progress: Progress | None,
-    pending: Future[None] | None,
+    check: BackgroundCheck | None,
 ) -> ApplyReport:
-    """:func:`apply` once the delta is open; ``pending``: its sha256 check, taken before anything is
+    """:func:`apply` once the delta is open; ``check``: its sha256 check, taken before anything is
     committed or returned."""
-    out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-    if out_dtype is not None and not out_dtype.is_floating_point:
-        raise UsageError(f"dtype must be a floating dtype, got {dtype}")
-    dev = resolve_device(device)
     base_src = open_checkpoint(base)
     check_base_keys(delta, base_src)
 
@@ -153,8 +160,8 @@ def _apply_verified(
     if output is None:
         state: dict[str, torch.Tensor] = {}
         report = _apply_into(delta, base_src, specs, dev, force, progress, state.__setitem__)
-        if pending is not None:
-            pending.result()
+        if check is not None:
+            check.result()
         report.state_dict = state
         return report
     inputs = (getattr(base_src, "path", None), delta.path)
@@ -163,8 +170,8 @@ def _apply_verified(
         report = _apply_into(delta, base_src, specs, dev, force, progress, writer.write)
         writer.close()
         _copy_aux(delta, base_src, tmp)
-        if pending is not None:
-            pending.result()  # inside the block: a mismatch discards the output
+        if check is not None:
+            check.result()  # inside the block: a mismatch discards the output
     report.output = Path(output)
     return report
 

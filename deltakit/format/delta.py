@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+import os
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,6 @@ from deltakit.format.safetensors_io import (
     StreamingSafetensorsWriter,
     TensorSpec,
     checked_header,
-    file_sha256,
 )
 
 SHARD_PATTERN = "delta-{:05d}.safetensors"
@@ -91,10 +94,13 @@ def verify_files(delta_dir: Path, manifest: Manifest) -> None:
     check_sha256s(delta_dir, check_listed_files(delta_dir, manifest))
 
 
-def check_listed_files(delta_dir: Path, manifest: Manifest) -> list[tuple[str, Path, str]]:
+#: one listed file for :func:`check_sha256s`: its manifest name, path, size and sha256
+ListedFile = tuple[str, Path, int, str]
+
+
+def check_listed_files(delta_dir: Path, manifest: Manifest) -> list[ListedFile]:
     """:func:`verify_files` without the sha256s: every listed file a plain file inside the directory, of
-    the listed size, every shard a tensor names listed. Returns each file's listed name, path and expected
-    sha256 (for :func:`check_sha256s`)."""
+    the listed size, every shard a tensor names listed. Returns what :func:`check_sha256s` needs."""
     delta_dir = Path(delta_dir)
     for name, entry in manifest.tensors.items():
         if entry.shard is not None and entry.shard not in manifest.files:
@@ -109,28 +115,65 @@ def check_listed_files(delta_dir: Path, manifest: Manifest) -> list[tuple[str, P
             raise IntegrityError(
                 f"{delta_dir}: {rel} is {size} bytes, manifest says {entry.size} (truncated?)"
             )
-        checks.append((rel, path, entry.sha256))
+        checks.append((rel, path, entry.size, entry.sha256))
     return checks
 
 
-def check_sha256s(delta_dir: Path, checks: list[tuple[str, Path, str]]) -> None:
-    """IntegrityError for the first file of :func:`check_listed_files`' list whose sha256 differs."""
-    for rel, path, sha256 in checks:
-        if file_sha256(path) != sha256:
+def check_sha256s(
+    delta_dir: Path, checks: list[ListedFile], stop: threading.Event | None = None, chunk: int = 1 << 22
+) -> None:
+    """IntegrityError for the first listed file whose sha256 differs, that is no longer a plain file of
+    its listed size, or that cannot be read. Each file is opened without following a symbolic link and
+    read to at most its listed size plus one byte, 4 MiB at a time; with ``stop`` set between two
+    reads, returns at once (nothing checked further)."""
+    for rel, path, size, sha256 in checks:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise IntegrityError(f"{delta_dir}: {rel} cannot be read ({exc.strerror})") from None
+        with os.fdopen(fd, "rb", buffering=0) as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IntegrityError(f"{delta_dir}: {rel} is no longer a plain file")
+            digest, read = hashlib.sha256(), 0
+            while read <= size:
+                if stop is not None and stop.is_set():
+                    return
+                block = fh.read(min(chunk, size + 1 - read))
+                if not block:
+                    break
+                digest.update(block)
+                read += len(block)
+        if read != size:
+            raise IntegrityError(f"{delta_dir}: {rel} changed size while it was read")
+        if digest.hexdigest() != sha256:
             raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
 
 
-def verify_files_later(delta_dir: Path, manifest: Manifest) -> Future[None]:
+class BackgroundCheck:
     """:func:`verify_files` with the sha256s checked on a background thread (sha256 releases the GIL):
-    the listing and sizes are checked before it returns, the digests while the caller goes on. The
-    future's ``result()`` raises the :class:`IntegrityError`; a caller must take it before it publishes
-    anything made from the files (``apply`` does so before its output is committed)."""
-    checks = check_listed_files(delta_dir, manifest)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-verify")
-    try:
-        return pool.submit(check_sha256s, Path(delta_dir), checks)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends once the check is done
+    the listing and sizes are checked when it is made, the digests while the caller goes on. A caller
+    must take :meth:`result` before it publishes anything made from the files, and :meth:`cancel` it
+    when it gives up (the thread then ends at its next 4 MiB read)."""
+
+    def __init__(self, delta_dir: Path, manifest: Manifest):
+        checks = check_listed_files(delta_dir, manifest)
+        self._stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-verify")
+        try:
+            self._future = pool.submit(check_sha256s, Path(delta_dir), checks, self._stop)
+        finally:
+            pool.shutdown(wait=False)  # the thread ends once the check is done
+
+    def result(self) -> None:
+        """Wait for the check; raises its IntegrityError."""
+        self._future.result()
+
+    def failure(self) -> BaseException | None:
+        """Wait for the check; its error, or None when the files match."""
+        return self._future.exception()
+
+    def cancel(self) -> None:
+        self._stop.set()
 
 
 def _is_fatal(exc: BaseException) -> bool:
