@@ -225,3 +225,27 @@ def test_every_kernel_source_ships_with_the_package():
     config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     shipped = set(config["tool"]["setuptools"]["package-data"]["deltakit.ops"])
     assert {p.name for p in signmm._SOURCES} <= shipped
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_trusted_call_gives_add_into_bits_and_still_checks_sizes_and_rows(dtype):
+    """add_into_trusted (the executor's per-call path) writes what add_into writes, for (batch, tokens,
+    in) activations too, and refuses feature sizes or row counts that do not fit the group."""
+    firsts, seconds = _parts(3, 40, 24, [3, 5], dtype)
+    group = _group(firsts, seconds, [[0, 1, 4, 5], [2, 3]])
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2, 40, generator=gen).to(dtype)  # (batch, tokens, in): rows 0..5 flattened
+    y = torch.randn(3, 2, 24, generator=gen).to(dtype)
+    want = y.reshape(6, 24).clone()
+    group.add_into(x.reshape(6, 40), want)
+    got = y.clone()
+    group.add_into_trusted(x, got)
+    assert torch.equal(got.reshape(6, 24), want)
+    with pytest.raises(ValueError, match="got activations"):
+        group.add_into_trusted(torch.zeros(6, 41, dtype=dtype), torch.zeros(6, 24, dtype=dtype))
+    with pytest.raises(ValueError, match="got activations"):
+        group.add_into_trusted(torch.zeros(6, 40, dtype=dtype), torch.zeros(6, 23, dtype=dtype))
+    with pytest.raises(ValueError, match="rows up to 5"):
+        group.add_into_trusted(torch.zeros(5, 40, dtype=dtype), torch.zeros(5, 24, dtype=dtype))
+    with pytest.raises(ValueError, match="got activations"):
+        group.add_into_trusted(torch.zeros(6, 40, dtype=dtype), torch.zeros(7, 24, dtype=dtype))
