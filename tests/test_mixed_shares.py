@@ -88,3 +88,26 @@ def test_bad_arguments_are_refused():
         add_shares_into(x, torch.zeros(3, 17), None, signs)
     with pytest.raises(ValueError, match="rows reach 2, activations have 2"):
         add_shares_into(x[:2], y[:2], low_rank, signs)
+
+
+@pytest.mark.parametrize("which", ["both", "signs"])
+def test_trusted_call_gives_the_checked_call_bits_and_still_checks_sizes_and_rows(which):
+    """SharesCall.add_into_trusted (the executor's per-call path) writes what add_shares_into writes, for
+    (batch, tokens, in) activations too, and refuses feature sizes or row counts that do not fit."""
+    from deltakit.ops.mixed_shares import SharesCall
+
+    rows = [[0, 1, 4], [2, 3]]
+    low_rank, signs = _groups(32, 16, rows, seed=5)
+    call = SharesCall(low_rank if which == "both" else None, signs)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 32, generator=gen).bfloat16()  # (batch, tokens, in): rows 0..5 flattened
+    y = torch.randn(3, 2, 16, generator=gen).bfloat16()
+    want = y.reshape(6, 16).clone()
+    add_shares_into(x.reshape(6, 32), want, call.low_rank, signs)
+    got = y.clone()
+    call.add_into_trusted(x, got)
+    assert torch.equal(got.reshape(6, 16).view(torch.int16), want.view(torch.int16))
+    bf = torch.bfloat16
+    for bad_x, bad_y in [((6, 31), (6, 16)), ((6, 32), (6, 15)), ((4, 32), (4, 16)), ((6, 32), (5, 16))]:
+        with pytest.raises(ValueError, match="mixed shares of"):
+            call.add_into_trusted(torch.zeros(bad_x, dtype=bf), torch.zeros(bad_y, dtype=bf))

@@ -29,45 +29,88 @@ def add_shares_into(
     of no part adds +0, as ``add_`` does). x (N, in) and y (N, out): contiguous CPU tensors of one dtype of
     :data:`~deltakit.ops.lowrank_group.KINDS`. At least one group; both of the layer's (in, out).
     threads: default torch's intra-op count (the bits do not depend on it)."""
-    if low_rank is None and signs is None:
-        raise ValueError("mixed shares need a low-rank group, a sign group or both")
-    check_rows_pair(x, y, "mixed shares")
-    features = (x.shape[1], y.shape[1])
-    if low_rank is not None and (low_rank.in_features, low_rank.out_features) != features:
-        raise ValueError(
-            f"low-rank group of ({low_rank.in_features} -> {low_rank.out_features}) got {features}"
+    SharesCall(low_rank, signs).add_into(x, y, threads)
+
+
+class SharesCall:
+    """One layer's groups for :func:`add_shares_into`, with the call's fixed arguments laid out once (a
+    mixed batch makes one per layer and tokens per row, and calls it about 210 times per decoded token on
+    SmolLM2). The groups are kept: their addresses go to the kernel."""
+
+    def __init__(self, low_rank: LowRankGroup | None, signs: SignGroup | None):
+        if low_rank is None and signs is None:
+            raise ValueError("mixed shares need a low-rank group, a sign group or both")
+        self.low_rank, self.signs = low_rank, signs
+        if low_rank is not None:
+            self.in_features, self.out_features = low_rank.in_features, low_rank.out_features
+        else:
+            self.out_features, self.in_features = signs.shape
+        self.max_row = max(g.max_row for g in (low_rank, signs) if g is not None)
+        lr, sg = low_rank, signs
+        self._low_rank_args = (
+            (len(lr.parts), lr.first.data_ptr(), lr.second.data_ptr(), lr.ranks.data_ptr(), lr.kind)
+            + (lr.offsets.data_ptr(), lr.rows.data_ptr())
+            if lr is not None
+            else (0, None, None, None, 0, None, None)
         )
-    if signs is not None and (signs.shape[1], signs.shape[0]) != features:
-        raise ValueError(f"sign group of {signs.shape} (out, in) got (in, out) {features}")
-    for group in (low_rank, signs):
-        if group is not None and group.max_row >= x.shape[0]:
-            raise ValueError(f"mixed share rows reach {group.max_row}, activations have {x.shape[0]}")
-    lib = native_library()
-    if lib is None:
-        raise ValueError("the mixed-share kernel is not available")
-    lr = low_rank
-    code = lib.deltakit_mixed_shares(
-        x.data_ptr(),
-        KINDS[x.dtype],
-        x.shape[0],
-        x.shape[1],
-        y.shape[1],
-        len(lr.parts) if lr is not None else 0,
-        lr.first.data_ptr() if lr is not None else None,
-        lr.second.data_ptr() if lr is not None else None,
-        lr.ranks.data_ptr() if lr is not None else None,
-        lr.kind if lr is not None else 0,
-        lr.offsets.data_ptr() if lr is not None else None,
-        lr.rows.data_ptr() if lr is not None else None,
-        len(signs.packed) if signs is not None else 0,
-        signs.pointers.data_ptr() if signs is not None else None,
-        signs.tile_pointers.data_ptr() if signs is not None else None,
-        signs.offsets.data_ptr() if signs is not None else None,
-        signs.rows.data_ptr() if signs is not None else None,
-        signs.scales.data_ptr() if signs is not None else None,
-        LUT_MIN_ROWS,
-        y.data_ptr(),
-        threads if threads is not None else torch.get_num_threads(),
-    )
-    if code != 0:
-        raise ValueError(f"mixed-share kernel failed (code {code})")
+        self._sign_args = (
+            (len(sg.packed), sg.pointers.data_ptr(), sg.tile_pointers.data_ptr(), sg.offsets.data_ptr())
+            + (sg.rows.data_ptr(), sg.scales.data_ptr())
+            if sg is not None
+            else (0, None, None, None, None, None)
+        )
+        self._lib = native_library()
+
+    def add_into(self, x: torch.Tensor, y: torch.Tensor, threads: int | None = None) -> None:
+        """:func:`add_shares_into` with this call's groups; every argument checked."""
+        check_rows_pair(x, y, "mixed shares")
+        features = (x.shape[1], y.shape[1])
+        lr, sg = self.low_rank, self.signs
+        if lr is not None and (lr.in_features, lr.out_features) != features:
+            raise ValueError(f"low-rank group of ({lr.in_features} -> {lr.out_features}) got {features}")
+        if sg is not None and (sg.shape[1], sg.shape[0]) != features:
+            raise ValueError(f"sign group of {sg.shape} (out, in) got (in, out) {features}")
+        for group in (lr, sg):
+            if group is not None and group.max_row >= x.shape[0]:
+                raise ValueError(f"mixed share rows reach {group.max_row}, activations have {x.shape[0]}")
+        self._call(x, y, x.shape[0], threads)
+
+    def add_into_trusted(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """:meth:`add_into` for a caller that has checked x (..., in) and y (..., out) to be contiguous CPU
+        tensors of one dtype of :data:`~deltakit.ops.lowrank_group.KINDS` whose leading dimensions hold
+        the groups' rows (a mixed batch's executor, for the groups it made for that batch): only the
+        feature sizes and the row count are checked again."""
+        if self.in_features:
+            rows = x.numel() // self.in_features
+        else:  # no input features: the rows are the output's
+            rows = y.numel() // self.out_features if self.out_features else 0
+        if (
+            x.shape[-1] != self.in_features
+            or y.shape[-1] != self.out_features
+            or rows <= self.max_row
+            or y.numel() != rows * self.out_features
+        ):
+            raise ValueError(
+                f"mixed shares of ({self.in_features} -> {self.out_features}, rows up to {self.max_row}) "
+                f"got activations {list(x.shape)}, output {list(y.shape)}"
+            )
+        self._call(x, y, rows, None)
+
+    def _call(self, x: torch.Tensor, y: torch.Tensor, rows: int, threads: int | None) -> None:
+        """The kernel on ``rows`` rows of x (rows, in) and y (rows, out), both contiguous."""
+        if self._lib is None:
+            raise ValueError("the mixed-share kernel is not available")
+        code = self._lib.deltakit_mixed_shares(
+            x.data_ptr(),
+            KINDS[x.dtype],
+            rows,
+            self.in_features,
+            self.out_features,
+            *self._low_rank_args,
+            *self._sign_args,
+            LUT_MIN_ROWS,
+            y.data_ptr(),
+            threads if threads is not None else torch.get_num_threads(),
+        )
+        if code != 0:
+            raise ValueError(f"mixed-share kernel failed (code {code})")

@@ -97,6 +97,8 @@ class ModulePlan:
     sign_groups: dict[int, Any] = field(default_factory=dict)
     #: tokens per row -> the :class:`~deltakit.ops.lowrank_group.LowRankGroup` of the low-rank parts
     low_rank_groups: dict[int, Any] = field(default_factory=dict)
+    #: tokens per row -> the :class:`~deltakit.ops.mixed_shares.SharesCall` of the sign (and low-rank) parts
+    share_calls: dict[int, Any] = field(default_factory=dict)
     factored_parts: list[Part] = field(init=False)
     dense_parts: list[Part] = field(init=False)
     #: factored parts whose low-rank factors go into the stack (linear layers only)

@@ -38,7 +38,7 @@ from torch import nn
 from deltakit.errors import UsageError
 from deltakit.ops import lowrank_group
 from deltakit.ops.lowrank_group import GroupFactors, LowRankGroup
-from deltakit.ops.mixed_shares import add_shares_into
+from deltakit.ops.mixed_shares import SharesCall, add_shares_into
 from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul, sign_tiles
 from deltakit.ops.threads import one_thread_on_cpu
 from deltakit.runtime.batchplan import (
@@ -221,27 +221,29 @@ class MultiDeltaExecutor:
 
         Decoding makes about 210 such calls per token on SmolLM2, and Python runs slowly between them
         (the base matmul and the factor stream leave little of it in cache): the general hook's Python
-        took about 24 µs a call in the model, and a low-rank-only call here goes straight to
-        :meth:`~deltakit.ops.lowrank_group.LowRankGroup.add_into_trusted` (the plan fixes the group's
-        shapes and rows; only the feature sizes are checked again)."""
+        took about 24 µs a call in the model. The calls here go straight to the groups' trusted entry
+        points (:meth:`~deltakit.ops.lowrank_group.LowRankGroup.add_into_trusted`,
+        :meth:`~deltakit.ops.mixed_shares.SharesCall.add_into_trusted`): the plan fixes their shapes and
+        rows, and only the feature sizes and row count are checked again."""
         if (
             x.shape[0] != plan.batch
             or x.dtype is not output.dtype
             or x.dtype not in lowrank_group.KINDS
             or not (x.is_contiguous() and output.is_contiguous())
             or torch.is_grad_enabled()
+            or not x.shape[-1]
         ):
             return False
-        tokens = x.numel() // x.shape[-1]
-        per_row = tokens // plan.batch
-        low_rank = None
-        if plan.low_rank_parts:
-            low_rank = plan.low_rank_groups.get(per_row) or self._low_rank_group(plan, per_row)
-        if plan.grouped_sign_parts:
-            flat, out = x.view(tokens, -1), output.view(tokens, -1)
-            add_shares_into(flat, out, low_rank, self._sign_group(plan, per_row))
-        else:
-            low_rank.add_into_trusted(x, output)
+        per_row = x.numel() // (x.shape[-1] * plan.batch)
+        if not plan.grouped_sign_parts:
+            group = plan.low_rank_groups.get(per_row) or self._low_rank_group(plan, per_row)
+            group.add_into_trusted(x, output)
+            return True
+        call = plan.share_calls.get(per_row)
+        if call is None:
+            low_rank = self._low_rank_group(plan, per_row) if plan.low_rank_parts else None
+            call = plan.share_calls[per_row] = SharesCall(low_rank, self._sign_group(plan, per_row))
+        call.add_into_trusted(x, output)
         return True
 
     def _add_direct(self, plan: ModulePlan, flat: torch.Tensor, out: torch.Tensor) -> None:
