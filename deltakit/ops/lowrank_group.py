@@ -68,6 +68,25 @@ def check_rows_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
         raise ValueError(f"activations {list(x.shape)} and output {list(y.shape)} are not (N, in), (N, out)")
 
 
+def trusted_rows(x: torch.Tensor, y: torch.Tensor, features: tuple[int, int], max_row: int, what: str) -> int:
+    """The rows of x (..., in) and y (..., out) for a trusted call (the caller has checked everything but
+    this): ValueError naming ``what`` unless their feature sizes are ``features`` (in, out), they hold
+    the same rows and those reach ``max_row``. With no input features the rows are the output's."""
+    in_features, out_features = features
+    rows = x.numel() // in_features if in_features else y.numel() // max(out_features, 1)  # y empty at 0
+    if (
+        x.shape[-1] != in_features
+        or y.shape[-1] != out_features
+        or rows <= max_row
+        or y.numel() != rows * out_features
+    ):
+        raise ValueError(
+            f"{what} of ({in_features} -> {out_features}, rows up to {max_row}) "
+            f"got activations {list(x.shape)}, output {list(y.shape)}"
+        )
+    return rows
+
+
 @dataclass(frozen=True)
 class GroupFactors:
     """One delta's factors for one layer, ready for the kernel: ``first`` A (rank, in) contiguous and
@@ -162,17 +181,9 @@ class LowRankGroup:
         """:meth:`add_into` for a caller that has checked x (..., in) and y (..., out) to be contiguous CPU
         tensors of one dtype of :data:`KINDS` whose leading dimensions hold this group's rows (a mixed
         batch's executor, per call, for the group it made for that batch): only the feature sizes and
-        the row count are checked again. Decoding calls it about 210 times per token."""
-        if (
-            x.shape[-1] != self.in_features
-            or y.shape[-1] != self.out_features
-            or x.numel() // self.in_features <= self.max_row
-            or x.numel() // self.in_features != y.numel() // self.out_features
-        ):
-            raise ValueError(
-                f"low-rank group of ({self.in_features} -> {self.out_features}, rows up to {self.max_row}) "
-                f"got activations {list(x.shape)}, output {list(y.shape)}"
-            )
+        the row count are checked again (:func:`trusted_rows`). Decoding calls it about 210 times per
+        token."""
+        trusted_rows(x, y, (self.in_features, self.out_features), self.max_row, "low-rank group")
         self._call(x, y, None)
 
     def _call(self, x: torch.Tensor, y: torch.Tensor, threads: int | None) -> None:

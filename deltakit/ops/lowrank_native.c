@@ -241,10 +241,11 @@ static inline __attribute__((always_inline)) void prefetch_bytes(const void *p, 
 #define LR_AHEAD_COMPONENTS 2
 #define LR_AHEAD_TILES 1
 
-/* A's row of stacked component c, fetched ahead (the caller's next components) */
-static inline __attribute__((always_inline)) void prefetch_component(const job *w, int64_t c, size_t esize) {
+/* A's row of stacked component c, fetched ahead (the caller's next components); p: a part at or
+ * before c's (where the search starts) */
+static inline __attribute__((always_inline)) void prefetch_component(const job *w, int64_t p, int64_t c,
+                                                                     size_t esize) {
     if (c >= w->starts[w->nparts]) return;
-    int64_t p = 0;
     while (c >= w->starts[p + 1]) p++;
     const char *a = (const char *)(uintptr_t)w->first[p];
     prefetch_bytes(a + (size_t)((c - w->starts[p]) * w->in) * esize, w->in * (int64_t)esize);
@@ -256,7 +257,7 @@ static inline __attribute__((always_inline)) void first_stage(const job *w, int6
     int64_t p = 0;
     while (c >= w->starts[p + 1]) p++;
     int64_t j = c - w->starts[p], rank = w->ranks[p];
-    prefetch_component(w, c + LR_AHEAD_COMPONENTS, kind == 0 ? 4 : 2);
+    prefetch_component(w, p, c + LR_AHEAD_COMPONENTS, kind == 0 ? 4 : 2);
     const int64_t *rows = w->rows + w->offsets[p];
     int64_t n = w->offsets[p + 1] - w->offsets[p];
     const void *a = (const void *)(uintptr_t)w->first[p];

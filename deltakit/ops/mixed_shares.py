@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from deltakit.ops.lowrank_group import KINDS, LowRankGroup, check_rows_pair
+from deltakit.ops.lowrank_group import KINDS, LowRankGroup, check_rows_pair, trusted_rows
 from deltakit.ops.signmm import LUT_MIN_ROWS, SignGroup, native_library
 
 
@@ -79,22 +79,9 @@ class SharesCall:
         """:meth:`add_into` for a caller that has checked x (..., in) and y (..., out) to be contiguous CPU
         tensors of one dtype of :data:`~deltakit.ops.lowrank_group.KINDS` whose leading dimensions hold
         the groups' rows (a mixed batch's executor, for the groups it made for that batch): only the
-        feature sizes and the row count are checked again."""
-        if self.in_features:
-            rows = x.numel() // self.in_features
-        else:  # no input features: the rows are the output's
-            rows = y.numel() // self.out_features if self.out_features else 0
-        if (
-            x.shape[-1] != self.in_features
-            or y.shape[-1] != self.out_features
-            or rows <= self.max_row
-            or y.numel() != rows * self.out_features
-        ):
-            raise ValueError(
-                f"mixed shares of ({self.in_features} -> {self.out_features}, rows up to {self.max_row}) "
-                f"got activations {list(x.shape)}, output {list(y.shape)}"
-            )
-        self._call(x, y, rows, None)
+        feature sizes and the row count are checked again (:func:`~deltakit.ops.lowrank_group.trusted_rows`)."""
+        features = (self.in_features, self.out_features)
+        self._call(x, y, trusted_rows(x, y, features, self.max_row, "mixed shares"), None)
 
     def _call(self, x: torch.Tensor, y: torch.Tensor, rows: int, threads: int | None) -> None:
         """The kernel on ``rows`` rows of x (rows, in) and y (rows, out), both contiguous."""

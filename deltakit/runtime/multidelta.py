@@ -38,7 +38,7 @@ from torch import nn
 from deltakit.errors import UsageError
 from deltakit.ops import lowrank_group
 from deltakit.ops.lowrank_group import GroupFactors, LowRankGroup
-from deltakit.ops.mixed_shares import SharesCall, add_shares_into
+from deltakit.ops.mixed_shares import SharesCall
 from deltakit.ops.signmm import SignGroup, native_applies, native_library, sign_matmul, sign_tiles
 from deltakit.ops.threads import one_thread_on_cpu
 from deltakit.runtime.batchplan import (
@@ -234,28 +234,25 @@ class MultiDeltaExecutor:
             or not x.shape[-1]
         ):
             return False
-        per_row = x.numel() // (x.shape[-1] * plan.batch)
-        if not plan.grouped_sign_parts:
-            group = plan.low_rank_groups.get(per_row) or self._low_rank_group(plan, per_row)
-            group.add_into_trusted(x, output)
-            return True
-        call = plan.share_calls.get(per_row)
-        if call is None:
-            low_rank = self._low_rank_group(plan, per_row) if plan.low_rank_parts else None
-            call = plan.share_calls[per_row] = SharesCall(low_rank, self._sign_group(plan, per_row))
-        call.add_into_trusted(x, output)
+        self._direct_call(plan, x.numel() // (x.shape[-1] * plan.batch)).add_into_trusted(x, output)
         return True
 
     def _add_direct(self, plan: ModulePlan, flat: torch.Tensor, out: torch.Tensor) -> None:
         """Every low-rank and grouped sign share of the plan added into ``out`` (tokens, out; mutated) for
-        the activations ``flat`` (tokens, in), both contiguous at one dtype: the low-rank group alone when
-        there are no sign parts, else one :func:`~deltakit.ops.mixed_shares.add_shares_into` call."""
-        per_row = flat.shape[0] // plan.batch
-        low_rank = self._low_rank_group(plan, per_row) if plan.low_rank_parts else None
-        if plan.grouped_sign_parts:
-            add_shares_into(flat, out, low_rank, self._sign_group(plan, per_row))
-        else:
-            low_rank.add_into(flat, out)
+        the activations ``flat`` (tokens, in), both contiguous at one dtype, every argument checked."""
+        self._direct_call(plan, flat.shape[0] // plan.batch).add_into(flat, out)
+
+    def _direct_call(self, plan: ModulePlan, per_row: int) -> LowRankGroup | SharesCall:
+        """The one compiled call of the plan's direct shares for inputs of ``per_row`` tokens per row: the
+        low-rank group alone when there are no sign parts, else a
+        :class:`~deltakit.ops.mixed_shares.SharesCall` kept on the plan."""
+        if not plan.grouped_sign_parts:
+            return self._low_rank_group(plan, per_row)
+        call = plan.share_calls.get(per_row)
+        if call is None:
+            low_rank = self._low_rank_group(plan, per_row) if plan.low_rank_parts else None
+            call = plan.share_calls[per_row] = SharesCall(low_rank, self._sign_group(plan, per_row))
+        return call
 
     def _tick(self, tensor: torch.Tensor) -> float:
         """A start time for :meth:`_tock` (device synchronised when profiling)."""
