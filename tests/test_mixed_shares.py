@@ -10,22 +10,29 @@ import torch
 from deltakit.ops import lowrank_group
 from deltakit.ops.lowrank_group import GroupFactors, LowRankGroup
 from deltakit.ops.mixed_shares import add_shares_into
+from deltakit.ops.quant import quantize
 from deltakit.ops.signmm import LUT_MIN_ROWS, SignGroup
 
 pytestmark = pytest.mark.skipif(not lowrank_group.available(), reason="needs the compiled kernel")
 
 
 def _groups(in_features: int, out_features: int, rows: list[list[int]], seed: int):
-    """A low-rank group (ranks 5, 0, 17, ...) and a sign group over the same row lists."""
+    """A low-rank group (ranks 5, 0, 17, ...; the rank-17 parts' factors 4-bit codes, the others fp16)
+    and a sign group over the same row lists."""
     gen = torch.Generator().manual_seed(seed)
     ranks = [(5, 0, 17, 3)[i % 4] for i in range(len(rows))]
-    factors = [
-        GroupFactors.prepare(
-            torch.randn(r, in_features, generator=gen).half(),
-            torch.randn(r, out_features, generator=gen).half(),
+    factors = []
+    for r in ranks:
+        first, second = (
+            torch.randn(r, in_features, generator=gen),
+            torch.randn(r, out_features, generator=gen),
         )
-        for r in ranks
-    ]
+        if r == 17:
+            factors.append(
+                GroupFactors.prepare_quantized(quantize(first, 4, 32, 1), quantize(second, 4, 32, 1))
+            )
+        else:
+            factors.append(GroupFactors.prepare(first.half(), second.half()))
     packed = [
         torch.randint(0, 256, (out_features * in_features // 8,), dtype=torch.uint8, generator=gen)
         for _ in rows

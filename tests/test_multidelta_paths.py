@@ -341,3 +341,44 @@ def test_a_norms_per_row_check_is_kept_for_later_batches_with_other_deltas(monke
     with torch.no_grad(), MultiDeltaExecutor(rt).assign(later):
         fresh = rt.model(ids).logits
     assert torch.equal(kept, fresh)
+
+
+def test_4_bit_factors_read_as_codes_give_the_logits_of_their_fp32_copy_beside_16_bit_ones(
+    monkeypatch, tmp_path
+):
+    """svd and dqrelo deltas with the default 4-bit factors, in one batch with an svd delta of fp16
+    factors: the compiled group reads the 4-bit ones as codes, and the logits are those of the fp32
+    dequantized copies bit for bit, and those of each row's merged weights."""
+    import deltakit
+    from deltakit.ops import lowrank_group
+    from deltakit.ops.lowrank_group import GroupFactors
+
+    if not lowrank_group.available():
+        pytest.skip("needs the compiled kernel")
+    fleet = cached_fleet("llama")
+    svd4, dqrelo = (next(n for n in fleet["delta"] if n.startswith(m)) for m in ("svd", "dqrelo"))
+    deltakit.compress(
+        fleet["base"], fleet["ft"][svd4], tmp_path / "svd16", method="svd", rank=4, config={"factor_bits": 16}
+    )
+    rt = _runtime(fleet)
+    rt.add_delta("svd16", tmp_path / "svd16")
+    assignment = [svd4, "svd16", dqrelo, None, "svd16", svd4]
+    ids = torch.randint(0, 256, (len(assignment), 6), generator=torch.Generator().manual_seed(21))
+    prepared = []
+    original = GroupFactors.prepare_quantized.__func__
+
+    def spy(cls, first, second):
+        prepared.append(first.bits)
+        return original(cls, first, second)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GroupFactors, "prepare_quantized", classmethod(spy))
+        codes = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    assert prepared and set(prepared) == {4}
+    monkeypatch.setattr(lowrank_group, "quantized_applies", lambda q: False)
+    widened = _mixed_prefill_then_step(rt, MultiDeltaExecutor(rt), ids, assignment)
+    for got, want in zip(codes, widened, strict=True):
+        assert torch.equal(got, want)
+    merged = _merged_last_logits(rt, ids, assignment)
+    for row in range(len(assignment)):
+        torch.testing.assert_close(codes[1][row], merged[row], rtol=1e-4, atol=1e-4)

@@ -157,8 +157,25 @@ def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path, flags):
     """The library built without AVX-512 (the portable loops), with 256-bit fused multiply-adds or none,
     against the native build: same bits, for the sign products and for the fused rebuild with 16-bit
     factors (widened by F16C or by the compiler; their exact products taken by fused multiply-adds or by
-    separate multiplies and adds)."""
+    separate multiplies and adds), and for a mixed batch's low-rank group with 4-bit factor codes (their
+    levels looked up by the portable loop instead of a permute) beside fp16 factors."""
     from deltakit.ops.fused import fused_rebuild
+    from deltakit.ops.lowrank_group import GroupFactors, LowRankGroup
+    from deltakit.ops.quant import quantize
+
+    def low_rank_group_share() -> torch.Tensor:
+        g = torch.Generator().manual_seed(11)
+        q_first = quantize(torch.randn(6, 200, generator=g), 4, 48, 1, "asymmetric", "mse")
+        q_second = quantize(torch.randn(6, 90, generator=g), 4, 64, 1, "symmetric", "mse")
+        parts = [
+            GroupFactors.prepare_quantized(q_first, q_second),
+            GroupFactors.prepare(
+                torch.randn(3, 200, generator=g).half(), torch.randn(3, 90, generator=g).half()
+            ),
+        ]
+        x, y = torch.randn(5, 200, generator=g), torch.zeros(5, 90)
+        LowRankGroup(parts, [[0, 3], [1, 2, 4]]).add_into(x, y)
+        return y
 
     shape, cases = (70, 584), [_case(70, 584, n, seed=5 + n) for n in (1, 3, 6, 30)]
     native = [sign_matmul(x, packed, shape) for packed, x in cases]
@@ -171,6 +188,7 @@ def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path, flags):
         "down": torch.randn(5, 584, generator=gen).half(),
     }
     native.append(fused_rebuild(base, torch.bfloat16, **parts))
+    native.append(low_rank_group_share())
     monkeypatch.setattr(signmm, "_FLAGS", (*signmm._FLAGS, *flags))
     monkeypatch.setenv("DELTAKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(signmm, "_tried", False)
@@ -180,6 +198,8 @@ def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path, flags):
     assert signmm.native_library() is not None, "the portable form does not build"
     portable = [sign_matmul(x, packed, shape) for packed, x in cases]
     portable.append(fused_rebuild(base, torch.bfloat16, **parts))
+    portable.append(low_rank_group_share())
+    assert native[-1].abs().sum() > 0
     assert all(torch.equal(a, b) for a, b in zip(native, portable, strict=True))
 
 

@@ -207,6 +207,14 @@ def load_factors(encoded: Encoded, device: torch.device | str = "cpu") -> tuple[
         return t["up"].to(device=device, dtype=torch.float32), t["down"].to(
             device=device, dtype=torch.float32
         )
+    q_up, q_down = quantized_factors(encoded)
+    return dequantize(q_up, device), dequantize(q_down, device)
+
+
+def quantized_factors(encoded: Encoded) -> tuple[QuantizedTensor, QuantizedTensor]:
+    """The stored quantized ``(up (rows, r), down (r, cols))`` of an encoded pair, every field validated
+    (FormatError otherwise)."""
+    t = encoded.tensors
     meta = encoded.params.get("factors")
     if (
         not isinstance(meta, dict)
@@ -226,7 +234,7 @@ def load_factors(encoded: Encoded, device: torch.device | str = "cpu") -> tuple[
         or (isinstance(shape, list) and [q_up.shape[0], q_down.shape[1]] != shape)
     ):
         raise FormatError(f"quantized factors {list(q_up.shape)} x {list(q_down.shape)} do not match {shape}")
-    return dequantize(q_up, device), dequantize(q_down, device)
+    return q_up, q_down
 
 
 def low_rank_candidates(
@@ -265,11 +273,15 @@ def spectrum_of(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(matrix.to(torch.float32)).cpu()
 
 
-def view_factors(encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors for a :class:`FactoredView`: the stored float tensors themselves, or fp32 dequantized ones."""
+def view_factors(
+    encoded: Encoded,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[QuantizedTensor, QuantizedTensor] | None]:
+    """Factors for a :class:`FactoredView`: ``(up, down, quantized)``, the stored float tensors themselves
+    and None, or fp32 dequantized ones and the stored quantized pair."""
     if "up" in encoded.tensors:
-        return encoded.tensors["up"], encoded.tensors["down"]
-    return load_factors(encoded)
+        return encoded.tensors["up"], encoded.tensors["down"], None
+    q_up, q_down = quantized_factors(encoded)
+    return dequantize(q_up), dequantize(q_down), (q_up, q_down)
 
 
 def rescaled_parts(encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from deltakit.errors import BudgetError, ConfigError
+from deltakit.ops.quant import QuantizedTensor
 
 FP16_BYTES = 2
 
@@ -212,6 +213,9 @@ class FactoredView:
 
     shape: (rows, cols) of the stored layout. signs: packed ±1 matrix S (uint8, 8 per byte, row-major)
     or None. up: (rows, r), down: (r, cols), both or neither. Tensors are the encoded ones, not copies.
+    quantized: for group-quantized factors, the stored ``(up, down)``
+    (:class:`~deltakit.ops.quant.QuantizedTensor`) whose dequantized values ``up`` and ``down`` are (a
+    mixed batch reads their codes); None otherwise.
     """
 
     shape: tuple[int, int]
@@ -219,6 +223,7 @@ class FactoredView:
     scale: float = 0.0
     up: torch.Tensor | None = None
     down: torch.Tensor | None = None
+    quantized: tuple[QuantizedTensor, QuantizedTensor] | None = None
 
     def __post_init__(self) -> None:
         if (self.up is None) != (self.down is None):

@@ -154,8 +154,9 @@ class DQRelo(Codec):
 
     def factored(self, encoded: Encoded) -> FactoredView:
         shape = tuple(encoded.params["shape"])
-        up, down = view_factors(encoded) if has_factors(encoded) else (None, None)
-        return FactoredView(shape, encoded.tensors["signs"], float(encoded.params["scale"]), up, down)
+        up, down, quantized = view_factors(encoded) if has_factors(encoded) else (None, None, None)
+        signs, scale = encoded.tensors["signs"], float(encoded.params["scale"])
+        return FactoredView(shape, signs, scale, up, down, quantized)
 
     def rescaled(self, encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
         return rescaled_parts(encoded, scale, components)

@@ -99,8 +99,8 @@ class SVD(Codec):
 
     def factored(self, encoded: Encoded) -> FactoredView:
         shape = tuple(encoded.params["shape"])
-        up, down = view_factors(encoded)
-        return FactoredView(shape, up=up, down=down)
+        up, down, quantized = view_factors(encoded)
+        return FactoredView(shape, up=up, down=down, quantized=quantized)
 
     def rescaled(self, encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:
         return rescaled_parts(encoded, None, components)

@@ -5,9 +5,13 @@ with ``Aₚ`` (rank, in) and ``Bₚ`` (rank, out) the delta's factors in the ord
 decoding there are a few rows per delta and the cost is reading the factors: :class:`LowRankGroup` keeps
 them at their stored width (fp16 or bf16 factors stay 16-bit, half the bytes of an fp32 copy) and the
 kernel (``deltakit_low_rank_multi`` in ``lowrank_native.c``) widens them in registers, with threads
-splitting rank components and output columns, never a sum. Each output element's arithmetic is fixed,
-so the bits do not depend on the thread count or on which rows and deltas share the call. CPU only, and
-only when the compiled library is there (:func:`available`); callers keep a torch path otherwise.
+splitting rank components and output columns, never a sum. Group-quantized factors of up to 4 bits (the
+codecs' default) stay 4-bit codes (:meth:`GroupFactors.prepare_quantized`): about an eighth of the bytes
+of their fp32 dequantized copy, decoded in registers to that copy's exact values. Each part has its own
+kind, so deltas stored at different widths share one call. Each output element's arithmetic is fixed,
+so the bits do not depend on the thread count, on which rows and deltas share the call, or on whether a
+quantized factor is read as codes or as its dequantized fp32 copy. CPU only, and only when the compiled
+library is there (:func:`available`); callers keep a torch path otherwise.
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
+from deltakit.ops.intpack import unpack_codes
+from deltakit.ops.quant import QuantizedTensor
 from deltakit.ops.signmm import native_library
 
-#: factor dtype -> the kernel's kind code
+#: factor (and activation) dtype -> the kernel's kind code
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: the kernel's kind code of group-quantized factors kept as 4-bit codes
+QUANTIZED_KIND = 3
+#: values per chunk of the quantized layout: a chunk's codes fill 8 bytes, its values share one scale
+CHUNK = 16
 #: output columns per tile of the second factor's stored layout (TILE_COLS in lowrank_native.c)
 TILE_COLS = 32
 
@@ -89,12 +99,20 @@ def trusted_rows(x: torch.Tensor, y: torch.Tensor, features: tuple[int, int], ma
 
 @dataclass(frozen=True)
 class GroupFactors:
-    """One delta's factors for one layer, ready for the kernel: ``first`` A (rank, in) contiguous and
-    ``second`` B (rank, out) in column tiles (:func:`tile_columns`), one dtype of :data:`KINDS`, CPU."""
+    """One delta's factors for one layer, ready for the kernel: A (rank, in) and B (rank, out).
+
+    Float kinds (:data:`KINDS`): ``first`` is A contiguous and ``second`` B in column tiles
+    (:func:`tile_columns`). :data:`QUANTIZED_KIND`: both are int64 descriptors (8,) of the code layouts in
+    ``keep`` (:meth:`prepare_quantized`). All CPU tensors; ``keep`` holds every tensor the kernel reads.
+    """
 
     first: torch.Tensor
     second: torch.Tensor
+    in_features: int
     out_features: int
+    rank: int
+    kind: int
+    keep: tuple[torch.Tensor, ...]
 
     @classmethod
     def prepare(cls, first: torch.Tensor, second: torch.Tensor) -> GroupFactors:
@@ -107,43 +125,125 @@ class GroupFactors:
             )
         if first.device.type != "cpu" or second.device.type != "cpu":
             raise ValueError("low-rank group factors must be CPU tensors")
-        return cls(first.contiguous(), tile_columns(second), second.shape[1])
+        a, b = first.contiguous(), tile_columns(second)
+        rank, in_features = first.shape
+        return cls(a, b, in_features, second.shape[1], rank, KINDS[first.dtype], (a, b))
 
-    @property
-    def rank(self) -> int:
-        return self.first.shape[0]
+    @classmethod
+    def prepare_quantized(cls, first: QuantizedTensor, second: QuantizedTensor) -> GroupFactors:
+        """From quantized A and B whose lanes are the rank components (A: length ``in``, B: ``out``; the
+        view of :mod:`deltakit.ops.quant`), kept as 4-bit codes: the kernel decodes each value to the
+        exact fp32 of :func:`~deltakit.ops.quant.dequantize`. ValueError unless
+        :func:`quantized_applies` to both; not mutated."""
+        for q in (first, second):
+            if not quantized_applies(q):
+                raise ValueError(
+                    f"quantized factor of shape {list(q.shape)}, {q.bits} bits, groups of {q.group_size}: "
+                    f"the 4-bit layout wants a 2-D CPU factor of at most 4 bits in groups of a multiple "
+                    f"of {CHUNK}"
+                )
+        (rank, in_features), (rank_b, out_features) = _lanes_length(first), _lanes_length(second)
+        if rank != rank_b:
+            raise ValueError(f"quantized factors of ranks {rank} and {rank_b} do not share a rank")
+        a_codes = _chunk_codes(first).reshape(-1)  # rank rows of ceil(in / 16) * 8 bytes
+        b_codes = _tile_bytes(_chunk_codes(second))
+        a_desc, a_keep = _descriptor(first, a_codes, row_bytes=_chunks(in_features) * 8)
+        b_desc, b_keep = _descriptor(second, b_codes, row_bytes=0)
+        keep = (a_codes, b_codes, *a_keep, *b_keep)
+        return cls(a_desc, b_desc, in_features, out_features, rank, QUANTIZED_KIND, keep)
 
     @property
     def nbytes(self) -> int:
-        return (self.first.numel() + self.second.numel()) * self.first.element_size()
+        """Bytes of the tensors the kernel reads."""
+        return sum(t.numel() * t.element_size() for t in self.keep)
+
+
+def quantized_applies(q: QuantizedTensor) -> bool:
+    """Whether :meth:`GroupFactors.prepare_quantized` takes ``q``: a 2-D CPU factor of at most 4 bits in
+    groups of a multiple of :data:`CHUNK` values."""
+    return (
+        len(q.shape) == 2
+        and q.bits <= 4
+        and q.group_size % CHUNK == 0
+        and q.codes.device.type == "cpu"
+        and q.scales.device.type == "cpu"
+    )
+
+
+def _lanes_length(q: QuantizedTensor) -> tuple[int, int]:
+    """(lanes, length) of a 2-D quantized tensor: its groups run along ``length``."""
+    return q.shape[1 - q.axis], q.shape[q.axis]
+
+
+def _chunks(length: int) -> int:
+    return -(-length // CHUNK)
+
+
+def _chunk_codes(q: QuantizedTensor) -> torch.Tensor:
+    """(lanes, chunks * 8) uint8: each lane's codes in chunks of 16 values (the last padded with zero
+    codes), value ``2 q + h`` of a chunk at nibble ``8 h + q`` (QNIBBLE in lowrank_native.c: bytes 0-3
+    hold the even values, bytes 4-7 the odd ones, nibble n in byte n // 2, the low one for even n)."""
+    lanes, length = _lanes_length(q)
+    codes = unpack_codes(q.codes, q.bits, lanes * length).reshape(lanes, length)
+    padded = torch.zeros(lanes, _chunks(length) * CHUNK, dtype=torch.uint8)
+    padded[:, :length] = codes
+    chunks = padded.reshape(lanes, -1, 8, 2)  # (lanes, chunks, q, h): value 2 q + h
+    nibbles = chunks.transpose(2, 3).reshape(lanes, -1, 8, 2)  # nibble 8 h + q, paired into bytes
+    return (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(lanes, -1)
+
+
+def _tile_bytes(rows: torch.Tensor) -> torch.Tensor:
+    """B's code rows (rank, chunks * 8) in the kernel's column tiles (as :func:`tile_columns` lays out
+    values): a full tile's 32 columns are 16 bytes of each row, the last tile takes the rest."""
+    rank, width = rows.shape
+    tile_bytes = TILE_COLS // 2
+    full = width // tile_bytes
+    tiles = rows[:, : full * tile_bytes].reshape(rank, full, tile_bytes).transpose(0, 1)  # (t, rank, 16)
+    return torch.cat([tiles.reshape(-1), rows[:, full * tile_bytes :].reshape(-1)])
+
+
+def _descriptor(
+    q: QuantizedTensor, codes: torch.Tensor, row_bytes: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The kernel's int64 (8,) descriptor of a factor laid out in ``codes`` (QD_* in lowrank_native.c)
+    and the (lanes, groups, 2) fp32 grid it points at: per group ``(step, origin)``, the values
+    :func:`~deltakit.ops.quant.dequantize` computes ``code * step + origin`` with. A group spans
+    ``group_size / 16`` chunks: when that is a power of two the kernel finds a chunk's group by a shift;
+    otherwise the grid is repeated per chunk."""
+    step = q.scales.float()  # (lanes, groups)
+    origin = -((1 << q.bits) - 1) / 2 * step if q.scheme == "symmetric" else q.zeros.float()
+    grid = torch.stack([step, origin], dim=-1)  # (lanes, groups, 2)
+    per_group = q.group_size // CHUNK
+    shift = per_group.bit_length() - 1
+    if per_group != 1 << shift:
+        grid = grid.repeat_interleave(per_group, dim=1)[:, : _chunks(_lanes_length(q)[1])]
+        shift = 0
+    grid = grid.contiguous()
+    fields = [codes.data_ptr(), grid.data_ptr(), row_bytes, grid.shape[1], shift, 0, 0, 0]
+    return torch.tensor(fields, dtype=torch.int64), (grid,)
 
 
 class LowRankGroup:
     """Several deltas' factors for one linear layer, each applied to its own rows, in one kernel call.
 
-    parts: per delta its :class:`GroupFactors` (kept: their addresses go to the kernel), all of one
-    dtype and shape but the rank. rows: per part the row indices into the flattened activations,
+    parts: per delta its :class:`GroupFactors` (kept: their addresses go to the kernel), of one shape but
+    the rank, each at its own kind. rows: per part the row indices into the flattened activations,
     disjoint across parts.
     """
 
     def __init__(self, parts: list[GroupFactors], rows: list[list[int]]):
         if len(parts) != len(rows) or not parts:
             raise ValueError("a low-rank group needs one factor pair and one row list per part")
-        dtype = parts[0].first.dtype
-        in_features, out_features = parts[0].first.shape[1], parts[0].out_features
+        in_features, out_features = parts[0].in_features, parts[0].out_features
         for part in parts:
-            if part.first.shape[1] != in_features or part.out_features != out_features:
+            if part.in_features != in_features or part.out_features != out_features:
                 raise ValueError("every part's factors must have the same in and out features")
-            if part.first.dtype != dtype or part.second.dtype != dtype:
-                raise ValueError("low-rank group factors must all have one dtype")
-            if part.second.numel() != part.rank * out_features:
-                raise ValueError("a tiled second factor must hold rank x out values")
         flat_rows = [i for r in rows for i in r]
         if any(i < 0 for i in flat_rows) or len(set(flat_rows)) != len(flat_rows):
             raise ValueError("low-rank group rows must be non-negative and belong to one part each")
         self.in_features, self.out_features = in_features, out_features
-        self.kind = KINDS[dtype]
         self.parts = list(parts)
+        self.kinds = torch.tensor([p.kind for p in parts], dtype=torch.int64)
         self.first = torch.tensor([p.first.data_ptr() for p in parts], dtype=torch.int64)
         self.second = torch.tensor([p.second.data_ptr() for p in parts], dtype=torch.int64)
         self.ranks = torch.tensor([p.rank for p in parts], dtype=torch.int64)
@@ -157,7 +257,7 @@ class LowRankGroup:
             self.first.data_ptr(),
             self.second.data_ptr(),
             self.ranks.data_ptr(),
-            self.kind,
+            self.kinds.data_ptr(),
             self.offsets.data_ptr(),
             self.rows.data_ptr(),
         )

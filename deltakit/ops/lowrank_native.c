@@ -7,9 +7,22 @@
  *
  * x (N, in) and y (N, out) row-major at `act_kind`; A (rank_p, in) row-major; B in column tiles of
  * TILE_COLS = 32 columns, tile t (columns 32 t .. 32 t + width - 1, the last one narrower) stored at element
- * 32 t rank_p as a (rank_p, width) row-major block, so that the second stage streams contiguous memory. Both
- * at `kind`. Kinds: 0 = fp32, 1 = fp16, 2 = bf16. 16-bit values are widened to fp32 in registers: a 16-bit
- * factor costs half the memory traffic of an fp32 copy, and 16-bit activations need no fp32 copy.
+ * 32 t rank_p as a (rank_p, width) row-major block, so that the second stage streams contiguous memory.
+ * Each part's pair at its own kinds[p]: 0 = fp32, 1 = fp16, 2 = bf16 (first[p] and second[p] point at the
+ * values), 3 = quantized (they point at a qdesc, below). 16-bit values are widened to fp32 in registers: a
+ * 16-bit factor costs half the memory traffic of an fp32 copy, and 16-bit activations need no fp32 copy.
+ *
+ * Kind 3 keeps group-quantized factors (ops/quant.py, codes of at most 4 bits) as 4-bit codes, about a
+ * sixth of an fp32 copy's bytes with the groups' grids, and decodes each value in registers to
+ * code * step + origin, the product and the sum each rounded (step and origin: the group's, in fp32, as
+ * ops/quant.dequantize widens them): dequantize's operations, so the decoded value, and everything after
+ * it, has the bits of the fp32 kind fed the dequantized factor. The codes are laid out in chunks of 16
+ * values of a row (A: row j's chunk c at byte j row_bytes + 8 c; B: inside its column tile, a full tile's
+ * row at 16 bytes, the last tile's at 8 per started chunk), value m of a chunk at nibble QNIBBLE(m). A
+ * group holds 16 << shift values of a row, so chunk c of row j (A: columns, B: output columns counted
+ * from 0) is in group j stride + (c >> shift) (lowrank_group.GroupFactors lays them out). A chunk is
+ * decoded by looking its codes up in its group's 16 levels, computed once per group as above: with
+ * AVX-512 a broadcast load, a variable shift and a permute per 16 values.
  *
  * Operations, all in fp32 with every product and sum rounded on its own (built with -ffp-contract=off):
  * - h[t, j] = x[t] · A[j]: 64 lanes, lane c sums the products of columns 64 m + c in order of m, then the
@@ -22,8 +35,8 @@
  * Each element's arithmetic is fixed: the bits depend neither on the number of threads (they split the
  * rank components of the first stage and the output columns of the second, never a sum), nor on the other
  * rows or parts of the call, nor on the vector width the compiler picks. Rows of different parts must
- * differ (a row is written by its own part only). Returns 0, 1 for bad sizes or kinds, 2 when the
- * intermediate cannot be allocated.
+ * differ (a row is written by its own part only). Returns 0, 1 for bad sizes, kinds or descriptors, 2 when
+ * the intermediate cannot be allocated.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -144,14 +157,87 @@ static inline float tree16v(f32x16 l) {
     return c[0] + c[1];
 }
 
-/* h[r * hstride] = x[rows[r]] · a for the nt (1 .. TILE_ROWS) rows of one tile. DOT_LANES = 64 lanes, four
- * independent vectors per row (one would make the loop wait on each add's latency): lane c sums the
+/* A factor as the kernel reads it. Kinds 0-2: p holds the values. Kind 3: p holds the codes, and the
+ * rest comes from the part's qdesc. */
+typedef struct {
+    const void *p;
+    const float *grid;         /* kind 3: per group (step, origin), (rank, stride, 2) */
+    int64_t row_bytes, stride; /* kind 3: A's code bytes per row; groups per row */
+    int shift;                 /* kind 3: chunk c of a row is in group c >> shift */
+} factor;
+
+/* kind 3's descriptor as lowrank_group.GroupFactors.prepare_quantized writes it: eight int64 */
+enum { QD_CODES, QD_GRID, QD_ROW_BYTES, QD_STRIDE, QD_SHIFT, QD_FIELDS = 8 };
+
+/* group g's 16 levels: lut[q] = q * step + origin, the product and the sum each rounded, as
+ * ops/quant.dequantize computes them */
+static inline __attribute__((always_inline)) f32x16 qlut(const factor *f, int64_t g) {
+    const f32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return iota * f->grid[2 * g] + f->grid[2 * g + 1];
+}
+
+/* nibble of value m of a chunk: value 2 q + h is nibble 8 h + q (bits 4 q .. of the chunk's 32-bit half h),
+ * so that one variable shift of the chunk's 8 bytes, read as two 32-bit halves, puts each value's code in
+ * its lane's low 4 bits */
+#define QNIBBLE(m) (8 * ((m) & 1) + ((m) >> 1))
+
+/* the 16 values of a chunk whose codes are the 8 bytes at c8, from its group's levels */
+static inline __attribute__((always_inline)) f32x16 qdecode(const uint8_t *c8, f32x16 lut) {
+#if defined(__AVX512F__)
+    int64_t word;
+    memcpy(&word, c8, sizeof word);
+    const __m512i shifts = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+    __m512i idx = _mm512_srlv_epi32(_mm512_set1_epi64(word), shifts); /* the permute reads bits 0-3 only */
+    __m512 table, v;
+    memcpy(&table, &lut, sizeof table);
+    v = _mm512_permutexvar_ps(idx, table);
+    f32x16 r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+#else
+    uint64_t word;
+    memcpy(&word, c8, sizeof word);
+    f32x16 r;
+    for (int m = 0; m < LANES; m++) r[m] = lut[(word >> (4 * QNIBBLE(m))) & 15];
+    return r;
+#endif
+}
+
+/* one kind-3 value: column col of a code row starting at c8, grid row `row`, chunks counted from chunk0 */
+static inline __attribute__((always_inline)) float qone(const factor *f, const uint8_t *c8, int64_t row,
+                                                        int64_t chunk0, int64_t col) {
+    uint64_t word;
+    memcpy(&word, c8 + (col >> 4) * 8, sizeof word);
+    float q = (float)((word >> (4 * QNIBBLE(col & 15))) & 15);
+    int64_t g = row * f->stride + ((chunk0 + (col >> 4)) >> f->shift);
+    return q * f->grid[2 * g] + f->grid[2 * g + 1];
+}
+
+/* A's row j, column i (kinds 0-2 also 16 columns from i) */
+static inline __attribute__((always_inline)) f32x16 a_load16(const factor *a, const int kind, int64_t in,
+                                                             int64_t j, int64_t i) {
+    return load16(a->p, kind, j * in + i);
+}
+static inline __attribute__((always_inline)) float a_load1(const factor *a, const int kind, int64_t in,
+                                                           int64_t j, int64_t i) {
+    if (kind == 3) return qone(a, (const uint8_t *)a->p + j * a->row_bytes, j, 0, i);
+    return load1(a->p, kind, j * in + i);
+}
+
+/* B's row k, column j0 + j of a tile of `width` columns (the last, narrower one) */
+static inline __attribute__((always_inline)) float b_load1(const factor *b, const int kind, const void *tile,
+                                                           int64_t width, int64_t j0, int64_t k, int64_t j) {
+    if (kind == 3) return qone(b, (const uint8_t *)tile + k * ((width + 15) >> 4) * 8, k, j0 >> 4, j);
+    return load1(tile, kind, k * width + j);
+}
+
+/* h[r * hstride] = x[rows[r]] · A[j] for the nt (1 .. TILE_ROWS) rows of one tile. DOT_LANES = 64 lanes,
+ * four independent vectors per row (one would make the loop wait on each add's latency): lane c sums the
  * products of columns 64 m + c in order of m, the tail's columns i go into lanes i - full, then
  * (l[i] + l[i + 32]) + (l[i + 16] + l[i + 48]) for i < 16, then the 16-lane tree of tree16v. */
 static inline __attribute__((always_inline)) void dot_tile(const void *x, const int xkind, int64_t in,
-                                                           const int64_t *rows, const void *a, const int kind,
-                                                           int64_t a_off, float *h, int64_t hstride,
-                                                           const int nt) {
+                                                           const int64_t *rows, const factor *a, const int kind,
+                                                           int64_t j, float *h, int64_t hstride, const int nt) {
     int64_t xr[TILE_ROWS];
     f32x16 acc[TILE_ROWS][4];
     for (int r = 0; r < nt; r++) {
@@ -159,9 +245,22 @@ static inline __attribute__((always_inline)) void dot_tile(const void *x, const 
         for (int v = 0; v < 4; v++) acc[r][v] = (f32x16){0};
     }
     int64_t full = in - in % DOT_LANES;
+    const uint8_t *codes = kind == 3 ? (const uint8_t *)a->p + j * a->row_bytes : NULL;
+    int64_t group = -1; /* kind 3: the group whose levels are in lut */
+    f32x16 lut = {0};
     for (int64_t i = 0; i < full; i += DOT_LANES) {
         f32x16 av[4];
-        for (int v = 0; v < 4; v++) av[v] = load16(a, kind, a_off + i + v * LANES);
+        for (int v = 0; v < 4; v++) {
+            if (kind == 3) {
+                int64_t chunk = (i >> 4) + v, g = j * a->stride + (chunk >> a->shift);
+                if (g != group) {
+                    group = g;
+                    lut = qlut(a, g);
+                }
+                av[v] = qdecode(codes + chunk * 8, lut);
+            } else
+                av[v] = a_load16(a, kind, in, j, i + v * LANES);
+        }
         for (int r = 0; r < nt; r++)
             for (int v = 0; v < 4; v++) {
                 f32x16 xv = load16(x, xkind, xr[r] + i + v * LANES);
@@ -173,28 +272,43 @@ static inline __attribute__((always_inline)) void dot_tile(const void *x, const 
             float lanes[DOT_LANES];
             memcpy(lanes, acc[r], sizeof lanes);
             for (int64_t i = full; i < in; i++)
-                lanes[i - full] = lanes[i - full] + load1(x, xkind, xr[r] + i) * load1(a, kind, a_off + i);
+                lanes[i - full] = lanes[i - full] + load1(x, xkind, xr[r] + i) * a_load1(a, kind, in, j, i);
             memcpy(acc[r], lanes, sizeof lanes);
         }
         h[r * hstride] = tree16v((acc[r][0] + acc[r][2]) + (acc[r][1] + acc[r][3]));
     }
 }
 
-/* y[rows[r], j0 .. j0 + TILE_COLS) += h[r] B for the nt rows of one full column tile; b: the tile, (rank,
- * TILE_COLS) contiguous, so the rank is streamed in one pass with the sums in registers */
-static inline __attribute__((always_inline)) void axpy_tile(const float *h, int64_t rank, const void *b,
-                                                            const int kind, int64_t out, int64_t j0, void *y,
-                                                            const int ykind, const int64_t *rows,
-                                                            const int nt) {
+/* B's row k inside the full column tile `tile` that starts at output column j0: its 32 values */
+static inline __attribute__((always_inline)) void b_row(const factor *b, const int kind, const void *tile,
+                                                        int64_t j0, int64_t k, f32x16 *b0, f32x16 *b1) {
+    if (kind == 3) {
+        const uint8_t *codes = (const uint8_t *)tile + k * 16;
+        int64_t g0 = k * b->stride + ((j0 >> 4) >> b->shift), g1 = k * b->stride + (((j0 >> 4) + 1) >> b->shift);
+        f32x16 lut = qlut(b, g0);
+        *b0 = qdecode(codes, lut);
+        *b1 = qdecode(codes + 8, g1 == g0 ? lut : qlut(b, g1));
+        return;
+    }
+    *b0 = load16(tile, kind, k * TILE_COLS);
+    *b1 = load16(tile, kind, k * TILE_COLS + LANES);
+}
+
+/* y[rows[r], j0 .. j0 + TILE_COLS) += h[r] B for the nt rows of one full column tile; tile: B's (rank,
+ * TILE_COLS) block of it, contiguous, so the rank is streamed in one pass with the sums in registers */
+static inline __attribute__((always_inline)) void axpy_tile(const float *h, int64_t rank, const factor *bf,
+                                                            const void *tile, const int kind, int64_t out,
+                                                            int64_t j0, void *y, const int ykind,
+                                                            const int64_t *rows, const int nt) {
     f32x16 acc[TILE_ROWS][2];
-    f32x16 b0 = load16(b, kind, 0), b1 = load16(b, kind, LANES);
+    f32x16 b0, b1;
+    b_row(bf, kind, tile, j0, 0, &b0, &b1);
     for (int r = 0; r < nt; r++) {
         acc[r][0] = h[r * rank] * b0;
         acc[r][1] = h[r * rank] * b1;
     }
     for (int64_t k = 1; k < rank; k++) {
-        b0 = load16(b, kind, k * TILE_COLS);
-        b1 = load16(b, kind, k * TILE_COLS + LANES);
+        b_row(bf, kind, tile, j0, k, &b0, &b1);
         for (int r = 0; r < nt; r++) {
             float s = h[r * rank + k];
             acc[r][0] = acc[r][0] + s * b0;
@@ -210,12 +324,14 @@ static inline __attribute__((always_inline)) void axpy_tile(const float *h, int6
     }
 }
 
-/* one output element y[yi]: column j of a tile of `width` columns (the same operations as axpy_tile's lanes) */
-static inline __attribute__((always_inline)) void axpy_one(const float *h, int64_t rank, const void *b,
-                                                           const int kind, int64_t width, int64_t j, void *y,
-                                                           const int ykind, int64_t yi) {
-    float s = h[0] * load1(b, kind, j);
-    for (int64_t k = 1; k < rank; k++) s = s + h[k] * load1(b, kind, k * width + j);
+/* one output element y[yi]: column j of the last tile, `width` columns from j0 (the same operations as
+ * axpy_tile's lanes) */
+static inline __attribute__((always_inline)) void axpy_one(const float *h, int64_t rank, const factor *bf,
+                                                           const void *tile, const int kind, int64_t width,
+                                                           int64_t j0, int64_t j, void *y, const int ykind,
+                                                           int64_t yi) {
+    float s = h[0] * b_load1(bf, kind, tile, width, j0, 0, j);
+    for (int64_t k = 1; k < rank; k++) s = s + h[k] * b_load1(bf, kind, tile, width, j0, k, j);
     store1(y, ykind, yi, load1(y, ykind, yi) + (0.0f + s));
 }
 
@@ -223,7 +339,8 @@ typedef struct {
     const void *x;
     void *y;
     int64_t in, out, nparts;
-    const int64_t *first, *second, *ranks, *offsets, *rows, *h_offsets, *starts;
+    const int64_t *ranks, *kinds, *offsets, *rows, *h_offsets, *starts;
+    const factor *first, *second;
     float *h;
 } job;
 
@@ -241,143 +358,193 @@ static inline __attribute__((always_inline)) void prefetch_bytes(const void *p, 
 #define LR_AHEAD_COMPONENTS 2
 #define LR_AHEAD_TILES 1
 
-/* A's row of stacked component c, fetched ahead (the caller's next components); p: a part at or
- * before c's (where the search starts) */
-static inline __attribute__((always_inline)) void prefetch_component(const job *w, int64_t p, int64_t c,
-                                                                     size_t esize) {
-    if (c >= w->starts[w->nparts]) return;
-    while (c >= w->starts[p + 1]) p++;
-    const char *a = (const char *)(uintptr_t)w->first[p];
-    prefetch_bytes(a + (size_t)((c - w->starts[p]) * w->in) * esize, w->in * (int64_t)esize);
+/* bytes of `values` consecutive values of a row at kind (kind 3: the codes, whole chunks) */
+static inline int64_t row_bytes_of(const int kind, int64_t values) {
+    return kind == 3 ? ((values + 15) >> 4) * 8 : values * (kind == 0 ? 4 : 2);
 }
 
-/* first stage for component c of the stacked ranks (part p, component j) */
-static inline __attribute__((always_inline)) void first_stage(const job *w, int64_t c, const int kind,
-                                                              const int akind) {
-    int64_t p = 0;
+/* where A's row j of part p starts */
+static inline const char *a_row(const job *w, int64_t p, int64_t j) {
+    const factor *a = &w->first[p];
+    int kind = (int)w->kinds[p];
+    return (const char *)a->p + j * (kind == 3 ? a->row_bytes : row_bytes_of(kind, w->in));
+}
+
+/* A's row of stacked component c, fetched ahead (the caller's next components); p: a part at or
+ * before c's (where the search starts) */
+static inline __attribute__((always_inline)) void prefetch_component(const job *w, int64_t p, int64_t c) {
+    if (c >= w->starts[w->nparts]) return;
     while (c >= w->starts[p + 1]) p++;
-    int64_t j = c - w->starts[p], rank = w->ranks[p];
-    prefetch_component(w, p, c + LR_AHEAD_COMPONENTS, kind == 0 ? 4 : 2);
+    prefetch_bytes(a_row(w, p, c - w->starts[p]), row_bytes_of((int)w->kinds[p], w->in));
+}
+
+/* first stage for component j of part p, its factor at kind */
+static inline __attribute__((always_inline)) void first_part(const job *w, int64_t p, int64_t j, const int kind,
+                                                             const int akind) {
+    int64_t rank = w->ranks[p];
     const int64_t *rows = w->rows + w->offsets[p];
     int64_t n = w->offsets[p + 1] - w->offsets[p];
-    const void *a = (const void *)(uintptr_t)w->first[p];
+    const factor *a = &w->first[p];
     float *h = w->h + w->h_offsets[p] + j;
     for (int64_t r = 0; r < n; r += TILE_ROWS) {
         int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
         switch (nt) {
-            case 4: dot_tile(w->x, akind, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 4); break;
-            case 3: dot_tile(w->x, akind, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 3); break;
-            case 2: dot_tile(w->x, akind, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 2); break;
-            default: dot_tile(w->x, akind, w->in, rows + r, a, kind, j * w->in, h + r * rank, rank, 1); break;
+            case 4: dot_tile(w->x, akind, w->in, rows + r, a, kind, j, h + r * rank, rank, 4); break;
+            case 3: dot_tile(w->x, akind, w->in, rows + r, a, kind, j, h + r * rank, rank, 3); break;
+            case 2: dot_tile(w->x, akind, w->in, rows + r, a, kind, j, h + r * rank, rank, 2); break;
+            default: dot_tile(w->x, akind, w->in, rows + r, a, kind, j, h + r * rank, rank, 1); break;
         }
     }
 }
 
-/* second stage for column tile t (columns TILE_COLS t .. + width) of every part; B is stored tile by tile:
- * tile t at element TILE_COLS * t * rank, (rank, width) row-major (lowrank_group.tile_columns) */
-static inline __attribute__((always_inline)) void second_stage(const job *w, int64_t t, const int kind,
-                                                               const int akind) {
+/* first stage for component c of the stacked ranks (part p, component j) */
+static inline __attribute__((always_inline)) void first_stage(const job *w, int64_t c, const int akind) {
+    int64_t p = 0;
+    while (c >= w->starts[p + 1]) p++;
+    int64_t j = c - w->starts[p];
+    prefetch_component(w, p, c + LR_AHEAD_COMPONENTS);
+    switch (w->kinds[p]) {
+        case 0: first_part(w, p, j, 0, akind); break;
+        case 1: first_part(w, p, j, 1, akind); break;
+        case 2: first_part(w, p, j, 2, akind); break;
+        default: first_part(w, p, j, 3, akind); break;
+    }
+}
+
+/* second stage of part p for column tile t (columns j0 .. j0 + width), its factor at kind; B is stored
+ * tile by tile: tile t at value TILE_COLS * t * rank, (rank, width) row-major (lowrank_group.tile_columns;
+ * kind 3 at byte 16 t rank) */
+static inline __attribute__((always_inline)) void second_part(const job *w, int64_t p, int64_t j0,
+                                                              int64_t width, const int kind, const int akind) {
+    int64_t rank = w->ranks[p], n = w->offsets[p + 1] - w->offsets[p];
+    const int64_t *rows = w->rows + w->offsets[p];
+    const factor *bf = &w->second[p];
+    const void *tile = (const char *)bf->p + rank * row_bytes_of(kind, j0);
+    int64_t ahead = j0 + LR_AHEAD_TILES * TILE_COLS; /* this part's tile a few ahead */
+    if (ahead < w->out) {
+        int64_t ahead_width = w->out - ahead < TILE_COLS ? w->out - ahead : TILE_COLS;
+        prefetch_bytes((const char *)bf->p + rank * row_bytes_of(kind, ahead),
+                       rank * row_bytes_of(kind, ahead_width));
+    }
+    const float *h = w->h + w->h_offsets[p];
+    for (int64_t r = 0; r < n; r += TILE_ROWS) {
+        int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
+        if (width == TILE_COLS) {
+            switch (nt) {
+                case 4: axpy_tile(h + r * rank, rank, bf, tile, kind, w->out, j0, w->y, akind, rows + r, 4); break;
+                case 3: axpy_tile(h + r * rank, rank, bf, tile, kind, w->out, j0, w->y, akind, rows + r, 3); break;
+                case 2: axpy_tile(h + r * rank, rank, bf, tile, kind, w->out, j0, w->y, akind, rows + r, 2); break;
+                default: axpy_tile(h + r * rank, rank, bf, tile, kind, w->out, j0, w->y, akind, rows + r, 1); break;
+            }
+            continue;
+        }
+        for (int64_t q = 0; q < nt; q++)
+            for (int64_t j = 0; j < width; j++)
+                axpy_one(h + (r + q) * rank, rank, bf, tile, kind, width, j0, j, w->y, akind,
+                         rows[r + q] * w->out + j0 + j);
+    }
+}
+
+/* second stage for column tile t (columns TILE_COLS t .. + width) of every part */
+static inline __attribute__((always_inline)) void second_stage(const job *w, int64_t t, const int akind) {
     int64_t j0 = t * TILE_COLS, width = w->out - j0 < TILE_COLS ? w->out - j0 : TILE_COLS;
-    size_t esize = kind == 0 ? 4 : 2;
     for (int64_t p = 0; p < w->nparts; p++) {
-        int64_t rank = w->ranks[p], n = w->offsets[p + 1] - w->offsets[p];
-        const int64_t *rows = w->rows + w->offsets[p];
-        if (rank == 0) { /* a zero share, added all the same: y + (0 + 0) turns -0.0 into +0.0 as add_ does */
-            for (int64_t r = 0; r < n; r++)
+        if (w->ranks[p] == 0) { /* a zero share, added all the same: y + (0 + 0) turns -0.0 into +0.0 as add_ does */
+            const int64_t *rows = w->rows + w->offsets[p];
+            for (int64_t r = 0; r < w->offsets[p + 1] - w->offsets[p]; r++)
                 for (int64_t j = 0; j < width; j++) {
                     int64_t yi = rows[r] * w->out + j0 + j;
                     store1(w->y, akind, yi, load1(w->y, akind, yi) + (0.0f + 0.0f));
                 }
             continue;
         }
-        const void *b = (const char *)(uintptr_t)w->second[p] + (size_t)(j0 * rank) * esize;
-        int64_t ahead = j0 + LR_AHEAD_TILES * TILE_COLS; /* this part's tile a few ahead */
-        if (ahead < w->out) {
-            int64_t ahead_width = w->out - ahead < TILE_COLS ? w->out - ahead : TILE_COLS;
-            prefetch_bytes((const char *)(uintptr_t)w->second[p] + (size_t)(ahead * rank) * esize,
-                           ahead_width * rank * (int64_t)esize);
-        }
-        const float *h = w->h + w->h_offsets[p];
-        for (int64_t r = 0; r < n; r += TILE_ROWS) {
-            int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
-            if (width == TILE_COLS) {
-                switch (nt) {
-                    case 4: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, akind, rows + r, 4); break;
-                    case 3: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, akind, rows + r, 3); break;
-                    case 2: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, akind, rows + r, 2); break;
-                    default: axpy_tile(h + r * rank, rank, b, kind, w->out, j0, w->y, akind, rows + r, 1); break;
-                }
-                continue;
-            }
-            for (int64_t q = 0; q < nt; q++)
-                for (int64_t j = 0; j < width; j++)
-                    axpy_one(h + (r + q) * rank, rank, b, kind, width, j, w->y, akind,
-                             rows[r + q] * w->out + j0 + j);
+        switch (w->kinds[p]) {
+            case 0: second_part(w, p, j0, width, 0, akind); break;
+            case 1: second_part(w, p, j0, width, 1, akind); break;
+            case 2: second_part(w, p, j0, width, 2, akind); break;
+            default: second_part(w, p, j0, width, 3, akind); break;
         }
     }
 }
 
-/* one entry per factor kind and activation kind, so that both are constants inside the parallel region */
-#define DEFINE_RUN(NAME, KIND, AKIND)                                                           \
+/* one entry per activation kind, so that it is a constant inside the parallel region (each part's factor
+ * kind is switched on per component and per tile) */
+#define DEFINE_RUN(NAME, AKIND)                                                                 \
     static void NAME(const job *w, int64_t components, int threads) {                          \
         int64_t tiles = (w->out + TILE_COLS - 1) / TILE_COLS;                                   \
         _Pragma("omp parallel num_threads(threads)") {                                          \
             _Pragma("omp for schedule(static)") for (int64_t c = 0; c < components; c++)        \
-                first_stage(w, c, KIND, AKIND);                                                 \
+                first_stage(w, c, AKIND);                                                       \
             _Pragma("omp for schedule(static)") for (int64_t t = 0; t < tiles; t++)             \
-                second_stage(w, t, KIND, AKIND);                                                \
+                second_stage(w, t, AKIND);                                                      \
         }                                                                                       \
     }
-DEFINE_RUN(run_fp32_fp32, 0, 0)
-DEFINE_RUN(run_fp16_fp32, 1, 0)
-DEFINE_RUN(run_bf16_fp32, 2, 0)
-DEFINE_RUN(run_fp32_fp16, 0, 1)
-DEFINE_RUN(run_fp16_fp16, 1, 1)
-DEFINE_RUN(run_bf16_fp16, 2, 1)
-DEFINE_RUN(run_fp32_bf16, 0, 2)
-DEFINE_RUN(run_fp16_bf16, 1, 2)
-DEFINE_RUN(run_bf16_bf16, 2, 2)
+DEFINE_RUN(run_fp32, 0)
+DEFINE_RUN(run_fp16, 1)
+DEFINE_RUN(run_bf16, 2)
 typedef void (*run_fn)(const job *, int64_t, int);
-/* [act_kind][kind] */
-static const run_fn RUNS[3][3] = {{run_fp32_fp32, run_fp16_fp32, run_bf16_fp32},
-                                  {run_fp32_fp16, run_fp16_fp16, run_bf16_fp16},
-                                  {run_fp32_bf16, run_fp16_bf16, run_bf16_bf16}};
+static const run_fn RUNS[3] = {run_fp32, run_fp16, run_bf16};
+
+/* part p's factor at kind from its pointer (kind 3: its qdesc, checked against `values` per row: row
+ * bytes when `a_side`, groups enough for every chunk); 0, or 1 for a bad kind or descriptor */
+static int read_factor(int64_t pointer, int64_t kind, int64_t values, int a_side, factor *f) {
+    memset(f, 0, sizeof *f);
+    if (kind < 0 || kind > 3) return 1;
+    if (kind < 3) {
+        f->p = (const void *)(uintptr_t)pointer;
+        return 0;
+    }
+    const int64_t *d = (const int64_t *)(uintptr_t)pointer;
+    int64_t chunks = (values + 15) >> 4;
+    if (!d || !d[QD_CODES] || !d[QD_GRID] || d[QD_SHIFT] < 0 || d[QD_SHIFT] > 40 || d[QD_STRIDE] < 0) return 1;
+    if ((a_side && d[QD_ROW_BYTES] != chunks * 8) || (chunks > 0 && d[QD_STRIDE] < ((chunks - 1) >> d[QD_SHIFT]) + 1))
+        return 1;
+    f->p = (const void *)(uintptr_t)d[QD_CODES];
+    f->grid = (const float *)(uintptr_t)d[QD_GRID];
+    f->row_bytes = d[QD_ROW_BYTES];
+    f->stride = d[QD_STRIDE];
+    f->shift = (int)d[QD_SHIFT];
+    return 0;
+}
 
 int deltakit_low_rank_multi(const void *x, int64_t in, int64_t out, int64_t nparts, const int64_t *first,
-                            const int64_t *second, const int64_t *ranks, int kind, const int64_t *offsets,
-                            const int64_t *rows, void *y, int act_kind, int threads) {
-    if (in < 0 || out < 0 || nparts < 0 || kind < 0 || kind > 2 || act_kind < 0 || act_kind > 2) return 1;
+                            const int64_t *second, const int64_t *ranks, const int64_t *kinds,
+                            const int64_t *offsets, const int64_t *rows, void *y, int act_kind, int threads) {
+    if (in < 0 || out < 0 || nparts < 0 || act_kind < 0 || act_kind > 2) return 1;
     if (threads < 1) threads = 1;
+    size_t np = (size_t)(nparts > 0 ? nparts : 1);
     int64_t *starts = malloc((size_t)(nparts + 1) * sizeof(int64_t));
     int64_t *h_offsets = malloc((size_t)(nparts + 1) * sizeof(int64_t));
-    if (!starts || !h_offsets) {
-        free(starts);
-        free(h_offsets);
-        return 2;
-    }
-    starts[0] = h_offsets[0] = 0;
-    for (int64_t p = 0; p < nparts; p++) {
-        int64_t n = offsets[p + 1] - offsets[p];
-        if (ranks[p] < 0 || n < 0) {
-            free(starts);
-            free(h_offsets);
-            return 1;
+    factor *fa = malloc(np * sizeof(factor)), *fb = malloc(np * sizeof(factor));
+    float *h = NULL;
+    int code = starts && h_offsets && fa && fb ? 0 : 2;
+    if (code == 0) {
+        starts[0] = h_offsets[0] = 0;
+        for (int64_t p = 0; p < nparts && code == 0; p++) {
+            int64_t n = offsets[p + 1] - offsets[p];
+            if (ranks[p] < 0 || n < 0 || read_factor(first[p], kinds[p], in, 1, &fa[p]) ||
+                read_factor(second[p], kinds[p], out, 0, &fb[p]))
+                code = 1;
+            else {
+                starts[p + 1] = starts[p] + (n > 0 ? ranks[p] : 0);
+                h_offsets[p + 1] = h_offsets[p] + n * ranks[p];
+            }
         }
-        starts[p + 1] = starts[p] + (n > 0 ? ranks[p] : 0);
-        h_offsets[p + 1] = h_offsets[p] + n * ranks[p];
     }
-    float *h = malloc((size_t)(h_offsets[nparts] > 0 ? h_offsets[nparts] : 1) * sizeof(float));
-    if (!h) {
-        free(starts);
-        free(h_offsets);
-        return 2;
+    if (code == 0) {
+        h = malloc((size_t)(h_offsets[nparts] > 0 ? h_offsets[nparts] : 1) * sizeof(float));
+        if (!h) code = 2;
     }
-    job w = {x, y, in, out, nparts, first, second, ranks, offsets, rows, h_offsets, starts, h};
-    RUNS[act_kind][kind](&w, starts[nparts], threads);
+    if (code == 0) {
+        job w = {x, y, in, out, nparts, ranks, kinds, offsets, rows, h_offsets, starts, fa, fb, h};
+        RUNS[act_kind](&w, starts[nparts], threads);
+    }
     free(h);
+    free(fa);
+    free(fb);
     free(starts);
     free(h_offsets);
-    return 0;
+    return code;
 }
 
 /* signmm_native.c, compiled into the same library */
@@ -398,7 +565,7 @@ int deltakit_sign_matmul_multi(const float *x, int64_t in, int64_t out, int64_t 
  * becoming 0x7FC0 in bf16, as store16). The arguments of each group are those of its own entry point.
  * Returns 0, 1 for bad sizes or kinds, 2 when a buffer cannot be allocated, or the failing call's code. */
 int deltakit_mixed_shares(const void *x, int act_kind, int64_t n, int64_t in, int64_t out, int64_t nlr,
-                          const int64_t *first, const int64_t *second, const int64_t *ranks, int kind,
+                          const int64_t *first, const int64_t *second, const int64_t *ranks, const int64_t *kinds,
                           const int64_t *lr_offsets, const int64_t *lr_rows, int64_t nsg, const int64_t *packed,
                           const int64_t *tiles, const int64_t *sg_offsets, const int64_t *sg_rows,
                           const float *scales, int64_t lut_min, void *y, int threads) {
@@ -415,7 +582,7 @@ int deltakit_mixed_shares(const void *x, int act_kind, int64_t n, int64_t in, in
         }
         for (; i < nx; i++) xf[i] = load1(x, act_kind, i);
         if (nlr > 0)
-            code = deltakit_low_rank_multi(xf, in, out, nlr, first, second, ranks, kind, lr_offsets, lr_rows, share,
+            code = deltakit_low_rank_multi(xf, in, out, nlr, first, second, ranks, kinds, lr_offsets, lr_rows, share,
                                            0, threads);
         if (code == 0 && nsg > 0)
             code = deltakit_sign_matmul_multi(xf, in, out, nsg, packed, tiles, sg_offsets, sg_rows,

@@ -48,10 +48,10 @@ class SharesCall:
         self.max_row = max(g.max_row for g in (low_rank, signs) if g is not None)
         lr, sg = low_rank, signs
         self._low_rank_args = (
-            (len(lr.parts), lr.first.data_ptr(), lr.second.data_ptr(), lr.ranks.data_ptr(), lr.kind)
-            + (lr.offsets.data_ptr(), lr.rows.data_ptr())
+            (len(lr.parts), lr.first.data_ptr(), lr.second.data_ptr(), lr.ranks.data_ptr())
+            + (lr.kinds.data_ptr(), lr.offsets.data_ptr(), lr.rows.data_ptr())
             if lr is not None
-            else (0, None, None, None, 0, None, None)
+            else (0, None, None, None, None, None, None)
         )
         self._sign_args = (
             (len(sg.packed), sg.pointers.data_ptr(), sg.tile_pointers.data_ptr(), sg.offsets.data_ptr())

@@ -93,11 +93,11 @@ _SIGNATURES = {
     "deltakit_scratch_sets": (),
     # ops/lowrank.py: up, down, rank, cols, first row, end row, out
     "deltakit_low_rank_rows": (_P, _P, _I64, _I64, _I64, _I64, _P, _I32),
-    # lowrank_native.c (ops/lowrank_group.py): x, in, out, parts, first, second, ranks, kind, offsets,
+    # lowrank_native.c (ops/lowrank_group.py): x, in, out, parts, first, second, ranks, kinds, offsets,
     # rows, y, act_kind, threads
-    "deltakit_low_rank_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _I32, _P, _P, _P, _I32, _I32),
+    "deltakit_low_rank_multi": (_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I32, _I32),
     # lowrank_native.c (ops/mixed_shares.py): x, act_kind, n, in, out; the low-rank group's parts, first,
-    # second, ranks, kind, offsets, rows; the sign group's parts, packed, tiles, offsets, rows, scales,
+    # second, ranks, kinds, offsets, rows; the sign group's parts, packed, tiles, offsets, rows, scales,
     # lut_min; y, threads
     "deltakit_mixed_shares": (
         _P,
@@ -109,7 +109,7 @@ _SIGNATURES = {
         _P,
         _P,
         _P,
-        _I32,
+        _P,
         _P,
         _P,
         _I64,

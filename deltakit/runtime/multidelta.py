@@ -560,11 +560,18 @@ class MultiDeltaExecutor:
 
     def _group_factors(self, part: Part, layout: str) -> GroupFactors:
         """The part's low-rank factors ``A (r, in)``, ``B (r, out)`` (``(x Aᵀ) B`` its share) prepared for
-        the compiled group, at their stored width when fp32, fp16 or bf16 (else fp32); cached."""
+        the compiled group: group-quantized ones of up to 4 bits as their codes, float ones at their stored
+        width when fp32, fp16 or bf16 (else fp32); cached. Either way the same bits."""
         op = part.weight
-        dtype = lowrank_group.stored_dtype(op.view.up, op.view.down)
+        view = op.view
 
         def make() -> tuple[GroupFactors]:
+            if view.quantized is not None:
+                q_up, q_down = view.quantized  # (rows, r), (r, cols) of the stored layout
+                first, second = (q_down, q_up) if layout == "out_in" else (q_up, q_down)
+                if lowrank_group.quantized_applies(first) and lowrank_group.quantized_applies(second):
+                    return (GroupFactors.prepare_quantized(first, second),)
+            dtype = lowrank_group.stored_dtype(view.up, view.down)
             first, second = factor_pair(op, layout, dtype, torch.device("cpu"))  # (in, r), (r, out)
             return (GroupFactors.prepare(first.T, second),)
 

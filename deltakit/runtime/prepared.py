@@ -68,7 +68,12 @@ class TensorOp:
         moved = {key: move(tensor) for key, tensor in self.tensors.items()}
         view = self.view
         if view is not None:
-            view = FactoredView(view.shape, move(view.signs), view.scale, move(view.up), move(view.down))
+            quantized = (
+                view.quantized if torch.device(device).type == "cpu" else None
+            )  # read by the CPU kernel only
+            view = FactoredView(
+                view.shape, move(view.signs), view.scale, move(view.up), move(view.down), quantized
+            )
         return TensorOp(self.name, self.kind, self.dtype, moved, self.params, self.layout, view)
 
 
