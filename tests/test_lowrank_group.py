@@ -270,22 +270,26 @@ def _quantized_pair(
     group=st.sampled_from((16, 32, 48, 64, 80, 128)),
     scheme=st.sampled_from(("symmetric", "asymmetric")),
     act=st.sampled_from(DTYPES),
+    per_part=st.sampled_from((1, 2, 5, 9)),
     seed=st.integers(0, 1000),
 )
 def test_quantized_factors_give_the_bits_of_their_dequantized_fp32_copy(
-    in_features, out_features, ranks, bits, group, scheme, act, seed
+    in_features, out_features, ranks, bits, group, scheme, act, per_part, seed
 ):
     """4-bit codes decoded in the kernel: the same bits as the fp32 kind fed ops.quant.dequantize's
     values, for every bit width up to 4, both grids, groups whose chunk count is a power of two or not,
-    tails in both stages and every activation dtype."""
+    tails in both stages, every activation dtype, and parts of a few rows (decoded per row tile) or of
+    more than 4 (decoded once into a buffer)."""
     pairs = [
         _quantized_pair(seed + i, in_features, out_features, r, bits, group, scheme)
         for i, r in enumerate(ranks)
     ]
-    rows = [[2 * i, 2 * i + 1] for i in range(len(ranks))]
+    n = per_part * len(ranks)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = [perm[i * per_part : (i + 1) * per_part] for i in range(len(ranks))]
     gen = torch.Generator().manual_seed(seed + 7)
-    x = torch.randn(2 * len(ranks), in_features, generator=gen).to(act)
-    y0 = torch.randn(2 * len(ranks), out_features, generator=gen).to(act)
+    x = torch.randn(n, in_features, generator=gen).to(act)
+    y0 = torch.randn(n, out_features, generator=gen).to(act)
     packed = LowRankGroup([GroupFactors.prepare_quantized(a, b) for a, b in pairs], rows)
     widened = _group([dequantize(a) for a, _ in pairs], [dequantize(b).T for _, b in pairs], rows)
     assert all(p.kind == lowrank_group.QUANTIZED_KIND for p in packed.parts)
@@ -339,3 +343,18 @@ def test_quantized_layouts_the_kernel_cannot_read_are_refused():
     other_rank, _ = _quantized_pair(0, 64, 32, 5, 4, 32, "symmetric")
     with pytest.raises(ValueError, match="do not share a rank"):
         GroupFactors.prepare_quantized(other_rank, q_second)
+
+
+@pytest.mark.parametrize(("in_features", "out_features", "rank"), [(8200, 40, 3), (70, 64, 300)])
+def test_quantized_factors_too_large_for_the_buffer_are_decoded_per_row_tile(in_features, out_features, rank):
+    """A's rows over 8192 values and B tiles of rank over 256 skip the decode buffer: still the bits of
+    the dequantized fp32 copy, for parts of many rows and of few."""
+    first, second = _quantized_pair(5, in_features, out_features, rank, 4, 64, "symmetric")
+    rows = [[0, 2, 4, 6, 8, 9], [1, 3]]
+    x = torch.randn(10, in_features, generator=torch.Generator().manual_seed(6))
+    parts = [GroupFactors.prepare_quantized(first, second), GroupFactors.prepare_quantized(first, second)]
+    widened = GroupFactors.prepare(dequantize(first), dequantize(second).T)
+    got, want = torch.zeros(10, out_features), torch.zeros(10, out_features)
+    LowRankGroup(parts, rows).add_into(x, got)
+    LowRankGroup([widened, widened], rows).add_into(x, want)
+    assert torch.equal(got, want) and got.abs().sum() > 0

@@ -378,23 +378,47 @@ static inline __attribute__((always_inline)) void prefetch_component(const job *
     prefetch_bytes(a_row(w, p, c - w->starts[p]), row_bytes_of((int)w->kinds[p], w->in));
 }
 
-/* first stage for component j of part p, its factor at kind */
-static inline __attribute__((always_inline)) void first_part(const job *w, int64_t p, int64_t j, const int kind,
-                                                             const int akind) {
+/* Quantized factors read by more than TILE_ROWS rows (a prefill) are decoded once per call into a
+ * thread's buffer, A's row or B's tile, which every row tile then reads as fp32 (the same values, so the
+ * same bits), rather than decoded again for every 4 rows. Rows longer than QBUF_VALUES, and B tiles of a
+ * larger rank, are decoded per row tile. */
+#define QBUF_VALUES 8192
+
+/* first stage for component j of part p: A's row aj of `a`, at kind */
+static inline __attribute__((always_inline)) void first_rows(const job *w, int64_t p, int64_t j, const factor *a,
+                                                             int64_t aj, const int kind, const int akind) {
     int64_t rank = w->ranks[p];
     const int64_t *rows = w->rows + w->offsets[p];
     int64_t n = w->offsets[p + 1] - w->offsets[p];
-    const factor *a = &w->first[p];
     float *h = w->h + w->h_offsets[p] + j;
     for (int64_t r = 0; r < n; r += TILE_ROWS) {
         int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
         switch (nt) {
-            case 4: dot_tile(w->x, akind, w->in, rows + r, a, kind, j, h + r * rank, rank, 4); break;
-            case 3: dot_tile(w->x, akind, w->in, rows + r, a, kind, j, h + r * rank, rank, 3); break;
-            case 2: dot_tile(w->x, akind, w->in, rows + r, a, kind, j, h + r * rank, rank, 2); break;
-            default: dot_tile(w->x, akind, w->in, rows + r, a, kind, j, h + r * rank, rank, 1); break;
+            case 4: dot_tile(w->x, akind, w->in, rows + r, a, kind, aj, h + r * rank, rank, 4); break;
+            case 3: dot_tile(w->x, akind, w->in, rows + r, a, kind, aj, h + r * rank, rank, 3); break;
+            case 2: dot_tile(w->x, akind, w->in, rows + r, a, kind, aj, h + r * rank, rank, 2); break;
+            default: dot_tile(w->x, akind, w->in, rows + r, a, kind, aj, h + r * rank, rank, 1); break;
         }
     }
+}
+
+/* first stage for component j of part p, its factor at kind */
+static inline __attribute__((always_inline)) void first_part(const job *w, int64_t p, int64_t j, const int kind,
+                                                             const int akind) {
+    const factor *a = &w->first[p];
+    int64_t chunks = (w->in + 15) >> 4;
+    if (kind == 3 && w->offsets[p + 1] - w->offsets[p] > TILE_ROWS && chunks * 16 <= QBUF_VALUES) {
+        float buf[QBUF_VALUES] __attribute__((aligned(64)));
+        const uint8_t *codes = (const uint8_t *)a->p + j * a->row_bytes;
+        for (int64_t c = 0; c < chunks; c++) {
+            f32x16 v = qdecode(codes + c * 8, qlut(a, j * a->stride + (c >> a->shift)));
+            memcpy(buf + c * 16, &v, sizeof v);
+        }
+        const factor plain = {buf, NULL, 0, 0, 0};
+        first_rows(w, p, j, &plain, 0, 0, akind);
+        return;
+    }
+    first_rows(w, p, j, a, j, kind, akind);
 }
 
 /* first stage for component c of the stacked ranks (part p, component j) */
@@ -411,21 +435,12 @@ static inline __attribute__((always_inline)) void first_stage(const job *w, int6
     }
 }
 
-/* second stage of part p for column tile t (columns j0 .. j0 + width), its factor at kind; B is stored
- * tile by tile: tile t at value TILE_COLS * t * rank, (rank, width) row-major (lowrank_group.tile_columns;
- * kind 3 at byte 16 t rank) */
-static inline __attribute__((always_inline)) void second_part(const job *w, int64_t p, int64_t j0,
-                                                              int64_t width, const int kind, const int akind) {
+/* second stage of part p for the column tile `tile` (columns j0 .. j0 + width) of `bf`, at kind */
+static inline __attribute__((always_inline)) void second_rows(const job *w, int64_t p, int64_t j0, int64_t width,
+                                                              const factor *bf, const void *tile, const int kind,
+                                                              const int akind) {
     int64_t rank = w->ranks[p], n = w->offsets[p + 1] - w->offsets[p];
     const int64_t *rows = w->rows + w->offsets[p];
-    const factor *bf = &w->second[p];
-    const void *tile = (const char *)bf->p + rank * row_bytes_of(kind, j0);
-    int64_t ahead = j0 + LR_AHEAD_TILES * TILE_COLS; /* this part's tile a few ahead */
-    if (ahead < w->out) {
-        int64_t ahead_width = w->out - ahead < TILE_COLS ? w->out - ahead : TILE_COLS;
-        prefetch_bytes((const char *)bf->p + rank * row_bytes_of(kind, ahead),
-                       rank * row_bytes_of(kind, ahead_width));
-    }
     const float *h = w->h + w->h_offsets[p];
     for (int64_t r = 0; r < n; r += TILE_ROWS) {
         int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
@@ -443,6 +458,36 @@ static inline __attribute__((always_inline)) void second_part(const job *w, int6
                 axpy_one(h + (r + q) * rank, rank, bf, tile, kind, width, j0, j, w->y, akind,
                          rows[r + q] * w->out + j0 + j);
     }
+}
+
+/* second stage of part p for column tile t (columns j0 .. j0 + width), its factor at kind; B is stored
+ * tile by tile: tile t at value TILE_COLS * t * rank, (rank, width) row-major (lowrank_group.tile_columns;
+ * kind 3 at byte 16 t rank) */
+static inline __attribute__((always_inline)) void second_part(const job *w, int64_t p, int64_t j0,
+                                                              int64_t width, const int kind, const int akind) {
+    int64_t rank = w->ranks[p];
+    const factor *bf = &w->second[p];
+    const void *tile = (const char *)bf->p + rank * row_bytes_of(kind, j0);
+    int64_t ahead = j0 + LR_AHEAD_TILES * TILE_COLS; /* this part's tile a few ahead */
+    if (ahead < w->out) {
+        int64_t ahead_width = w->out - ahead < TILE_COLS ? w->out - ahead : TILE_COLS;
+        prefetch_bytes((const char *)bf->p + rank * row_bytes_of(kind, ahead),
+                       rank * row_bytes_of(kind, ahead_width));
+    }
+    if (kind == 3 && w->offsets[p + 1] - w->offsets[p] > TILE_ROWS && width == TILE_COLS &&
+        rank * TILE_COLS <= QBUF_VALUES) {
+        float buf[QBUF_VALUES] __attribute__((aligned(64)));
+        for (int64_t k = 0; k < rank; k++) {
+            f32x16 b0, b1;
+            b_row(bf, kind, tile, j0, k, &b0, &b1);
+            memcpy(buf + k * TILE_COLS, &b0, sizeof b0);
+            memcpy(buf + k * TILE_COLS + LANES, &b1, sizeof b1);
+        }
+        const factor plain = {buf, NULL, 0, 0, 0};
+        second_rows(w, p, j0, width, &plain, buf, 0, akind);
+        return;
+    }
+    second_rows(w, p, j0, width, bf, tile, kind, akind);
 }
 
 /* second stage for column tile t (columns TILE_COLS t .. + width) of every part */
