@@ -139,32 +139,49 @@ def quantize(
     moved = x.to(torch.float32).movedim(axis, -1).contiguous()
     grouped, length = _grouped(moved, group_size)  # (lanes, groups, G)
     ratios = CLIP_RATIOS if clip == "mse" else (1.0,)
-    padded = grouped.shape[1] * group_size != length
     valid = None  # padding does not count in the error; without padding every value counts
-    if padded:
+    if grouped.shape[1] * group_size != length:
         valid = (torch.arange(grouped.shape[1] * group_size, device=grouped.device) < length).float()
         valid = valid.reshape(1, grouped.shape[1], group_size)
-    extent = _group_extent(grouped, scheme)
-    best = None
-    for ratio in ratios:
-        codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio, extent)
-        err = codes * scales.float()[..., None]
-        err.add_(origin[..., None]).sub_(grouped).square_()
-        if valid is not None:
-            err.mul_(valid)
-        err = err.sum(dim=-1)  # (lanes, groups)
-        if best is None:
-            best = [codes, scales, zeros, err]
-            continue
-        better = err < best[3]  # (lanes, groups); ties keep the wider range
-        best[0] = torch.where(better[..., None], codes, best[0])
-        best[1] = torch.where(better, scales, best[1])
-        best[2] = None if zeros is None else torch.where(better, zeros, best[2])
-        best[3] = torch.where(better, err, best[3])
-    codes, scales, zeros = best[0], best[1], best[2]
+    lanes_per_block = max(1, _BLOCK_VALUES // max(1, len(ratios) * grouped[0].numel()))
+    blocks = [
+        _best_of_ratios(grouped[start : start + lanes_per_block], bits, scheme, ratios, valid)
+        for start in range(0, grouped.shape[0], lanes_per_block)
+    ]
+    codes, scales = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+    zeros = None if scheme == "symmetric" else torch.cat([b[2] for b in blocks])
     codes = codes.reshape(codes.shape[0], -1)[:, :length].to(torch.uint8)  # (lanes, length)
     return QuantizedTensor(
         pack_codes(codes, bits), scales, zeros, tuple(x.shape), bits, group_size, axis, scheme
+    )
+
+
+#: values (clip ratios x lanes x group values) that :func:`quantize` works on at once: every clip ratio
+#: of a block of lanes is rounded and scored in one set of tensor operations (a few µs of dispatch
+#: each, which one ratio at a time paid 13 times over on the small factor matrices), in bounded memory
+_BLOCK_VALUES = 1 << 21
+
+
+def _best_of_ratios(
+    grouped: torch.Tensor, bits: int, scheme: str, ratios: tuple[float, ...], valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For groups (lanes, groups, G): the float codes (lanes, groups, G), fp16 scales and offsets of the
+    clip ratio with the least squared error per group (padding excluded by ``valid``), the first such
+    ratio on ties (the widest range). Every ratio's values are computed element by element as for one
+    ratio alone, so the choice is the one a ratio-by-ratio search makes."""
+    extent = _group_extent(grouped, scheme)
+    ratio = torch.tensor(ratios, dtype=torch.float32, device=grouped.device).reshape(-1, 1, 1)  # (R, 1, 1)
+    codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio, extent)  # (R, lanes, ...)
+    err = codes * scales.float()[..., None]
+    err.add_(origin[..., None]).sub_(grouped).square_()
+    if valid is not None:
+        err.mul_(valid)
+    best = err.sum(dim=-1).argmin(dim=0, keepdim=True)  # (1, lanes, groups): argmin keeps the first
+    pick = best[..., None].expand(1, *codes.shape[1:])
+    return (
+        codes.gather(0, pick)[0],
+        scales.gather(0, best)[0],
+        None if zeros is None else zeros.gather(0, best)[0],
     )
 
 
@@ -179,12 +196,14 @@ def _round_groups(
     grouped: torch.Tensor,
     bits: int,
     scheme: str,
-    ratio: float,
+    ratio: float | torch.Tensor,
     extent: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Float codes (lanes, groups, G), fp16 scales and offsets, and the fp32 origin of each group's grid.
 
     ``ratio`` < 1 shrinks the covered range around its centre (symmetric: zero; asymmetric: mid-range).
+    A float, or an fp32 (R, 1, 1) tensor of ratios: then every result has a leading R dimension, ratio
+    r's entries equal to those of the float ``ratio[r]``.
     extent: :func:`_group_extent` of ``grouped``, when the caller already has it.
     """
     top = float((1 << bits) - 1)
