@@ -41,6 +41,21 @@ def test_pack_unpack_codes_round_trips_for_every_width_and_length(case):
         assert int(packed[-1]) >> used == 0  # padding bits are zero: the bytes are deterministic
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("numel", [1, 3, 8, 13, 64, 1001])
+def test_whole_codes_per_byte_give_the_bit_stream_bytes(bits, numel):
+    """Widths that divide 8 pack and unpack whole codes per byte: the bytes of the LSB-first bit stream."""
+    from deltakit.ops.bitpack import pack_bits, unpack_bits
+
+    codes = torch.randint(0, 1 << bits, (numel,), generator=torch.Generator().manual_seed(numel))
+    stream = ((codes[:, None] >> torch.arange(bits)) & 1).reshape(-1).bool()
+    packed = pack_codes(codes, bits)
+    assert torch.equal(packed, pack_bits(stream))
+    weights = 1 << torch.arange(bits)
+    from_stream = (unpack_bits(packed, numel * bits).reshape(numel, bits).long() * weights).sum(1)
+    assert torch.equal(unpack_codes(packed, bits, numel), from_stream.to(torch.uint8))
+
+
 def test_three_bit_codes_straddle_bytes_lsb_first():
     packed = pack_codes(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0]), 3)
     stream = sum(v << (3 * i) for i, v in enumerate([1, 2, 3, 4, 5, 6, 7, 0]))

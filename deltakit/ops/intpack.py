@@ -34,6 +34,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise UsageError(f"codes must lie in [0, {1 << bits}) for bits={bits}")
     if bits == 8:
         return flat.to(torch.uint8)
+    if 8 % bits == 0:  # whole codes per byte: code k of a byte at bits k * bits (the same stream)
+        per_byte = 8 // bits
+        padded = torch.cat([flat, flat.new_zeros((-flat.numel()) % per_byte)]).view(-1, per_byte)
+        shifts = torch.arange(0, 8, bits, device=flat.device, dtype=torch.int32)
+        return (padded << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)
     shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)
     stream = ((flat[:, None] >> shifts) & 1).reshape(-1)  # (numel * bits,) LSB first per code
     return pack_bits(stream.to(torch.bool))
@@ -52,6 +57,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed.clone()
+    if 8 % bits == 0:  # whole codes per byte
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
     stream = unpack_bits(packed, numel * bits).reshape(numel, bits).to(torch.int32)  # (numel, bits)
     weights = torch.tensor([1 << k for k in range(bits)], dtype=torch.int32, device=packed.device)
     return (stream * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
