@@ -147,8 +147,8 @@ class GroupFactors:
             raise ValueError(f"quantized factors of ranks {rank} and {rank_b} do not share a rank")
         a_codes = _chunk_codes(first).reshape(-1)  # rank rows of ceil(in / 16) * 8 bytes
         b_codes = _tile_bytes(_chunk_codes(second))
-        a_desc, a_keep = _descriptor(first, a_codes, row_bytes=_chunks(in_features) * 8)
-        b_desc, b_keep = _descriptor(second, b_codes, row_bytes=0)
+        a_desc, a_keep = _descriptor(first, a_codes, _chunks(in_features) * 8, group_major=False)
+        b_desc, b_keep = _descriptor(second, b_codes, 0, group_major=True)
         keep = (a_codes, b_codes, *a_keep, *b_keep)
         return cls(a_desc, b_desc, in_features, out_features, rank, QUANTIZED_KIND, keep)
 
@@ -203,13 +203,14 @@ def _tile_bytes(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _descriptor(
-    q: QuantizedTensor, codes: torch.Tensor, row_bytes: int
+    q: QuantizedTensor, codes: torch.Tensor, row_bytes: int, group_major: bool
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The kernel's int64 (8,) descriptor of a factor laid out in ``codes`` (QD_* in lowrank_native.c)
-    and the (lanes, groups, 2) fp32 grid it points at: per group ``(step, origin)``, the values
-    :func:`~deltakit.ops.quant.dequantize` computes ``code * step + origin`` with. A group spans
-    ``group_size / 16`` chunks: when that is a power of two the kernel finds a chunk's group by a shift;
-    otherwise the grid is repeated per chunk."""
+    and the fp32 grid it points at: per group ``(step, origin)``, the values
+    :func:`~deltakit.ops.quant.dequantize` computes ``code * step + origin`` with, (lanes, groups, 2), or
+    (groups, lanes, 2) when ``group_major`` (B: a column tile reads one group of every lane). A group
+    spans ``group_size / 16`` chunks: when that is a power of two the kernel finds a chunk's group by a
+    shift; otherwise the grid is repeated per chunk."""
     step = q.scales.float()  # (lanes, groups)
     origin = -((1 << q.bits) - 1) / 2 * step if q.scheme == "symmetric" else q.zeros.float()
     grid = torch.stack([step, origin], dim=-1)  # (lanes, groups, 2)
@@ -218,8 +219,9 @@ def _descriptor(
     if per_group != 1 << shift:
         grid = grid.repeat_interleave(per_group, dim=1)[:, : _chunks(_lanes_length(q)[1])]
         shift = 0
-    grid = grid.contiguous()
-    fields = [codes.data_ptr(), grid.data_ptr(), row_bytes, grid.shape[1], shift, 0, 0, 0]
+    groups = grid.shape[1]
+    grid = (grid.transpose(0, 1) if group_major else grid).contiguous()
+    fields = [codes.data_ptr(), grid.data_ptr(), row_bytes, groups, shift, int(group_major), 0, 0]
     return torch.tensor(fields, dtype=torch.int64), (grid,)
 
 

@@ -20,7 +20,9 @@
  * values of a row (A: row j's chunk c at byte j row_bytes + 8 c; B: inside its column tile, a full tile's
  * row at 16 bytes, the last tile's at 8 per started chunk), value m of a chunk at nibble QNIBBLE(m). A
  * group holds 16 << shift values of a row, so chunk c of row j (A: columns, B: output columns counted
- * from 0) is in group j stride + (c >> shift) (lowrank_group.GroupFactors lays them out). A chunk is
+ * from 0) is in group c >> shift of row j, whose (step, origin) is stored row by row for A and group
+ * by group for B (a column tile reads every row's entry of one group: adjacent, not a cache line
+ * apart); lowrank_group.GroupFactors lays them out. A chunk is
  * decoded by looking its codes up in its group's 16 levels, computed once per group as above: with
  * AVX-512 a broadcast load, a variable shift and a permute per 16 values.
  *
@@ -161,13 +163,14 @@ static inline float tree16v(f32x16 l) {
  * rest comes from the part's qdesc. */
 typedef struct {
     const void *p;
-    const float *grid;         /* kind 3: per group (step, origin), (rank, stride, 2) */
-    int64_t row_bytes, stride; /* kind 3: A's code bytes per row; groups per row */
-    int shift;                 /* kind 3: chunk c of a row is in group c >> shift */
+    const float *grid;                   /* kind 3: per group (step, origin) */
+    int64_t row_bytes, row_step, group_step; /* kind 3: A's code bytes per row; group g of row j at
+                                                grid[2 (j row_step + g group_step)] */
+    int shift;                           /* kind 3: chunk c of a row is in group c >> shift */
 } factor;
 
 /* kind 3's descriptor as lowrank_group.GroupFactors.prepare_quantized writes it: eight int64 */
-enum { QD_CODES, QD_GRID, QD_ROW_BYTES, QD_STRIDE, QD_SHIFT, QD_FIELDS = 8 };
+enum { QD_CODES, QD_GRID, QD_ROW_BYTES, QD_GROUPS, QD_SHIFT, QD_GROUP_MAJOR, QD_FIELDS = 8 };
 
 /* group g's 16 levels: lut[q] = q * step + origin, the product and the sum each rounded, as
  * ops/quant.dequantize computes them */
@@ -209,7 +212,7 @@ static inline __attribute__((always_inline)) float qone(const factor *f, const u
     uint64_t word;
     memcpy(&word, c8 + (col >> 4) * 8, sizeof word);
     float q = (float)((word >> (4 * QNIBBLE(col & 15))) & 15);
-    int64_t g = row * f->stride + ((chunk0 + (col >> 4)) >> f->shift);
+    int64_t g = row * f->row_step + ((chunk0 + (col >> 4)) >> f->shift) * f->group_step;
     return q * f->grid[2 * g] + f->grid[2 * g + 1];
 }
 
@@ -252,7 +255,7 @@ static inline __attribute__((always_inline)) void dot_tile(const void *x, const 
         f32x16 av[4];
         for (int v = 0; v < 4; v++) {
             if (kind == 3) {
-                int64_t chunk = (i >> 4) + v, g = j * a->stride + (chunk >> a->shift);
+                int64_t chunk = (i >> 4) + v, g = j * a->row_step + (chunk >> a->shift) * a->group_step;
                 if (g != group) {
                     group = g;
                     lut = qlut(a, g);
@@ -284,7 +287,8 @@ static inline __attribute__((always_inline)) void b_row(const factor *b, const i
                                                         int64_t j0, int64_t k, f32x16 *b0, f32x16 *b1) {
     if (kind == 3) {
         const uint8_t *codes = (const uint8_t *)tile + k * 16;
-        int64_t g0 = k * b->stride + ((j0 >> 4) >> b->shift), g1 = k * b->stride + (((j0 >> 4) + 1) >> b->shift);
+        int64_t g0 = k * b->row_step + ((j0 >> 4) >> b->shift) * b->group_step;
+        int64_t g1 = k * b->row_step + (((j0 >> 4) + 1) >> b->shift) * b->group_step;
         f32x16 lut = qlut(b, g0);
         *b0 = qdecode(codes, lut);
         *b1 = qdecode(codes + 8, g1 == g0 ? lut : qlut(b, g1));
@@ -411,7 +415,7 @@ static inline __attribute__((always_inline)) void first_part(const job *w, int64
         float buf[QBUF_VALUES] __attribute__((aligned(64)));
         const uint8_t *codes = (const uint8_t *)a->p + j * a->row_bytes;
         for (int64_t c = 0; c < chunks; c++) {
-            f32x16 v = qdecode(codes + c * 8, qlut(a, j * a->stride + (c >> a->shift)));
+            f32x16 v = qdecode(codes + c * 8, qlut(a, j * a->row_step + (c >> a->shift) * a->group_step));
             memcpy(buf + c * 16, &v, sizeof v);
         }
         const factor plain = {buf, NULL, 0, 0, 0};
@@ -531,8 +535,9 @@ typedef void (*run_fn)(const job *, int64_t, int);
 static const run_fn RUNS[3] = {run_fp32, run_fp16, run_bf16};
 
 /* part p's factor at kind from its pointer (kind 3: its qdesc, checked against `values` per row: row
- * bytes when `a_side`, groups enough for every chunk); 0, or 1 for a bad kind or descriptor */
-static int read_factor(int64_t pointer, int64_t kind, int64_t values, int a_side, factor *f) {
+ * bytes when `a_side`, groups enough for every chunk; rank: the part's, for a group-major grid); 0, or 1
+ * for a bad kind or descriptor */
+static int read_factor(int64_t pointer, int64_t kind, int64_t values, int a_side, int64_t rank, factor *f) {
     memset(f, 0, sizeof *f);
     if (kind < 0 || kind > 3) return 1;
     if (kind < 3) {
@@ -541,13 +546,14 @@ static int read_factor(int64_t pointer, int64_t kind, int64_t values, int a_side
     }
     const int64_t *d = (const int64_t *)(uintptr_t)pointer;
     int64_t chunks = (values + 15) >> 4;
-    if (!d || !d[QD_CODES] || !d[QD_GRID] || d[QD_SHIFT] < 0 || d[QD_SHIFT] > 40 || d[QD_STRIDE] < 0) return 1;
-    if ((a_side && d[QD_ROW_BYTES] != chunks * 8) || (chunks > 0 && d[QD_STRIDE] < ((chunks - 1) >> d[QD_SHIFT]) + 1))
+    if (!d || !d[QD_CODES] || !d[QD_GRID] || d[QD_SHIFT] < 0 || d[QD_SHIFT] > 40 || d[QD_GROUPS] < 0) return 1;
+    if ((a_side && d[QD_ROW_BYTES] != chunks * 8) || (chunks > 0 && d[QD_GROUPS] < ((chunks - 1) >> d[QD_SHIFT]) + 1))
         return 1;
     f->p = (const void *)(uintptr_t)d[QD_CODES];
     f->grid = (const float *)(uintptr_t)d[QD_GRID];
     f->row_bytes = d[QD_ROW_BYTES];
-    f->stride = d[QD_STRIDE];
+    f->row_step = d[QD_GROUP_MAJOR] ? 1 : d[QD_GROUPS];
+    f->group_step = d[QD_GROUP_MAJOR] ? rank : 1;
     f->shift = (int)d[QD_SHIFT];
     return 0;
 }
@@ -567,8 +573,8 @@ int deltakit_low_rank_multi(const void *x, int64_t in, int64_t out, int64_t npar
         starts[0] = h_offsets[0] = 0;
         for (int64_t p = 0; p < nparts && code == 0; p++) {
             int64_t n = offsets[p + 1] - offsets[p];
-            if (ranks[p] < 0 || n < 0 || read_factor(first[p], kinds[p], in, 1, &fa[p]) ||
-                read_factor(second[p], kinds[p], out, 0, &fb[p]))
+            if (ranks[p] < 0 || n < 0 || read_factor(first[p], kinds[p], in, 1, ranks[p], &fa[p]) ||
+                read_factor(second[p], kinds[p], out, 0, ranks[p], &fb[p]))
                 code = 1;
             else {
                 starts[p + 1] = starts[p] + (n > 0 ? ranks[p] : 0);
