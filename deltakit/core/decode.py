@@ -6,8 +6,9 @@ runtime both go through it; the format package itself knows nothing of codecs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +50,9 @@ class Decoder:
 
     delta: Delta
     codec: Codec
+    #: the codec's declared stored tensors per (shape, dtype, config, budget): the layers of a model share
+    #: a few shapes, and working them out took about a third of the per-tensor checks of an apply
+    _declared_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, delta: Delta) -> Decoder:
@@ -115,15 +119,29 @@ class Decoder:
         try:
             config = self.codec.config_class.from_stored(manifest.codec.config)
             budget = _tensor_budget(entry) or Budget(**manifest.codec.budget)
-            return self.codec.stored_tensors(
-                tuple(entry.shared_shape), dtype_from_name(entry.dtype), config, budget
-            )
+            return self._declared_for(tuple(entry.shared_shape), dtype_from_name(entry.dtype), config, budget)
         except DeltakitError as exc:
             raise FormatError(
                 f"tensor {name}: the codec cannot account for its stored tensors ({exc})"
             ) from None
         except (TypeError, ValueError, KeyError) as exc:
             raise FormatError(f"tensor {name}: malformed codec config or budget ({exc})") from None
+
+    def _declared_for(
+        self, shape: tuple[int, ...], dtype: torch.dtype, config: Any, budget: Budget
+    ) -> dict[str, StoredTensor]:
+        """``codec.stored_tensors`` for these arguments, remembered when they can be hashed (the
+        returned mapping is shared: read it, do not change it)."""
+        try:
+            key = (shape, dtype, config, budget)
+            hash(key)
+        except TypeError:
+            return self.codec.stored_tensors(shape, dtype, config, budget)
+        declared = self._declared_cache.get(key)
+        if declared is None:
+            declared = self.codec.stored_tensors(shape, dtype, config, budget)
+            self._declared_cache[key] = declared
+        return declared
 
     def _check_stored(self, name: str, entry: TensorEntry) -> None:
         declared = self._declared(name, entry)

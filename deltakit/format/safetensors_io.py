@@ -67,7 +67,7 @@ class TensorSpec:
         numel = 1
         for dim in self.shape:
             numel *= dim
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return numel * self.dtype.itemsize
 
 
 def read_header(path: Path) -> dict[str, Any]:
