@@ -263,8 +263,8 @@ def _quantized_pair(
 
 @settings(max_examples=30, deadline=None)
 @given(
-    in_features=st.integers(1, 200),
-    out_features=st.integers(1, 100),
+    in_features=st.one_of(st.integers(1, 200), st.sampled_from((16, 64, 96, 192))),
+    out_features=st.one_of(st.integers(1, 100), st.sampled_from((16, 32, 48, 80))),
     ranks=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     bits=st.sampled_from((2, 3, 4)),
     group=st.sampled_from((16, 32, 48, 64, 80, 128)),
@@ -358,3 +358,21 @@ def test_quantized_factors_too_large_for_the_buffer_are_decoded_per_row_tile(in_
     LowRankGroup(parts, rows).add_into(x, got)
     LowRankGroup([widened, widened], rows).add_into(x, want)
     assert torch.equal(got, want) and got.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("bits", "length"), [(4, 16), (4, 48), (4, 576), (4, 40), (3, 48), (2, 20)])
+def test_codes_are_laid_out_at_their_documented_nibbles(bits, length):
+    """Value m of a chunk of 16 at nibble 8 (m % 2) + m // 2 (byte n // 2, the high nibble for odd n),
+    zero codes after the lane's end: for 4-bit lanes of whole chunks (moved from the stored bytes) and
+    for the rest (unpacked and paired)."""
+    from deltakit.ops.intpack import unpack_codes
+
+    q = quantize(torch.randn(5, length, generator=torch.Generator().manual_seed(length)), bits, 16, 1)
+    chunks = -(-length // 16)
+    codes = torch.zeros(5, chunks * 16, dtype=torch.int64)
+    codes[:, :length] = unpack_codes(q.codes, bits, 5 * length).reshape(5, length).long()
+    want = torch.zeros(5, chunks, 8, dtype=torch.int64)
+    for m in range(16):
+        n = 8 * (m % 2) + m // 2
+        want[:, :, n // 2] |= codes.reshape(5, chunks, 16)[:, :, m] << (4 * (n % 2))
+    assert torch.equal(lowrank_group._chunk_codes(q).long(), want.reshape(5, -1))

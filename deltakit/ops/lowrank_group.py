@@ -184,6 +184,12 @@ def _chunk_codes(q: QuantizedTensor) -> torch.Tensor:
     codes), value ``2 q + h`` of a chunk at nibble ``8 h + q`` (QNIBBLE in lowrank_native.c: bytes 0-3
     hold the even values, bytes 4-7 the odd ones, nibble n in byte n // 2, the low one for even n)."""
     lanes, length = _lanes_length(q)
+    if q.bits == 4 and length % CHUNK == 0:  # stored value 2 m in the low nibble of byte m: move nibbles
+        stored = q.codes.reshape(lanes, -1, 4, 2)  # (lanes, chunks, b, pair): stored bytes 2 b, 2 b + 1
+        low, high = stored & 15, stored >> 4  # values 4 b, 4 b + 2 / values 4 b + 1, 4 b + 3
+        even = low[..., 0] | (low[..., 1] << 4)  # (lanes, chunks, 4): bytes 0-3 of the layout
+        odd = high[..., 0] | (high[..., 1] << 4)  # bytes 4-7
+        return torch.cat([even, odd], dim=-1).reshape(lanes, -1)
     codes = unpack_codes(q.codes, q.bits, lanes * length).reshape(lanes, length)
     padded = torch.zeros(lanes, _chunks(length) * CHUNK, dtype=torch.uint8)
     padded[:, :length] = codes
