@@ -376,3 +376,14 @@ def test_codes_are_laid_out_at_their_documented_nibbles(bits, length):
         n = 8 * (m % 2) + m // 2
         want[:, :, n // 2] |= codes.reshape(5, chunks, 16)[:, :, m] << (4 * (n % 2))
     assert torch.equal(lowrank_group._chunk_codes(q).long(), want.reshape(5, -1))
+
+
+def test_a_quantized_pair_fits_only_with_the_rank_as_its_lanes():
+    """A's and B's lanes must be the rank components over the layer's in and out features: a pair
+    grouped the other way, or of other sizes, is left to the fp32 copy."""
+    first, second = _quantized_pair(0, 64, 32, 4, 4, 32, "symmetric")  # A (4, 64), B (4, 32)
+    assert lowrank_group.quantized_pair_fits(first, second, 4, 64, 32)
+    assert not lowrank_group.quantized_pair_fits(first, second, 4, 32, 64)
+    assert not lowrank_group.quantized_pair_fits(first, second, 5, 64, 32)
+    across = quantize(torch.randn(4, 64), 4, 16, 0)  # grouped along the rank: lanes are the columns
+    assert not lowrank_group.quantized_pair_fits(across, second, 4, 64, 32)

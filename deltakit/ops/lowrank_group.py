@@ -170,6 +170,20 @@ def quantized_applies(q: QuantizedTensor) -> bool:
     )
 
 
+def quantized_pair_fits(
+    first: QuantizedTensor, second: QuantizedTensor, rank: int, in_features: int, out_features: int
+) -> bool:
+    """Whether quantized A and B make a layer's pair of this ``rank`` and (in, out) features for
+    :meth:`GroupFactors.prepare_quantized`: both taken (:func:`quantized_applies`), A's lanes the rank
+    components of ``in_features`` values and B's of ``out_features``."""
+    return (
+        quantized_applies(first)
+        and quantized_applies(second)
+        and _lanes_length(first) == (rank, in_features)
+        and _lanes_length(second) == (rank, out_features)
+    )
+
+
 def _lanes_length(q: QuantizedTensor) -> tuple[int, int]:
     """(lanes, length) of a 2-D quantized tensor: its groups run along ``length``."""
     return q.shape[1 - q.axis], q.shape[q.axis]

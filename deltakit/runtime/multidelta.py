@@ -568,8 +568,10 @@ class MultiDeltaExecutor:
         def make() -> tuple[GroupFactors]:
             if view.quantized is not None:
                 q_up, q_down = view.quantized  # (rows, r), (r, cols) of the stored layout
+                rows, cols = view.shape
                 first, second = (q_down, q_up) if layout == "out_in" else (q_up, q_down)
-                if lowrank_group.quantized_applies(first) and lowrank_group.quantized_applies(second):
+                features = (cols, rows) if layout == "out_in" else (rows, cols)  # (in, out)
+                if lowrank_group.quantized_pair_fits(first, second, view.down.shape[0], *features):
                     return (GroupFactors.prepare_quantized(first, second),)
             dtype = lowrank_group.stored_dtype(view.up, view.down)
             first, second = factor_pair(op, layout, dtype, torch.device("cpu"))  # (in, r), (r, out)
