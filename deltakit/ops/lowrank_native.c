@@ -22,9 +22,10 @@
  * group holds 16 << shift values of a row, so chunk c of row j (A: columns, B: output columns counted
  * from 0) is in group c >> shift of row j, whose (step, origin) is stored row by row for A and group
  * by group for B (a column tile reads every row's entry of one group: adjacent, not a cache line
- * apart); lowrank_group.GroupFactors lays them out. A chunk is
- * decoded by looking its codes up in its group's 16 levels, computed once per group as above: with
- * AVX-512 a broadcast load, a variable shift and a permute per 16 values.
+ * apart); lowrank_group.GroupFactors lays them out. A chunk is decoded by looking its codes up in its
+ * group's 16 levels, computed once per group as above: with AVX-512 a broadcast load, a variable shift
+ * and a permute per 16 values. Parts of more than TILE_ROWS rows decode A's row or B's tile once per call
+ * into a buffer (QBUF_VALUES) and read it as the fp32 kind.
  *
  * Operations, all in fp32 with every product and sum rounded on its own (built with -ffp-contract=off):
  * - h[t, j] = x[t] · A[j]: 64 lanes, lane c sums the products of columns 64 m + c in order of m, then the
