@@ -132,12 +132,11 @@ class Decoder:
     ) -> dict[str, StoredTensor]:
         """``codec.stored_tensors`` for these arguments, remembered when they can be hashed (the
         returned mapping is shared: read it, do not change it)."""
+        key = (shape, dtype, config, budget)
         try:
-            key = (shape, dtype, config, budget)
-            hash(key)
-        except TypeError:
+            declared = self._declared_cache.get(key)
+        except TypeError:  # a config holding unhashable values
             return self.codec.stored_tensors(shape, dtype, config, budget)
-        declared = self._declared_cache.get(key)
         if declared is None:
             declared = self.codec.stored_tensors(shape, dtype, config, budget)
             self._declared_cache[key] = declared

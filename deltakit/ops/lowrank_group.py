@@ -273,8 +273,9 @@ class LowRankGroup:
         self.rows = torch.tensor(flat_rows, dtype=torch.int64)
         self.max_row = max(flat_rows, default=-1)
         self._lib = native_library()
-        #: the call's arguments that do not change between calls (their tensors are kept above)
-        self._parts_args = (
+        #: the kernel's arguments that do not change between calls, from the part count to the rows (their
+        #: tensors are kept above; ``deltakit_mixed_shares`` takes the same run)
+        self.parts_args = (
             len(self.parts),
             self.first.data_ptr(),
             self.second.data_ptr(),
@@ -315,7 +316,7 @@ class LowRankGroup:
             x.data_ptr(),
             self.in_features,
             self.out_features,
-            *self._parts_args,
+            *self.parts_args,
             y.data_ptr(),
             KINDS[x.dtype],
             threads if threads is not None else torch.get_num_threads(),

@@ -217,11 +217,7 @@ static inline __attribute__((always_inline)) float qone(const factor *f, const u
     return q * f->grid[2 * g] + f->grid[2 * g + 1];
 }
 
-/* A's row j, column i (kinds 0-2 also 16 columns from i) */
-static inline __attribute__((always_inline)) f32x16 a_load16(const factor *a, const int kind, int64_t in,
-                                                             int64_t j, int64_t i) {
-    return load16(a->p, kind, j * in + i);
-}
+/* A's row j, column i */
 static inline __attribute__((always_inline)) float a_load1(const factor *a, const int kind, int64_t in,
                                                            int64_t j, int64_t i) {
     if (kind == 3) return qone(a, (const uint8_t *)a->p + j * a->row_bytes, j, 0, i);
@@ -263,7 +259,7 @@ static inline __attribute__((always_inline)) void dot_tile(const void *x, const 
                 }
                 av[v] = qdecode(codes + chunk * 8, lut);
             } else
-                av[v] = a_load16(a, kind, in, j, i + v * LANES);
+                av[v] = load16(a->p, kind, j * in + i + v * LANES);
         }
         for (int r = 0; r < nt; r++)
             for (int v = 0; v < 4; v++) {

@@ -46,19 +46,8 @@ class SharesCall:
         else:
             self.out_features, self.in_features = signs.shape
         self.max_row = max(g.max_row for g in (low_rank, signs) if g is not None)
-        lr, sg = low_rank, signs
-        self._low_rank_args = (
-            (len(lr.parts), lr.first.data_ptr(), lr.second.data_ptr(), lr.ranks.data_ptr())
-            + (lr.kinds.data_ptr(), lr.offsets.data_ptr(), lr.rows.data_ptr())
-            if lr is not None
-            else (0, None, None, None, None, None, None)
-        )
-        self._sign_args = (
-            (len(sg.packed), sg.pointers.data_ptr(), sg.tile_pointers.data_ptr(), sg.offsets.data_ptr())
-            + (sg.rows.data_ptr(), sg.scales.data_ptr())
-            if sg is not None
-            else (0, None, None, None, None, None)
-        )
+        self._low_rank_args = low_rank.parts_args if low_rank is not None else (0, *[None] * 6)
+        self._sign_args = signs.parts_args if signs is not None else (0, *[None] * 5)
         self._lib = native_library()
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor, threads: int | None = None) -> None:

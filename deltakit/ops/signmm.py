@@ -317,6 +317,16 @@ class SignGroup:
         self.rows = torch.tensor([i for r in rows for i in r], dtype=torch.int64)
         self.max_row = max((i for r in rows for i in r), default=-1)
         self.scales = torch.tensor(scales, dtype=torch.float32)
+        #: the kernel's arguments that do not change between calls, from the part count to the scales
+        #: (``deltakit_mixed_shares`` takes the same run)
+        self.parts_args = (
+            len(self.packed),
+            self.pointers.data_ptr(),
+            self.tile_pointers.data_ptr(),
+            self.offsets.data_ptr(),
+            self.rows.data_ptr(),
+            self.scales.data_ptr(),
+        )
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y[rows_p] += α_p · x[rows_p] S_pᵀ`` for every part; x (N, in) and y (N, out) contiguous fp32
@@ -341,12 +351,7 @@ class SignGroup:
             x.data_ptr(),
             in_features,
             out_features,
-            len(self.packed),
-            self.pointers.data_ptr(),
-            self.tile_pointers.data_ptr(),
-            self.offsets.data_ptr(),
-            self.rows.data_ptr(),
-            self.scales.data_ptr(),
+            *self.parts_args,
             y.data_ptr(),
             LUT_MIN_ROWS,
             torch.get_num_threads(),
