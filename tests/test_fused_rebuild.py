@@ -248,11 +248,15 @@ def test_factors_that_do_not_fit_the_base_are_refused_before_the_kernel(up_shape
 
 
 def test_a_view_whose_factors_do_not_fit_is_one_format_error():
+    """A view is refused when it is made; the rebuild checks again (a view bypassing that check)."""
     from deltakit.codecs.base import FactoredView
     from deltakit.errors import FormatError
 
     codec, base, encoded = _encode("svd", (40, 24), torch.float32)
-    view = FactoredView((40, 24), up=torch.zeros(8, 4), down=torch.zeros(4, 24))
+    with pytest.raises(ValueError, match=r"do not make a \[40, 24\] matrix"):
+        FactoredView((40, 24), up=torch.zeros(8, 4), down=torch.zeros(4, 24))
+    view = FactoredView((8, 24), up=torch.zeros(8, 4), down=torch.zeros(4, 24))
+    object.__setattr__(view, "shape", (40, 24))
     with pytest.raises(FormatError, match="do not rebuild a 40x24 matrix"):
         rebuild(codec, "encoded", torch.float32, encoded.tensors, encoded.params, base, view=view, name="w")
 

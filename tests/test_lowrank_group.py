@@ -387,3 +387,44 @@ def test_a_quantized_pair_fits_only_with_the_rank_as_its_lanes():
     assert not lowrank_group.quantized_pair_fits(first, second, 5, 64, 32)
     across = quantize(torch.randn(4, 64), 4, 16, 0)  # grouped along the rank: lanes are the columns
     assert not lowrank_group.quantized_pair_fits(across, second, 4, 64, 32)
+
+
+def test_quantized_factors_whose_tensors_do_not_hold_their_layout_are_not_read_in_place():
+    """The kernel reads codes and grids in place, so a QuantizedTensor built by hand (a plug-in codec's)
+    whose tensors are short or of another shape is refused, and a mixed batch takes the fp32 copy."""
+    from dataclasses import replace
+
+    first, second = _quantized_pair(0, 64, 32, 4, 4, 32, "symmetric")
+    asym, _ = _quantized_pair(0, 64, 32, 4, 4, 32, "asymmetric")
+    bad = {
+        "short codes": replace(second, codes=second.codes[: second.codes.numel() // 2]),
+        "broadcast scales": replace(second, scales=second.scales[:1]),
+        "integer scales": replace(second, scales=second.scales.to(torch.int16)),
+        "asymmetric without zeros": replace(asym, zeros=None),
+        "symmetric with zeros": replace(second, zeros=second.scales.clone()),
+    }
+    assert lowrank_group.quantized_pair_fits(first, second, 4, 64, 32)
+    for what, q in bad.items():
+        assert not lowrank_group.quantized_applies(q), what
+        low = (q, second) if q.shape == first.shape else (first, q)
+        assert not lowrank_group.quantized_pair_fits(*low, 4, 64, 32), what
+        with pytest.raises(ValueError, match="do not hold that layout"):
+            GroupFactors.prepare_quantized(*low)
+
+
+def test_a_group_longer_than_its_lane_lays_out_one_grid_entry_per_chunk():
+    """A group size beyond a lane's length gives the values of one group of the lane's length (one grid
+    entry per lane, nothing sized by the group size), in the kernel as in dequantize."""
+    from dataclasses import replace
+
+    first, second = _quantized_pair(3, 40, 48, 3, 4, 64, "asymmetric")  # lanes of 40 and 48 values
+    huge = replace(first, group_size=1 << 30), replace(second, group_size=(1 << 30) + 16 * 3)
+    x = torch.randn(2, 40)
+    want = _group([dequantize(first)], [dequantize(second).T], [[0, 1]])
+    got = LowRankGroup([GroupFactors.prepare_quantized(*huge)], [[0, 1]])
+    y_want, y_got = torch.zeros(2, 48), torch.zeros(2, 48)
+    want.add_into(x, y_want)
+    got.add_into(x, y_got)
+    assert torch.equal(y_got, y_want)
+    assert torch.equal(dequantize(huge[0]), dequantize(first))
+    assert got.parts[0].nbytes < 4096

@@ -9,7 +9,7 @@ import torch
 
 from deltakit.ops import lowrank_group
 from deltakit.ops.lowrank_group import GroupFactors, LowRankGroup
-from deltakit.ops.mixed_shares import add_shares_into
+from deltakit.ops.mixed_shares import SharesCall, add_shares_into
 from deltakit.ops.quant import quantize
 from deltakit.ops.signmm import LUT_MIN_ROWS, SignGroup
 
@@ -118,3 +118,15 @@ def test_trusted_call_gives_the_checked_call_bits_and_still_checks_sizes_and_row
     for bad_x, bad_y in [((6, 31), (6, 16)), ((6, 32), (6, 15)), ((4, 32), (4, 16)), ((6, 32), (5, 16))]:
         with pytest.raises(ValueError, match="mixed shares of"):
             call.add_into_trusted(torch.zeros(bad_x, dtype=bf), torch.zeros(bad_y, dtype=bf))
+
+
+def test_groups_of_different_layer_shapes_are_refused_when_the_call_is_made():
+    """The trusted call reads the sign matrices at the low-rank group's (out, in): a sign group of another
+    shape must not get that far."""
+    rows = [[0, 1], [2]]
+    low_rank, _ = _groups(32, 16, rows, seed=1)
+    _, narrow = _groups(8, 16, rows, seed=1)  # signs of a (16, 8) layer
+    with pytest.raises(
+        ValueError, match=r"sign group of \(16, 8\) \(out, in\) and low-rank group of \(16, 32\)"
+    ):
+        SharesCall(low_rank, narrow)

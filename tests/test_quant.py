@@ -208,3 +208,30 @@ def test_cuda_gives_the_cpu_bytes():
         reference = dequantize(quantize(x, bits, 32, axis=0, clip="mse"))
         gpu_error = float((dequantize(clipped).cpu() - x).norm())
         assert abs(gpu_error - float((reference - x).norm())) <= 1e-4 * float(x.norm())
+
+
+def test_a_group_longer_than_the_lane_dequantizes_without_padding_to_it():
+    """A stored group size may exceed the lane (one group holds it all); dequantize then allocates for
+    the lane, not for the group size a hostile manifest may set to 2**31."""
+    from dataclasses import replace
+
+    x = torch.randn(6, 40)
+    q = quantize(x, 4, 64, 1, "asymmetric")
+    huge = replace(q, group_size=1 << 31)
+    value = dequantize(huge)
+    assert torch.equal(value, dequantize(q))
+    assert value.untyped_storage().nbytes() <= 2 * x.numel() * 4
+
+
+def test_layout_problem_names_what_the_stored_tensors_lack():
+    from dataclasses import replace
+
+    from deltakit.ops.quant import layout_problem
+
+    q = quantize(torch.randn(6, 40), 3, 16, 1, "asymmetric")
+    assert layout_problem(q) is None
+    assert "codes" in layout_problem(replace(q, codes=q.codes[:-1]))
+    assert "scales" in layout_problem(replace(q, scales=q.scales.T))
+    assert "zeros" in layout_problem(replace(q, zeros=None))
+    assert "bits" in layout_problem(replace(q, bits=5))
+    assert "axis" in layout_problem(replace(q, axis=2))

@@ -230,6 +230,25 @@ class FactoredView:
             raise ValueError("a factored view has both low-rank factors or neither")
         if self.signs is None and self.up is None:
             raise ValueError("a factored view has a sign part, low-rank factors or both")
+        rows, cols = self.shape
+        if self.signs is not None and (
+            self.signs.dtype != torch.uint8 or self.signs.numel() < (rows * cols + 7) // 8
+        ):
+            raise ValueError(
+                f"{self.signs.numel()} {self.signs.dtype} sign bytes cannot hold a {self.shape} matrix"
+            )
+        if self.up is not None:
+            up, down = tuple(self.up.shape), tuple(self.down.shape)
+            if len(up) != 2 or len(down) != 2 or up[0] != rows or down[1] != cols or up[1] != down[0]:
+                raise ValueError(
+                    f"factors {list(up)} and {list(down)} do not make a {list(self.shape)} matrix"
+                )
+            if self.quantized is not None and (
+                tuple(self.quantized[0].shape) != up or tuple(self.quantized[1].shape) != down
+            ):
+                raise ValueError("a factored view's quantized factors must have the shapes of up and down")
+        elif self.quantized is not None:
+            raise ValueError("a factored view has quantized factors only with up and down")
 
 
 @dataclass(frozen=True)

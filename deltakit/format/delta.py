@@ -284,10 +284,15 @@ class Delta:
         return list(self.manifest.tensors)
 
 
-def load_delta(path: Path | str, *, verify: bool = True) -> Delta:
-    """Open a delta directory; with ``verify`` (default) every file's size and sha256 are checked first."""
+def load_delta(path: Path | str, *, verify: bool = True, expected: Manifest | None = None) -> Delta:
+    """Open a delta directory; with ``verify`` (default) every file's size and sha256 are checked first.
+
+    expected: the manifest an earlier read of this directory gave (a delta read again after it left a
+    cache): IntegrityError when the manifest on disk now differs, so what was checked then still holds."""
     path = Path(path)
     manifest = Manifest.read(path)
+    if expected is not None and manifest != expected:
+        raise IntegrityError(f"{path}: the delta changed on disk since it was first read; load it again")
     if verify:
         verify_files(path, manifest)
     return Delta(manifest, path)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from deltakit.ops.intpack import unpack_codes
-from deltakit.ops.quant import QuantizedTensor
+from deltakit.ops.quant import QuantizedTensor, layout_problem
 from deltakit.ops.signmm import native_library
 
 #: factor (and activation) dtype -> the kernel's kind code
@@ -137,10 +137,15 @@ class GroupFactors:
         :func:`quantized_applies` to both; not mutated."""
         for q in (first, second):
             if not quantized_applies(q):
+                problem = layout_problem(q)
                 raise ValueError(
                     f"quantized factor of shape {list(q.shape)}, {q.bits} bits, groups of {q.group_size}: "
-                    f"the 4-bit layout wants a 2-D CPU factor of at most 4 bits in groups of a multiple "
-                    f"of {CHUNK}"
+                    + (
+                        f"its stored tensors do not hold that layout ({problem})"
+                        if problem
+                        else f"the 4-bit layout wants a 2-D CPU factor of at most 4 bits in groups of a multiple "
+                        f"of {CHUNK}"
+                    )
                 )
         (rank, in_features), (rank_b, out_features) = _lanes_length(first), _lanes_length(second)
         if rank != rank_b:
@@ -160,13 +165,16 @@ class GroupFactors:
 
 def quantized_applies(q: QuantizedTensor) -> bool:
     """Whether :meth:`GroupFactors.prepare_quantized` takes ``q``: a 2-D CPU factor of at most 4 bits in
-    groups of a multiple of :data:`CHUNK` values."""
+    groups of a multiple of :data:`CHUNK` values, whose stored tensors hold the layout it declares
+    (:func:`~deltakit.ops.quant.layout_problem`: the kernel reads them in place)."""
     return (
         len(q.shape) == 2
         and q.bits <= 4
         and q.group_size % CHUNK == 0
         and q.codes.device.type == "cpu"
         and q.scales.device.type == "cpu"
+        and (q.zeros is None or q.zeros.device.type == "cpu")
+        and layout_problem(q) is None
     )
 
 
@@ -234,7 +242,7 @@ def _descriptor(
     step = q.scales.float()  # (lanes, groups)
     origin = -((1 << q.bits) - 1) / 2 * step if q.scheme == "symmetric" else q.zeros.float()
     grid = torch.stack([step, origin], dim=-1)  # (lanes, groups, 2)
-    per_group = q.group_size // CHUNK
+    per_group = min(q.group_size // CHUNK, _chunks(_lanes_length(q)[1]))  # a longer group: the whole lane
     shift = per_group.bit_length() - 1
     if per_group != 1 << shift:
         grid = grid.repeat_interleave(per_group, dim=1)[:, : _chunks(_lanes_length(q)[1])]

@@ -45,6 +45,11 @@ class SharesCall:
             self.in_features, self.out_features = low_rank.in_features, low_rank.out_features
         else:
             self.out_features, self.in_features = signs.shape
+        if signs is not None and tuple(signs.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"sign group of {tuple(signs.shape)} (out, in) and low-rank group of "
+                f"({self.out_features}, {self.in_features}) in one layer"
+            )
         self.max_row = max(g.max_row for g in (low_rank, signs) if g is not None)
         self._low_rank_args = low_rank.parts_args if low_rank is not None else (0, *[None] * 6)
         self._sign_args = signs.parts_args if signs is not None else (0, *[None] * 5)

@@ -101,6 +101,38 @@ class QuantizedTensor:
         return cls(codes, scales, zeros, shape, bits, group_size, axis, scheme)
 
 
+def layout_problem(q: QuantizedTensor) -> str | None:
+    """Why ``q``'s stored tensors cannot hold the layout it declares, or None when they can: bits, group
+    size, axis and scheme in range; codes 1-D uint8 of exactly the packed size; scales (and zeros for
+    ``asymmetric``, none for ``symmetric``) floating ``(lanes, groups)``. Kernels that read the codes
+    and grid in place rely on this; :meth:`QuantizedTensor.from_tensors` checks it, and the values, for
+    stored tensors, while a plug-in codec may build a QuantizedTensor by hand."""
+    shape = tuple(q.shape)
+    if (
+        not shape
+        or not all(_is_int(d) and d >= 1 for d in shape)
+        or not (_is_int(q.axis) and 0 <= q.axis < len(shape))
+    ):
+        return f"shape {list(shape)} with axis {q.axis!r}"
+    if (
+        q.bits not in SUPPORTED_BITS
+        or not (_is_int(q.group_size) and q.group_size >= 1)
+        or q.scheme not in SCHEMES
+    ):
+        return f"{q.bits!r} bits, groups of {q.group_size!r}, scheme {q.scheme!r}"
+    lanes, length = _lanes_length(shape, q.axis)
+    codes = packed_nbytes(lanes * length, q.bits)
+    if q.codes.dtype != torch.uint8 or tuple(q.codes.shape) != (codes,):
+        return f"codes {q.codes.dtype} {list(q.codes.shape)}, expected uint8 [{codes}]"
+    grid = (lanes, math.ceil(length / q.group_size))
+    if (q.zeros is None) != (q.scheme == "symmetric"):
+        return f"zeros {'missing' if q.zeros is None else 'given'} for scheme {q.scheme!r}"
+    for name, t in (("scales", q.scales), ("zeros", q.zeros)):
+        if t is not None and (not t.dtype.is_floating_point or tuple(t.shape) != grid):
+            return f"{name} {t.dtype} {list(t.shape)}, expected floating {list(grid)}"
+    return None
+
+
 def quantized_nbytes(
     shape: tuple[int, ...] | list[int], bits: int, group_size: int, axis: int = -1, scheme: str = "symmetric"
 ) -> int:
@@ -232,14 +264,15 @@ def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> 
     lanes, length = _lanes_length(q.shape, q.axis)
     codes = unpack_codes(q.codes.to(device), q.bits, lanes * length).reshape(lanes, length)
     groups = math.ceil(length / q.group_size)
-    padded = torch.zeros(lanes, groups * q.group_size, dtype=torch.float32, device=device)
+    group = min(q.group_size, length)  # one group of a longer size holds just the lane (no padding to it)
+    padded = torch.zeros(lanes, groups * group, dtype=torch.float32, device=device)
     padded[:, :length] = codes.to(torch.float32)
     step = q.scales.to(device).float()[..., None]  # (lanes, groups, 1)
     if q.scheme == "symmetric":
         origin = -((1 << q.bits) - 1) / 2 * step
     else:
         origin = q.zeros.to(device).float()[..., None]
-    values = padded.reshape(lanes, groups, q.group_size) * step + origin
+    values = padded.reshape(lanes, groups, group) * step + origin
     return values.reshape(lanes, -1)[:, :length].reshape(moved).movedim(-1, q.axis)
 
 

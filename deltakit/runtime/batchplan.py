@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltakit.errors import TensorMismatchError
 from deltakit.runtime.prepared import PreparedDelta, TensorOp
 
 
@@ -112,6 +113,7 @@ class ModulePlan:
 
     def __post_init__(self) -> None:
         self.factored_parts = [p for p in self.parts if p.path == "factored"]
+        self._check_shapes()
         self.dense_parts = [p for p in self.parts if p.path == "dense"]
         linear = self.layout in ("out_in", "in_out")
         self.low_rank_parts = [
@@ -134,6 +136,19 @@ class ModulePlan:
             or (p.weight is not None and self.layout == "embedding")
             or id(p) in ungrouped
         ]
+
+    def _check_shapes(self) -> None:
+        """TensorMismatchError unless every factored part's weight view has the module weight's shape
+        (the kernels take their sizes from the views and read the activations at the module's)."""
+        weight = getattr(self.module, "weight", None)
+        served = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        for part in self.factored_parts:
+            op = part.weight
+            if op is not None and op.view is not None and tuple(op.view.shape) != served:
+                raise TensorMismatchError(
+                    f"delta {part.prepared.name!r} changes {op.name} as a {list(op.view.shape)} matrix; "
+                    f"the served model holds it as {list(served) if served else 'no weight'}"
+                )
 
 
 def factor_pair(op: TensorOp, layout: str, dtype: torch.dtype, device: torch.device) -> tuple:

@@ -56,6 +56,9 @@ class DeltaEntry:
     stored_bytes: int | None = None
     delta: Delta | None = None  # in-memory deltas (no directory to reload from)
     validated: bool = False  # every tensor decoded once onto the served base without error
+    verify: bool = True  # check the files' sha256s at every read of the directory
+    #: the manifest of the first read: a read after the delta left the caches must find the same one
+    manifest: Manifest | None = None
 
     def resolve_path(self) -> Path:
         if self.path is None:
@@ -199,7 +202,7 @@ class HotSwapRuntime:
                 if base_fingerprint is None or codec is None:
                     raise UsageError("a lazy delta source needs base_fingerprint and codec")
                 self._check_base(name, base_fingerprint, "?")
-                entry = DeltaEntry(name, source, base_fingerprint, codec)
+                entry = DeltaEntry(name, source, base_fingerprint, codec, verify=verify)
                 self.entries[name] = entry
                 return entry
             path = Path(source() if callable(source) else source)
@@ -212,6 +215,7 @@ class HotSwapRuntime:
                 manifest.codec.name,
                 path,
                 manifest.stats.get("stored_bytes"),
+                verify=verify,
             )
             if eager:
                 self._prepare(entry, load_delta(path, verify=verify))
@@ -243,7 +247,10 @@ class HotSwapRuntime:
 
     def _prepare(self, entry: DeltaEntry, delta: Delta) -> PreparedDelta:
         prepared = prepare_delta(entry.name, delta, self.resident.resolve)
-        return self._admit(entry, prepared, delta.manifest.base.name)
+        host = self._admit(entry, prepared, delta.manifest.base.name)
+        if entry.manifest is None:
+            entry.manifest = delta.manifest
+        return host
 
     def _admit(
         self, entry: DeltaEntry, prepared: PreparedDelta, base_name: str, *, pinned: bool = False
@@ -315,8 +322,7 @@ class HotSwapRuntime:
                 if device is not None:
                     self.device_cache.put(name, device)
                 return host, False, 0
-            first_use = entry.path is None
-            delta = load_delta(entry.resolve_path(), verify=first_use)
+            delta = load_delta(entry.resolve_path(), verify=entry.verify, expected=entry.manifest)
             prepared = self._prepare(entry, delta)
             return prepared, False, prepared.nbytes
 
@@ -331,7 +337,7 @@ class HotSwapRuntime:
                 continue
             if name in self.host_cache or name in self.device_cache:
                 continue
-            jobs.append((name, entry.path))
+            jobs.append((name, entry.path, entry.verify, entry.manifest))
         return self.prefetcher.start(jobs)
 
     def device_delta(self, name: str) -> tuple[PreparedDelta, dict[str, object]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from deltakit.core.decode import load_delta
+from deltakit.format.manifest import Manifest
 from deltakit.runtime.prepared import PreparedDelta, prepare_delta
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,16 @@ class Prefetcher:
         self.started = 0  # prefetches begun
         self.used = 0  # prefetched deltas a swap took
 
-    def start(self, jobs: Iterable[tuple[str, Path]]) -> threading.Thread | None:
-        """Read ``(name, delta directory)`` pairs on one daemon thread; names already read or being read
-        are skipped. Returns the thread (None when there is nothing to read)."""
+    def start(self, jobs: Iterable[tuple[str, Path, bool, Manifest | None]]) -> threading.Thread | None:
+        """Read ``(name, delta directory, verify, expected manifest)`` jobs on one daemon thread (as
+        :func:`~deltakit.core.decode.load_delta` takes ``verify`` and ``expected``); names already read or
+        being read are skipped. Returns the thread (None when there is nothing to read)."""
         todo = []
         with self._lock:
-            for name, path in jobs:
+            for name, *job in jobs:
                 if name not in self._ready and name not in self._running:
                     self._running.add(name)
-                    todo.append((name, path))
+                    todo.append((name, *job))
         if not todo:
             return None
         self.started += len(todo)
@@ -83,10 +85,10 @@ class Prefetcher:
         with self._lock:
             self._ready.pop(name, None)
 
-    def _read_all(self, todo: list[tuple[str, Path]]) -> None:
-        for name, path in todo:
+    def _read_all(self, todo: list[tuple[str, Path, bool, Manifest | None]]) -> None:
+        for name, *job in todo:
             try:
-                item = self._read(name, path)
+                item = self._read(name, *job)
             except Exception as exc:  # the swap reads it again and reports the error itself
                 log.warning("prefetching delta %r failed: %s", name, exc)
                 item = None
@@ -95,8 +97,8 @@ class Prefetcher:
                 if item is not None:
                     self._ready[name] = item
 
-    def _read(self, name: str, path: Path) -> Prefetched:
-        delta = load_delta(path, verify=False)  # hashes were checked when the delta was first read
+    def _read(self, name: str, path: Path, verify: bool, expected: Manifest | None) -> Prefetched:
+        delta = load_delta(path, verify=verify, expected=expected)
         host = prepare_delta(name, delta, self.resolve)
         read = host.nbytes
         if self.device.type != "cuda":

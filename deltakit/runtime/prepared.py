@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from deltakit.codecs.base import Codec, Encoded, FactoredView
-from deltakit.core.decode import Decoder
+from deltakit.core.decode import Decoder, codec_call
 from deltakit.errors import TensorMismatchError
 from deltakit.format.delta import Delta
 from deltakit.format.manifest import ENCODED, PASSTHROUGH, TensorEntry
@@ -157,5 +157,5 @@ def _op(decoder: Decoder, tname: str, canonical: str, entry: TensorEntry) -> Ten
         return TensorOp(canonical, entry.kind, dtype, {"value": value}, {}, layout)
     encoded = decoder.encoded(tname)
     encoded = Encoded({k: v.contiguous() for k, v in encoded.tensors.items()}, dict(encoded.params))
-    view = decoder.codec.factored(encoded)
+    view = codec_call(tname, lambda: decoder.codec.factored(encoded))
     return TensorOp(canonical, entry.kind, dtype, encoded.tensors, encoded.params, layout, view)
