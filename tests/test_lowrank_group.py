@@ -85,17 +85,22 @@ def test_group_performs_the_documented_operations(in_features, out_features, ran
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bits_do_not_depend_on_threads_or_on_the_other_parts(dtype):
-    firsts, seconds = _parts(0, 576, 1536, [40, 7, 0, 64], dtype)
-    rows = [[0, 5], [1, 2, 3], [4], [6, 7]]
-    x = torch.randn(8, 576, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize(
+    "rows",
+    [[[0, 5], [1, 2, 3], [4], [6, 7]], [[0, 5, 8, 9, 10, 11], [1, 2, 3], [4], [6, 7, 12, 13, 14, 15, 16]]],
+    ids=["decode", "prefill blocks"],
+)
+def test_bits_do_not_depend_on_threads_or_on_the_other_parts(dtype, rows):
+    firsts, seconds = _parts(0, 576, 1536, [40, 7, 0, 63], dtype)
+    n = max(max(r) for r in rows) + 1
+    x = torch.randn(n, 576, generator=torch.Generator().manual_seed(1))
     outs = []
     for threads in (1, 2, 3, 4):
-        y = torch.zeros(8, 1536)
+        y = torch.zeros(n, 1536)
         _group(firsts, seconds, rows).add_into(x, y, threads)
         outs.append(y)
     assert all(torch.equal(outs[0], y) for y in outs[1:])
-    alone = torch.zeros(8, 1536)  # the last part on its own, one of its rows only
+    alone = torch.zeros(n, 1536)  # the last part on its own, one of its rows only
     _group(firsts[3:], seconds[3:], [[7]]).add_into(x, alone, 2)
     assert torch.equal(alone[7], outs[0][7])
     assert torch.equal(outs[0][4], torch.zeros(1536))  # the rank-0 part adds nothing
@@ -347,8 +352,9 @@ def test_quantized_layouts_the_kernel_cannot_read_are_refused():
 
 @pytest.mark.parametrize(("in_features", "out_features", "rank"), [(8200, 40, 3), (70, 64, 300)])
 def test_quantized_factors_too_large_for_the_buffer_are_decoded_per_row_tile(in_features, out_features, rank):
-    """A's rows over 8192 values and B tiles of rank over 256 skip the decode buffer: still the bits of
-    the dequantized fp32 copy, for parts of many rows and of few."""
+    """A's rows of 8200 values (a prefill's block buffer is sized by the row) and B tiles of rank over 256
+    (decoded per row tile, past the tile buffer): still the bits of the dequantized fp32 copy, for parts
+    of many rows and of few."""
     first, second = _quantized_pair(5, in_features, out_features, rank, 4, 64, "symmetric")
     rows = [[0, 2, 4, 6, 8, 9], [1, 3]]
     x = torch.randn(10, in_features, generator=torch.Generator().manual_seed(6))

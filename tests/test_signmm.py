@@ -173,8 +173,8 @@ def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path, flags):
                 torch.randn(3, 200, generator=g).half(), torch.randn(3, 90, generator=g).half()
             ),
         ]
-        x, y = torch.randn(5, 200, generator=g), torch.zeros(5, 90)
-        LowRankGroup(parts, [[0, 3], [1, 2, 4]]).add_into(x, y)
+        x, y = torch.randn(9, 200, generator=g), torch.zeros(9, 90)
+        LowRankGroup(parts, [[0, 3], [1, 2, 4, 5, 6, 7, 8]]).add_into(x, y)  # 7 rows: a prefill's blocks
         return y
 
     shape, cases = (70, 584), [_case(70, 584, n, seed=5 + n) for n in (1, 3, 6, 30)]

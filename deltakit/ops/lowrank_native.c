@@ -9,8 +9,9 @@
  * TILE_COLS = 32 columns, tile t (columns 32 t .. 32 t + width - 1, the last one narrower) stored at element
  * 32 t rank_p as a (rank_p, width) row-major block, so that the second stage streams contiguous memory.
  * Each part's pair at its own kinds[p]: 0 = fp32, 1 = fp16, 2 = bf16 (first[p] and second[p] point at the
- * values), 3 = quantized (they point at a qdesc, below). 16-bit values are widened to fp32 in registers: a
- * 16-bit factor costs half the memory traffic of an fp32 copy, and 16-bit activations need no fp32 copy.
+ * values), 3 = quantized (they point at a qdesc, below). 16-bit factors are widened to fp32 in registers: a
+ * 16-bit factor costs half the memory traffic of an fp32 copy. 16-bit activations are widened (exactly)
+ * once per call into an fp32 copy of the rows up to the last one a part reads.
  *
  * Kind 3 keeps group-quantized factors (ops/quant.py, codes of at most 4 bits) as 4-bit codes, about a
  * sixth of an fp32 copy's bytes with the groups' grids, and decodes each value in registers to
@@ -24,8 +25,9 @@
  * by group for B (a column tile reads every row's entry of one group: adjacent, not a cache line
  * apart); lowrank_group.GroupFactors lays them out. A chunk is decoded by looking its codes up in its
  * group's 16 levels, computed once per group as above: with AVX-512 a broadcast load, a variable shift
- * and a permute per 16 values. Parts of more than TILE_ROWS rows decode A's row or B's tile once per call
- * into a buffer (QBUF_VALUES) and read it as the fp32 kind.
+ * and a permute per 16 values. Parts of more than TILE_ROWS rows (a prefill) take the first stage in
+ * blocks of rank components whose A rows are decoded or widened once into a buffer (first_block), and
+ * decode B's tile once per call into a buffer (QBUF_VALUES); both are then read as the fp32 kind.
  *
  * Operations, all in fp32 with every product and sum rounded on its own (built with -ffp-contract=off):
  * - h[t, j] = x[t] · A[j]: 64 lanes, lane c sums the products of columns 64 m + c in order of m, then the
@@ -41,6 +43,7 @@
  * differ (a row is written by its own part only). Returns 0, 1 for bad sizes, kinds or descriptors, 2 when
  * the intermediate cannot be allocated.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -343,6 +346,7 @@ typedef struct {
     const int64_t *ranks, *kinds, *offsets, *rows, *h_offsets, *starts;
     const factor *first, *second;
     float *h;
+    float *blocks; /* per thread BLOCK_COMPONENTS A rows of ceil(in / 16) * 16 fp32 values (first_block) */
 } job;
 
 /* the cache lines of n bytes from p fetched ahead (no value changes) */
@@ -379,10 +383,10 @@ static inline __attribute__((always_inline)) void prefetch_component(const job *
     prefetch_bytes(a_row(w, p, c - w->starts[p]), row_bytes_of((int)w->kinds[p], w->in));
 }
 
-/* Quantized factors read by more than TILE_ROWS rows (a prefill) are decoded once per call into a
- * thread's buffer, A's row or B's tile, which every row tile then reads as fp32 (the same values, so the
- * same bits), rather than decoded again for every 4 rows. Rows longer than QBUF_VALUES, and B tiles of a
- * larger rank, are decoded per row tile. */
+/* A quantized B read by more than TILE_ROWS rows (a prefill) is decoded once per call and column tile
+ * into a thread's buffer, which every row tile then reads as fp32 (the same values, so the same bits),
+ * rather than decoded again for every 4 rows; tiles of a rank above QBUF_VALUES / TILE_COLS are decoded
+ * per row tile. (A's rows go through first_block.) */
 #define QBUF_VALUES 8192
 
 /* first stage for component j of part p: A's row aj of `a`, at kind */
@@ -403,23 +407,10 @@ static inline __attribute__((always_inline)) void first_rows(const job *w, int64
     }
 }
 
-/* first stage for component j of part p, its factor at kind */
+/* first stage for component j of part p (at most TILE_ROWS rows), its factor at kind */
 static inline __attribute__((always_inline)) void first_part(const job *w, int64_t p, int64_t j, const int kind,
                                                              const int akind) {
-    const factor *a = &w->first[p];
-    int64_t chunks = (w->in + 15) >> 4;
-    if (kind == 3 && w->offsets[p + 1] - w->offsets[p] > TILE_ROWS && chunks * 16 <= QBUF_VALUES) {
-        float buf[QBUF_VALUES] __attribute__((aligned(64)));
-        const uint8_t *codes = (const uint8_t *)a->p + j * a->row_bytes;
-        for (int64_t c = 0; c < chunks; c++) {
-            f32x16 v = qdecode(codes + c * 8, qlut(a, j * a->row_step + (c >> a->shift) * a->group_step));
-            memcpy(buf + c * 16, &v, sizeof v);
-        }
-        const factor plain = {buf, NULL, 0, 0, 0};
-        first_rows(w, p, j, &plain, 0, 0, akind);
-        return;
-    }
-    first_rows(w, p, j, a, j, kind, akind);
+    first_rows(w, p, j, &w->first[p], j, kind, akind);
 }
 
 /* first stage for component c of the stacked ranks (part p, component j) */
@@ -434,6 +425,135 @@ static inline __attribute__((always_inline)) void first_stage(const job *w, int6
         case 2: first_part(w, p, j, 2, akind); break;
         default: first_part(w, p, j, 3, akind); break;
     }
+}
+
+/* A part of more than TILE_ROWS rows (a prefill) takes its first stage in blocks of up to BLOCK_COMPONENTS
+ * rank components: their A rows are decoded or widened once into the thread's buffer (job.blocks), and
+ * each x load then serves every component of the block and each A load every row of a tile, where the
+ * per-component path loads every row's x again for each component. In a SmolLM2 mixed batch prefill
+ * (4 svd deltas x 64 rows, 4-bit factors) the calls took 0.21-0.22 s against 0.27-0.28 s per component
+ * (two threads). */
+#define BLOCK_COMPONENTS 4
+
+/* h[r * hstride + c] = x[rows[r]] · a_c for nt rows and nc components, x (., in) and the a_c (in values at
+ * a + c * astride) fp32. Each sum takes dot_tile's operations: the 64 lanes are independent sums over m
+ * (lane 16 v + l sums columns 64 m + 16 v + l), taken here one lane vector v at a time so that the
+ * block's nt x nc sums fit in registers; then the tail and the same tree. */
+static inline __attribute__((always_inline)) void dot_block(const float *x, int64_t in, const int64_t *rows,
+                                                            const float *a, int64_t astride, float *h,
+                                                            int64_t hstride, const int nt, const int nc) {
+    f32x16 lanes[TILE_ROWS][BLOCK_COMPONENTS][4];
+    const float *xr[TILE_ROWS];
+    int64_t full = in - in % DOT_LANES;
+#pragma GCC unroll 4
+    for (int r = 0; r < nt; r++) xr[r] = x + rows[r] * in;
+    for (int v = 0; v < 4; v++) {
+        f32x16 acc[TILE_ROWS][BLOCK_COMPONENTS];
+#pragma GCC unroll 4
+        for (int r = 0; r < nt; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < nc; c++) acc[r][c] = (f32x16){0};
+        for (int64_t i = v * LANES; i < full; i += DOT_LANES) {
+            f32x16 xv[TILE_ROWS], av[BLOCK_COMPONENTS];
+#pragma GCC unroll 4
+            for (int r = 0; r < nt; r++) xv[r] = load16(xr[r], 0, i);
+#pragma GCC unroll 4
+            for (int c = 0; c < nc; c++) av[c] = load16(a, 0, c * astride + i);
+#pragma GCC unroll 4
+            for (int r = 0; r < nt; r++)
+#pragma GCC unroll 4
+                for (int c = 0; c < nc; c++) acc[r][c] = acc[r][c] + xv[r] * av[c];
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < nt; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < nc; c++) lanes[r][c][v] = acc[r][c];
+    }
+    for (int r = 0; r < nt; r++)
+        for (int c = 0; c < nc; c++) {
+            f32x16 *l = lanes[r][c];
+            if (full < in) { /* the tail, element by element, into lanes i - full */
+                float flat[DOT_LANES];
+                memcpy(flat, l, sizeof flat);
+                for (int64_t i = full; i < in; i++)
+                    flat[i - full] = flat[i - full] + x[rows[r] * in + i] * a[c * astride + i];
+                memcpy(l, flat, sizeof flat);
+            }
+            h[r * hstride + c] = tree16v((l[0] + l[2]) + (l[1] + l[3]));
+        }
+}
+
+/* first stage of part p for its components j0 .. j0 + nc - 1 (nc <= BLOCK_COMPONENTS, factor at kind),
+ * every row of the part (kept out of line: inlined, its frame slowed the per-component calls) */
+static __attribute__((noinline)) void first_block(const job *w, int64_t p, int64_t j0, int nc, const int kind) {
+    const factor *a = &w->first[p];
+    int64_t in = w->in, chunks = (in + 15) >> 4, astride = chunks * LANES, rank = w->ranks[p];
+    float *buf = w->blocks + (int64_t)omp_get_thread_num() * BLOCK_COMPONENTS * astride;
+    for (int c = 0; c < nc; c++) { /* A's rows as fp32: decoded (kind 3) or widened, the same values */
+        int64_t j = j0 + c;
+        float *row = buf + c * astride;
+        if (kind == 3) {
+            const uint8_t *codes = (const uint8_t *)a->p + j * a->row_bytes;
+            for (int64_t k = 0; k < chunks; k++) {
+                f32x16 v = qdecode(codes + k * 8, qlut(a, j * a->row_step + (k >> a->shift) * a->group_step));
+                memcpy(row + k * LANES, &v, sizeof v);
+            }
+            continue;
+        }
+        int64_t i = 0;
+        for (; i + LANES <= in; i += LANES) {
+            f32x16 v = load16(a->p, kind, j * in + i);
+            memcpy(row + i, &v, sizeof v);
+        }
+        for (; i < in; i++) row[i] = load1(a->p, kind, j * in + i);
+    }
+    const int64_t *rows = w->rows + w->offsets[p];
+    int64_t n = w->offsets[p + 1] - w->offsets[p];
+    float *h = w->h + w->h_offsets[p] + j0;
+    const float *x = (const float *)w->x;
+    for (int64_t r = 0; r < n; r += TILE_ROWS) {
+        int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
+        if (nt == TILE_ROWS && nc == BLOCK_COMPONENTS)
+            dot_block(x, in, rows + r, buf, astride, h + r * rank, rank, TILE_ROWS, BLOCK_COMPONENTS);
+        else
+            dot_block(x, in, rows + r, buf, astride, h + r * rank, rank, (int)nt, nc);
+    }
+}
+
+/* first-stage unit u: (stacked component, count); a count of 0 is one component on the per-component
+ * path, a count of 1 .. BLOCK_COMPONENTS a block of first_block */
+static inline __attribute__((always_inline)) void first_unit(const job *w, const int64_t *unit) {
+    int64_t c = unit[0];
+    if (unit[1] == 0) {
+        first_stage(w, c, 0);
+        return;
+    }
+    int64_t p = 0;
+    while (c >= w->starts[p + 1]) p++;
+    switch (w->kinds[p]) {
+        case 0: first_block(w, p, c - w->starts[p], (int)unit[1], 0); break;
+        case 1: first_block(w, p, c - w->starts[p], (int)unit[1], 1); break;
+        case 2: first_block(w, p, c - w->starts[p], (int)unit[1], 2); break;
+        default: first_block(w, p, c - w->starts[p], (int)unit[1], 3); break;
+    }
+}
+
+/* whether part p's first stage goes by blocks */
+static inline int by_blocks(const job *w, int64_t p) { return w->offsets[p + 1] - w->offsets[p] > TILE_ROWS; }
+
+/* the first stage's units (pairs as first_unit reads them) of every part with rows; returns their count */
+static int64_t first_units(const job *w, int64_t *units) {
+    int64_t count = 0;
+    for (int64_t p = 0; p < w->nparts; p++) {
+        int64_t rank = w->starts[p + 1] - w->starts[p]; /* 0 for a part without rows */
+        int block = by_blocks(w, p);
+        for (int64_t j = 0; j < rank; j += block ? BLOCK_COMPONENTS : 1) {
+            units[2 * count] = w->starts[p] + j;
+            units[2 * count + 1] = block ? (rank - j < BLOCK_COMPONENTS ? rank - j : BLOCK_COMPONENTS) : 0;
+            count++;
+        }
+    }
+    return count;
 }
 
 /* second stage of part p for the column tile `tile` (columns j0 .. j0 + width) of `bf`, at kind */
@@ -513,23 +633,39 @@ static inline __attribute__((always_inline)) void second_stage(const job *w, int
     }
 }
 
-/* one entry per activation kind, so that it is a constant inside the parallel region (each part's factor
- * kind is switched on per component and per tile) */
-#define DEFINE_RUN(NAME, AKIND)                                                                 \
-    static void NAME(const job *w, int64_t components, int threads) {                          \
+/* one entry per output kind, so that it is a constant inside the parallel region (each part's factor
+ * kind is switched on per component and per tile); x is fp32 (16-bit activations are widened once per
+ * call: the first stage reads each x value once per rank component, and a 16-bit load's widening takes
+ * the same execution ports as the multiplies and adds) */
+#define DEFINE_RUN(NAME, YKIND)                                                                 \
+    static void NAME(const job *w, const int64_t *units, int64_t nunits, int threads) {        \
         int64_t tiles = (w->out + TILE_COLS - 1) / TILE_COLS;                                   \
         _Pragma("omp parallel num_threads(threads)") {                                          \
-            _Pragma("omp for schedule(static)") for (int64_t c = 0; c < components; c++)        \
-                first_stage(w, c, AKIND);                                                       \
+            _Pragma("omp for schedule(static)") for (int64_t u = 0; u < nunits; u++)            \
+                first_unit(w, units + 2 * u);                                                   \
             _Pragma("omp for schedule(static)") for (int64_t t = 0; t < tiles; t++)             \
-                second_stage(w, t, AKIND);                                                      \
+                second_stage(w, t, YKIND);                                                      \
         }                                                                                       \
     }
 DEFINE_RUN(run_fp32, 0)
 DEFINE_RUN(run_fp16, 1)
 DEFINE_RUN(run_bf16, 2)
-typedef void (*run_fn)(const job *, int64_t, int);
+typedef void (*run_fn)(const job *, const int64_t *, int64_t, int);
 static const run_fn RUNS[3] = {run_fp32, run_fp16, run_bf16};
+
+/* x's rows 0 .. nrows - 1 (n, in) at act_kind widened to fp32 (exact) into a new buffer; NULL when it
+ * cannot be allocated */
+static float *widen_rows(const void *x, int act_kind, int64_t nrows, int64_t in) {
+    int64_t nx = nrows * in, i = 0;
+    float *xf = malloc((size_t)(nx > 0 ? nx : 1) * sizeof(float));
+    if (!xf) return NULL;
+    for (; i + LANES <= nx; i += LANES) {
+        f32x16 v = load16(x, act_kind, i);
+        memcpy(xf + i, &v, sizeof v);
+    }
+    for (; i < nx; i++) xf[i] = load1(x, act_kind, i);
+    return xf;
+}
 
 /* part p's factor at kind from its pointer (kind 3: its qdesc, checked against `values` per row: row
  * bytes when `a_side`, groups enough for every chunk; rank: the part's, for a group-major grid); 0, or 1
@@ -583,10 +719,28 @@ int deltakit_low_rank_multi(const void *x, int64_t in, int64_t out, int64_t npar
         h = malloc((size_t)(h_offsets[nparts] > 0 ? h_offsets[nparts] : 1) * sizeof(float));
         if (!h) code = 2;
     }
-    if (code == 0) {
-        job w = {x, y, in, out, nparts, ranks, kinds, offsets, rows, h_offsets, starts, fa, fb, h};
-        RUNS[act_kind](&w, starts[nparts], threads);
+    float *xf = NULL;
+    if (code == 0 && act_kind != 0) { /* the rows any part reads, widened once */
+        int64_t nrows = 0;
+        for (int64_t k = 0; k < (nparts > 0 ? offsets[nparts] : 0); k++)
+            if (rows[k] + 1 > nrows) nrows = rows[k] + 1;
+        xf = widen_rows(x, act_kind, nrows, in);
+        if (!xf) code = 2;
     }
+    int64_t *units = NULL;
+    float *blocks = NULL;
+    job w = {xf ? xf : x, y, in, out, nparts, ranks, kinds, offsets, rows, h_offsets, starts, fa, fb, h, NULL};
+    if (code == 0) {
+        units = malloc((size_t)(starts[nparts] > 0 ? starts[nparts] : 1) * 2 * sizeof(int64_t));
+        int any = 0;
+        for (int64_t p = 0; p < nparts; p++) any |= ranks[p] > 0 && by_blocks(&w, p);
+        if (any) w.blocks = blocks = malloc((size_t)threads * BLOCK_COMPONENTS * ((in + 15) >> 4) * LANES * sizeof(float));
+        if (!units || (any && !blocks)) code = 2;
+    }
+    if (code == 0) RUNS[act_kind](&w, units, first_units(&w, units), threads);
+    free(blocks);
+    free(units);
+    free(xf);
     free(h);
     free(fa);
     free(fb);
@@ -618,17 +772,11 @@ int deltakit_mixed_shares(const void *x, int act_kind, int64_t n, int64_t in, in
                           const int64_t *tiles, const int64_t *sg_offsets, const int64_t *sg_rows,
                           const float *scales, int64_t lut_min, void *y, int threads) {
     if (n < 0 || in < 0 || out < 0 || nlr < 0 || nsg < 0 || act_kind < 0 || act_kind > 2) return 1;
-    int64_t nx = n * in, ny = n * out;
-    float *xf = malloc((size_t)(nx > 0 ? nx : 1) * sizeof(float));
+    int64_t ny = n * out;
+    float *xf = widen_rows(x, act_kind, n, in);
     float *share = calloc((size_t)(ny > 0 ? ny : 1), sizeof(float));
     int code = xf && share ? 0 : 2;
     if (code == 0) {
-        int64_t i = 0;
-        for (; i + LANES <= nx; i += LANES) {
-            f32x16 v = load16(x, act_kind, i);
-            memcpy(xf + i, &v, sizeof v);
-        }
-        for (; i < nx; i++) xf[i] = load1(x, act_kind, i);
         if (nlr > 0)
             code = deltakit_low_rank_multi(xf, in, out, nlr, first, second, ranks, kinds, lr_offsets, lr_rows, share,
                                            0, threads);
