@@ -53,7 +53,7 @@ def test_a_manifest_changed_after_the_first_read_is_refused_by_swaps_and_mixed_b
     live = _copy(fleet, "bitdelta-1", tmp_path)
     rt = _uncached_runtime(fleet, {"bd": live, "svd": fleet["delta"]["svd-2"]})
     _edit_manifest(live, edit)
-    with pytest.raises(IntegrityError, match="changed on disk since it was first read"):
+    with pytest.raises(IntegrityError, match="changed on disk since it was loaded"):
         rt.activate("bd")
     assert rt.active is None
     ids = torch.zeros(2, 3, dtype=torch.long)
@@ -113,3 +113,52 @@ def test_an_unchanged_delta_is_read_again_with_the_same_bits(fleet, tmp_path):
     again = rt.activate("dq")
     assert first.read_bytes > 0 and again.read_bytes == first.read_bytes
     assert all(torch.equal(p, state[n]) for n, p in rt.model.named_parameters())
+
+
+def test_a_cached_delta_keeps_the_bytes_it_was_checked_with_when_its_files_change_in_place(fleet, tmp_path):
+    """The runtime keeps a delta read into memory, not mapped from its files: a shard rewritten in place
+    (same size) or cut short while the delta is cached changes nothing it serves, and ends no process."""
+    live = _copy(fleet, "svd-2", tmp_path)
+    rt = HotSwapRuntime.from_pretrained(fleet["base"])  # default caches: the delta stays cached
+    rt.add_delta("svd", live)
+    rt.activate("svd")
+    state = {n: p.detach().clone() for n, p in rt.model.named_parameters()}
+    rt.activate(None)
+    shard = next(live.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = bytes(b ^ 0x55 for b in data[header:])
+    with open(shard, "r+b") as fh:  # in place: the same file, as `cp` over it or `rsync --inplace` do
+        fh.write(data)
+    stats = rt.activate("svd")
+    assert stats.host_cache_hit
+    assert all(torch.equal(p, state[n]) for n, p in rt.model.named_parameters())
+    rt.activate(None)
+    with open(shard, "r+b") as fh:
+        fh.truncate(header)
+    rt.activate("svd")
+    assert all(torch.equal(p, state[n]) for n, p in rt.model.named_parameters())
+
+
+def test_a_delta_compressed_again_from_the_same_inputs_is_the_same_delta(fleet, tmp_path):
+    live = _copy(fleet, "svd-2", tmp_path)
+    rt = _uncached_runtime(fleet, {"svd": live})
+    _edit_manifest(live, lambda d: d.update(created="2030-01-01T00:00:00+00:00"))
+    rt.activate("svd")  # only the creation time differs
+
+
+def test_a_prefetch_for_an_earlier_registration_is_not_served(fleet, tmp_path):
+    """A prefetch still reading when its delta is removed stores its copy after the removal; a delta
+    added again under that name must not take it."""
+    first, second = _copy(fleet, "svd-2", tmp_path), _copy(fleet, "dqrelo-0", tmp_path)
+    rt = _uncached_runtime(fleet, {"m": first})
+    rt.prefetch(["m"]).join(timeout=60)
+    late = rt.prefetcher._ready["m"]
+    rt.remove_delta("m")
+    rt.prefetcher._ready["m"] = late  # as a read finishing after the removal stores it
+    rt.add_delta("m", second)  # the same name, another delta
+    stats = rt.activate("m")
+    assert not stats.prefetched
+    want = _uncached_runtime(fleet, {"dq": second})
+    want.activate("dq")
+    assert all(torch.equal(p, q) for p, q in zip(rt.model.parameters(), want.model.parameters(), strict=True))

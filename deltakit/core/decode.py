@@ -33,10 +33,10 @@ def codec_for(manifest: Manifest) -> Codec:
     return codec
 
 
-def load_delta(path: Path | str, *, verify: bool = True, expected: Manifest | None = None) -> Delta:
+def load_delta(path: Path | str, *, verify: bool = True) -> Delta:
     """Open a delta directory whose codec this deltakit knows; with ``verify`` every file's size and
-    sha256 are checked first; ``expected``: as :func:`deltakit.format.delta.load_delta`."""
-    delta = storage.load_delta(path, verify=verify, expected=expected)
+    sha256 are checked first."""
+    delta = storage.load_delta(path, verify=verify)
     try:
         codec_for(delta.manifest)
     except UnknownCodecError as exc:

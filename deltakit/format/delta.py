@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -21,6 +22,7 @@ from deltakit.format.safetensors_io import (
     StreamingSafetensorsWriter,
     TensorSpec,
     checked_header,
+    tensors_from_bytes,
 )
 
 SHARD_PATTERN = "delta-{:05d}.safetensors"
@@ -147,6 +149,78 @@ def check_sha256s(
             raise IntegrityError(f"{delta_dir}: {rel} changed size while it was read")
         if digest.hexdigest() != sha256:
             raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
+
+
+def read_delta(path: Path | str, *, verify: bool = True, expected: Manifest | None = None) -> Delta:
+    """A delta read whole into memory, for a process that keeps it (the runtime's caches).
+
+    Every listed file is read once (a plain file inside the directory, of its listed size) and, with
+    ``verify``, its sha256 checked on the bytes read; the shards' tensors are built from those same bytes.
+    So what is served is what was checked, and a later change to the files, even in place, never reaches
+    the tensors (a memory-mapped shard rewritten in place would change them, or end the process when cut
+    short). expected: the manifest an earlier read of this directory gave (a delta read again after it
+    left a cache): IntegrityError when the manifest on disk now differs, so what was checked then still
+    holds (its ``created`` time aside: a delta compressed again from the same inputs has the same bytes).
+    IntegrityError / FormatError otherwise."""
+    path = Path(path)
+    manifest = Manifest.read(path)
+    if expected is not None and not same_delta(manifest, expected):
+        raise IntegrityError(f"{path}: the delta changed on disk since it was first read; load it again")
+    shards = {entry.shard for entry in manifest.tensors.values() if entry.shard is not None}
+    if verify:
+        files = check_listed_files(path, manifest)
+    else:  # the shards as they are, any size
+        files = [(rel, confined(path, rel), None, None) for rel in sorted(shards)]
+    stored: dict[str, torch.Tensor] = {}
+    shard_of: dict[str, str] = {}
+    for rel, file, size, sha256 in files:
+        data = _read_listed(path, rel, file, size, sha256)
+        if rel in shards:
+            for key, tensor in tensors_from_bytes(data, path / rel).items():
+                stored[key] = tensor
+                shard_of[key] = rel if key not in shard_of else ""  # "": held by two shards
+    for name, entry in manifest.tensors.items():  # each key in its entry's own shard, as on disk
+        for key in (*entry.stored.values(), entry.value, entry.extra_rows):
+            if key is not None and shard_of.get(key) != entry.shard:
+                raise FormatError(
+                    f"{path}: tensor {name}: shard {entry.shard!r} holds no single tensor {key!r}"
+                )
+    return Delta(manifest, path, stored)
+
+
+def same_delta(manifest: Manifest, other: Manifest) -> bool:
+    """Whether two manifests describe the same delta: equal but for their ``created`` time (a delta
+    compressed again from the same inputs has the same files)."""
+    return dataclasses.replace(manifest, created=other.created) == other
+
+
+def _read_listed(delta_dir: Path, rel: str, path: Path, size: int | None, sha256: str | None) -> bytearray:
+    """The bytes of file ``rel`` (not through a symbolic link, at most its listed size read), IntegrityError
+    unless they are exactly ``size`` bytes (None: the file's size when opened) with the given ``sha256``
+    (None: not checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise IntegrityError(f"{delta_dir}: {rel} cannot be read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IntegrityError(f"{delta_dir}: {rel} is no longer a plain file")
+        size = info.st_size if size is None else size
+        data = bytearray(size + 1)
+        read = 0
+        with memoryview(data) as view:
+            while read <= size:
+                got = fh.readinto(view[read:])
+                if not got:
+                    break
+                read += got
+    if read != size:
+        raise IntegrityError(f"{delta_dir}: {rel} changed size while it was read")
+    del data[size:]
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
+    return data
 
 
 class BackgroundCheck:
@@ -284,15 +358,12 @@ class Delta:
         return list(self.manifest.tensors)
 
 
-def load_delta(path: Path | str, *, verify: bool = True, expected: Manifest | None = None) -> Delta:
+def load_delta(path: Path | str, *, verify: bool = True) -> Delta:
     """Open a delta directory; with ``verify`` (default) every file's size and sha256 are checked first.
-
-    expected: the manifest an earlier read of this directory gave (a delta read again after it left a
-    cache): IntegrityError when the manifest on disk now differs, so what was checked then still holds."""
+    The shards are memory-mapped and read lazily: for one pass (apply, eval); a process that keeps the
+    delta uses :func:`read_delta`."""
     path = Path(path)
     manifest = Manifest.read(path)
-    if expected is not None and manifest != expected:
-        raise IntegrityError(f"{path}: the delta changed on disk since it was first read; load it again")
     if verify:
         verify_files(path, manifest)
     return Delta(manifest, path)

@@ -93,11 +93,41 @@ def checked_header(path: Path) -> dict[str, TensorSpec]:
     length equal to ``numel * element_size``. Returns name -> spec; one FormatError otherwise.
     """
     header = read_header(path)
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: safetensors header is not a JSON object")
     with open(path, "rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
-    data_size = Path(path).stat().st_size - 8 - length
+    return _checked_specs(path, header, Path(path).stat().st_size - 8 - length)
+
+
+def tensors_from_bytes(data: bytes | bytearray, label: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a whole safetensors file held in ``data``, its header checked as
+    :func:`checked_header` checks a file's (``label`` names it in errors). Each tensor owns a copy of
+    its bytes (aligned for its dtype; ``data`` is not kept)."""
+    if len(data) < 8:
+        raise FormatError(f"{label} is not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", bytes(data[:8]))
+    if length > MAX_HEADER_BYTES or 8 + length > len(data):
+        raise FormatError(f"{label} is not a safetensors file (header length {length})")
+    try:
+        header = json.loads(bytes(data[8 : 8 + length]))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise FormatError(f"{label} has a damaged safetensors header: {exc}") from None
+    specs = _checked_specs(label, header, len(data) - 8 - length)
+    view, tensors = memoryview(data), {}
+    for name, spec in specs.items():
+        start, stop = (8 + length + o for o in header[name]["data_offsets"])
+        if stop == start:
+            tensors[name] = torch.empty(spec.shape, dtype=spec.dtype)
+        else:
+            tensors[name] = torch.frombuffer(bytearray(view[start:stop]), dtype=spec.dtype).reshape(
+                spec.shape
+            )
+    return tensors
+
+
+def _checked_specs(path: str | Path, header: Any, data_size: int) -> dict[str, TensorSpec]:
+    """:func:`checked_header`'s checks of a parsed header against a data section of ``data_size`` bytes."""
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object")
     specs: dict[str, TensorSpec] = {}
     spans = []
     for name, entry in header.items():
@@ -116,7 +146,7 @@ def checked_header(path: Path) -> dict[str, TensorSpec]:
     return specs
 
 
-def _header_entry(path: Path, name: str, entry: Any) -> tuple[TensorSpec, tuple[int, int]]:
+def _header_entry(path: str | Path, name: str, entry: Any) -> tuple[TensorSpec, tuple[int, int]]:
     ok = isinstance(entry, dict) and entry.get("dtype") in ST_TO_DTYPE
     shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
     ints = (list, tuple)

@@ -25,12 +25,13 @@ from deltakit.errors import (
     BaseMismatchError,
     DeltakitError,
     FormatError,
+    IntegrityError,
     NonFiniteError,
     NotFoundError,
     TensorMismatchError,
     UsageError,
 )
-from deltakit.format.delta import Delta, load_delta
+from deltakit.format.delta import Delta, read_delta, same_delta
 from deltakit.format.manifest import Manifest
 from deltakit.ops.finite import all_finite
 from deltakit.ops.fused_batch import FusedBatch
@@ -218,7 +219,7 @@ class HotSwapRuntime:
                 verify=verify,
             )
             if eager:
-                self._prepare(entry, load_delta(path, verify=verify))
+                self._prepare(entry, read_delta(path, verify=verify))
             self.entries[name] = entry
             return entry
 
@@ -247,10 +248,9 @@ class HotSwapRuntime:
 
     def _prepare(self, entry: DeltaEntry, delta: Delta) -> PreparedDelta:
         prepared = prepare_delta(entry.name, delta, self.resident.resolve)
-        host = self._admit(entry, prepared, delta.manifest.base.name)
-        if entry.manifest is None:
+        if entry.manifest is None:  # before _admit marks it validated: a prefetch then finds both
             entry.manifest = delta.manifest
-        return host
+        return self._admit(entry, prepared, delta.manifest.base.name)
 
     def _admit(
         self, entry: DeltaEntry, prepared: PreparedDelta, base_name: str, *, pinned: bool = False
@@ -315,16 +315,27 @@ class HotSwapRuntime:
                 return cached, True, 0
             if entry.delta is not None:
                 return self._prepare(entry, entry.delta), False, 0
-            ahead = self.prefetcher.take(name)
+            ahead = self.prefetcher.take(name, entry)
             if ahead is not None:
                 host = self._admit(entry, ahead.host, "?", pinned=self.device.type == "cuda")
                 device = ahead.device_copy()
                 if device is not None:
                     self.device_cache.put(name, device)
                 return host, False, 0
-            delta = load_delta(entry.resolve_path(), verify=entry.verify, expected=entry.manifest)
+            delta = self._read_again(entry)
             prepared = self._prepare(entry, delta)
             return prepared, False, prepared.nbytes
+
+    @staticmethod
+    def _read_again(entry: DeltaEntry) -> Delta:
+        """The delta's directory read (again) into memory, checked against its first manifest."""
+        path = entry.resolve_path()
+        if entry.manifest is not None and not same_delta(Manifest.read(path), entry.manifest):
+            raise IntegrityError(
+                f"delta {entry.name!r} changed on disk since it was loaded; remove it and add it again "
+                "to serve the new version"
+            )
+        return read_delta(path, verify=entry.verify, expected=entry.manifest)
 
     def prefetch(self, names: list[str | None]) -> threading.Thread | None:
         """Read the deltas ``names`` that are in no cache from disk on a background thread (without the
@@ -333,11 +344,11 @@ class HotSwapRuntime:
         jobs = []
         for name in dict.fromkeys(n for n in names if n is not None):
             entry = self.entries.get(name)
-            if entry is None or entry.delta is not None or entry.path is None or not entry.validated:
+            if entry is None or entry.delta is not None or entry.path is None or entry.manifest is None:
                 continue
             if name in self.host_cache or name in self.device_cache:
                 continue
-            jobs.append((name, entry.path, entry.verify, entry.manifest))
+            jobs.append((name, entry.path, entry.verify, entry.manifest, entry))
         return self.prefetcher.start(jobs)
 
     def device_delta(self, name: str) -> tuple[PreparedDelta, dict[str, object]]:

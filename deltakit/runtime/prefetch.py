@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deltakit.core.decode import load_delta
+from deltakit.format.delta import read_delta
 from deltakit.format.manifest import Manifest
 from deltakit.runtime.prepared import PreparedDelta, prepare_delta
 
@@ -32,6 +32,8 @@ class Prefetched:
     device: PreparedDelta | None = None
     ready: torch.cuda.Event | None = None
     read_bytes: int = 0
+    #: what the job was started for (the runtime's registration): a copy read for another is not used
+    owner: object = None
 
     def device_copy(self) -> PreparedDelta | None:
         """The device copy, once the current stream has waited for its transfer (None on the CPU)."""
@@ -56,10 +58,13 @@ class Prefetcher:
         self.started = 0  # prefetches begun
         self.used = 0  # prefetched deltas a swap took
 
-    def start(self, jobs: Iterable[tuple[str, Path, bool, Manifest | None]]) -> threading.Thread | None:
-        """Read ``(name, delta directory, verify, expected manifest)`` jobs on one daemon thread (as
-        :func:`~deltakit.core.decode.load_delta` takes ``verify`` and ``expected``); names already read or
-        being read are skipped. Returns the thread (None when there is nothing to read)."""
+    def start(
+        self, jobs: Iterable[tuple[str, Path, bool, Manifest | None, object]]
+    ) -> threading.Thread | None:
+        """Read ``(name, delta directory, verify, expected manifest, owner)`` jobs on one daemon thread (as
+        :func:`~deltakit.format.delta.read_delta` takes ``verify`` and ``expected``; ``owner`` is kept on
+        the result); names already read or being read are skipped. Returns the thread (None when there is
+        nothing to read)."""
         todo = []
         with self._lock:
             for name, *job in jobs:
@@ -73,10 +78,13 @@ class Prefetcher:
         thread.start()
         return thread
 
-    def take(self, name: str) -> Prefetched | None:
-        """The prefetched copy of ``name`` (removed from the table), or None."""
+    def take(self, name: str, owner: object = None) -> Prefetched | None:
+        """The prefetched copy of ``name`` (removed from the table), or None; a copy read for another
+        ``owner`` (an earlier registration of the name) is dropped, not returned."""
         with self._lock:
             item = self._ready.pop(name, None)
+        if item is not None and item.owner is not owner:
+            item = None
         if item is not None:
             self.used += 1
         return item
@@ -85,7 +93,7 @@ class Prefetcher:
         with self._lock:
             self._ready.pop(name, None)
 
-    def _read_all(self, todo: list[tuple[str, Path, bool, Manifest | None]]) -> None:
+    def _read_all(self, todo: list[tuple[str, Path, bool, Manifest | None, object]]) -> None:
         for name, *job in todo:
             try:
                 item = self._read(name, *job)
@@ -97,16 +105,18 @@ class Prefetcher:
                 if item is not None:
                     self._ready[name] = item
 
-    def _read(self, name: str, path: Path, verify: bool, expected: Manifest | None) -> Prefetched:
-        delta = load_delta(path, verify=verify, expected=expected)
+    def _read(
+        self, name: str, path: Path, verify: bool, expected: Manifest | None, owner: object
+    ) -> Prefetched:
+        delta = read_delta(path, verify=verify, expected=expected)
         host = prepare_delta(name, delta, self.resolve)
         read = host.nbytes
         if self.device.type != "cuda":
-            return Prefetched(host, read_bytes=read)
+            return Prefetched(host, read_bytes=read, owner=owner)
         host = host.to(self.device, pin=True)
         stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
             on_device = host.to(self.device, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(stream)
-        return Prefetched(host, on_device, ready, read)
+        return Prefetched(host, on_device, ready, read, owner)
