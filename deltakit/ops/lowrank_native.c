@@ -734,7 +734,8 @@ int deltakit_low_rank_multi(const void *x, int64_t in, int64_t out, int64_t npar
         units = malloc((size_t)(starts[nparts] > 0 ? starts[nparts] : 1) * 2 * sizeof(int64_t));
         int any = 0;
         for (int64_t p = 0; p < nparts; p++) any |= ranks[p] > 0 && by_blocks(&w, p);
-        if (any) w.blocks = blocks = malloc((size_t)threads * BLOCK_COMPONENTS * ((in + 15) >> 4) * LANES * sizeof(float));
+        int64_t per_thread = BLOCK_COMPONENTS * ((in + 15) >> 4) * LANES; /* 0 for in == 0: malloc(0) may be NULL */
+        if (any) w.blocks = blocks = malloc((size_t)threads * (size_t)(per_thread > 0 ? per_thread : 1) * sizeof(float));
         if (!units || (any && !blocks)) code = 2;
     }
     if (code == 0) RUNS[act_kind](&w, units, first_units(&w, units), threads);
