@@ -42,3 +42,24 @@ def test_a_failing_background_digest_raises_in_the_caller(monkeypatch):
     builder.add_later("w", torch.zeros(3))
     with pytest.raises(ValueError, match="cannot hash w"):
         builder.fingerprint()
+
+
+@pytest.mark.parametrize("remembered", ["1", "0"])
+def test_apply_fingerprints_are_those_of_its_inputs_and_output(monkeypatch, tmp_path, remembered):
+    """Apply hashes on its workers, next to each rebuild: the base fingerprint is the checkpoint's and the
+    output fingerprint is that of the tensors it returns, with digests remembered or not."""
+    from test_runtime_support import cached_fleet
+
+    import deltakit
+    from deltakit.format.digest_cache import ENV_SWITCH
+    from deltakit.format.fingerprint import checkpoint_fingerprint, fingerprint_tensors
+
+    monkeypatch.setenv("DELTAKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv(ENV_SWITCH, remembered)
+    fleet = cached_fleet("llama")
+    for name in ("svd-2", "lossless-3"):
+        for _ in range(2):  # the second run finds the base's digests remembered (when switched on)
+            report = deltakit.apply(fleet["base"], fleet["delta"][name])
+            assert report.base_fingerprint == checkpoint_fingerprint(fleet["base"])
+            assert report.output_fingerprint == fingerprint_tensors(report.state_dict)
+    assert report.matches_target  # lossless: the output is the fine-tune

@@ -27,6 +27,7 @@ from deltakit.errors import (
     TensorMismatchError,
     UsageError,
 )
+from deltakit.format import fingerprint
 from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import BackgroundCheck, Delta
 from deltakit.format.digest_cache import SourceDigests
@@ -194,15 +195,23 @@ def _apply_into(
 
     def read(spec: TensorSpec) -> tuple[TensorSpec, torch.Tensor | None]:
         base_tensor = base_src.get(spec.name) if spec.name in base_names else None
-        if base_tensor is not None:
-            base_fp.add_later(spec.name, base_tensor)
         return spec, base_tensor
 
-    def rebuild(item: tuple[TensorSpec, torch.Tensor | None]) -> torch.Tensor:
+    def as_base(spec: TensorSpec) -> bool:
+        """Whether the output tensor is the base's bytes (its digest is then the base's)."""
+        return manifest.tensors[spec.name].kind == UNCHANGED and spec.dtype == base_src.spec(spec.name).dtype
+
+    def rebuild(item: tuple[TensorSpec, torch.Tensor | None]) -> tuple[torch.Tensor, str | None, str | None]:
+        """The output tensor, its digest and the base tensor's (None: the base's / remembered). Both are
+        hashed here, on the worker, right after the rebuild has read the one and written the other: from
+        the core's cache sha256 runs about 1.6x as fast as from memory on the development machine."""
         # fused where it can (checked tile by tile as it is written); unchanged tensors are the base's own
         spec, base_tensor = item
-        rebuilt = reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True)
-        return rebuilt.to(spec.dtype).cpu()
+        rebuilt = reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True).to(spec.dtype).cpu()
+        base_digest = None
+        if base_tensor is not None and base_fp.remembered(spec.name) is None:
+            base_digest = fingerprint.tensor_digest(spec.name, base_tensor)
+        return rebuilt, None if as_base(spec) else fingerprint.tensor_digest(spec.name, rebuilt), base_digest
 
     def held_bytes(item: tuple[TensorSpec, torch.Tensor | None]) -> int:
         """What a queued tensor holds until it is written: the base tensor read and the rebuilt one."""
@@ -211,16 +220,18 @@ def _apply_into(
 
     workers = cpu_workers(dev)
     items = (read(spec) for spec in specs)
-    as_base = []  # tensors written with the base's bytes: their digest is the base's
-    for index, (spec, rebuilt) in enumerate(
+    base_named = []  # tensors written with the base's bytes: their digest is the base's
+    for index, (spec, (rebuilt, digest, base_digest)) in enumerate(
         zip(specs, ordered_map(rebuild, items, workers, cost=held_bytes), strict=True)
     ):
         if progress is not None:
             progress(index, total, spec.name)
-        if manifest.tensors[spec.name].kind == UNCHANGED and rebuilt.dtype == base_src.spec(spec.name).dtype:
-            as_base.append(spec.name)
+        if spec.name in base_names:
+            base_fp.add_remembered_or(spec.name, base_digest)
+        if digest is None:
+            base_named.append(spec.name)
         else:
-            out_fp.add_later(spec.name, rebuilt)
+            out_fp.add_digest(spec.name, digest)
         sink(spec.name, rebuilt)
     for offset, name in enumerate(manifest.removed):
         if progress is not None:
@@ -237,7 +248,7 @@ def _apply_into(
         if not force:
             raise BaseMismatchError(message + "; pass force=True to apply anyway")
         warnings.warn(message + "; applying anyway (force=True)", stacklevel=3)
-    for name in as_base:
+    for name in base_named:
         out_fp.add_digest(name, base_fp.digest(name))
     output_fingerprint = out_fp.fingerprint()
     return ApplyReport(
