@@ -32,7 +32,7 @@ from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import BackgroundCheck, Delta
 from deltakit.format.digest_cache import SourceDigests
 from deltakit.format.fingerprint import FingerprintBuilder
-from deltakit.format.manifest import UNCHANGED
+from deltakit.format.manifest import UNCHANGED, Manifest
 from deltakit.format.paths import check_aux_name, confined
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
@@ -240,14 +240,7 @@ def _apply_into(
     if progress is not None:
         progress(total, total, "")
     base_fingerprint = base_fp.fingerprint()
-    if base_fingerprint != manifest.base.fingerprint:
-        message = (
-            f"base fingerprint {base_fingerprint[:19]}… differs from the one the delta was made from "
-            f"({manifest.base.fingerprint[:19]}…, {manifest.base.name!r})"
-        )
-        if not force:
-            raise BaseMismatchError(message + "; pass force=True to apply anyway")
-        warnings.warn(message + "; applying anyway (force=True)", stacklevel=3)
+    _check_base_fingerprint(base_fingerprint, manifest, force)
     for name in base_named:
         out_fp.add_digest(name, base_fp.digest(name))
     output_fingerprint = out_fp.fingerprint()
@@ -258,6 +251,19 @@ def _apply_into(
         output_fingerprint == manifest.target.fingerprint,
         len(specs),
     )
+
+
+def _check_base_fingerprint(base_fingerprint: str, manifest: Manifest, force: bool) -> None:
+    """BaseMismatchError when the base is not the one the delta was made from (a warning with force)."""
+    if base_fingerprint == manifest.base.fingerprint:
+        return
+    message = (
+        f"base fingerprint {base_fingerprint[:19]}… differs from the one the delta was made from "
+        f"({manifest.base.fingerprint[:19]}…, {manifest.base.name!r})"
+    )
+    if not force:
+        raise BaseMismatchError(message + "; pass force=True to apply anyway")
+    warnings.warn(message + "; applying anyway (force=True)", stacklevel=4)
 
 
 def _copy_aux(delta: Delta, base_src: TensorSource, out_dir: Path) -> None:
