@@ -10,7 +10,7 @@ import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -129,13 +129,7 @@ def check_sha256s(
     read to at most its listed size plus one byte, 4 MiB at a time; with ``stop`` set between two
     reads, returns at once (nothing checked further)."""
     for rel, path, size, sha256 in checks:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        except OSError as exc:
-            raise IntegrityError(f"{delta_dir}: {rel} cannot be read ({exc.strerror})") from None
-        with os.fdopen(fd, "rb", buffering=0) as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise IntegrityError(f"{delta_dir}: {rel} is no longer a plain file")
+        with _open_plain(delta_dir, rel, path) as fh:
             digest, read = hashlib.sha256(), 0
             while read <= size:
                 if stop is not None and stop.is_set():
@@ -151,7 +145,9 @@ def check_sha256s(
             raise IntegrityError(f"{delta_dir}: {rel} does not match its sha256 (corrupted)")
 
 
-def read_delta(path: Path | str, *, verify: bool = True, expected: Manifest | None = None) -> Delta:
+def read_delta(
+    path: Path | str, *, verify: bool = True, expected: Manifest | None = None, name: str | None = None
+) -> Delta:
     """A delta read whole into memory, for a process that keeps it (the runtime's caches).
 
     Every listed file is read once (a plain file inside the directory, of its listed size) and, with
@@ -160,12 +156,15 @@ def read_delta(path: Path | str, *, verify: bool = True, expected: Manifest | No
     the tensors (a memory-mapped shard rewritten in place would change them, or end the process when cut
     short). expected: the manifest an earlier read of this directory gave (a delta read again after it
     left a cache): IntegrityError when the manifest on disk now differs, so what was checked then still
-    holds (its ``created`` time aside: a delta compressed again from the same inputs has the same bytes).
-    IntegrityError / FormatError otherwise."""
+    holds (its ``created`` time aside: a delta compressed again from the same inputs has the same bytes);
+    ``name``: the delta's name in the runtime, for that error. IntegrityError / FormatError otherwise."""
     path = Path(path)
     manifest = Manifest.read(path)
-    if expected is not None and not same_delta(manifest, expected):
-        raise IntegrityError(f"{path}: the delta changed on disk since it was first read; load it again")
+    if expected is not None and not _same_delta(manifest, expected):
+        raise IntegrityError(
+            f"delta {name or str(path)!r} changed on disk since it was loaded; remove it and add it again "
+            "to serve the new version"
+        )
     shards = {entry.shard for entry in manifest.tensors.values() if entry.shard is not None}
     if verify:
         files = check_listed_files(path, manifest)
@@ -188,25 +187,32 @@ def read_delta(path: Path | str, *, verify: bool = True, expected: Manifest | No
     return Delta(manifest, path, stored)
 
 
-def same_delta(manifest: Manifest, other: Manifest) -> bool:
+def _same_delta(manifest: Manifest, other: Manifest) -> bool:
     """Whether two manifests describe the same delta: equal but for their ``created`` time (a delta
     compressed again from the same inputs has the same files)."""
     return dataclasses.replace(manifest, created=other.created) == other
+
+
+def _open_plain(delta_dir: Path, rel: str, path: Path) -> BinaryIO:
+    """Listed file ``rel`` opened unbuffered for reading, not through a symbolic link; IntegrityError
+    when it cannot be opened or is no longer a plain file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise IntegrityError(f"{delta_dir}: {rel} cannot be read ({exc.strerror})") from None
+    fh = os.fdopen(fd, "rb", buffering=0)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise IntegrityError(f"{delta_dir}: {rel} is no longer a plain file")
+    return fh
 
 
 def _read_listed(delta_dir: Path, rel: str, path: Path, size: int | None, sha256: str | None) -> bytearray:
     """The bytes of file ``rel`` (not through a symbolic link, at most its listed size read), IntegrityError
     unless they are exactly ``size`` bytes (None: the file's size when opened) with the given ``sha256``
     (None: not checked)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise IntegrityError(f"{delta_dir}: {rel} cannot be read ({exc.strerror})") from None
-    with os.fdopen(fd, "rb", buffering=0) as fh:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise IntegrityError(f"{delta_dir}: {rel} is no longer a plain file")
-        size = info.st_size if size is None else size
+    with _open_plain(delta_dir, rel, path) as fh:
+        size = os.fstat(fh.fileno()).st_size if size is None else size
         data = bytearray(size + 1)
         read = 0
         with memoryview(data) as view:

@@ -74,14 +74,6 @@ class FingerprintBuilder:
         """The digest remembered from earlier runs for tensor ``name``, None when there is none."""
         return self._remembered.get(name) if self._remembered is not None else None
 
-    def add_remembered_or(self, name: str, digest: str | None) -> None:
-        """Add tensor ``name``'s remembered digest, else ``digest`` (computed by the caller, who found
-        none remembered: :meth:`remembered`)."""
-        found = self.remembered(name)
-        if found is None and digest is None:
-            raise ValueError(f"tensor {name!r}: no digest remembered or given")
-        self._digests[name] = found if found is not None else digest
-
     def digest(self, name: str) -> str | None:
         """The digest of tensor ``name`` (waiting for queued ones as needed), None when it was not added."""
         while name not in self._digests and self._pending:

@@ -242,10 +242,11 @@ def _descriptor(
     step = q.scales.float()  # (lanes, groups)
     origin = -((1 << q.bits) - 1) / 2 * step if q.scheme == "symmetric" else q.zeros.float()
     grid = torch.stack([step, origin], dim=-1)  # (lanes, groups, 2)
-    per_group = min(q.group_size // CHUNK, _chunks(_lanes_length(q)[1]))  # a longer group: the whole lane
+    chunks = _chunks(_lanes_length(q)[1])
+    per_group = min(q.group_size // CHUNK, chunks)  # a longer group: the whole lane
     shift = per_group.bit_length() - 1
     if per_group != 1 << shift:
-        grid = grid.repeat_interleave(per_group, dim=1)[:, : _chunks(_lanes_length(q)[1])]
+        grid = grid.repeat_interleave(per_group, dim=1)[:, :chunks]
         shift = 0
     groups = grid.shape[1]
     grid = (grid.transpose(0, 1) if group_major else grid).contiguous()

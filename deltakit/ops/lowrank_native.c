@@ -238,8 +238,7 @@ static inline __attribute__((always_inline)) float b_load1(const factor *b, cons
  * four independent vectors per row (one would make the loop wait on each add's latency): lane c sums the
  * products of columns 64 m + c in order of m, the tail's columns i go into lanes i - full, then
  * (l[i] + l[i + 32]) + (l[i + 16] + l[i + 48]) for i < 16, then the 16-lane tree of tree16v. */
-static inline __attribute__((always_inline)) void dot_tile(const void *x, const int xkind, int64_t in,
-                                                           const int64_t *rows, const factor *a, const int kind,
+static inline __attribute__((always_inline)) void dot_tile(const float *x, int64_t in, const int64_t *rows, const factor *a, const int kind,
                                                            int64_t j, float *h, int64_t hstride, const int nt) {
     int64_t xr[TILE_ROWS];
     f32x16 acc[TILE_ROWS][4];
@@ -266,7 +265,7 @@ static inline __attribute__((always_inline)) void dot_tile(const void *x, const 
         }
         for (int r = 0; r < nt; r++)
             for (int v = 0; v < 4; v++) {
-                f32x16 xv = load16(x, xkind, xr[r] + i + v * LANES);
+                f32x16 xv = load16(x, 0, xr[r] + i + v * LANES);
                 acc[r][v] = acc[r][v] + xv * av[v];
             }
     }
@@ -275,7 +274,7 @@ static inline __attribute__((always_inline)) void dot_tile(const void *x, const 
             float lanes[DOT_LANES];
             memcpy(lanes, acc[r], sizeof lanes);
             for (int64_t i = full; i < in; i++)
-                lanes[i - full] = lanes[i - full] + load1(x, xkind, xr[r] + i) * a_load1(a, kind, in, j, i);
+                lanes[i - full] = lanes[i - full] + x[xr[r] + i] * a_load1(a, kind, in, j, i);
             memcpy(acc[r], lanes, sizeof lanes);
         }
         h[r * hstride] = tree16v((acc[r][0] + acc[r][2]) + (acc[r][1] + acc[r][3]));
@@ -340,7 +339,7 @@ static inline __attribute__((always_inline)) void axpy_one(const float *h, int64
 }
 
 typedef struct {
-    const void *x;
+    const float *x; /* fp32: 16-bit activations are widened once per call */
     void *y;
     int64_t in, out, nparts;
     const int64_t *ranks, *kinds, *offsets, *rows, *h_offsets, *starts;
@@ -389,9 +388,10 @@ static inline __attribute__((always_inline)) void prefetch_component(const job *
  * per row tile. (A's rows go through first_block.) */
 #define QBUF_VALUES 8192
 
-/* first stage for component j of part p: A's row aj of `a`, at kind */
-static inline __attribute__((always_inline)) void first_rows(const job *w, int64_t p, int64_t j, const factor *a,
-                                                             int64_t aj, const int kind, const int akind) {
+/* first stage for component j of part p (at most TILE_ROWS rows; more go through first_block), its
+ * factor at kind */
+static inline __attribute__((always_inline)) void first_rows(const job *w, int64_t p, int64_t j, const int kind) {
+    const factor *a = &w->first[p];
     int64_t rank = w->ranks[p];
     const int64_t *rows = w->rows + w->offsets[p];
     int64_t n = w->offsets[p + 1] - w->offsets[p];
@@ -399,31 +399,25 @@ static inline __attribute__((always_inline)) void first_rows(const job *w, int64
     for (int64_t r = 0; r < n; r += TILE_ROWS) {
         int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
         switch (nt) {
-            case 4: dot_tile(w->x, akind, w->in, rows + r, a, kind, aj, h + r * rank, rank, 4); break;
-            case 3: dot_tile(w->x, akind, w->in, rows + r, a, kind, aj, h + r * rank, rank, 3); break;
-            case 2: dot_tile(w->x, akind, w->in, rows + r, a, kind, aj, h + r * rank, rank, 2); break;
-            default: dot_tile(w->x, akind, w->in, rows + r, a, kind, aj, h + r * rank, rank, 1); break;
+            case 4: dot_tile(w->x, w->in, rows + r, a, kind, j, h + r * rank, rank, 4); break;
+            case 3: dot_tile(w->x, w->in, rows + r, a, kind, j, h + r * rank, rank, 3); break;
+            case 2: dot_tile(w->x, w->in, rows + r, a, kind, j, h + r * rank, rank, 2); break;
+            default: dot_tile(w->x, w->in, rows + r, a, kind, j, h + r * rank, rank, 1); break;
         }
     }
 }
 
-/* first stage for component j of part p (at most TILE_ROWS rows), its factor at kind */
-static inline __attribute__((always_inline)) void first_part(const job *w, int64_t p, int64_t j, const int kind,
-                                                             const int akind) {
-    first_rows(w, p, j, &w->first[p], j, kind, akind);
-}
-
 /* first stage for component c of the stacked ranks (part p, component j) */
-static inline __attribute__((always_inline)) void first_stage(const job *w, int64_t c, const int akind) {
+static inline __attribute__((always_inline)) void first_stage(const job *w, int64_t c) {
     int64_t p = 0;
     while (c >= w->starts[p + 1]) p++;
     int64_t j = c - w->starts[p];
     prefetch_component(w, p, c + LR_AHEAD_COMPONENTS);
     switch (w->kinds[p]) {
-        case 0: first_part(w, p, j, 0, akind); break;
-        case 1: first_part(w, p, j, 1, akind); break;
-        case 2: first_part(w, p, j, 2, akind); break;
-        default: first_part(w, p, j, 3, akind); break;
+        case 0: first_rows(w, p, j, 0); break;
+        case 1: first_rows(w, p, j, 1); break;
+        case 2: first_rows(w, p, j, 2); break;
+        default: first_rows(w, p, j, 3); break;
     }
 }
 
@@ -510,7 +504,7 @@ static __attribute__((noinline)) void first_block(const job *w, int64_t p, int64
     const int64_t *rows = w->rows + w->offsets[p];
     int64_t n = w->offsets[p + 1] - w->offsets[p];
     float *h = w->h + w->h_offsets[p] + j0;
-    const float *x = (const float *)w->x;
+    const float *x = w->x;
     for (int64_t r = 0; r < n; r += TILE_ROWS) {
         int64_t nt = n - r < TILE_ROWS ? n - r : TILE_ROWS;
         if (nt == TILE_ROWS && nc == BLOCK_COMPONENTS)
@@ -525,7 +519,7 @@ static __attribute__((noinline)) void first_block(const job *w, int64_t p, int64
 static inline __attribute__((always_inline)) void first_unit(const job *w, const int64_t *unit) {
     int64_t c = unit[0];
     if (unit[1] == 0) {
-        first_stage(w, c, 0);
+        first_stage(w, c);
         return;
     }
     int64_t p = 0;
@@ -729,7 +723,7 @@ int deltakit_low_rank_multi(const void *x, int64_t in, int64_t out, int64_t npar
     }
     int64_t *units = NULL;
     float *blocks = NULL;
-    job w = {xf ? xf : x, y, in, out, nparts, ranks, kinds, offsets, rows, h_offsets, starts, fa, fb, h, NULL};
+    job w = {xf ? xf : (const float *)x, y, in, out, nparts, ranks, kinds, offsets, rows, h_offsets, starts, fa, fb, h, NULL};
     if (code == 0) {
         units = malloc((size_t)(starts[nparts] > 0 ? starts[nparts] : 1) * 2 * sizeof(int64_t));
         int any = 0;

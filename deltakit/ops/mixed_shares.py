@@ -59,14 +59,14 @@ class SharesCall:
         """:func:`add_shares_into` with this call's groups; every argument checked."""
         check_rows_pair(x, y, "mixed shares")
         features = (x.shape[1], y.shape[1])
-        lr, sg = self.low_rank, self.signs
-        if lr is not None and (lr.in_features, lr.out_features) != features:
-            raise ValueError(f"low-rank group of ({lr.in_features} -> {lr.out_features}) got {features}")
-        if sg is not None and (sg.shape[1], sg.shape[0]) != features:
-            raise ValueError(f"sign group of {sg.shape} (out, in) got (in, out) {features}")
-        for group in (lr, sg):
-            if group is not None and group.max_row >= x.shape[0]:
-                raise ValueError(f"mixed share rows reach {group.max_row}, activations have {x.shape[0]}")
+        if (self.in_features, self.out_features) != features:  # the groups share them (checked when made)
+            if self.low_rank is not None:
+                raise ValueError(
+                    f"low-rank group of ({self.in_features} -> {self.out_features}) got {features}"
+                )
+            raise ValueError(f"sign group of {self.signs.shape} (out, in) got (in, out) {features}")
+        if self.max_row >= x.shape[0]:
+            raise ValueError(f"mixed share rows reach {self.max_row}, activations have {x.shape[0]}")
         self._call(x, y, x.shape[0], threads)
 
     def add_into_trusted(self, x: torch.Tensor, y: torch.Tensor) -> None:

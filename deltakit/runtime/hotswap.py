@@ -25,13 +25,12 @@ from deltakit.errors import (
     BaseMismatchError,
     DeltakitError,
     FormatError,
-    IntegrityError,
     NonFiniteError,
     NotFoundError,
     TensorMismatchError,
     UsageError,
 )
-from deltakit.format.delta import Delta, read_delta, same_delta
+from deltakit.format.delta import Delta, read_delta
 from deltakit.format.manifest import Manifest
 from deltakit.ops.finite import all_finite
 from deltakit.ops.fused_batch import FusedBatch
@@ -322,20 +321,9 @@ class HotSwapRuntime:
                 if device is not None:
                     self.device_cache.put(name, device)
                 return host, False, 0
-            delta = self._read_again(entry)
+            delta = read_delta(entry.resolve_path(), verify=entry.verify, expected=entry.manifest, name=name)
             prepared = self._prepare(entry, delta)
             return prepared, False, prepared.nbytes
-
-    @staticmethod
-    def _read_again(entry: DeltaEntry) -> Delta:
-        """The delta's directory read (again) into memory, checked against its first manifest."""
-        path = entry.resolve_path()
-        if entry.manifest is not None and not same_delta(Manifest.read(path), entry.manifest):
-            raise IntegrityError(
-                f"delta {entry.name!r} changed on disk since it was loaded; remove it and add it again "
-                "to serve the new version"
-            )
-        return read_delta(path, verify=entry.verify, expected=entry.manifest)
 
     def prefetch(self, names: list[str | None]) -> threading.Thread | None:
         """Read the deltas ``names`` that are in no cache from disk on a background thread (without the

@@ -108,7 +108,7 @@ class Prefetcher:
     def _read(
         self, name: str, path: Path, verify: bool, expected: Manifest | None, owner: object
     ) -> Prefetched:
-        delta = read_delta(path, verify=verify, expected=expected)
+        delta = read_delta(path, verify=verify, expected=expected, name=name)
         host = prepare_delta(name, delta, self.resolve)
         read = host.nbytes
         if self.device.type != "cuda":
