@@ -10,10 +10,9 @@ import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from deltakit.errors import FormatError, IntegrityError, TensorMismatchError
 from deltakit.format.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry
@@ -21,9 +20,9 @@ from deltakit.format.paths import confined
 from deltakit.format.safetensors_io import (
     StreamingSafetensorsWriter,
     TensorSpec,
-    checked_header,
     tensors_from_bytes,
 )
+from deltakit.format.shard_reader import ShardReader
 
 SHARD_PATTERN = "delta-{:05d}.safetensors"
 
@@ -256,11 +255,6 @@ class BackgroundCheck:
         self._stop.set()
 
 
-def _is_fatal(exc: BaseException) -> bool:
-    """Interrupts pass through; anything else a reader raises (a Rust panic included) is bad data."""
-    return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError))
-
-
 class Delta:
     """A delta's manifest plus lazy access to its stored tensors (storage only: no codec involved).
 
@@ -274,8 +268,7 @@ class Delta:
         self.manifest = manifest
         self.path = Path(path) if path is not None else None
         self._stored = stored
-        self._handles: dict[str, Any] = {}
-        self._specs: dict[str, dict[str, TensorSpec]] = {}
+        self._readers: dict[str, ShardReader] = {}
 
     @property
     def in_memory(self) -> bool:
@@ -304,13 +297,10 @@ class Delta:
                 raise FormatError(f"stored tensor {key!r} is missing")
             return self._stored[key]
         self.stored_spec(key, shard)
-        handle = self._handles[shard]
         try:
-            return handle.get_tensor(key)
-        except BaseException as exc:
-            if _is_fatal(exc):
-                raise
-            raise FormatError(f"{self.path / shard}: cannot read {key!r} ({_one_line(exc)})") from None
+            return self._readers[shard].get_tensor(key)
+        except OSError as exc:
+            raise FormatError(f"{self.path / shard}: cannot read {key!r} ({exc.strerror})") from None
 
     def stored_spec(self, key: str, shard: str | None) -> TensorSpec:
         """Name, dtype and shape of stored tensor ``key`` without reading its data (shard header only)."""
@@ -319,9 +309,9 @@ class Delta:
             return TensorSpec(key, tensor.dtype, tuple(tensor.shape))
         if self.path is None or shard is None:
             raise FormatError(f"stored tensor {key!r} has no shard")
-        if shard not in self._handles:
+        if shard not in self._readers:
             self._open(shard)
-        spec = self._specs[shard].get(key)
+        spec = self._readers[shard].specs.get(key)
         if spec is None:
             raise FormatError(f"{self.path / shard}: holds no tensor {key!r}")
         return spec
@@ -330,15 +320,11 @@ class Delta:
         if self.manifest.files and shard not in self.manifest.files:
             raise FormatError(f"{self.path}: shard {shard!r} is not among the manifest's files")
         path = confined(self.path, shard)
-        specs = checked_header(path)
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except BaseException as exc:
-            if _is_fatal(exc):
-                raise
-            raise FormatError(f"{self.path / shard}: cannot open ({_one_line(exc)})") from None
-        self._specs[shard] = specs
-        self._handles[shard] = handle
+            reader = ShardReader(_open_plain(self.path, shard, path), self.path / shard)
+        except OSError as exc:
+            raise FormatError(f"{self.path / shard}: cannot read ({exc.strerror})") from None
+        self._readers[shard] = reader
 
     def entry(self, name: str) -> TensorEntry:
         """The manifest entry of tensor ``name``; a name the delta lacks is a TensorMismatchError."""
@@ -366,18 +352,14 @@ class Delta:
 
 def load_delta(path: Path | str, *, verify: bool = True) -> Delta:
     """Open a delta directory; with ``verify`` (default) every file's size and sha256 are checked first.
-    The shards are memory-mapped and read lazily: for one pass (apply, eval); a process that keeps the
-    delta uses :func:`read_delta`."""
+    The shards' tensors are read when asked for (positioned reads, not memory-mapped: a shard cut short
+    meanwhile is an IntegrityError): for one pass (apply, eval); a process that keeps the delta uses
+    :func:`read_delta`."""
     path = Path(path)
     manifest = Manifest.read(path)
     if verify:
         verify_files(path, manifest)
     return Delta(manifest, path)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def fp16_delta_bytes(shape: tuple[int, ...]) -> int:

@@ -111,10 +111,10 @@ def tensors_from_bytes(data: bytes | bytearray, label: str | Path) -> dict[str, 
         header = json.loads(bytes(data[8 : 8 + length]))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
         raise FormatError(f"{label} has a damaged safetensors header: {exc}") from None
-    specs = _checked_specs(label, header, len(data) - 8 - length)
+    spans = checked_spans(label, header, len(data) - 8 - length)
     view, tensors = memoryview(data), {}
-    for name, spec in specs.items():
-        start, stop = (8 + length + o for o in header[name]["data_offsets"])
+    for name, (spec, begin, end) in spans.items():
+        start, stop = 8 + length + begin, 8 + length + end
         if stop == start:
             tensors[name] = torch.empty(spec.shape, dtype=spec.dtype)
         else:
@@ -124,26 +124,29 @@ def tensors_from_bytes(data: bytes | bytearray, label: str | Path) -> dict[str, 
     return tensors
 
 
-def _checked_specs(path: str | Path, header: Any, data_size: int) -> dict[str, TensorSpec]:
-    """:func:`checked_header`'s checks of a parsed header against a data section of ``data_size`` bytes."""
+def checked_spans(path: str | Path, header: Any, data_size: int) -> dict[str, tuple[TensorSpec, int, int]]:
+    """:func:`checked_header`'s checks of a parsed header against a data section of ``data_size`` bytes.
+    Returns name -> (spec, start, stop), the tensor's bytes at [start, stop) of the data section."""
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
-    specs: dict[str, TensorSpec] = {}
-    spans = []
+    spans: dict[str, tuple[TensorSpec, int, int]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        spec, span = _header_entry(path, name, entry)
-        specs[name] = spec
-        spans.append(span)
+        spec, (start, stop) = _header_entry(path, name, entry)
+        spans[name] = (spec, start, stop)
     end = 0
-    for start, stop in sorted(spans):
+    for start, stop in sorted((start, stop) for _, start, stop in spans.values()):
         if start != end:
             raise FormatError(f"{path}: safetensors data offsets overlap or leave gaps")
         end = stop
     if end != data_size:
         raise FormatError(f"{path}: safetensors data section is {data_size} bytes, header says {end}")
-    return specs
+    return spans
+
+
+def _checked_specs(path: str | Path, header: Any, data_size: int) -> dict[str, TensorSpec]:
+    return {name: spec for name, (spec, _, _) in checked_spans(path, header, data_size).items()}
 
 
 def _header_entry(path: str | Path, name: str, entry: Any) -> tuple[TensorSpec, tuple[int, int]]:

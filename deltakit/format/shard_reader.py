@@ -1,0 +1,82 @@
+"""A safetensors file read tensor by tensor with positioned reads, not memory-mapped.
+
+A memory-mapped file cut short while it is mapped ends the process with SIGBUS when a missing page is
+touched, and a file rewritten in place changes the tensors already handed out. A delta's shards are
+hostile input that other processes may change while a delta is applied or evaluated, so they are read
+with ``pread`` into buffers the tensors own: a file cut short is an :class:`IntegrityError`, and a
+tensor once read never changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from deltakit.errors import FormatError, IntegrityError
+from deltakit.format.safetensors_io import MAX_HEADER_BYTES, TensorSpec, checked_spans
+
+
+class ShardReader:
+    """The tensors of one safetensors file, each read when asked for.
+
+    fh: the file, open for reading (the reader takes it over and closes it); label: the file's name in
+    errors. The header is read and checked (as :func:`~deltakit.format.safetensors_io.checked_header`
+    checks it) against the file's size when the reader is made; FormatError otherwise.
+    """
+
+    def __init__(self, fh: BinaryIO, label: str | Path):
+        self._fh = fh
+        self.label = str(label)
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            raw = self._pread(0, 8)
+            if len(raw) != 8:
+                raise FormatError(f"{self.label} is not a safetensors file (too short)")
+            (length,) = struct.unpack("<Q", raw)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise FormatError(f"{self.label} is not a safetensors file (header length {length})")
+            text = self._pread(8, length)
+            if len(text) != length:
+                raise IntegrityError(f"{self.label} changed size while it was read")
+            try:
+                header = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+                raise FormatError(f"{self.label} has a damaged safetensors header: {exc}") from None
+            self._spans = checked_spans(self.label, header, size - 8 - length)
+        except BaseException:
+            fh.close()
+            raise
+        self._data_start = 8 + length
+        self.specs: dict[str, TensorSpec] = {name: spec for name, (spec, _, _) in self._spans.items()}
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` (CPU, owning a copy of its bytes). KeyError for a name the file lacks;
+        IntegrityError when the file no longer holds all of its bytes."""
+        spec, start, stop = self._spans[name]
+        if stop == start:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        buffer = bytearray(stop - start)
+        with memoryview(buffer) as view:
+            read = 0
+            while read < len(buffer):
+                got = os.preadv(self._fh.fileno(), [view[read:]], self._data_start + start + read)
+                if not got:
+                    raise IntegrityError(f"{self.label} changed size while it was read (truncated?)")
+                read += got
+        return torch.frombuffer(buffer, dtype=spec.dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __del__(self) -> None:
+        fh = getattr(self, "_fh", None)
+        if fh is not None:
+            fh.close()
+
+    def _pread(self, offset: int, count: int) -> bytes:
+        return os.pread(self._fh.fileno(), count, offset)
