@@ -112,7 +112,7 @@ def bench_variant(variant: dict, base: Path, settings, work: Path, max_tokens: i
             log(f"  {variant['name']} {name}: skipped ({str(exc).strip().splitlines()[-1]})")
             continue
         applied, apply_wall, apply_rss = run_timed(
-            [*cli, "apply", str(base), str(delta), "-o", str(rebuilt), "--json"]
+            [*cli, "apply", str(base), str(delta), "-o", str(rebuilt), "--fingerprint", "--json"]
         )
         stats = result["stats"]
         encoded_params = stats["fp16_delta_bytes"] / 2

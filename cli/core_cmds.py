@@ -313,9 +313,18 @@ def resolve_base_arg(base: str, registry_path: Path | None) -> Path:
     help="return without waiting for the output to reach the disk: faster, but an OS crash or power "
     "loss soon after can leave it incomplete (and lose the output --overwrite replaced)",
 )
+@click.option(
+    "--fingerprint/--no-fingerprint",
+    "fingerprint_output",
+    default=None,
+    help="hash the output and say whether it is the exact fine-tune (default: only for an exact codec "
+    "such as lossless; a lossy codec's output is approximate by design)",
+)
 @click.option("--registry", "registry_path", type=click.Path(path_type=Path), help="registry directory")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout")
-def apply(base, delta, output, dtype, device, force, overwrite, no_sync, registry_path, as_json):
+def apply(
+    base, delta, output, dtype, device, force, overwrite, no_sync, fingerprint_output, registry_path, as_json
+):
     """Rebuild the fine-tune from BASE and DELTA (a directory or NAME[:TAG] in the registry)."""
     import deltakit
 
@@ -332,6 +341,7 @@ def apply(base, delta, output, dtype, device, force, overwrite, no_sync, registr
             force=force,
             overwrite=overwrite,
             sync=not no_sync,
+            fingerprint_output=fingerprint_output,
             progress=progress,
         )
     result = {

@@ -75,7 +75,14 @@ def test_compress_apply_inspect_verify_json(pair, tmp_path, capsys):
 
     code, out, _ = run(capsys, "apply", str(base), str(delta), "-o", str(tmp_path / "out"), "--json")
     assert code == 0
-    assert json.loads(out)["matches_target"] is False  # dqrelo is lossy
+    applied = json.loads(out)  # dqrelo is lossy: its output is not hashed unless asked
+    assert applied["matches_target"] is None and applied["output_fingerprint"] is None
+    out_dir = str(tmp_path / "out")
+    code, out, _ = run(
+        capsys, "apply", str(base), str(delta), "-o", out_dir, "--overwrite", "--fingerprint", "--json"
+    )
+    applied = json.loads(out)
+    assert code == 0 and applied["matches_target"] is False and len(applied["output_fingerprint"]) == 71
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

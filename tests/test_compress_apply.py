@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deltakit
+from deltakit.errors import BaseMismatchError
 from deltakit.format.fingerprint import checkpoint_fingerprint
 from deltakit.format.manifest import Manifest
 from deltakit.models.checkpoint import SAFETENSORS_INDEX, CheckpointReader
@@ -280,7 +281,7 @@ def test_output_fingerprint_is_the_written_checkpoints_with_unchanged_tensors(
     assert any(e.kind == "unchanged" for e in delta.manifest.tensors.values())
     for attempt in range(2):  # the second apply finds the base's digests remembered (when enabled)
         out = tmp_path / f"out-{attempt}"
-        report = deltakit.apply(base, tmp_path / "delta", out, dtype=dtype)
+        report = deltakit.apply(base, tmp_path / "delta", out, dtype=dtype, fingerprint_output=True)
         assert report.output_fingerprint == checkpoint_fingerprint(out)
 
 
@@ -311,3 +312,35 @@ def test_apply_queue_counts_the_base_tensor_and_the_rebuilt_one(qwen_pair, monke
         assert spec.dtype == torch.float32
         assert cost == output + (base_tensor.nbytes if base_tensor is not None else 0)
         assert base_tensor is None or cost > base_tensor.nbytes
+
+
+def test_the_output_is_hashed_only_when_it_can_be_the_exact_finetune(tmp_path, monkeypatch):
+    """By default a lossy codec's output is not hashed (its report says so with None), an exact codec's
+    is; fingerprint_output overrides either way. The base's digests are checked in every case."""
+    import deltakit.core.apply as apply_module
+
+    monkeypatch.setenv("DELTAKIT_DIGEST_CACHE", "0")  # every base tensor hashed: counted below
+    base, target = fm.make_pair(tmp_path / "models", "llama")
+    hashed: list[str] = []
+    real = apply_module.fingerprint.tensor_digest
+
+    def counting(name, tensor):
+        hashed.append(name)
+        return real(name, tensor)
+
+    monkeypatch.setattr(apply_module.fingerprint, "tensor_digest", counting)
+    lossy = deltakit.compress(base, target, tmp_path / "svd", method="svd")
+    base_tensors = len(apply_module.expected_base_names(lossy))
+    hashed.clear()
+    report = deltakit.apply(base, tmp_path / "svd", tmp_path / "out-svd")
+    assert len(hashed) == base_tensors  # the base only
+    assert (report.output_fingerprint, report.matches_target) == (None, None)
+    assert report.base_fingerprint == checkpoint_fingerprint(base)
+    with pytest.raises(BaseMismatchError):  # the base is still checked without the output's hashes
+        deltakit.apply(target, tmp_path / "svd", tmp_path / "out-wrong")
+
+    deltakit.compress(base, target, tmp_path / "lossless", method="lossless")
+    exact = deltakit.apply(base, tmp_path / "lossless", tmp_path / "out-lossless")
+    assert exact.matches_target is True and exact.output_fingerprint == checkpoint_fingerprint(target)
+    skipped = deltakit.apply(base, tmp_path / "lossless", fingerprint_output=False)
+    assert (skipped.output_fingerprint, skipped.matches_target) == (None, None)

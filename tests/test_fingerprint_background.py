@@ -59,7 +59,7 @@ def test_apply_fingerprints_are_those_of_its_inputs_and_output(monkeypatch, tmp_
     fleet = cached_fleet("llama")
     for name in ("svd-2", "lossless-3"):
         for _ in range(2):  # the second run finds the base's digests remembered (when switched on)
-            report = deltakit.apply(fleet["base"], fleet["delta"][name])
+            report = deltakit.apply(fleet["base"], fleet["delta"][name], fingerprint_output=True)
             assert report.base_fingerprint == checkpoint_fingerprint(fleet["base"])
             assert report.output_fingerprint == fingerprint_tensors(report.state_dict)
     assert report.matches_target  # lossless: the output is the fine-tune

@@ -4,7 +4,8 @@ Each output tensor is rebuilt from the matching base tensor (``base + decode(del
 to the target dtype, unless the codec restores exact bits) and streamed to the output shards, so peak
 memory is about one tensor pair per worker. On the CPU, tensors are rebuilt on as many threads as torch
 has (one torch thread each; the bits do not depend on it) while this thread writes them in order. The base's fingerprint is computed on the way; a mismatch aborts
-the run (the atomic output is discarded) unless ``force`` is set.
+the run (the atomic output is discarded) unless ``force`` is set. The output's fingerprint is computed
+when it can tell something: when the delta can restore the fine-tune exactly, or when asked.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from deltakit.core.decode import Decoder, load_delta
+from deltakit.core.decode import Decoder, codec_for, load_delta
 from deltakit.core.device import resolve_device
 from deltakit.core.rebuild import reconstruct
 from deltakit.errors import (
@@ -32,7 +33,7 @@ from deltakit.format.atomic import atomic_directory
 from deltakit.format.delta import BackgroundCheck, Delta
 from deltakit.format.digest_cache import SourceDigests
 from deltakit.format.fingerprint import FingerprintBuilder
-from deltakit.format.manifest import UNCHANGED, Manifest
+from deltakit.format.manifest import ENCODED, UNCHANGED, Manifest
 from deltakit.format.paths import check_aux_name, confined
 from deltakit.format.safetensors_io import TensorSpec, dtype_from_name, file_sha256
 from deltakit.models.checkpoint import CheckpointReader, CheckpointWriter, TensorSource, open_checkpoint
@@ -47,8 +48,10 @@ class ApplyReport:
 
     output: Path | None
     base_fingerprint: str
-    output_fingerprint: str
-    matches_target: bool
+    #: None when the output was not hashed (see ``fingerprint_output`` of :func:`apply`)
+    output_fingerprint: str | None
+    #: whether the output is bit for bit the fine-tune the delta was made from; None: not checked
+    matches_target: bool | None
     tensors: int
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -86,6 +89,7 @@ def apply(
     verify: bool = True,
     max_shard_bytes: int = 5 * 1024**3,
     sync: bool = True,
+    fingerprint_output: bool | None = None,
     progress: Progress | None = None,
 ) -> ApplyReport:
     """Rebuild the fine-tune from ``base`` and ``delta``.
@@ -100,6 +104,12 @@ def apply(
     sync: return only once ``output`` is on disk (fsync); ``False`` leaves the disk writes to the kernel,
     which is faster but an OS crash or power loss soon after can leave the output incomplete, and with
     ``overwrite`` lose the output it replaced (other processes still see a whole output or none).
+    fingerprint_output: hash the output and compare its fingerprint with the fine-tune's
+    (``matches_target``). None (default): only when the delta can restore the fine-tune exactly (an
+    exact codec such as ``lossless``, or no encoded tensor); a lossy codec's output then reports
+    ``output_fingerprint=None`` and ``matches_target=None``, and apply does not spend the sha256 pass
+    over every output byte (about a seventh of its time on SmolLM2, docs/speed.md). The base's
+    fingerprint is always checked.
 
     A delta directory's file sizes are checked first. On the CPU its sha256s are checked on a background
     thread while the tensors are rebuilt: the output is committed (or returned) only once they match,
@@ -118,9 +128,10 @@ def apply(
         if beside:
             check = BackgroundCheck(delta.path, delta.manifest)
     try:
-        return _apply_verified(
-            delta, base, output, out_dtype, dev, force, overwrite, max_shard_bytes, sync, progress, check
-        )
+        if fingerprint_output is None:
+            fingerprint_output = can_restore_exactly(delta)
+        options = _Options(out_dtype, dev, force, overwrite, max_shard_bytes, sync, fingerprint_output)
+        return _apply_verified(delta, base, output, options, progress, check)
     except Exception as exc:
         # a damaged file is the cause to report, whatever error its bytes caused first; a usage error is
         # the caller's and does not wait for the check
@@ -133,16 +144,32 @@ def apply(
             check.cancel()  # no-op once done; stops the hashing after an interrupt
 
 
+def can_restore_exactly(delta: Delta) -> bool:
+    """Whether ``delta`` can rebuild its fine-tune bit for bit: its codec is exact (``max_error`` 0,
+    e.g. ``lossless``) or it encodes no tensor (every tensor unchanged or stored as it is)."""
+    if all(entry.kind != ENCODED for entry in delta.manifest.tensors.values()):
+        return True
+    return codec_for(delta.manifest).max_error == 0.0
+
+
+@dataclass(frozen=True)
+class _Options:
+    """:func:`apply`'s settings, checked."""
+
+    out_dtype: torch.dtype | None
+    device: torch.device
+    force: bool
+    overwrite: bool
+    max_shard_bytes: int
+    sync: bool
+    fingerprint_output: bool
+
+
 def _apply_verified(
     delta: Delta,
     base: str | Path | dict[str, torch.Tensor] | TensorSource,
     output: str | Path | None,
-    out_dtype: torch.dtype | None,
-    dev: torch.device,
-    force: bool,
-    overwrite: bool,
-    max_shard_bytes: int,
-    sync: bool,
+    options: _Options,
     progress: Progress | None,
     check: BackgroundCheck | None,
 ) -> ApplyReport:
@@ -154,21 +181,21 @@ def _apply_verified(
     specs = []
     for name, entry in delta.manifest.tensors.items():
         tdtype = dtype_from_name(entry.dtype)
-        if out_dtype is not None and tdtype.is_floating_point:
-            tdtype = out_dtype
+        if options.out_dtype is not None and tdtype.is_floating_point:
+            tdtype = options.out_dtype
         specs.append(TensorSpec(name, tdtype, tuple(entry.shape)))
 
     if output is None:
         state: dict[str, torch.Tensor] = {}
-        report = _apply_into(delta, base_src, specs, dev, force, progress, state.__setitem__)
+        report = _apply_into(delta, base_src, specs, options, progress, state.__setitem__)
         if check is not None:
             check.result()
         report.state_dict = state
         return report
     inputs = (getattr(base_src, "path", None), delta.path)
-    with atomic_directory(output, overwrite=overwrite, inputs=inputs, sync=sync) as tmp:
-        writer = CheckpointWriter(tmp, specs, max_shard_bytes, writeback=sync)
-        report = _apply_into(delta, base_src, specs, dev, force, progress, writer.write)
+    with atomic_directory(output, overwrite=options.overwrite, inputs=inputs, sync=options.sync) as tmp:
+        writer = CheckpointWriter(tmp, specs, options.max_shard_bytes, writeback=options.sync)
+        report = _apply_into(delta, base_src, specs, options, progress, writer.write)
         writer.close()
         _copy_aux(delta, base_src, tmp)
         if check is not None:
@@ -181,11 +208,11 @@ def _apply_into(
     delta: Delta,
     base_src: TensorSource,
     specs: list[TensorSpec],
-    dev: torch.device,
-    force: bool,
+    options: _Options,
     progress: Progress | None,
     sink: Callable[[str, torch.Tensor], None],
 ) -> ApplyReport:
+    dev, hash_output = options.device, options.fingerprint_output
     base_fp = FingerprintBuilder(SourceDigests.of(base_src))  # a base read before is not hashed again
     out_fp = FingerprintBuilder()
     manifest = delta.manifest
@@ -202,8 +229,8 @@ def _apply_into(
         return manifest.tensors[spec.name].kind == UNCHANGED and spec.dtype == base_src.spec(spec.name).dtype
 
     def rebuild(item: tuple[TensorSpec, torch.Tensor | None]) -> tuple[torch.Tensor, str | None, str | None]:
-        """The output tensor, its digest (None: the base's) and the base tensor's (None: no base tensor;
-        remembered ones are taken as they are). Both are hashed here, on the worker, right after the
+        """The output tensor, its digest (None: the base's, or the output is not hashed) and the base
+        tensor's (None: no base tensor; remembered ones are taken as they are). Both are hashed here, on the worker, right after the
         rebuild has read the one and written the other: from the core's cache sha256 runs about 1.6x as
         fast as from memory on the development machine."""
         # fused where it can (checked tile by tile as it is written); unchanged tensors are the base's own
@@ -212,7 +239,8 @@ def _apply_into(
         base_digest = None
         if base_tensor is not None:
             base_digest = base_fp.remembered(spec.name) or fingerprint.tensor_digest(spec.name, base_tensor)
-        return rebuilt, None if as_base(spec) else fingerprint.tensor_digest(spec.name, rebuilt), base_digest
+        hashed = hash_output and not as_base(spec)
+        return rebuilt, fingerprint.tensor_digest(spec.name, rebuilt) if hashed else None, base_digest
 
     def held_bytes(item: tuple[TensorSpec, torch.Tensor | None]) -> int:
         """What a queued tensor holds until it is written: the base tensor read and the rebuilt one."""
@@ -229,10 +257,10 @@ def _apply_into(
             progress(index, total, spec.name)
         if base_digest is not None:
             base_fp.add_digest(spec.name, base_digest)
-        if digest is None:
-            base_named.append(spec.name)
-        else:
+        if digest is not None:
             out_fp.add_digest(spec.name, digest)
+        elif hash_output:
+            base_named.append(spec.name)
         sink(spec.name, rebuilt)
     for offset, name in enumerate(manifest.removed):
         if progress is not None:
@@ -241,7 +269,9 @@ def _apply_into(
     if progress is not None:
         progress(total, total, "")
     base_fingerprint = base_fp.fingerprint()
-    _check_base_fingerprint(base_fingerprint, manifest, force)
+    _check_base_fingerprint(base_fingerprint, manifest, options.force)
+    if not hash_output:
+        return ApplyReport(None, base_fingerprint, None, None, len(specs))
     for name in base_named:
         out_fp.add_digest(name, base_fp.digest(name))
     output_fingerprint = out_fp.fingerprint()
