@@ -235,3 +235,39 @@ def test_layout_problem_names_what_the_stored_tensors_lack():
     assert "zeros" in layout_problem(replace(q, zeros=None))
     assert "bits" in layout_problem(replace(q, bits=5))
     assert "axis" in layout_problem(replace(q, axis=2))
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_compiled_dequantize_gives_the_torch_bits(bits, scheme, monkeypatch):
+    """The compiled loop (CPU) writes exactly torch's ``code * step + origin`` values, in every layout:
+    lanes of odd length (4-bit codes starting mid-byte), a factor's lanes as columns (axis 0 of a
+    matrix, written tile by tile), 3-D tensors, groups longer than the lane and of one value."""
+    import deltakit.ops.quant as quant
+
+    if quant.native_library() is None:
+        pytest.skip("no C compiler: dequantize is the torch form")
+    cases = [((37, 11), 0), ((37, 11), 1), ((576, 96), 0), ((96, 576), 1), ((70, 17), 0)]
+    cases += [
+        ((5, 7, 9), 1),
+        ((3, 4, 130), 2),
+        ((130,), 0),
+        ((33,), 0),
+        ((2, 1), 0),
+        ((1, 5), 1),
+        ((1, 1), 0),
+    ]
+    generator = torch.Generator().manual_seed(bits)
+    for shape, axis in cases:
+        for group_size in (1, 3, 16, 64, 1000):
+            q = quantize(torch.randn(shape, generator=generator) * 3, bits, group_size, axis, scheme)
+            compiled = dequantize(q)
+            with monkeypatch.context() as patched:
+                patched.setattr(quant, "native_library", lambda: None)
+                reference = dequantize(q)
+            assert compiled.shape == reference.shape == shape
+            assert torch.equal(compiled.view(torch.int32), reference.view(torch.int32)), (
+                shape,
+                axis,
+                group_size,
+            )

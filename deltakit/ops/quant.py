@@ -30,6 +30,7 @@ import torch
 from deltakit.errors import FormatError, UsageError
 from deltakit.ops.finite import all_finite
 from deltakit.ops.intpack import pack_codes, packed_nbytes, unpack_codes
+from deltakit.ops.signmm import native_library
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCHEMES = ("symmetric", "asymmetric")
@@ -257,8 +258,15 @@ def _round_groups(
 
 
 def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """fp32 tensor of ``q.shape`` on ``device`` (default: the codes' device)."""
+    """fp32 tensor of ``q.shape`` on ``device`` (default: the codes' device): each value
+    ``code * step + origin`` of its group, the product and the sum each rounded to fp32. On the CPU a
+    compiled loop (``dequant_native.c``) writes them in one pass, 2-D tensors straight into their own
+    layout (contiguous); elsewhere, and when it is unavailable, torch computes the same values."""
     device = torch.device(device) if device is not None else q.codes.device
+    if device.type == "cpu":
+        native = _native_dequantize(q)
+        if native is not None:
+            return native
     moved = list(q.shape)
     moved.append(moved.pop(q.axis))
     lanes, length = _lanes_length(q.shape, q.axis)
@@ -267,13 +275,55 @@ def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> 
     group = min(q.group_size, length)  # one group of a longer size holds just the lane (no padding to it)
     padded = torch.zeros(lanes, groups * group, dtype=torch.float32, device=device)
     padded[:, :length] = codes.to(torch.float32)
-    step = q.scales.to(device).float()[..., None]  # (lanes, groups, 1)
-    if q.scheme == "symmetric":
-        origin = -((1 << q.bits) - 1) / 2 * step
-    else:
-        origin = q.zeros.to(device).float()[..., None]
-    values = padded.reshape(lanes, groups, group) * step + origin
+    step, origin = _step_origin(q, device)
+    values = padded.reshape(lanes, groups, group) * step[..., None] + origin[..., None]
     return values.reshape(lanes, -1)[:, :length].reshape(moved).movedim(-1, q.axis)
+
+
+def _step_origin(q: QuantizedTensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (lanes, groups) step and origin of each group: ``code * step + origin`` is its value."""
+    step = q.scales.to(device).float()
+    if q.scheme == "symmetric":
+        return step, -((1 << q.bits) - 1) / 2 * step
+    return step, q.zeros.to(device).float()
+
+
+def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
+    """:func:`dequantize` on the CPU by the compiled loop; None when it does not apply (no library, codes
+    not on the CPU, or a layout :func:`layout_problem` refuses)."""
+    if q.codes.device.type != "cpu" or layout_problem(q) is not None:
+        return None
+    lib = native_library()
+    if lib is None:
+        return None
+    lanes, length = _lanes_length(q.shape, q.axis)
+    step, origin = (t.contiguous() for t in _step_origin(q, torch.device("cpu")))  # (lanes, groups)
+    codes = q.codes.contiguous()
+    columns = len(q.shape) == 2 and q.axis == 0  # (length, lanes): lane l is column l
+    if columns:
+        out = torch.empty(q.shape, dtype=torch.float32)
+        strides = (1, lanes)
+    else:  # (..., length) with the axis last, moved back below
+        moved = list(q.shape)
+        moved.append(moved.pop(q.axis))
+        out = torch.empty(moved, dtype=torch.float32)
+        strides = (length, 1)
+    status = lib.deltakit_dequantize(
+        codes.data_ptr(),
+        codes.numel(),
+        q.bits,
+        lanes,
+        length,
+        min(q.group_size, length),
+        step.shape[1],
+        step.data_ptr(),
+        origin.data_ptr(),
+        out.data_ptr(),
+        *strides,
+    )
+    if status != 0:
+        raise ValueError(f"dequantize: the compiled loop refused {q.bits}-bit codes of shape {list(q.shape)}")
+    return out if columns else out.movedim(-1, q.axis)
 
 
 def _grouped(moved: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:

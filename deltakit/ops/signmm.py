@@ -20,8 +20,9 @@ The same library holds the one-pass rebuild of :mod:`deltakit.ops.fused` (``delt
 fixed-order low-rank product of :mod:`deltakit.ops.lowrank` (``deltakit_low_rank_rows``); a second source,
 ``lowrank_native.c``, compiled into it, holds the mixed batch's low-rank shares at the factors' stored width
 (:mod:`deltakit.ops.lowrank_group`), a third, ``signstage_native.c``, the encode-side sign stage
-(:mod:`deltakit.ops.signstage`), and a fourth, ``pairscan_native.c``, the finiteness and equality scan
-of a fine-tune tensor and its base (:func:`deltakit.ops.finite.scan_pair`).
+(:mod:`deltakit.ops.signstage`), a fourth, ``pairscan_native.c``, the finiteness and equality scan
+of a fine-tune tensor and its base (:func:`deltakit.ops.finite.scan_pair`), and a fifth,
+``dequant_native.c``, the dequantization of packed codes (:func:`deltakit.ops.quant.dequantize`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ from deltakit.ops.bitpack import unpack_signs
 #: compiled together into one library
 _SOURCES = tuple(
     Path(__file__).with_name(n)
-    for n in ("signmm_native.c", "lowrank_native.c", "signstage_native.c", "pairscan_native.c")
+    for n in (
+        "signmm_native.c",
+        "lowrank_native.c",
+        "signstage_native.c",
+        "pairscan_native.c",
+        "dequant_native.c",
+    )
 )
 #: an undeclared function is an error, never an implicit ``int`` one (a missing header must not build)
 _FLAGS = (
@@ -127,6 +134,9 @@ _SIGNATURES = {
     "deltakit_sign_residual": (_P, _I64, ctypes.c_float, _P),
     # pairscan_native.c (ops/finite.py): a, b, kind, n, flags
     "deltakit_scan_pair": (_P, _P, _I32, _I64, _P),
+    # dequant_native.c (ops/quant.py): packed, nbytes, bits, lanes, length, group, groups, step, origin,
+    # out, lane stride, value stride
+    "deltakit_dequantize": (_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64),
 }
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
