@@ -271,3 +271,27 @@ def test_the_compiled_dequantize_gives_the_torch_bits(bits, scheme, monkeypatch)
                 axis,
                 group_size,
             )
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_compiled_clip_search_chooses_as_the_torch_search(bits, scheme, monkeypatch):
+    """``clip="mse"`` on the CPU runs the compiled search: the same codes, scales and offsets as the
+    torch search, with padded last groups, all-zero groups and groups of one value."""
+    import deltakit.ops.quant as quant
+
+    if quant.native_library() is None:
+        pytest.skip("no C compiler: the clip search is the torch form")
+    generator = torch.Generator().manual_seed(10 + bits)
+    for shape, axis in (((37, 11), 0), ((96, 576), 1), ((576, 96), 0), ((3, 4, 130), 2), ((2, 1), 0)):
+        for group_size in (1, 3, 16, 64, 1000):
+            x = torch.randn(shape, generator=generator) * 3
+            x[..., :1] = 0  # all-zero groups along axis 0
+            compiled = quantize(x, bits, group_size, axis, scheme, clip="mse")
+            with monkeypatch.context() as patched:
+                patched.setattr(quant, "native_library", lambda: None)
+                reference = quantize(x, bits, group_size, axis, scheme, clip="mse")
+            assert torch.equal(compiled.codes, reference.codes), (shape, axis, group_size)
+            assert torch.equal(compiled.scales, reference.scales)
+            assert (compiled.zeros is None) == (reference.zeros is None)
+            assert compiled.zeros is None or torch.equal(compiled.zeros, reference.zeros)

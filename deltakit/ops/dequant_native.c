@@ -10,6 +10,7 @@
  * ceil(lanes * length * bits / 8) bytes, that step and origin hold lanes * groups values and that out holds
  * every index written; returns 0, or 1 for arguments out of range.
  */
+#include <math.h>
 #include <stdint.h>
 
 #define TILE_LANES 16
@@ -71,5 +72,62 @@ int deltakit_dequantize(const uint8_t *packed, int64_t nbytes, int64_t bits, int
                 for (int64_t t = 0; t < nl; t++) out[(l0 + t) * lane_stride + (i0 + m) * value_stride] = tile[t][m];
         }
     }
+    return 0;
+}
+
+/* The clip search of deltakit/ops/quant.py (_best_of_ratios): for each group of `size` values of x
+ * (lanes, groups, size), fp32, padded past `length` values a lane), the grid r of `nratios` with the least
+ * squared error, the first on ties. Grid r of group (l, g) is step[(r * lanes + l) * groups + g] and origin
+ * likewise; a value's code is clamp(rint((x - origin) / safe), 0, top) with safe the step, or 1 where the
+ * step is 0, and its error ((code * step + origin) - x)^2, each operation rounded to fp32; a group's error
+ * is the sum of its values' in fp64 (values past `length` left out): value j into lane j % 8 in order,
+ * then ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). Writes best[l * groups + g]
+ * and the chosen codes into codes (lanes, groups, size); returns 0, or 1 for arguments out of range. */
+#define CLIP_LANES 8 /* fp64 partial sums of a group's error */
+
+int deltakit_clip_search(const float *x, int64_t lanes, int64_t groups, int64_t size, int64_t length,
+                         int64_t nratios, const float *step, const float *origin, float top, int64_t *best,
+                         uint8_t *codes) {
+    if (lanes < 0 || groups < 0 || size < 1 || nratios < 1 || length > groups * size || top < 1 || top > 255)
+        return 1;
+    for (int64_t l = 0; l < lanes; l++)
+        for (int64_t g = 0; g < groups; g++) {
+            const float *v = x + (l * groups + g) * size;
+            const int64_t n = length - g * size < size ? length - g * size : size; /* values that count */
+            int64_t pick = 0;
+            double least = 0;
+            for (int64_t r = 0; r < nratios; r++) {
+                const float s = step[(r * lanes + l) * groups + g], o = origin[(r * lanes + l) * groups + g];
+                const float safe = s > 0 ? s : 1.0f;
+                double lane[CLIP_LANES] = {0};
+                int64_t j = 0;
+                for (; j + CLIP_LANES <= n; j += CLIP_LANES)
+                    for (int k = 0; k < CLIP_LANES; k++) {
+                        float c = rintf((v[j + k] - o) / safe);
+                        c = c < 0 ? 0 : (c > top ? top : c);
+                        const float d = c * s + o - v[j + k];
+                        lane[k] += (double)(d * d);
+                    }
+                for (; j < n; j++) {
+                    float c = rintf((v[j] - o) / safe);
+                    c = c < 0 ? 0 : (c > top ? top : c);
+                    const float d = c * s + o - v[j];
+                    lane[j % CLIP_LANES] += (double)(d * d);
+                }
+                double err = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+                if (r == 0 || err < least) {
+                    least = err;
+                    pick = r;
+                }
+            }
+            best[l * groups + g] = pick;
+            const float s = step[(pick * lanes + l) * groups + g], o = origin[(pick * lanes + l) * groups + g];
+            const float safe = s > 0 ? s : 1.0f;
+            uint8_t *out = codes + (l * groups + g) * size;
+            for (int64_t j = 0; j < size; j++) {
+                float c = rintf((v[j] - o) / safe);
+                out[j] = (uint8_t)(c < 0 ? 0 : (c > top ? top : c));
+            }
+        }
     return 0;
 }

@@ -204,18 +204,63 @@ def _best_of_ratios(
     ratio alone, so the choice is the one a ratio-by-ratio search makes."""
     extent = _group_extent(grouped, scheme)
     ratio = torch.tensor(ratios, dtype=torch.float32, device=grouped.device).reshape(-1, 1, 1)  # (R, 1, 1)
+    if len(ratios) > 1 and grouped.device.type == "cpu":
+        lib = native_library()
+        if lib is not None:
+            return _native_best_of_ratios(lib, grouped, bits, scheme, ratio, extent, valid)
     codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio, extent)  # (R, lanes, ...)
     err = codes * scales.float()[..., None]
     err.add_(origin[..., None]).sub_(grouped).square_()
     if valid is not None:
         err.mul_(valid)
-    best = err.sum(dim=-1).argmin(dim=0, keepdim=True)  # (1, lanes, groups): argmin keeps the first
+    # summed in fp64, as the compiled search sums (in order): the two choose alike unless two ratios'
+    # errors agree to about 1e-16
+    best = err.double().sum(dim=-1).argmin(dim=0, keepdim=True)  # (1, lanes, groups): argmin keeps the first
     pick = best[..., None].expand(1, *codes.shape[1:])
     return (
         codes.gather(0, pick)[0],
         scales.gather(0, best)[0],
         None if zeros is None else zeros.gather(0, best)[0],
     )
+
+
+def _native_best_of_ratios(
+    lib,
+    grouped: torch.Tensor,
+    bits: int,
+    scheme: str,
+    ratio: torch.Tensor,
+    extent: tuple[torch.Tensor, torch.Tensor | None],
+    valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_best_of_ratios` by the compiled search (``deltakit_clip_search``): each ratio's grid is
+    worked out here ((R, lanes, groups) values), the codes and errors of every value there, in one pass
+    per ratio over a group held in cache; the codes come back as uint8 (lanes, groups, G)."""
+    top = float((1 << bits) - 1)
+    scales, zeros, origin = _grids(bits, scheme, ratio, extent)  # (R, lanes, groups) each
+    step, origin = scales.float().contiguous(), origin.contiguous()
+    grouped = grouped.contiguous()
+    lanes, groups, size = grouped.shape
+    length = groups * size if valid is None else int(valid.sum())  # values a lane holds
+    best = torch.empty((lanes, groups), dtype=torch.int64)
+    codes = torch.empty((lanes, groups, size), dtype=torch.uint8)
+    status = lib.deltakit_clip_search(
+        grouped.data_ptr(),
+        lanes,
+        groups,
+        size,
+        length,
+        ratio.numel(),
+        step.data_ptr(),
+        origin.data_ptr(),
+        top,
+        best.data_ptr(),
+        codes.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError(f"quantize: the compiled clip search refused groups of shape {list(grouped.shape)}")
+    pick = best[None]  # (1, lanes, groups)
+    return codes, scales.gather(0, pick)[0], None if zeros is None else zeros.gather(0, pick)[0]
 
 
 def _group_extent(grouped: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -240,21 +285,30 @@ def _round_groups(
     extent: :func:`_group_extent` of ``grouped``, when the caller already has it.
     """
     top = float((1 << bits) - 1)
-    first, second = extent if extent is not None else _group_extent(grouped, scheme)
-    if scheme == "symmetric":
-        scales = _fp16_up(first * ratio / (top / 2))  # (lanes, groups)
-        zeros, origin = None, -(top / 2) * scales.float()
-    else:
-        low, high = first, second
-        mid, half = (low + high) / 2, (high - low) / 2 * ratio
-        zeros = _fp16_down(mid - half)
-        origin = zeros.float()
-        scales = _fp16_up((mid + half - origin) / top)
+    extent = extent if extent is not None else _group_extent(grouped, scheme)
+    scales, zeros, origin = _grids(bits, scheme, ratio, extent)
     step = scales.float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
     codes = grouped - origin[..., None]
     codes.div_(safe[..., None]).round_().clamp_(0, top)
     return codes, scales, zeros, origin
+
+
+def _grids(
+    bits: int, scheme: str, ratio: float | torch.Tensor, extent: tuple[torch.Tensor, torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """fp16 scales, fp16 offsets (asymmetric, else None) and the fp32 origin of each group's grid at clip
+    ``ratio`` (a float, or an fp32 (R, 1, 1) tensor: a leading R dimension), from its extent."""
+    top = float((1 << bits) - 1)
+    first, second = extent
+    if scheme == "symmetric":
+        scales = _fp16_up(first * ratio / (top / 2))  # (lanes, groups)
+        return scales, None, -(top / 2) * scales.float()
+    low, high = first, second
+    mid, half = (low + high) / 2, (high - low) / 2 * ratio
+    zeros = _fp16_down(mid - half)
+    origin = zeros.float()
+    return _fp16_up((mid + half - origin) / top), zeros, origin
 
 
 def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> torch.Tensor:

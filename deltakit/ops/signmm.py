@@ -137,6 +137,9 @@ _SIGNATURES = {
     # dequant_native.c (ops/quant.py): packed, nbytes, bits, lanes, length, group, groups, step, origin,
     # out, lane stride, value stride
     "deltakit_dequantize": (_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64),
+    # dequant_native.c (ops/quant.py): grouped, lanes, groups, size, length, ratios, step, origin, top,
+    # best, codes
+    "deltakit_clip_search": (_P, _I64, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_float, _P, _P),
 }
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
