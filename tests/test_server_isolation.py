@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -255,3 +256,37 @@ def test_batch_failing_mid_stream_reruns_only_the_requests_that_streamed_nothing
     assert plain.future.result().text == expected
     streamed = "".join(pieces)
     assert _alone(engine, "svd-2", PROMPTS[0]).startswith(streamed)  # a prefix, never repeated
+
+
+def test_a_delta_with_overflowing_values_fails_its_request_alone_with_a_non_finite_error(fleet, tmp_path):
+    """A delta whose manifest sets its MLP output projections' sign scale to 1e38 passes every check
+    (finite, well-formed) but overflows the activations to NaN logits: its requests end in
+    NonFiniteError (HTTP 400, non_finite_delta), not in tokens drawn from NaN logits (greedy decoding
+    would pick a NaN's index), and the requests batched with them complete."""
+    import json
+    import shutil
+
+    from deltakit.errors import NonFiniteError
+    from deltakit.runtime.server import error_for
+
+    hostile = Path(shutil.copytree(fleet["delta"]["dqrelo-0"], tmp_path / "hostile"))
+    manifest = json.loads((hostile / "manifest.json").read_text())
+    for name, entry in manifest["tensors"].items():
+        if entry["kind"] == "encoded" and "down_proj" in name:
+            entry["params"]["scale"] = 1e38
+    (hostile / "manifest.json").write_text(json.dumps(manifest))
+    eng = ServingEngine.from_base(
+        fleet["base"], deltas={"hostile": str(hostile), "svd-2": str(fleet["delta"]["svd-2"])}
+    )
+    try:
+        expected = [_alone(eng, m, p) for m, p in ((None, PROMPTS[0]), ("svd-2", PROMPTS[1]))]
+        for params in ({}, {"temperature": 0.8, "seed": 1}):
+            jobs = [_job(eng, None, PROMPTS[0]), _job(eng, "hostile", PROMPTS[2], **params)]
+            jobs.append(_job(eng, "svd-2", PROMPTS[1]))
+            eng.scheduler.run_batch(jobs)
+            assert [jobs[0].future.result().text, jobs[2].future.result().text] == expected
+            with pytest.raises(NonFiniteError, match="logits"):
+                jobs[1].future.result()
+            assert error_for(jobs[1].future.exception()).status_code == 400
+    finally:
+        eng.close()

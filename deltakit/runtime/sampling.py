@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
 import torch
 
-from deltakit.errors import UsageError
+from deltakit.errors import NonFiniteError, UsageError
 
 MAX_SEED = 2**63 - 1
 
@@ -51,7 +52,15 @@ class Sampler:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def choose(self, logits: torch.Tensor) -> int:
-        """Next token id from fp32 logits (vocab,) on the CPU (not mutated)."""
+        """Next token id from fp32 logits (vocab,) on the CPU (not mutated). NonFiniteError when they hold
+        NaN or +Inf, or no finite value: a delta whose values overflow the model's activations gives such
+        logits, and a token drawn from them would mean nothing (greedy decoding would pick a NaN's index)."""
+        top = float(logits.max())  # NaN when any logit is NaN
+        if not math.isfinite(top):
+            raise NonFiniteError(
+                "the model's next-token logits hold NaN or Inf: the delta, or the base, gives non-finite "
+                "activations"
+            )
         if self.params.temperature == 0.0:
             return int(torch.argmax(logits))
         if 0 < self.params.top_k < logits.shape[-1]:
