@@ -60,15 +60,15 @@ class ShardReader:
         spec, start, stop = self._spans[name]
         if stop == start:
             return torch.empty(spec.shape, dtype=spec.dtype)
-        buffer = bytearray(stop - start)
-        with memoryview(buffer) as view:
+        raw = torch.empty(stop - start, dtype=torch.uint8)  # not zeroed: every byte is read into it
+        with memoryview(raw.numpy()) as view:
             read = 0
-            while read < len(buffer):
+            while read < len(view):
                 got = os.preadv(self._fh.fileno(), [view[read:]], self._data_start + start + read)
                 if not got:
                     raise IntegrityError(f"{self.label} changed size while it was read (truncated?)")
                 read += got
-        return torch.frombuffer(buffer, dtype=spec.dtype).reshape(spec.shape)
+        return raw.view(spec.dtype).reshape(spec.shape)
 
     def close(self) -> None:
         self._fh.close()
