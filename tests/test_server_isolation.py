@@ -288,5 +288,15 @@ def test_a_delta_with_overflowing_values_fails_its_request_alone_with_a_non_fini
             with pytest.raises(NonFiniteError, match="logits"):
                 jobs[1].future.result()
             assert error_for(jobs[1].future.exception()).status_code == 400
+        for prompt in PROMPTS:  # a streaming batch-mate that has sent text already is not failed with it
+            pieces: list[str] = []
+            streaming = _job(eng, "svd-2", prompt)
+            streaming.request.on_text = pieces.append
+            hostile_job = _job(eng, "hostile", PROMPTS[2])
+            eng.scheduler.run_batch([streaming, hostile_job])
+            assert eng.scheduler.batches[-1].finish_reasons[1] == "error"  # one batch, the row failed
+            assert streaming.future.result().text == "".join(pieces) == _alone(eng, "svd-2", prompt)
+            with pytest.raises(NonFiniteError):
+                hostile_job.future.result()
     finally:
         eng.close()

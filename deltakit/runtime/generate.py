@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltakit.errors import NonFiniteError
 from deltakit.runtime.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,12 @@ class GenerationRequest:
 class GenerationResult:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled" | "error"
     prompt_tokens: int
     completion_tokens: int
+    #: why the row stopped with finish_reason "error" (its logits were not finite: NonFiniteError); the
+    #: other rows of its batch go on
+    error: Exception | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class _RowState:
     text: str = ""
     emitted: int = 0
     finish: str | None = None
+    error: Exception | None = None
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -135,7 +140,12 @@ def generate(model: torch.nn.Module, tokenizer, requests: list[GenerationRequest
             if row.finish is None and row.request.cancel.is_set():
                 row.finish = "cancelled"
             if row.finish is None:
-                token = row.sampler.choose(logits[i])
+                try:
+                    token = row.sampler.choose(logits[i])
+                except NonFiniteError as exc:  # this row's delta overflows; its batch-mates go on
+                    row.finish, row.error = "error", exc
+                    next_ids.append(pad)
+                    continue
                 if token in eos:
                     row.finish = "stop"
                 else:
@@ -164,7 +174,12 @@ def generate(model: torch.nn.Module, tokenizer, requests: list[GenerationRequest
         detok.update(row, final=True)
         results.append(
             GenerationResult(
-                row.tokens, row.text, row.finish or "length", len(row.request.prompt_ids), len(row.tokens)
+                row.tokens,
+                row.text,
+                row.finish or "length",
+                len(row.request.prompt_ids),
+                len(row.tokens),
+                row.error,
             )
         )
     return results

@@ -194,6 +194,9 @@ class Scheduler:
         self.batches.append(BatchRecord(models, path, time.perf_counter() - start, swap, finish))
         del self.batches[: -self._history]
         for job, result in zip(live, results, strict=True):
+            if result.error is not None:  # this row alone failed (non-finite logits)
+                _fail(job, result.error)
+                continue
             with contextlib.suppress(InvalidStateError):  # cancelled by its caller meanwhile
                 job.future.set_result(result)
 
