@@ -355,7 +355,10 @@ def apply(
     if as_json:
         emit_json(result)
     else:
-        exact = "bit-exact fine-tune" if report.matches_target else "approximate fine-tune"
+        if report.matches_target is None:  # not hashed: a lossy codec's output, or --no-fingerprint
+            exact = "output not fingerprinted" if fingerprint_output is False else "approximate fine-tune"
+        else:
+            exact = "bit-exact fine-tune" if report.matches_target else "approximate fine-tune"
         out_console.print(
             f"[green]wrote[/] {escape(str(output))}: {report.tensors} tensors, {exact}, {result['seconds']:.1f}s"
         )

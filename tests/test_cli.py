@@ -95,6 +95,10 @@ def test_lossless_apply_is_bit_exact(pair, tmp_path, capsys):
     assert run(capsys, "compress", "-m", "lossless", "--base", str(base), str(ft), "-o", str(delta))[0] == 0
     code, out, _ = run(capsys, "apply", str(base), str(delta), "-o", str(tmp_path / "out"), "--json")
     assert code == 0 and json.loads(out)["matches_target"] is True
+    code, out, _ = run(
+        capsys, "apply", str(base), str(delta), "-o", str(tmp_path / "unchecked"), "--no-fingerprint"
+    )
+    assert code == 0 and "output not fingerprinted" in out and "approximate" not in out
     rebuilt, original = load_file(tmp_path / "out" / "model.safetensors"), load_file(ft / "model.safetensors")
     assert rebuilt.keys() == original.keys()
     assert all(torch.equal(rebuilt[k], original[k]) for k in original)

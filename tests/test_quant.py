@@ -295,3 +295,14 @@ def test_the_compiled_clip_search_chooses_as_the_torch_search(bits, scheme, monk
             assert torch.equal(compiled.scales, reference.scales)
             assert (compiled.zeros is None) == (reference.zeros is None)
             assert compiled.zeros is None or torch.equal(compiled.zeros, reference.zeros)
+
+
+def test_the_clip_search_counts_every_value_of_a_lane_longer_than_float32_counts_exactly():
+    """A lane of 2**25 + 6 values in groups of 3 (the last one padded): the compiled search is told the
+    lane's exact length (a float32 sum of the padding mask is not exact past 2**24) and quantizes it."""
+    x = torch.randn(2**25 + 6, generator=torch.Generator().manual_seed(3))
+    searched = quantize(x, 4, 3, 0, "symmetric", clip="mse")
+    plain = quantize(x, 4, 3, 0, "symmetric", clip="absmax")
+    assert searched.scales.shape == plain.scales.shape == (1, (2**25 + 6 + 2) // 3)
+    # the search keeps ratio 1.0 (absmax) unless another has less error, group by group
+    assert float((dequantize(searched) - x).square().sum()) <= float((dequantize(plain) - x).square().sum())

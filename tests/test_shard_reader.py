@@ -102,3 +102,17 @@ def test_apply_of_a_shard_cut_short_mid_run_ends_in_one_integrity_error(delta, t
     with pytest.raises(IntegrityError):
         apply(fleet["base"], delta, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", [[2**70, 0], [2**40, 2**40, 0], [2**62, 1]])
+def test_a_header_with_an_impossible_shape_is_a_format_error(tmp_path, shape):
+    """A zero-byte tensor whose other dimensions no allocator could hold passes the offset checks; it is
+    refused when the header is read, not left for torch to raise on."""
+    import json
+    import struct
+
+    header = json.dumps({"x": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with open(path, "rb", buffering=0) as fh, pytest.raises(FormatError, match="impossible shape"):
+        ShardReader(fh, path)

@@ -269,6 +269,7 @@ class Delta:
         self.path = Path(path) if path is not None else None
         self._stored = stored
         self._readers: dict[str, ShardReader] = {}
+        self._open_lock = threading.Lock()  # apply's workers read tensors side by side: one reader a shard
 
     @property
     def in_memory(self) -> bool:
@@ -301,6 +302,8 @@ class Delta:
             return self._readers[shard].get_tensor(key)
         except OSError as exc:
             raise FormatError(f"{self.path / shard}: cannot read {key!r} ({exc.strerror})") from None
+        except (RuntimeError, TypeError, ValueError) as exc:  # torch refusing a shape the header allows
+            raise FormatError(f"{self.path / shard}: cannot read {key!r} ({str(exc)[:120]})") from None
 
     def stored_spec(self, key: str, shard: str | None) -> TensorSpec:
         """Name, dtype and shape of stored tensor ``key`` without reading its data (shard header only)."""
@@ -310,7 +313,9 @@ class Delta:
         if self.path is None or shard is None:
             raise FormatError(f"stored tensor {key!r} has no shard")
         if shard not in self._readers:
-            self._open(shard)
+            with self._open_lock:
+                if shard not in self._readers:
+                    self._open(shard)
         spec = self._readers[shard].specs.get(key)
         if spec is None:
             raise FormatError(f"{self.path / shard}: holds no tensor {key!r}")

@@ -39,6 +39,9 @@ for _st, _dt in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         ST_TO_DTYPE[_st] = getattr(torch, _dt)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: a shape whose dimensions (zeros counted as 1) span this many bytes or more is refused: torch cannot
+#: allocate it, even with a zero dimension
+MAX_SHAPE_BYTES = 1 << 62
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -164,6 +167,11 @@ def _header_entry(path: str | Path, name: str, entry: Any) -> tuple[TensorSpec, 
     if not ok:
         raise FormatError(f"{path}: malformed safetensors header entry {name[:80]!r}")
     spec = TensorSpec(name, ST_TO_DTYPE[entry["dtype"]], tuple(shape))
+    extent = spec.dtype.itemsize  # bytes the shape spans with its zero dimensions taken as 1
+    for dim in shape:
+        extent *= max(dim, 1)
+    if extent >= MAX_SHAPE_BYTES:  # a tensor no file holds, even empty (torch cannot allocate it)
+        raise FormatError(f"{path}: tensor {name[:80]!r} has an impossible shape {list(shape)[:8]}")
     if offsets[1] - offsets[0] != spec.nbytes:
         raise FormatError(
             f"{path}: tensor {name[:80]!r} spans {offsets[1] - offsets[0]} bytes, not {spec.nbytes}"

@@ -178,7 +178,7 @@ def quantize(
         valid = valid.reshape(1, grouped.shape[1], group_size)
     lanes_per_block = max(1, _BLOCK_VALUES // max(1, len(ratios) * grouped[0].numel()))
     blocks = [
-        _best_of_ratios(grouped[start : start + lanes_per_block], bits, scheme, ratios, valid)
+        _best_of_ratios(grouped[start : start + lanes_per_block], bits, scheme, ratios, valid, length)
         for start in range(0, grouped.shape[0], lanes_per_block)
     ]
     codes, scales = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
@@ -196,10 +196,16 @@ _BLOCK_VALUES = 1 << 21
 
 
 def _best_of_ratios(
-    grouped: torch.Tensor, bits: int, scheme: str, ratios: tuple[float, ...], valid: torch.Tensor | None
+    grouped: torch.Tensor,
+    bits: int,
+    scheme: str,
+    ratios: tuple[float, ...],
+    valid: torch.Tensor | None,
+    length: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For groups (lanes, groups, G): the float codes (lanes, groups, G), fp16 scales and offsets of the
-    clip ratio with the least squared error per group (padding excluded by ``valid``), the first such
+    clip ratio with the least squared error per group (padding, past ``length`` values a lane, excluded
+    by ``valid``, None when there is none), the first such
     ratio on ties (the widest range). Every ratio's values are computed element by element as for one
     ratio alone, so the choice is the one a ratio-by-ratio search makes."""
     extent = _group_extent(grouped, scheme)
@@ -207,7 +213,7 @@ def _best_of_ratios(
     if len(ratios) > 1 and grouped.device.type == "cpu":
         lib = native_library()
         if lib is not None:
-            return _native_best_of_ratios(lib, grouped, bits, scheme, ratio, extent, valid)
+            return _native_best_of_ratios(lib, grouped, bits, scheme, ratio, extent, length)
     codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio, extent)  # (R, lanes, ...)
     err = codes * scales.float()[..., None]
     err.add_(origin[..., None]).sub_(grouped).square_()
@@ -231,7 +237,7 @@ def _native_best_of_ratios(
     scheme: str,
     ratio: torch.Tensor,
     extent: tuple[torch.Tensor, torch.Tensor | None],
-    valid: torch.Tensor | None,
+    length: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`_best_of_ratios` by the compiled search (``deltakit_clip_search``): each ratio's grid is
     worked out here ((R, lanes, groups) values), the codes and errors of every value there, in one pass
@@ -241,7 +247,6 @@ def _native_best_of_ratios(
     step, origin = scales.float().contiguous(), origin.contiguous()
     grouped = grouped.contiguous()
     lanes, groups, size = grouped.shape
-    length = groups * size if valid is None else int(valid.sum())  # values a lane holds
     best = torch.empty((lanes, groups), dtype=torch.int64)
     codes = torch.empty((lanes, groups, size), dtype=torch.uint8)
     status = lib.deltakit_clip_search(
