@@ -230,9 +230,9 @@ def _apply_into(
 
     def rebuild(item: tuple[TensorSpec, torch.Tensor | None]) -> tuple[torch.Tensor, str | None, str | None]:
         """The output tensor, its digest (None: the base's, or the output is not hashed) and the base
-        tensor's (None: no base tensor; remembered ones are taken as they are). Both are hashed here, on the worker, right after the
-        rebuild has read the one and written the other: from the core's cache sha256 runs about 1.6x as
-        fast as from memory on the development machine."""
+        tensor's (None: no base tensor; remembered ones are taken as they are). Both are hashed here, on
+        the worker, right after the rebuild has read the one and written the other: from the core's cache
+        sha256 runs about 1.6x as fast as from memory on the development machine."""
         # fused where it can (checked tile by tile as it is written); unchanged tensors are the base's own
         spec, base_tensor = item
         rebuilt = reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True).to(spec.dtype).cpu()

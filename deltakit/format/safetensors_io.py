@@ -73,47 +73,38 @@ class TensorSpec:
         return numel * self.dtype.itemsize
 
 
+def header_length(first: bytes, label: str | Path, size: int | None = None) -> int:
+    """The header length that a safetensors file's first 8 bytes give. FormatError when there are fewer
+    than 8, or the length exceeds MAX_HEADER_BYTES or (``size``: the file's bytes) runs past the end."""
+    if len(first) < 8:
+        raise FormatError(f"{label} is not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", bytes(first[:8]))
+    if length > MAX_HEADER_BYTES or (size is not None and 8 + length > size):
+        raise FormatError(f"{label} is not a safetensors file (header length {length})")
+    return length
+
+
+def decode_header(text: bytes, label: str | Path) -> Any:
+    """The parsed JSON of a safetensors header; FormatError when it is not JSON."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise FormatError(f"{label} has a damaged safetensors header: {exc}") from None
+
+
 def read_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor entries plus ``__metadata__``)."""
     with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise FormatError(f"{path} is not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > MAX_HEADER_BYTES:
-            raise FormatError(f"{path} is not a safetensors file (header length {length})")
-        try:
-            return json.loads(fh.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
-            raise FormatError(f"{path} has a damaged safetensors header: {exc}") from None
-
-
-def checked_header(path: Path) -> dict[str, TensorSpec]:
-    """The tensors of a safetensors file, after checking its header against the file itself.
-
-    Every entry must have a known dtype, a shape of non-negative integers and data offsets that tile the
-    data section exactly (in order, no gaps, no overlap, ending at the end of the file), with a byte
-    length equal to ``numel * element_size``. Returns name -> spec; one FormatError otherwise.
-    """
-    header = read_header(path)
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-    return _checked_specs(path, header, Path(path).stat().st_size - 8 - length)
+        length = header_length(fh.read(8), path)
+        return decode_header(fh.read(length), path)
 
 
 def tensors_from_bytes(data: bytes | bytearray, label: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a whole safetensors file held in ``data``, its header checked as
-    :func:`checked_header` checks a file's (``label`` names it in errors). Each tensor owns a copy of
-    its bytes (aligned for its dtype; ``data`` is not kept)."""
-    if len(data) < 8:
-        raise FormatError(f"{label} is not a safetensors file (too short)")
-    (length,) = struct.unpack("<Q", bytes(data[:8]))
-    if length > MAX_HEADER_BYTES or 8 + length > len(data):
-        raise FormatError(f"{label} is not a safetensors file (header length {length})")
-    try:
-        header = json.loads(bytes(data[8 : 8 + length]))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
-        raise FormatError(f"{label} has a damaged safetensors header: {exc}") from None
+    """The tensors of a whole safetensors file held in ``data``, its header checked by
+    :func:`checked_spans` (``label`` names it in errors). Each tensor owns a copy of its bytes (aligned
+    for its dtype; ``data`` is not kept)."""
+    length = header_length(data[:8], label, len(data))
+    header = decode_header(bytes(data[8 : 8 + length]), label)
     spans = checked_spans(label, header, len(data) - 8 - length)
     view, tensors = memoryview(data), {}
     for name, (spec, begin, end) in spans.items():
@@ -128,8 +119,11 @@ def tensors_from_bytes(data: bytes | bytearray, label: str | Path) -> dict[str, 
 
 
 def checked_spans(path: str | Path, header: Any, data_size: int) -> dict[str, tuple[TensorSpec, int, int]]:
-    """:func:`checked_header`'s checks of a parsed header against a data section of ``data_size`` bytes.
-    Returns name -> (spec, start, stop), the tensor's bytes at [start, stop) of the data section."""
+    """A parsed safetensors header checked against a data section of ``data_size`` bytes: every entry
+    has a known dtype, a shape of non-negative integers spanning less than MAX_SHAPE_BYTES and data
+    offsets that tile the data section exactly (in order, no gaps, no overlap, ending at its end), with
+    a byte length equal to ``numel * element_size``. Returns name -> (spec, start, stop), the tensor's
+    bytes at [start, stop) of the data section; one FormatError otherwise."""
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     spans: dict[str, tuple[TensorSpec, int, int]] = {}
@@ -146,10 +140,6 @@ def checked_spans(path: str | Path, header: Any, data_size: int) -> dict[str, tu
     if end != data_size:
         raise FormatError(f"{path}: safetensors data section is {data_size} bytes, header says {end}")
     return spans
-
-
-def _checked_specs(path: str | Path, header: Any, data_size: int) -> dict[str, TensorSpec]:
-    return {name: spec for name, (spec, _, _) in checked_spans(path, header, data_size).items()}
 
 
 def _header_entry(path: str | Path, name: str, entry: Any) -> tuple[TensorSpec, tuple[int, int]]:

@@ -9,24 +9,22 @@ tensor once read never changes.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
-from deltakit.errors import FormatError, IntegrityError
-from deltakit.format.safetensors_io import MAX_HEADER_BYTES, TensorSpec, checked_spans
+from deltakit.errors import IntegrityError
+from deltakit.format.safetensors_io import TensorSpec, checked_spans, decode_header, header_length
 
 
 class ShardReader:
     """The tensors of one safetensors file, each read when asked for.
 
     fh: the file, open for reading (the reader takes it over and closes it); label: the file's name in
-    errors. The header is read and checked (as :func:`~deltakit.format.safetensors_io.checked_header`
-    checks it) against the file's size when the reader is made; FormatError otherwise.
+    errors. The header is read and checked (:func:`~deltakit.format.safetensors_io.checked_spans`)
+    against the file's size when the reader is made; FormatError otherwise.
     """
 
     def __init__(self, fh: BinaryIO, label: str | Path):
@@ -34,20 +32,11 @@ class ShardReader:
         self.label = str(label)
         try:
             size = os.fstat(fh.fileno()).st_size
-            raw = self._pread(0, 8)
-            if len(raw) != 8:
-                raise FormatError(f"{self.label} is not a safetensors file (too short)")
-            (length,) = struct.unpack("<Q", raw)
-            if length > MAX_HEADER_BYTES or 8 + length > size:
-                raise FormatError(f"{self.label} is not a safetensors file (header length {length})")
-            text = self._pread(8, length)
+            length = header_length(os.pread(fh.fileno(), 8, 0), self.label, size)
+            text = os.pread(fh.fileno(), length, 8)
             if len(text) != length:
                 raise IntegrityError(f"{self.label} changed size while it was read")
-            try:
-                header = json.loads(text)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
-                raise FormatError(f"{self.label} has a damaged safetensors header: {exc}") from None
-            self._spans = checked_spans(self.label, header, size - 8 - length)
+            self._spans = checked_spans(self.label, decode_header(text, self.label), size - 8 - length)
         except BaseException:
             fh.close()
             raise
@@ -77,6 +66,3 @@ class ShardReader:
         fh = getattr(self, "_fh", None)
         if fh is not None:
             fh.close()
-
-    def _pread(self, offset: int, count: int) -> bytes:
-        return os.pread(self._fh.fileno(), count, offset)

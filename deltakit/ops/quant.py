@@ -308,7 +308,7 @@ def _grids(
     first, second = extent
     if scheme == "symmetric":
         scales = _fp16_up(first * ratio / (top / 2))  # (lanes, groups)
-        return scales, None, -(top / 2) * scales.float()
+        return scales, None, _symmetric_origin(bits, scales.float())
     low, high = first, second
     mid, half = (low + high) / 2, (high - low) / 2 * ratio
     zeros = _fp16_down(mid - half)
@@ -326,8 +326,7 @@ def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> 
         native = _native_dequantize(q)
         if native is not None:
             return native
-    moved = list(q.shape)
-    moved.append(moved.pop(q.axis))
+    moved = _axis_last(q.shape, q.axis)
     lanes, length = _lanes_length(q.shape, q.axis)
     codes = unpack_codes(q.codes.to(device), q.bits, lanes * length).reshape(lanes, length)
     groups = math.ceil(length / q.group_size)
@@ -343,8 +342,13 @@ def _step_origin(q: QuantizedTensor, device: torch.device) -> tuple[torch.Tensor
     """fp32 (lanes, groups) step and origin of each group: ``code * step + origin`` is its value."""
     step = q.scales.to(device).float()
     if q.scheme == "symmetric":
-        return step, -((1 << q.bits) - 1) / 2 * step
+        return step, _symmetric_origin(q.bits, step)
     return step, q.zeros.to(device).float()
+
+
+def _symmetric_origin(bits: int, step: torch.Tensor) -> torch.Tensor:
+    """The lowest level of a symmetric grid of fp32 ``step`` (centred on zero): ``-(2**bits - 1) / 2 * step``."""
+    return -((1 << bits) - 1) / 2 * step
 
 
 def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
@@ -363,9 +367,7 @@ def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
         out = torch.empty(q.shape, dtype=torch.float32)
         strides = (1, lanes)
     else:  # (..., length) with the axis last, moved back below
-        moved = list(q.shape)
-        moved.append(moved.pop(q.axis))
-        out = torch.empty(moved, dtype=torch.float32)
+        out = torch.empty(_axis_last(q.shape, q.axis), dtype=torch.float32)
         strides = (length, 1)
     status = lib.deltakit_dequantize(
         codes.data_ptr(),
@@ -424,6 +426,13 @@ def _norm_axis(axis: int, ndim: int) -> int:
     if not isinstance(axis, int) or isinstance(axis, bool) or not -ndim <= axis < ndim:
         raise UsageError(f"axis={axis!r} is out of range for a {ndim}-D tensor")
     return axis % ndim
+
+
+def _axis_last(shape: tuple[int, ...], axis: int) -> list[int]:
+    """``shape`` with dimension ``axis`` moved last."""
+    moved = list(shape)
+    moved.append(moved.pop(axis))
+    return moved
 
 
 def _lanes_length(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
