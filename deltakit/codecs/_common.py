@@ -12,7 +12,7 @@ from deltakit.errors import BudgetError, ConfigError, FormatError
 from deltakit.ops.bitpack import unpack_signs
 from deltakit.ops.factors import factors_nbytes, quantize_factors
 from deltakit.ops.mixed import measure_error_factors
-from deltakit.ops.quant import QuantizedTensor, dequantize
+from deltakit.ops.quant import SCALE_BITS, QuantizedTensor, dequantize, exact_product_bits
 from deltakit.ops.signstage import sign_stage
 from deltakit.ops.svd import svd_factors
 
@@ -31,7 +31,7 @@ class LowRankConfig(CodecConfig):
     factors (:attr:`STORED_DEFAULTS`).
     """
 
-    STORED_DEFAULTS: ClassVar[dict[str, Any]] = {"factor_bits": 16}
+    STORED_DEFAULTS: ClassVar[dict[str, Any]] = {"factor_bits": 16, "factor_exact_products": False}
 
     svd_method: str = config_field("randomized", "truncated SVD algorithm", choices=("randomized", "exact"))
     oversample: int = config_field(10, "extra random directions for the randomized SVD")
@@ -45,6 +45,12 @@ class LowRankConfig(CodecConfig):
     factor_group: int = config_field(64, "values per fp16 scale when factor_bits < 16")
     factor_rounding: str = config_field(
         "refit", "quantized factors: rtn, or refit (round up, least-squares re-fit down)", ("rtn", "refit")
+    )
+    factor_exact_products: bool = config_field(
+        True,
+        "2-4 bit factors: scales keep 12 - factor_bits significant bits, so products of factor values are "
+        "exact in fp32 and rebuilds use fused multiply-adds",
+        (True, False),
     )
 
     def validate(self) -> None:
@@ -191,6 +197,7 @@ def store_factors(
         method=config.factor_rounding,
         target=target,
         clip="mse",
+        scale_bits=exact_product_bits(config.factor_bits) if config.factor_exact_products else SCALE_BITS,
     )
     tensors = {k: v.cpu() for k, v in {**q.up.to_tensors("up_"), **q.down.to_tensors("down_")}.items()}
     return tensors, {"factors": {"up": q.up.params(), "down": q.down.params()}}

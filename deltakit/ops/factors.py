@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from deltakit.errors import UsageError
-from deltakit.ops.quant import QuantizedTensor, dequantize, quantize, quantized_nbytes
+from deltakit.ops.quant import SCALE_BITS, QuantizedTensor, dequantize, quantize, quantized_nbytes
 from deltakit.ops.threads import torch_threads
 
 METHODS = ("rtn", "refit")
@@ -72,6 +72,7 @@ def quantize_factors(
     scheme: str = "symmetric",
     clip: str = "mse",
     damp: float = 1e-6,
+    scale_bits: int = SCALE_BITS,
 ) -> QuantizedFactors:
     """Quantize a factor pair (up (rows, r), down (r, cols); any float dtype; not mutated).
 
@@ -79,6 +80,9 @@ def quantize_factors(
     first: which factor ``refit`` rounds first (``down`` or ``up``); the other is re-fitted.
     scheme, clip: passed to :func:`deltakit.ops.quant.quantize` for both factors.
     damp: ridge ``λ = damp * trace(H) / r`` on the (r, r) normal equations.
+    scale_bits: significant bits of each group scale (:func:`deltakit.ops.quant.quantize`);
+    :func:`deltakit.ops.quant.exact_product_bits` makes every product of an ``up`` and a ``down`` value
+    exact in fp32.
     """
     if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0] or up.shape[1] == 0:
         raise UsageError(
@@ -95,9 +99,10 @@ def quantize_factors(
     target = target.to(torch.float32) if target is not None else None
     if method == "rtn":
         return QuantizedFactors(
-            quantize(up, bits, group_size, 0, scheme, clip), quantize(down, bits, group_size, 1, scheme, clip)
+            quantize(up, bits, group_size, 0, scheme, clip, scale_bits=scale_bits),
+            quantize(down, bits, group_size, 1, scheme, clip, scale_bits=scale_bits),
         )
-    args = (bits, group_size, target, first, scheme, clip, damp)
+    args = (bits, group_size, target, first, scheme, clip, damp, scale_bits)
     if up.device.type != "cpu":
         return _refit(up, down, *args)
     with torch_threads(1):
@@ -114,19 +119,24 @@ def _refit(
     scheme: str,
     clip: str,
     damp: float,
+    scale_bits: int,
 ) -> QuantizedFactors:
     """Round ``first``, least-squares re-fit the other against the target, round it."""
     if first == "down":
-        q_down = quantize(down, bits, group_size, 1, scheme, clip)
+        q_down = quantize(down, bits, group_size, 1, scheme, clip, scale_bits=scale_bits)
         d = dequantize(q_down)  # (r, cols)
         rhs = target @ d.T if target is not None else up @ (down @ d.T)  # (rows, r) = T D̂ᵀ
         new_up = _solve_right(d @ d.T, rhs, damp)  # T D̂ᵀ (D̂ D̂ᵀ)⁻¹
-        return QuantizedFactors(quantize(new_up, bits, group_size, 0, scheme, clip), q_down)
-    q_up = quantize(up, bits, group_size, 0, scheme, clip)
+        return QuantizedFactors(
+            quantize(new_up, bits, group_size, 0, scheme, clip, scale_bits=scale_bits), q_down
+        )
+    q_up = quantize(up, bits, group_size, 0, scheme, clip, scale_bits=scale_bits)
     u = dequantize(q_up)  # (rows, r)
     rhs = u.T @ target if target is not None else (u.T @ up) @ down  # (r, cols) = Ûᵀ T
     new_down = _solve_right(u.T @ u, rhs.T, damp).T  # (ÛᵀÛ)⁻¹ Ûᵀ T
-    return QuantizedFactors(q_up, quantize(new_down, bits, group_size, 1, scheme, clip))
+    return QuantizedFactors(
+        q_up, quantize(new_down, bits, group_size, 1, scheme, clip, scale_bits=scale_bits)
+    )
 
 
 def _solve_right(gram: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tensor:

@@ -10,8 +10,8 @@ in a fixed order, element by element::
     out[i, j] = (...((up[i,0]·down[0,j] + up[i,1]·down[1,j]) + up[i,2]·down[2,j]) + ...)
 
 every product and every sum rounded to fp32 on its own (no fused multiply-add that could round
-differently; where every product is exact, as for 16-bit factors within range, the fused rebuild uses
-fused multiply-adds, which then round the same). The compiled form
+differently; where every product is exact, as for 16-bit factors or quantized factors with few-bit
+scales within range, the fused rebuild uses fused multiply-adds, which then round the same). The compiled form
 (``deltakit_low_rank_rows`` in ``signmm_native.c``, threads split rows) and the torch form (one broadcast
 multiply and one add per rank component) perform the same operations, so both give the same bits for any
 rows, tile or thread count. On CUDA the product is one matmul over the whole matrix: the fused rebuild

@@ -38,6 +38,8 @@ CLIPS = ("absmax", "mse")
 CLIP_RATIOS = tuple(1.0 - 0.05 * k for k in range(13))  # 1.0 down to 0.4
 PACKING = "lsb-stream"  # see deltakit.ops.intpack
 _FP16_MAX = 65504.0
+#: significant bits of an fp16 scale: ``quantize(scale_bits=SCALE_BITS)`` rounds nothing further
+SCALE_BITS = 11
 
 
 @dataclass(frozen=True)
@@ -152,14 +154,21 @@ def quantize(
     axis: int = -1,
     scheme: str = "symmetric",
     clip: str = "absmax",
+    *,
+    scale_bits: int = SCALE_BITS,
 ) -> QuantizedTensor:
     """Round-to-nearest quantization of a float tensor (any float dtype/device, >= 1-D; not mutated).
 
     clip: ``absmax`` covers each group's full range (error <= scale/2 everywhere); ``mse`` tries
     :data:`CLIP_RATIOS` of that range per group and keeps the one with the least squared error (the
     outliers then clip, but most values round on a finer grid).
+    scale_bits: significant bits each fp16 scale keeps (1 to 11; rounded up to them, so the bound above
+    holds). With :func:`exact_product_bits` every product of two values of ``symmetric`` tensors
+    quantized at ``bits`` <= 4 is exact in fp32 (see there).
     """
     _check_args(bits, group_size, scheme)
+    if not isinstance(scale_bits, int) or isinstance(scale_bits, bool) or not 1 <= scale_bits <= SCALE_BITS:
+        raise UsageError(f"scale_bits must be an integer from 1 to {SCALE_BITS}, got {scale_bits!r}")
     if clip not in CLIPS:
         raise UsageError(f"clip must be one of {CLIPS}, got {clip!r}")
     if x.ndim == 0 or x.numel() == 0 or not x.dtype.is_floating_point:
@@ -178,7 +187,9 @@ def quantize(
         valid = valid.reshape(1, grouped.shape[1], group_size)
     lanes_per_block = max(1, _BLOCK_VALUES // max(1, len(ratios) * grouped[0].numel()))
     blocks = [
-        _best_of_ratios(grouped[start : start + lanes_per_block], bits, scheme, ratios, valid, length)
+        _best_of_ratios(
+            grouped[start : start + lanes_per_block], bits, scheme, ratios, valid, length, scale_bits
+        )
         for start in range(0, grouped.shape[0], lanes_per_block)
     ]
     codes, scales = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
@@ -202,6 +213,7 @@ def _best_of_ratios(
     ratios: tuple[float, ...],
     valid: torch.Tensor | None,
     length: int,
+    scale_bits: int = SCALE_BITS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For groups (lanes, groups, G): the float codes (lanes, groups, G), fp16 scales and offsets of the
     clip ratio with the least squared error per group (padding, past ``length`` values a lane, excluded
@@ -213,8 +225,8 @@ def _best_of_ratios(
     if len(ratios) > 1 and grouped.device.type == "cpu":
         lib = native_library()
         if lib is not None:
-            return _native_best_of_ratios(lib, grouped, bits, scheme, ratio, extent, length)
-    codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio, extent)  # (R, lanes, ...)
+            return _native_best_of_ratios(lib, grouped, bits, scheme, ratio, extent, length, scale_bits)
+    codes, scales, zeros, origin = _round_groups(grouped, bits, scheme, ratio, extent, scale_bits)  # (R, ...)
     err = codes * scales.float()[..., None]
     err.add_(origin[..., None]).sub_(grouped).square_()
     if valid is not None:
@@ -238,12 +250,13 @@ def _native_best_of_ratios(
     ratio: torch.Tensor,
     extent: tuple[torch.Tensor, torch.Tensor | None],
     length: int,
+    scale_bits: int = SCALE_BITS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`_best_of_ratios` by the compiled search (``deltakit_clip_search``): each ratio's grid is
     worked out here ((R, lanes, groups) values), the codes and errors of every value there, in one pass
     per ratio over a group held in cache; the codes come back as uint8 (lanes, groups, G)."""
     top = float((1 << bits) - 1)
-    scales, zeros, origin = _grids(bits, scheme, ratio, extent)  # (R, lanes, groups) each
+    scales, zeros, origin = _grids(bits, scheme, ratio, extent, scale_bits)  # (R, lanes, groups) each
     step, origin = scales.float().contiguous(), origin.contiguous()
     grouped = grouped.contiguous()
     lanes, groups, size = grouped.shape
@@ -281,17 +294,19 @@ def _round_groups(
     scheme: str,
     ratio: float | torch.Tensor,
     extent: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    scale_bits: int = SCALE_BITS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Float codes (lanes, groups, G), fp16 scales and offsets, and the fp32 origin of each group's grid.
 
     ``ratio`` < 1 shrinks the covered range around its centre (symmetric: zero; asymmetric: mid-range).
     A float, or an fp32 (R, 1, 1) tensor of ratios: then every result has a leading R dimension, ratio
     r's entries equal to those of the float ``ratio[r]``.
-    extent: :func:`_group_extent` of ``grouped``, when the caller already has it.
+    extent: :func:`_group_extent` of ``grouped``, when the caller already has it. scale_bits: as for
+    :func:`quantize`.
     """
     top = float((1 << bits) - 1)
     extent = extent if extent is not None else _group_extent(grouped, scheme)
-    scales, zeros, origin = _grids(bits, scheme, ratio, extent)
+    scales, zeros, origin = _grids(bits, scheme, ratio, extent, scale_bits)
     step = scales.float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
     codes = grouped - origin[..., None]
@@ -300,20 +315,50 @@ def _round_groups(
 
 
 def _grids(
-    bits: int, scheme: str, ratio: float | torch.Tensor, extent: tuple[torch.Tensor, torch.Tensor | None]
+    bits: int,
+    scheme: str,
+    ratio: float | torch.Tensor,
+    extent: tuple[torch.Tensor, torch.Tensor | None],
+    scale_bits: int = SCALE_BITS,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """fp16 scales, fp16 offsets (asymmetric, else None) and the fp32 origin of each group's grid at clip
-    ``ratio`` (a float, or an fp32 (R, 1, 1) tensor: a leading R dimension), from its extent."""
+    """fp16 scales (``scale_bits`` significant bits at most), fp16 offsets (asymmetric, else None) and the
+    fp32 origin of each group's grid at clip ``ratio`` (a float, or an fp32 (R, 1, 1) tensor: a leading R
+    dimension), from its extent."""
     top = float((1 << bits) - 1)
     first, second = extent
     if scheme == "symmetric":
-        scales = _fp16_up(first * ratio / (top / 2))  # (lanes, groups)
+        scales = _keep_bits_up(_fp16_up(first * ratio / (top / 2)), scale_bits)  # (lanes, groups)
         return scales, None, _symmetric_origin(bits, scales.float())
     low, high = first, second
     mid, half = (low + high) / 2, (high - low) / 2 * ratio
     zeros = _fp16_down(mid - half)
     origin = zeros.float()
-    return _fp16_up((mid + half - origin) / top), zeros, origin
+    return _keep_bits_up(_fp16_up((mid + half - origin) / top), scale_bits), zeros, origin
+
+
+def _keep_bits_up(scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each non-negative fp16 scale rounded up to at most ``bits`` significant bits (fp16 again; the
+    identity at 11, all an fp16 significand holds). The result is exact in fp16: rounding up a normal
+    value keeps its exponent or raises it by one, and a subnormal one keeps its lowest bit at or above
+    2**-24. UsageError when a scale rounds past the fp16 range."""
+    if bits >= SCALE_BITS:
+        return scales
+    fraction, exponent = torch.frexp(scales.float())  # fraction in [0.5, 1), or 0
+    kept = torch.ldexp(torch.ceil(torch.ldexp(fraction, torch.tensor(bits))), exponent - bits)
+    half = kept.to(torch.float16)
+    if not all_finite(half):
+        raise UsageError(f"values too large for fp16 scales (a group scale exceeds {_FP16_MAX})")
+    return half
+
+
+def exact_product_bits(bits: int) -> int:
+    """The ``scale_bits`` at which every product of two values of symmetric tensors quantized at ``bits``
+    (2, 3 or 4) is exact in fp32. A value is ``(2q - L) / 2 · s``: an odd integer of at most ``bits`` bits
+    halved, times a scale of ``12 - bits`` significant bits, so it carries at most 12 significant bits
+    and a product of two at most 24, all an fp32 significand holds (the fused rebuild then uses fused
+    multiply-adds with the bits of the separate multiply and add, signmm_native.c). At 8 bits that would
+    leave 4 bits of scale; SCALE_BITS (no rounding) is returned there."""
+    return 12 - bits if bits <= 4 else SCALE_BITS
 
 
 def dequantize(q: QuantizedTensor, device: torch.device | str | None = None) -> torch.Tensor:

@@ -417,44 +417,62 @@ static void low_rank_block(const float *up, const float *down, int64_t rank, int
         low_rank_block_as(up, down, rank, cols, r0, r1, out, pf, 0);
 }
 
-/* The range of n fp32 factor values: the smallest nonzero and the largest magnitude, and whether all are
- * finite (lo = +inf when all are zero). */
+/* The range of n fp32 factor values: the smallest nonzero and the largest magnitude, whether all are
+ * finite (lo = +inf when all are zero), and at most how many significant bits a value carries (bits: 24
+ * minus the fewest trailing zero bits of a significand; counted from the stored bits, so a subnormal value
+ * may count more bits than it has, never fewer). */
 typedef struct {
     float lo, hi;
     int finite;
+    int bits;
 } factor_range;
 
+/* significant bits of the widest of the significands whose stored fraction bits are OR-ed in `fractions` */
+static inline int significand_bits(uint32_t fractions) {
+    return 24 - __builtin_ctz((fractions & 0x7FFFFFu) | 0x800000u);
+}
+
 static factor_range range_of(const float *x, int64_t n) {
-    factor_range r = {__builtin_inff(), 0.0f, 1};
+    factor_range r = {__builtin_inff(), 0.0f, 1, 0};
+    uint32_t fractions = 0;
     int64_t i = 0;
 #ifdef __AVX512F__
     __m512 lo = _mm512_set1_ps(__builtin_inff()), hi = _mm512_setzero_ps();
+    __m512i ored = _mm512_setzero_si512();
     __mmask16 bad = 0;
     for (; i + 16 <= n; i += 16) {
         __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
         bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(__builtin_inff()), _CMP_NLT_UQ); /* inf or NaN */
         hi = _mm512_max_ps(hi, a);
         lo = _mm512_mask_min_ps(lo, _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ), lo, a);
+        ored = _mm512_or_si512(ored, _mm512_castps_si512(a));
     }
     r.lo = _mm512_reduce_min_ps(lo);
     r.hi = _mm512_reduce_max_ps(hi);
     r.finite = bad == 0;
+    fractions = (uint32_t)_mm512_reduce_or_epi32(ored);
 #endif
     for (; i < n; i++) {
         float a = __builtin_fabsf(x[i]);
+        uint32_t stored;
+        memcpy(&stored, &a, sizeof stored);
+        fractions |= stored;
         if (!(a < __builtin_inff())) r.finite = 0;
         if (a > r.hi) r.hi = a;
         if (a != 0.0f && a < r.lo) r.lo = a;
     }
+    r.bits = significand_bits(fractions);
     return r;
 }
 
-/* Whether every product of a value of `a` and one of `b` is exact in fp32, given that the values carry at
- * most 11 significant bits each (fp16 or bf16 factors widened), so that a product carries at most 22: it
- * is then exact unless it overflows or falls below the normal range. Products with a zero are exact. */
+/* Whether every product of a value of `a` and one of `b` is exact in fp32: when the two carry at most 24
+ * significant bits together (fp16 or bf16 factors widened carry at most 11 each; quantized factors whose
+ * scales keep few bits, ops/quant.py, at most 12), a product fits in fp32's 24-bit significand, so it is
+ * exact unless it overflows or falls below the normal range. Products with a zero are exact. */
 static int products_exact(factor_range a, factor_range b) {
     if (!a.finite || !b.finite) return 0;
     if (a.lo == __builtin_inff() || b.lo == __builtin_inff()) return 1; /* every product is a zero */
+    if (a.bits + b.bits > 24) return 0;
     return (double)a.hi * (double)b.hi < 0x1p128 && (double)a.lo * (double)b.lo >= 0x1p-126;
 }
 
@@ -478,11 +496,13 @@ int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int
  * - L: the low-rank product up @ down of deltakit_low_rank_rows (up (rows, rank), down (rank, cols), both at
  *   `factor_kind`: 0 = fp32, 1 = fp16, 2 = bf16; 16-bit factors are widened to fp32 once per call, which
  *   is exact, so their product is that of the widened tensors), computed 8 rows at a time into a
- *   per-thread buffer that stays in cache, or none when up is NULL. A product of two 16-bit values has at
- *   most 22 significant bits, so it is exact in fp32 unless it leaves the normal range: for such blocks
- *   (products_exact, checked on the values) each multiply and add is one fused multiply-add, which
- *   rounds once where the separate pair rounds the exact product (no change) and then the sum: same bits
- *   at about 0.8x the swap time on SmolLM2-135M (docs/speed.md);
+ *   per-thread buffer that stays in cache, or none when up is NULL. A product of two values carrying at
+ *   most 24 significant bits together (16-bit factors: 11 each; quantized factors whose scales keep
+ *   12 - bits significant bits, ops/quant.py exact_product_bits: 12 each) is exact in fp32 unless it
+ *   leaves the normal range: for such blocks (products_exact, checked on the values) each multiply and
+ *   add is one fused multiply-add, which rounds once where the separate pair rounds the exact product (no
+ *   change) and then the sum: same bits, in about 0.65x the kernel time of the separate operations on
+ *   SmolLM2-135M's 4-bit factors (docs/speed.md);
  *   s_i = +1 when bit i of `packed` is set, else -1 (packed may be NULL: no sign part); base: fp32 or bf16
  *   values (exact in fp32);
  * - round: the fine-tune's dtype (0 = fp32, 1 = bf16: round to nearest even, NaN -> 0xFFFF as torch's CPU
@@ -739,10 +759,10 @@ static int job_scratch_for(const fused_job *j, job_scratch *s) {
         float *scratch = thread_scratch(SCRATCH_FACTORS, j->rank * j->cols + FUSED_ROWS * j->rank);
         if (!scratch) return 2;
         widen_factors(j->down, j->factor_kind, j->rank * j->cols, scratch);
-        s->down_range = range_of(scratch, j->rank * j->cols);
         s->down = scratch;
         s->up_rows = scratch + j->rank * j->cols;
     }
+    s->down_range = range_of(s->down, j->rank * j->cols);
     return 0;
 }
 
@@ -756,12 +776,11 @@ static void job_block(const fused_job *j, const job_scratch *s, int64_t b, span_
     if (j->up) {
         const char *up_block = (const char *)j->up + (size_t)((j->r0 + first) * rank) * factor_size;
         const float *up = (const float *)up_block;
-        int exact = 0; /* 16-bit factors: products of at most 22 bits, exact within range (lr_madd) */
         if (j->factor_kind != 0) {
             widen_factors(up_block, j->factor_kind, rows * rank, s->up_rows);
             up = s->up_rows;
-            exact = products_exact(range_of(up, rows * rank), s->down_range);
         }
+        int exact = products_exact(range_of(up, rows * rank), s->down_range); /* see lr_madd */
         prefetch_plan pf = {(const char *)j->base + at * base_size, (int64_t)(count * base_size / 64),
                             (char *)j->out + at * out_size, (int64_t)(count * out_size / 64)};
         low_rank_block(up, s->down, rank, cols, 0, rows, s->low, &pf, exact);
