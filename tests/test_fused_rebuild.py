@@ -411,3 +411,23 @@ def test_many_writes_name_a_non_finite_one():
     fused_rebuild_many(writes)  # unchecked: written as they decode
     with pytest.raises(NonFiniteError, match=f"{writes[4].name} decodes to NaN or Inf"):
         fused_rebuild_many(writes, check_finite=True)
+
+
+@pytest.mark.parametrize("method", ["dqrelo", "lossless"])
+def test_prepared_rebuilds_finish_in_any_order_with_the_decoders_bits(tmp_path, llama_pair, method):
+    """prepare_reconstruct's first step (reads, checks, factor decoding) for every tensor, then the
+    arithmetic in reverse order: each result is Decoder.reconstruct's, whichever path it took (fused for
+    dqrelo, the codec's own for lossless, the base's tensor for unchanged ones)."""
+    import deltakit
+    from deltakit.core.decode import Decoder, load_delta
+    from deltakit.core.rebuild import prepare_reconstruct
+    from deltakit.models.checkpoint import open_checkpoint
+
+    deltakit.compress(llama_pair[0], llama_pair[1], tmp_path / "d", method=method)
+    delta = load_delta(tmp_path / "d")
+    decoder, base = Decoder.of(delta), open_checkpoint(llama_pair[0])
+    names = list(delta.manifest.tensors)
+    pending = [prepare_reconstruct(decoder, n, base.get(n), check_finite=True) for n in names]
+    finished = {n: finish() for n, finish in reversed(list(zip(names, pending, strict=True)))}
+    for name in names:
+        assert torch.equal(finished[name], decoder.reconstruct(name, base.get(name))), name

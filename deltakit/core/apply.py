@@ -11,6 +11,7 @@ when it can tell something: when the delta can restore the fine-tune exactly, or
 from __future__ import annotations
 
 import shutil
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from deltakit.core.decode import Decoder, codec_for, load_delta
 from deltakit.core.device import resolve_device
-from deltakit.core.rebuild import reconstruct
+from deltakit.core.rebuild import prepare_reconstruct
 from deltakit.errors import (
     BaseMismatchError,
     FormatError,
@@ -219,6 +220,7 @@ def _apply_into(
     decoder = Decoder.of(delta)
     total = len(specs) + len(manifest.removed)
     base_names = set(base_src.names())
+    one_at_a_time = threading.Lock()
 
     def read(spec: TensorSpec) -> tuple[TensorSpec, torch.Tensor | None]:
         base_tensor = base_src.get(spec.name) if spec.name in base_names else None
@@ -233,9 +235,12 @@ def _apply_into(
         tensor's (None: no base tensor; remembered ones are taken as they are). Both are hashed here, on
         the worker, right after the rebuild has read the one and written the other: from the core's cache
         sha256 runs about 1.6x as fast as from memory on the development machine."""
-        # fused where it can (checked tile by tile as it is written); unchanged tensors are the base's own
+        # fused where it can (checked as it is written); unchanged tensors are the base's own. The small
+        # steps before the arithmetic run one worker at a time (see prepare_reconstruct)
         spec, base_tensor = item
-        rebuilt = reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True).to(spec.dtype).cpu()
+        with one_at_a_time:
+            finish = prepare_reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True)
+        rebuilt = finish().to(spec.dtype).cpu()
         base_digest = None
         if base_tensor is not None:
             base_digest = base_fp.remembered(spec.name) or fingerprint.tensor_digest(spec.name, base_tensor)

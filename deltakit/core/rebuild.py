@@ -9,6 +9,7 @@ the single-pass :func:`deltakit.ops.fused.fused_rebuild`; everything else throug
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,23 +125,62 @@ def reconstruct(
     """:meth:`Decoder.reconstruct` of tensor ``name``, through the fused path where it applies.
 
     check_finite: raise NonFiniteError when the rebuilt tensor holds NaN or Inf. The fused path checks
-    tile by tile as it writes (no second pass); an ``unchanged`` entry is the base's own tensor and is
-    not checked.
+    as it writes (no second pass); an ``unchanged`` entry is the base's own tensor and is not checked.
+    """
+    return prepare_reconstruct(decoder, name, base, device, check_finite=check_finite)()
+
+
+def prepare_reconstruct(
+    decoder: Decoder,
+    name: str,
+    base: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+    *,
+    check_finite: bool = False,
+) -> Callable[[], torch.Tensor]:
+    """:func:`reconstruct` in two steps: this call does the fused path's many small steps (stored
+    tensors read, checked and dequantized, the write checked); the function it returns does the
+    arithmetic and returns the tensor.
+
+    On the fused path that function is one compiled call that releases the GIL. Threads that rebuild
+    tensors side by side can then take the first step one at a time (Python threads contending for the
+    GIL over many small torch calls ran them about half as fast each, docs/speed.md) while the
+    arithmetic of several tensors runs in parallel. Other paths (codecs with their own reconstruct,
+    tensors not encoded) do all their work in the returned function. Errors about the stored data are
+    raised by either step. ``base`` is not mutated.
     """
     entry = decoder.delta.entry(name)
     if entry.kind != ENCODED or entry.extra_rows is not None or not fusable(decoder.codec):
-        value = decoder.reconstruct(name, base, device)
-        if check_finite and entry.kind != UNCHANGED:
-            require_finite(value, name)
-        return value
+
+        def whole() -> torch.Tensor:
+            value = decoder.reconstruct(name, base, device)
+            if check_finite and entry.kind != UNCHANGED:
+                require_finite(value, name)
+            return value
+
+        return whole
     base = decoder.check_base(name, entry, base).to(device)
     encoded = decoder.encoded(name)
     dtype = dtype_from_name(entry.dtype)
-    out = torch.empty(base.shape, dtype=dtype, device=base.device) if check_finite else None
-    value = rebuild(decoder.codec, ENCODED, dtype, encoded.tensors, encoded.params, base, out=out, name=name)
-    if check_finite and value is not out:  # not the fused path: no tile check was made
-        require_finite(value, name)
-    return value
+    view = codec_call(name, lambda: factored_view(decoder.codec, encoded))
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    write = fused_write(decoder.codec, ENCODED, dtype, base, view, out, name)
+    if write is None:  # the codec's own arithmetic (no factored view, or one of another shape)
+
+        def by_codec() -> torch.Tensor:
+            value = codec_call(name, lambda: decoder.codec.reconstruct(encoded, base, dtype, base.device))
+            if check_finite:
+                require_finite(value, name)
+            return value
+
+        return by_codec
+    batch = fused_batch([write])
+
+    def fused() -> torch.Tensor:
+        batch.run(check_finite=check_finite)
+        return out
+
+    return fused
 
 
 def require_finite(value: torch.Tensor, name: str) -> None:
