@@ -162,7 +162,7 @@ def bench_swaps(
         rt.activate(name)  # warm-up: caches filled
     warm = [rt.activate(names[i % len(names)]) for i in range(repeats * len(names))]
     rt.activate(None)
-    compressed = statistics.median(rt.host_cache.get(n).nbytes for n in names)
+    compressed = statistics.median(rt.host_cache.get(n).stored_nbytes for n in names)
     # a swap reads the pristine base and the compressed delta and writes the parameters: at best one copy
     # of the pristine bytes plus a read of the compressed ones
     moved = statistics.median(s.restored_bytes for s in warm) + compressed

@@ -200,7 +200,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     swap_s = statistics.median(s.seconds for s in warm)
     moved = statistics.median(s.bytes_moved for s in warm)
-    delta_bytes = statistics.median(rt.host_cache.get(n).nbytes for n in names)
+    delta_bytes = statistics.median(rt.host_cache.get(n).stored_nbytes for n in names)
     model_bytes = sum(p.numel() * p.element_size() for p in rt.model.parameters())
     result = {
         "fleet": fleet["kind"],

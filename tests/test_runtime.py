@@ -110,6 +110,26 @@ def test_small_cache_evicts_and_stays_exact():
     assert any(not s.host_cache_hit for s in rt.history)
 
 
+def test_caches_count_the_dequantized_factors_a_delta_holds():
+    """A delta with 4-bit factors holds them as codes and as fp32 copies for the single-pass rebuild:
+    the cache budgets count both; views sharing the stored tensors (packed signs) count once."""
+    fleet = cached_fleet("llama")
+    rt = _runtime(fleet)
+    extras = {}
+    for name in fleet["delta"]:
+        prepared = rt.host_cache.get(name)
+        views = [op.view for op in prepared.ops.values() if op.view is not None]
+        extras[name] = sum(v.up.nbytes + v.down.nbytes for v in views if v.quantized is not None)
+        assert prepared.stored_nbytes == sum(
+            t.nbytes for op in prepared.ops.values() for t in op.tensors.values()
+        )
+        assert prepared.nbytes == prepared.stored_nbytes + extras[name], name
+    assert max(extras.values()) > 0 and min(extras.values()) == 0  # dqrelo/svd 4-bit vs bitdelta
+    assert rt.host_cache.nbytes == sum(rt.host_cache.get(n).nbytes for n in fleet["delta"])
+    stats = rt.activate(next(iter(fleet["delta"])))
+    assert stats.read_bytes == 0  # read when added: cached
+
+
 def test_delta_from_another_base_is_refused():
     fleet = cached_fleet("llama")
     rt = HotSwapRuntime.from_pretrained(fleet["base"])

@@ -117,7 +117,9 @@ def _sync(device: torch.device) -> None:
 class HotSwapRuntime:
     """One resident base, many registered deltas, one active at a time (or a batched mix).
 
-    host_cache_bytes / device_cache_bytes: byte budgets of the two compressed-delta caches. On the CPU
+    host_cache_bytes / device_cache_bytes: byte budgets of the two prepared-delta caches, counting what a
+    delta holds in memory (:attr:`PreparedDelta.nbytes`: a delta with 4-bit factors holds them dequantized
+    too, about 4.7x its stored bytes for dqrelo on SmolLM2-135M). On the CPU
     the device cache is the host cache (no copy). All methods are thread-safe (one lock).
     """
 
@@ -261,7 +263,7 @@ class HotSwapRuntime:
         if not entry.validated:
             self._validate(prepared)
             entry.validated = prepared.checked = True
-        entry.stored_bytes = prepared.nbytes
+        entry.stored_bytes = prepared.stored_nbytes
         pin = self.device.type == "cuda" and not pinned
         host = prepared.to(self.device, pin=True) if pin else prepared
         self.host_cache.put(entry.name, host)
@@ -323,7 +325,7 @@ class HotSwapRuntime:
                 return host, False, 0
             delta = read_delta(entry.resolve_path(), verify=entry.verify, expected=entry.manifest, name=name)
             prepared = self._prepare(entry, delta)
-            return prepared, False, prepared.nbytes
+            return prepared, False, prepared.stored_nbytes
 
     def prefetch(self, names: list[str | None]) -> threading.Thread | None:
         """Read the deltas ``names`` that are in no cache from disk on a background thread (without the

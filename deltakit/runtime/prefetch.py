@@ -110,7 +110,7 @@ class Prefetcher:
     ) -> Prefetched:
         delta = read_delta(path, verify=verify, expected=expected, name=name)
         host = prepare_delta(name, delta, self.resolve)
-        read = host.nbytes
+        read = host.stored_nbytes
         if self.device.type != "cuda":
             return Prefetched(host, read_bytes=read, owner=owner)
         host = host.to(self.device, pin=True)

@@ -25,6 +25,20 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _view_extra_nbytes(view: FactoredView | None, stored: dict[str, torch.Tensor]) -> int:
+    """Bytes of ``view``'s tensors held besides the stored ones (those sharing a stored tensor's memory,
+    such as fp16 factors or the packed signs, count nothing)."""
+    if view is None:
+        return 0
+    shared = {t.untyped_storage().data_ptr() for t in stored.values()}
+    parts = (view.signs, view.up, view.down)
+    return sum(
+        t.numel() * t.element_size()
+        for t in parts
+        if t is not None and t.untyped_storage().data_ptr() not in shared
+    )
+
+
 @dataclass
 class TensorOp:
     """What one delta does to one parameter.
@@ -45,8 +59,16 @@ class TensorOp:
     view: FactoredView | None = None
 
     @property
-    def nbytes(self) -> int:
+    def stored_nbytes(self) -> int:
+        """Bytes of the stored tensors: what the delta's shards hold for this op."""
         return _nbytes(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this op holds in memory: its stored tensors and the view's tensors that are not among
+        them. Group-quantized factors are held dequantized to fp32 as well, for the single-pass rebuild:
+        about 8x the bytes of 4-bit codes."""
+        return _nbytes(self.tensors) + _view_extra_nbytes(self.view, self.tensors)
 
     def encoded(self) -> Encoded:
         return Encoded(self.tensors, self.params)
@@ -91,7 +113,14 @@ class PreparedDelta:
     swap_plan: object | None = field(default=None, repr=False, compare=False)
 
     @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the stored tensors (read from the delta's shards)."""
+        return sum(op.stored_nbytes for op in self.ops.values())
+
+    @property
     def nbytes(self) -> int:
+        """Bytes held in memory (:attr:`TensorOp.nbytes`): what the caches count against their budgets and
+        what a copy to another device moves."""
         return sum(op.nbytes for op in self.ops.values())
 
     @property

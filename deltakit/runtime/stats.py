@@ -11,7 +11,9 @@ class SwapStats:
     """One activation of a delta (or of the base) in the resident model.
 
     ``restored_bytes``: pristine base bytes copied into the model (host -> device on CUDA);
-    ``delta_bytes``: compressed delta bytes moved to the device (0 on a device-cache hit or on CPU);
+    ``delta_bytes``: delta bytes moved to the device (0 on a device-cache hit or on CPU): what the
+    prepared delta holds (:attr:`~deltakit.runtime.prepared.PreparedDelta.nbytes`: quantized factors
+    travel dequantized too);
     ``written_bytes``: bytes of model parameters overwritten in place;
     ``read_bytes``: compressed delta bytes read from disk by this swap.
     """
