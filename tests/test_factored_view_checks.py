@@ -35,7 +35,10 @@ def test_views_whose_parts_do_not_make_their_shape_are_refused():
     q_up, q_down = quantize(up, 4, 16, 0), quantize(torch.zeros(2, 6), 4, 16, 1)
     with pytest.raises(ValueError, match="shapes of up and down"):
         FactoredView((6, 5), up=up, down=down, quantized=(q_up, q_down))
-    with pytest.raises(ValueError, match="only with up and down"):
+    # quantized factors alone (their codes held, dequantized on access) must make the shape too
+    view = FactoredView((6, 6), signs=torch.zeros(5, dtype=torch.uint8), quantized=(q_up, q_down))
+    assert view.has_low_rank and view.rank == 2 and tuple(view.up.shape) == (6, 2)
+    with pytest.raises(ValueError, match=r"do not make a \[6, 8\] matrix"):
         FactoredView((6, 8), signs=torch.zeros(6, dtype=torch.uint8), quantized=(q_up, q_down))
 
 

@@ -431,3 +431,83 @@ def test_prepared_rebuilds_finish_in_any_order_with_the_decoders_bits(tmp_path, 
     finished = {n: finish() for n, finish in reversed(list(zip(names, pending, strict=True)))}
     for name in names:
         assert torch.equal(finished[name], decoder.reconstruct(name, base.get(name))), name
+
+
+def _quantized_writes(seed: int = 0) -> list[FusedWrite]:
+    """Writes whose factors are group-quantized (read as codes by the compiled batch): every width, both
+    schemes, group sizes that do and do not divide the lanes, odd row counts (lanes of ``up`` starting
+    inside a byte), exact-product and ordinary scales."""
+    from deltakit.ops.factors import quantize_factors
+    from deltakit.ops.quant import exact_product_bits, quantize
+
+    gen = torch.Generator().manual_seed(seed)
+    writes = []
+    cases = [(61, 40, 4, 64, "symmetric", True), (8, 16, 2, 3, "symmetric", True), (200, 96, 3, 32, "symmetric", True),
+             (17, 24, 8, 5, "symmetric", False), (576, 192, 4, 64, "symmetric", False), (33, 50, 4, 7, "asymmetric", False),
+             (300, 64, 2, 64, "asymmetric", False)]  # fmt: skip
+    for i, (rows, cols, bits, group, scheme, exact) in enumerate(cases):
+        rank = i % 5 + 1
+        up, down = torch.randn(rows, rank, generator=gen), torch.randn(rank, cols, generator=gen)
+        if scheme == "symmetric":
+            scale_bits = exact_product_bits(bits) if exact else 11
+            q = quantize_factors(up, down, bits, group, scale_bits=scale_bits)
+            pair = (q.up, q.down)
+        else:
+            pair = (quantize(up, bits, group, 0, scheme), quantize(down, bits, group, 1, scheme))
+        for base_dtype, out_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]:
+            base = torch.randn(rows, cols, generator=gen).to(base_dtype)
+            signs = torch.randint(0, 256, ((rows * cols + 7) // 8,), dtype=torch.uint8, generator=gen)
+            out = torch.full((rows, cols), 7.0, dtype=out_dtype)
+            writes.append(
+                FusedWrite(
+                    base, base_dtype, out, signs if i % 2 else None, 0.01, name=f"q{i}", quantized=pair
+                )
+            )
+    return writes
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_quantized_factors_read_as_codes_give_the_dequantized_factors_bits(threads):
+    """The compiled batch decodes the codes itself (no fp32 copies): the bits of the same write with the
+    factors dequantized first, through the torch tiles."""
+    writes = _quantized_writes()
+    if fused.native_library() is not None:
+        assert all(batch_job(w, w.signs) is not None for w in writes)  # every one read as codes
+    expected = []
+    for write in writes:
+        up, down = write.factors()
+        plain = FusedWrite(
+            write.base, write.dtype, torch.empty_like(write.out), write.signs, write.scale, up, down
+        )
+        with torch_threads(1):
+            expected.append(fused.fused_rebuild(plain.base, plain.dtype, signs=plain.signs, scale=plain.scale,
+                                                up=up, down=down, out=plain.out, tile=8))  # fmt: skip
+    with torch_threads(threads):
+        fused_rebuild_many(writes, check_finite=True)
+    for write, reference in zip(writes, expected, strict=True):
+        assert torch.equal(write.out, reference), write.name
+
+
+def test_quantized_factors_that_do_not_fit_are_refused_before_writing():
+    writes = _quantized_writes()
+    q_up, q_down = writes[4].quantized
+    writes[4] = FusedWrite(
+        writes[4].base, writes[4].dtype, writes[4].out, name="q-bad", quantized=(q_down, q_up)
+    )
+    with pytest.raises(ValueError, match="q-bad: factors up"):
+        fused_rebuild_many(writes)
+    assert all(bool((w.out == 7.0).all()) for w in writes)
+
+
+def test_views_of_quantized_factors_hold_codes_only():
+    """A codec's view of 4-bit factors keeps the stored codes; up and down dequantize on access."""
+    codec, base, encoded = _encode("svd", (64, 48), torch.float32)
+    view = codec.factored(encoded)
+    assert view.quantized is not None and view.float_factors == (None, None) and view.has_low_rank
+    up, down = view.up, view.down
+    assert (
+        up.dtype == torch.float32
+        and tuple(up.shape) == (64, view.rank)
+        and tuple(down.shape) == (view.rank, 48)
+    )
+    assert up is not view.up  # a new tensor each time: nothing fp32 is held

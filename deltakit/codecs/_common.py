@@ -282,13 +282,13 @@ def spectrum_of(matrix: torch.Tensor) -> torch.Tensor:
 
 def view_factors(
     encoded: Encoded,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[QuantizedTensor, QuantizedTensor] | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[QuantizedTensor, QuantizedTensor] | None]:
     """Factors for a :class:`FactoredView`: ``(up, down, quantized)``, the stored float tensors themselves
-    and None, or fp32 dequantized ones and the stored quantized pair."""
+    and None, or (None, None) and the stored quantized pair (the view dequantizes on access; kernels read
+    the codes)."""
     if "up" in encoded.tensors:
         return encoded.tensors["up"], encoded.tensors["down"], None
-    q_up, q_down = quantized_factors(encoded)
-    return dequantize(q_up), dequantize(q_down), (q_up, q_down)
+    return None, None, quantized_factors(encoded)
 
 
 def rescaled_parts(encoded: Encoded, scale: float | None, components: torch.Tensor | None) -> Encoded:

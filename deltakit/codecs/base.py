@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from deltakit.errors import BudgetError, ConfigError
-from deltakit.ops.quant import QuantizedTensor
+from deltakit.ops.quant import QuantizedTensor, dequantize
 
 FP16_BYTES = 2
 
@@ -207,28 +207,72 @@ class Candidate:
     label: str = ""
 
 
-@dataclass
 class FactoredView:
     """An encoded matrix as ``scale·S + up·down``, the form the runtime's batched kernels use.
 
     shape: (rows, cols) of the stored layout. signs: packed ±1 matrix S (uint8, 8 per byte, row-major)
-    or None. up: (rows, r), down: (r, cols), both or neither. Tensors are the encoded ones, not copies.
-    quantized: for group-quantized factors, the stored ``(up, down)``
-    (:class:`~deltakit.ops.quant.QuantizedTensor`) whose dequantized values ``up`` and ``down`` are (a
-    mixed batch reads their codes); None otherwise.
+    or None. up: (rows, r), down: (r, cols), both or neither: float factors as stored. quantized: for
+    group-quantized factors, the stored ``(up, down)`` (:class:`~deltakit.ops.quant.QuantizedTensor`),
+    given instead of ``up`` and ``down`` (or with them, when they are its dequantized values). Tensors
+    are the encoded ones, not copies: a view of quantized factors holds their codes only, and
+    :attr:`up` / :attr:`down` dequantize them to fp32 on each access (kernels that can read the codes,
+    the CPU's single-pass rebuild and mixed batches, take :attr:`quantized`; :attr:`float_factors` gives
+    the float factors held, if any, without dequantizing).
     """
 
-    shape: tuple[int, int]
-    signs: torch.Tensor | None = None
-    scale: float = 0.0
-    up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
-    quantized: tuple[QuantizedTensor, QuantizedTensor] | None = None
+    __slots__ = ("shape", "signs", "scale", "_up", "_down", "quantized")
 
-    def __post_init__(self) -> None:
-        if (self.up is None) != (self.down is None):
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        signs: torch.Tensor | None = None,
+        scale: float = 0.0,
+        up: torch.Tensor | None = None,
+        down: torch.Tensor | None = None,
+        quantized: tuple[QuantizedTensor, QuantizedTensor] | None = None,
+    ) -> None:
+        self.shape, self.signs, self.scale = shape, signs, scale
+        self._up, self._down, self.quantized = up, down, quantized
+        self._check()
+
+    def __repr__(self) -> str:
+        return f"FactoredView(shape={self.shape}, signs={self.signs is not None}, rank={self.rank})"
+
+    @property
+    def has_low_rank(self) -> bool:
+        """Whether the view has a low-rank part (float or quantized factors)."""
+        return self._up is not None or self.quantized is not None
+
+    @property
+    def rank(self) -> int:
+        """The rank of the low-rank part (0 without one)."""
+        if self._up is not None:
+            return int(self._up.shape[1])
+        return int(self.quantized[0].shape[1]) if self.quantized is not None else 0
+
+    @property
+    def float_factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The float ``(up, down)`` the view holds, (None, None) when it holds quantized ones only."""
+        return self._up, self._down
+
+    @property
+    def up(self) -> torch.Tensor | None:
+        """(rows, r) factor: as held, or the quantized one dequantized to fp32 (a new tensor each time)."""
+        if self._up is None and self.quantized is not None:
+            return dequantize(self.quantized[0])
+        return self._up
+
+    @property
+    def down(self) -> torch.Tensor | None:
+        """(r, cols) factor: as held, or the quantized one dequantized to fp32 (a new tensor each time)."""
+        if self._down is None and self.quantized is not None:
+            return dequantize(self.quantized[1])
+        return self._down
+
+    def _check(self) -> None:
+        if (self._up is None) != (self._down is None):
             raise ValueError("a factored view has both low-rank factors or neither")
-        if self.signs is None and self.up is None:
+        if self.signs is None and not self.has_low_rank:
             raise ValueError("a factored view has a sign part, low-rank factors or both")
         rows, cols = self.shape
         if self.signs is not None and (
@@ -237,8 +281,13 @@ class FactoredView:
             raise ValueError(
                 f"{self.signs.numel()} {self.signs.dtype} sign bytes cannot hold a {self.shape} matrix"
             )
-        if self.up is not None:
-            up, down = tuple(self.up.shape), tuple(self.down.shape)
+        shapes = None
+        if self._up is not None:
+            shapes = tuple(self._up.shape), tuple(self._down.shape)
+        elif self.quantized is not None:
+            shapes = tuple(self.quantized[0].shape), tuple(self.quantized[1].shape)
+        if shapes is not None:
+            up, down = shapes
             if len(up) != 2 or len(down) != 2 or up[0] != rows or down[1] != cols or up[1] != down[0]:
                 raise ValueError(
                     f"factors {list(up)} and {list(down)} do not make a {list(self.shape)} matrix"
@@ -247,8 +296,6 @@ class FactoredView:
                 tuple(self.quantized[0].shape) != up or tuple(self.quantized[1].shape) != down
             ):
                 raise ValueError("a factored view's quantized factors must have the shapes of up and down")
-        elif self.quantized is not None:
-            raise ValueError("a factored view has quantized factors only with up and down")
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,9 @@ def fused_write(
         return None
     if tuple(view.shape) != tuple(base.shape):
         return None
-    return FusedWrite(base, dtype, out, view.signs, view.scale, view.up, view.down, name)
+    up, down = view.float_factors
+    quantized = view.quantized if up is None else None  # read as codes by the compiled batch
+    return FusedWrite(base, dtype, out, view.signs, view.scale, up, down, name, quantized)
 
 
 def fused_batch(writes: list[FusedWrite]) -> FusedBatch:

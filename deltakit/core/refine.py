@@ -108,7 +108,7 @@ def _refinable_view(codec: Codec, encoded: Encoded) -> FactoredView | None:
     view = codec.factored(encoded)
     if view is None or len(view.shape) != 2:
         return None
-    components = None if view.up is None else torch.ones(view.up.shape[1])
+    components = torch.ones(view.rank) if view.has_low_rank else None
     scale = view.scale if view.signs is not None else None
     return view if codec.rescaled(encoded, scale, components) is not None else None
 
@@ -244,8 +244,8 @@ def _matrix_part(decoder: Decoder, name: str, base: torch.Tensor | None) -> tupl
     signs = None
     if view.signs is not None:
         signs = unpack_signs(view.signs, tuple(view.shape), "cpu").to(torch.int8)  # (rows, cols) ±1
-    up = None if view.up is None else view.up.to(torch.float32)
-    down = None if view.down is None else view.down.to(torch.float32)
+    up = view.up.to(torch.float32) if view.has_low_rank else None  # (rows, r), dequantized if quantized
+    down = view.down.to(torch.float32) if view.has_low_rank else None  # (r, cols)
     fixed = base32 if extra is None else torch.cat([base32, extra])
     return _Part(name, fixed, signs, float(view.scale), up, down), fixed
 

@@ -65,7 +65,7 @@ def _dense_view(view: Any) -> torch.Tensor:
     dense = torch.zeros(view.shape, dtype=torch.float32)
     if view.signs is not None:
         dense += float(view.scale) * unpack_signs(view.signs, view.shape, "cpu").to(torch.float32)
-    if view.up is not None:
+    if view.has_low_rank:
         dense += view.up.to(torch.float32) @ view.down.to(torch.float32)
     return dense
 
@@ -113,7 +113,7 @@ class _Plan:
         if view is None:
             self.refused.append(f"{name} (codec {self.decoder.codec.name} has no factored view)")
             return
-        if view.signs is None or (view.scale == 0.0 and view.up is not None):
+        if view.signs is None or (view.scale == 0.0 and view.has_low_rank):
             up, down = view.up, view.down
         elif self.fold_rank is not None:
             up, down, error = _fold(view, self.fold_rank)

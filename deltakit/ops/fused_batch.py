@@ -6,8 +6,13 @@ parallel region per matrix. :class:`FusedBatch` checks every write once and hand
 (``deltakit_fused_batch`` in ``signmm_native.c``) all the matrices it takes in one call, one parallel
 region in which each thread takes a contiguous run of 8-row blocks of about equal estimated cost. Each
 element gets the operations of ``fused_rebuild``'s compiled loop, so the bits are the same, for any
-number of threads (tested). Writes the compiled kernel does not take (CUDA, fp16 bases or outputs, no
-compiler) run through ``fused_rebuild`` one by one.
+number of threads (tested). Group-quantized factors (a write's ``quantized``) are read as codes: the
+kernel decodes ``down`` once per matrix and thread and ``up`` into 8-row blocks, each value the
+``code * step + origin`` of :func:`~deltakit.ops.quant.dequantize`, so a cached delta holds no fp32
+copies of its factors (about 8x the bytes of 4-bit codes) and the bits are those of the dequantized
+factors (tested over every width, both schemes and odd layouts). Writes the compiled kernel does not take
+(CUDA, fp16 bases or outputs, no compiler, layouts it cannot read in place) run through
+``fused_rebuild`` one by one, quantized factors dequantized first.
 
 A batch can be kept and run again (a swap back to a delta already written once): its checks and
 pointers hold for as long as the tensors it was built from stay where they are, which the caller
@@ -31,12 +36,20 @@ from deltakit.ops.fused import (
     fused_rebuild,
     native_tiles,
 )
+from deltakit.ops.quant import QuantizedTensor, dequantize, kernel_grid
 from deltakit.ops.signmm import native_library
+
+#: the kernel's factor kind of group-quantized factors read as codes (``quant_factor`` in signmm_native.c)
+QUANTIZED_FACTOR_KIND = 3
 
 
 @dataclass(frozen=True)
 class FusedWrite:
-    """One matrix: the arguments of :func:`~deltakit.ops.fused.fused_rebuild`, ``out`` given."""
+    """One matrix: the arguments of :func:`~deltakit.ops.fused.fused_rebuild`, ``out`` given.
+
+    quantized: group-quantized ``(up (rows, r), down (r, cols))`` given instead of ``up`` and ``down``:
+    the compiled batch reads their codes (the bits of their dequantized values); other paths dequantize
+    them first."""
 
     base: torch.Tensor
     dtype: torch.dtype
@@ -46,21 +59,69 @@ class FusedWrite:
     up: torch.Tensor | None = None
     down: torch.Tensor | None = None
     name: str = "tensor"
+    quantized: tuple[QuantizedTensor, QuantizedTensor] | None = None
+
+    def factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(up, down)``: as given, or the quantized ones dequantized to fp32."""
+        if self.up is None and self.quantized is not None:
+            return dequantize(self.quantized[0]), dequantize(self.quantized[1])
+        return self.up, self.down
 
     def rebuild_alone(self, *, check_finite: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """This write on its own through :func:`~deltakit.ops.fused.fused_rebuild`, into ``out`` (default:
         the write's own); returns it."""
+        up, down = self.factors()
         return fused_rebuild(
             self.base,
             self.dtype,
             signs=self.signs,
             scale=self.scale,
-            up=self.up,
-            down=self.down,
+            up=up,
+            down=down,
             out=self.out if out is None else out,
             check_finite=check_finite,
             name=self.name,
         )
+
+
+class _QuantFactor(ctypes.Structure):
+    """``quant_factor`` of ops/signmm_native.c: a group-quantized factor read as codes."""
+
+    _fields_ = [
+        ("packed", ctypes.c_void_p),
+        ("nbytes", ctypes.c_int64),
+        ("bits", ctypes.c_int64),
+        ("lanes", ctypes.c_int64),
+        ("length", ctypes.c_int64),
+        ("group", ctypes.c_int64),
+        ("groups", ctypes.c_int64),
+        ("step", ctypes.c_void_p),
+        ("origin", ctypes.c_void_p),
+    ]
+
+
+def _quant_factor(q: QuantizedTensor, axis: int) -> tuple[_QuantFactor, tuple] | None:
+    """(the kernel's description of a stored 2-D factor quantized along ``axis``, the tensors it points
+    into), or None when the kernel cannot read it in place (see :func:`~deltakit.ops.quant.kernel_grid`)."""
+    if len(q.shape) != 2 or q.axis != axis:
+        return None
+    grid = kernel_grid(q)
+    if grid is None:
+        return None
+    lanes, length, group, step, origin = grid
+    codes = q.codes
+    struct = _QuantFactor(
+        codes.data_ptr(),
+        codes.numel(),
+        q.bits,
+        lanes,
+        length,
+        group,
+        step.shape[1],
+        step.data_ptr(),
+        origin.data_ptr(),
+    )
+    return struct, (codes, step, origin)
 
 
 class _Job(ctypes.Structure):
@@ -96,6 +157,7 @@ class FusedBatch:
         self.single: list[FusedWrite] = []
         for write in writes:
             packed = checked_parts(write.base, write.signs, write.up, write.down, write.out, write.name)
+            _check_quantized(write)
             job = batch_job(write, packed)
             if job is None:
                 self.single.append(write)
@@ -144,29 +206,53 @@ def _finite_rows(extremes: torch.Tensor, dtypes: list[tuple[torch.dtype, torch.d
     return finite
 
 
+def _check_quantized(write: FusedWrite) -> None:
+    """Refuse quantized factors that do not rebuild the write's (rows, cols) matrix (ValueError naming
+    it), as :func:`~deltakit.ops.fused.checked_parts` refuses float ones."""
+    if write.quantized is None or write.up is not None:
+        return
+    rows, cols = write.base.shape
+    q_up, q_down = write.quantized
+    up, down = tuple(q_up.shape), tuple(q_down.shape)
+    if len(up) != 2 or len(down) != 2 or up[0] != rows or down != (up[1], cols):
+        raise ValueError(
+            f"{write.name}: factors up {list(up)} and down {list(down)} do not rebuild a {rows}x{cols} matrix"
+        )
+
+
 def batch_job(write: FusedWrite, packed: torch.Tensor | None) -> tuple[_Job, tuple] | None:
     """(the kernel's job, the tensors it points into) for a write whose parts were checked
     (:func:`~deltakit.ops.fused.checked_parts` gave ``packed``), or None when the compiled batch does not
     take it."""
     base, up, down = write.base, write.up, write.down
-    if native_tiles(base, write.dtype, write.out, packed is not None or up is not None) is None:
+    codes = write.quantized is not None and up is None
+    if native_tiles(base, write.dtype, write.out, packed is not None or up is not None or codes) is None:
         return None
     if base.numel() == 0:
         return None
-    kind = 0
-    if up is not None:
+    kind, rank, held = 0, 0, ()
+    up_pointer = down_pointer = None
+    if codes:
+        parts = (_quant_factor(write.quantized[0], 0), _quant_factor(write.quantized[1], 1))
+        if parts[0] is None or parts[1] is None:
+            return None
+        kind, rank = QUANTIZED_FACTOR_KIND, int(write.quantized[0].shape[1])
+        up_pointer, down_pointer = (ctypes.addressof(part[0]) for part in parts)
+        held = (parts, write.quantized)
+    elif up is not None:
         kind = factor_kind(up, down)
         if kind is None:
             return None
         up, down = up.contiguous(), down.contiguous()  # (rows, r), (r, cols)
+        up_pointer, down_pointer, rank = factor_pointer(up), factor_pointer(down), up.shape[1]
     packed = packed.contiguous() if packed is not None else None
     job = _Job(
         base.data_ptr(),
-        factor_pointer(up) if up is not None else None,
-        factor_pointer(down) if down is not None else None,
+        up_pointer,
+        down_pointer,
         packed.data_ptr() if packed is not None else None,
         write.out.data_ptr(),
-        up.shape[1] if up is not None else 0,
+        rank,
         base.shape[1],
         0,
         base.shape[0],
@@ -176,4 +262,4 @@ def batch_job(write: FusedWrite, packed: torch.Tensor | None) -> tuple[_Job, tup
         NATIVE_KINDS[write.dtype],
         NATIVE_KINDS[write.out.dtype],
     )
-    return job, (base, up, down, packed, write.out)
+    return job, (base, up, down, packed, write.out, held)

@@ -396,17 +396,29 @@ def _symmetric_origin(bits: int, step: torch.Tensor) -> torch.Tensor:
     return -((1 << bits) - 1) / 2 * step
 
 
-def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
-    """:func:`dequantize` on the CPU by the compiled loop; None when it does not apply (no library, codes
-    not on the CPU, or a layout :func:`layout_problem` refuses)."""
-    if q.codes.device.type != "cpu" or layout_problem(q) is not None:
+def kernel_grid(q: QuantizedTensor) -> tuple[int, int, int, torch.Tensor, torch.Tensor] | None:
+    """``(lanes, length, group, step, origin)`` for compiled loops that read ``q``'s codes in place on the
+    CPU: value i of lane l is ``code * step[l, i // group] + origin[l, i // group]`` (contiguous fp32
+    (lanes, groups) grids; ``group`` at most the lane's length). None when they cannot: no library,
+    codes not contiguous on the CPU, or a layout :func:`layout_problem` refuses."""
+    if q.codes.device.type != "cpu" or not q.codes.is_contiguous() or layout_problem(q) is not None:
         return None
-    lib = native_library()
-    if lib is None:
+    if native_library() is None:
         return None
     lanes, length = _lanes_length(q.shape, q.axis)
     step, origin = (t.contiguous() for t in _step_origin(q, torch.device("cpu")))  # (lanes, groups)
-    codes = q.codes.contiguous()
+    return lanes, length, min(q.group_size, length), step, origin
+
+
+def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
+    """:func:`dequantize` on the CPU by the compiled loop; None when it does not apply
+    (:func:`kernel_grid`)."""
+    grid = kernel_grid(q)
+    if grid is None:
+        return None
+    lanes, length, group, step, origin = grid
+    lib = native_library()
+    codes = q.codes
     columns = len(q.shape) == 2 and q.axis == 0  # (length, lanes): lane l is column l
     if columns:
         out = torch.empty(q.shape, dtype=torch.float32)
@@ -420,7 +432,7 @@ def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
         q.bits,
         lanes,
         length,
-        min(q.group_size, length),
+        group,
         step.shape[1],
         step.data_ptr(),
         origin.data_ptr(),

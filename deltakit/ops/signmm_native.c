@@ -317,15 +317,15 @@ static inline __attribute__((always_inline)) lrv lr_madd(lrv s, lrv d, lrv a, co
     return a + s * d;
 }
 
-/* `rows` rows (LR_ROWS or LR_ROWS_EXACT) from u (row stride rank) into o (row stride cols), columns
- * j0 .. j0 + LR_COLS - 1 */
-static inline __attribute__((always_inline)) void lr_block(const float *u, int64_t rank, const float *down,
-                                                           int64_t cols, int64_t j, float *o, const int rows,
-                                                           const int exact) {
+/* `rows` rows (LR_ROWS or LR_ROWS_EXACT) of u into o (row stride cols), columns j0 .. j0 + LR_COLS - 1;
+ * u(r, k) is u[r * rs + k * ks] (row-major up: rs = rank, ks = 1) */
+static inline __attribute__((always_inline)) void lr_block(const float *u, int64_t rank, int64_t rs, int64_t ks,
+                                                           const float *down, int64_t cols, int64_t j, float *o,
+                                                           const int rows, const int exact) {
     lrv a[LR_ROWS_EXACT][2];
     lrv d0 = load_lr(down + j), d1 = load_lr(down + j + LR_LANES);
     for (int r = 0; r < rows; r++) {
-        lrv s = splat(u[r * rank]);
+        lrv s = splat(u[r * rs]);
         a[r][0] = s * d0;
         a[r][1] = s * d1;
     }
@@ -333,7 +333,7 @@ static inline __attribute__((always_inline)) void lr_block(const float *u, int64
         d0 = load_lr(down + k * cols + j);
         d1 = load_lr(down + k * cols + j + LR_LANES);
         for (int r = 0; r < rows; r++) {
-            lrv s = splat(u[r * rank + k]);
+            lrv s = splat(u[r * rs + k * ks]);
             a[r][0] = lr_madd(s, d0, a[r][0], exact);
             a[r][1] = lr_madd(s, d1, a[r][1], exact);
         }
@@ -344,10 +344,10 @@ static inline __attribute__((always_inline)) void lr_block(const float *u, int64
     }
 }
 
-/* one output element, the same operations as lr_block's lanes */
-static inline float lr_one(const float *u, int64_t rank, const float *down, int64_t cols, int64_t j) {
+/* one output element, the same operations as lr_block's lanes (u(k) = u[k * ks]) */
+static inline float lr_one(const float *u, int64_t rank, int64_t ks, const float *down, int64_t cols, int64_t j) {
     float a = u[0] * down[j];
-    for (int64_t k = 1; k < rank; k++) a = a + u[k] * down[k * cols + j];
+    for (int64_t k = 1; k < rank; k++) a = a + u[k * ks] * down[k * cols + j];
     return a;
 }
 
@@ -377,12 +377,13 @@ static inline __attribute__((always_inline)) void prefetch_part(const prefetch_p
             __builtin_prefetch(pf->write + k * 64, 1, 3);
 }
 
-/* rows r0 .. r1 - 1 into out (row r0 first) on one thread; pf: lines to fetch on the way, or NULL; exact:
- * see lr_madd */
-static inline __attribute__((always_inline)) void low_rank_block_as(const float *up, const float *down,
-                                                                    int64_t rank, int64_t cols, int64_t r0,
-                                                                    int64_t r1, float *out,
-                                                                    const prefetch_plan *pf, const int exact) {
+/* rows r0 .. r1 - 1 into out (row r0 first) on one thread, up(i, k) = up[i * rs + k * ks]; pf: lines to
+ * fetch on the way, or NULL; exact: see lr_madd */
+static inline __attribute__((always_inline)) void low_rank_block_as(const float *up, int64_t rs, int64_t ks,
+                                                                    const float *down, int64_t rank,
+                                                                    int64_t cols, int64_t r0, int64_t r1,
+                                                                    float *out, const prefetch_plan *pf,
+                                                                    const int exact) {
     if (rank == 0) {
         memset(out, 0, (size_t)((r1 - r0) * cols) * sizeof(float));
         return;
@@ -393,28 +394,28 @@ static inline __attribute__((always_inline)) void low_rank_block_as(const float 
     int64_t parts = (count / rows + count % rows / LR_ROWS) * (full / LR_COLS), part = 0;
     for (int64_t i0 = r0; i0 < r1;) {
         int64_t n = r1 - i0 >= rows ? rows : r1 - i0 >= LR_ROWS ? LR_ROWS : r1 - i0;
-        const float *u = up + i0 * rank;
+        const float *u = up + i0 * rs;
         float *o = out + (i0 - r0) * cols;
         for (int64_t j = 0; n >= LR_ROWS && j < full; j += LR_COLS) {
             if (pf) prefetch_part(pf, part++, parts);
             if (n == rows)
-                lr_block(u, rank, down, cols, j, o, rows, exact);
+                lr_block(u, rank, rs, ks, down, cols, j, o, rows, exact);
             else
-                lr_block(u, rank, down, cols, j, o, LR_ROWS, exact);
+                lr_block(u, rank, rs, ks, down, cols, j, o, LR_ROWS, exact);
         }
         for (int64_t r = 0; r < n; r++)
             for (int64_t j = n >= LR_ROWS ? full : 0; j < cols; j++)
-                o[r * cols + j] = lr_one(u + r * rank, rank, down, cols, j);
+                o[r * cols + j] = lr_one(u + r * rs, rank, ks, down, cols, j);
         i0 += n;
     }
 }
 
-static void low_rank_block(const float *up, const float *down, int64_t rank, int64_t cols, int64_t r0, int64_t r1,
-                           float *out, const prefetch_plan *pf, int exact) {
+static void low_rank_block(const float *up, int64_t rs, int64_t ks, const float *down, int64_t rank, int64_t cols,
+                           int64_t r0, int64_t r1, float *out, const prefetch_plan *pf, int exact) {
     if (exact)
-        low_rank_block_as(up, down, rank, cols, r0, r1, out, pf, 1);
+        low_rank_block_as(up, rs, ks, down, rank, cols, r0, r1, out, pf, 1);
     else
-        low_rank_block_as(up, down, rank, cols, r0, r1, out, pf, 0);
+        low_rank_block_as(up, rs, ks, down, rank, cols, r0, r1, out, pf, 0);
 }
 
 /* The range of n fp32 factor values: the smallest nonzero and the largest magnitude, whether all are
@@ -484,7 +485,7 @@ int deltakit_low_rank_rows(const float *up, const float *down, int64_t rank, int
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t i0 = r0 + b * LR_ROWS, i1 = r1 - i0 < LR_ROWS ? r1 : i0 + LR_ROWS;
-        low_rank_block(up, down, rank, cols, i0, i1, out + (i0 - r0) * cols, NULL, 0);
+        low_rank_block(up, rank, 1, down, rank, cols, i0, i1, out + (i0 - r0) * cols, NULL, 0);
     }
     return 0;
 }
@@ -717,6 +718,55 @@ static float *thread_scratch(int slot, int64_t n) {
     return set->buffers[slot];
 }
 
+/* A group-quantized factor as stored (ops/quant.py QuantizedTensor, `lsb-stream` packing, as
+ * dequant_native.c reads it): `lanes` lanes of `length` codes of `bits` bits, lane after lane; value i of
+ * lane l is (float)code * step[l * groups + i / group] + origin[l * groups + i / group], the product and
+ * the sum each rounded to fp32, the bits of ops/quant.py dequantize. up (rows, r) is stored along its rows
+ * (lane k = column k, length rows), down (r, cols) along its columns (lane k = row k, length cols). The
+ * caller checks that packed holds ceil(lanes * length * bits / 8) bytes and step and origin lanes * groups
+ * values. The layout matches ops/fused.py's ctypes structure. */
+typedef struct {
+    const uint8_t *packed;
+    int64_t nbytes, bits, lanes, length, group, groups;
+    const float *step, *origin;
+} quant_factor;
+
+static inline float quant_value(const quant_factor *q, int64_t lane, int64_t i) {
+    int64_t bit = (lane * q->length + i) * q->bits, byte = bit >> 3;
+    uint32_t word = q->packed[byte];
+    if (byte + 1 < q->nbytes) word |= (uint32_t)q->packed[byte + 1] << 8;
+    uint32_t code = (word >> (bit & 7)) & ((1u << q->bits) - 1);
+    int64_t g = lane * q->groups + i / q->group;
+    return (float)code * q->step[g] + q->origin[g];
+}
+
+/* values i0 .. i0 + n - 1 of lane `lane` into out[0 .. n), each (float)code * step + origin with the
+ * product and the sum rounded on their own (as quant_value): 4-bit codes in runs of 16 starting at a byte
+ * and inside a group as one vector, the others one by one */
+static void quant_decode(const quant_factor *q, int64_t lane, int64_t i0, int64_t n, float *out) {
+    int64_t m = 0;
+#if defined(__AVX512F__)
+    if (q->bits == 4 && q->group % 16 == 0 && i0 % 16 == 0 && (lane * q->length) % 2 == 0) {
+        const uint8_t *codes = q->packed + (lane * q->length + i0) / 2;
+        const float *step = q->step + lane * q->groups, *origin = q->origin + lane * q->groups;
+        const __m128i nibble = _mm_set1_epi8(15);
+        const int64_t runs = q->group / 16; /* runs of 16 a group */
+        int64_t g = i0 / q->group, run = i0 % q->group / 16;
+        for (; m + 16 <= n; m += 16) {
+            __m128i bytes = _mm_loadl_epi64((const __m128i *)(codes + m / 2));
+            __m128i c = _mm_unpacklo_epi8(_mm_and_si128(bytes, nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c));
+            _mm512_storeu_ps(out + m, _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(step[g])), _mm512_set1_ps(origin[g])));
+            if (++run == runs) {
+                run = 0;
+                g++;
+            }
+        }
+    }
+#endif
+    for (; m < n; m++) out[m] = quant_value(q, lane, i0 + m);
+}
+
 /* One matrix for the fused kernel: rows r0 .. r1 - 1 of it, base, packed and out pointing at row r0
  * (packed: r0 * cols is a multiple of 8, so at a byte), up at row 0; the other fields as
  * deltakit_fused_rows' arguments. The layout matches ops/fused.py's ctypes structure. */
@@ -733,19 +783,37 @@ typedef struct {
 
 static int job_invalid(const fused_job *j) {
     if (j->base_kind < 0 || j->base_kind > 1 || j->round_kind < 0 || j->round_kind > 1 || j->out_kind < 0 ||
-        j->out_kind > 1 || j->factor_kind < 0 || j->factor_kind > 2)
+        j->out_kind > 1 || j->factor_kind < 0 || j->factor_kind > 3)
         return 1;
     return j->rank < 0 || j->cols < 0 || j->r0 < 0 || j->r1 < j->r0 || (j->up && !j->down);
 }
 
 /* a thread's buffers for one job: its blocks' low-rank rows and, for 16-bit factors, down widened once
- * and a block's rows of up, with the range of down's values (products_exact) */
+ * and a block's rows of up; for quantized ones (factor_kind 3: up and down point at quant_factor), down
+ * and up decoded once, up in 8-row blocks, each column-major (quant_up_blocks); the range of down's
+ * values (products_exact) */
 typedef struct {
     float *low;
     const float *down;
     float *up_rows;
     factor_range down_range;
 } job_scratch;
+
+/* rows r0 .. r1 - 1 of every lane of a quantized up into 8-row blocks: block b holds up(r0 + 8 b + r, k) at
+ * out[(b * lanes + k) * FUSED_ROWS + r], rows past r1 zeros; `run` holds r1 - r0 values (a lane is
+ * decoded as one run, then dealt out) */
+static void quant_up_blocks(const quant_factor *q, int64_t r0, int64_t r1, float *out, float *run) {
+    const int64_t n = r1 - r0, blocks = (n + FUSED_ROWS - 1) / FUSED_ROWS;
+    for (int64_t k = 0; k < q->lanes; k++) {
+        quant_decode(q, k, r0, n, run);
+        for (int64_t b = 0; b < blocks; b++) {
+            float *o = out + (b * q->lanes + k) * FUSED_ROWS;
+            int64_t rows = n - b * FUSED_ROWS < FUSED_ROWS ? n - b * FUSED_ROWS : FUSED_ROWS;
+            memcpy(o, run + b * FUSED_ROWS, (size_t)rows * sizeof(float));
+            for (int64_t r = rows; r < FUSED_ROWS; r++) o[r] = 0.0f;
+        }
+    }
+}
 
 /* 0, or 2 when a buffer cannot be had */
 static int job_scratch_for(const fused_job *j, job_scratch *s) {
@@ -756,11 +824,19 @@ static int job_scratch_for(const fused_job *j, job_scratch *s) {
     s->low = thread_scratch(SCRATCH_LOW, FUSED_ROWS * j->cols);
     if (!s->low) return 2;
     if (j->factor_kind != 0) {
-        float *scratch = thread_scratch(SCRATCH_FACTORS, j->rank * j->cols + FUSED_ROWS * j->rank);
+        int64_t rows = j->r1 - j->r0, padded = (rows + FUSED_ROWS - 1) / FUSED_ROWS * FUSED_ROWS;
+        int64_t up_values = j->factor_kind == 3 ? padded * j->rank + rows : FUSED_ROWS * j->rank;
+        float *scratch = thread_scratch(SCRATCH_FACTORS, j->rank * j->cols + up_values);
         if (!scratch) return 2;
-        widen_factors(j->down, j->factor_kind, j->rank * j->cols, scratch);
         s->down = scratch;
         s->up_rows = scratch + j->rank * j->cols;
+        if (j->factor_kind == 3) {
+            for (int64_t k = 0; k < j->rank; k++)
+                quant_decode((const quant_factor *)j->down, k, 0, j->cols, scratch + k * j->cols);
+            quant_up_blocks((const quant_factor *)j->up, j->r0, j->r1, s->up_rows, s->up_rows + padded * j->rank);
+        } else {
+            widen_factors(j->down, j->factor_kind, j->rank * j->cols, scratch);
+        }
     }
     s->down_range = range_of(s->down, j->rank * j->cols);
     return 0;
@@ -774,16 +850,26 @@ static void job_block(const fused_job *j, const job_scratch *s, int64_t b, span_
     int64_t rows = j->r1 - j->r0 - first < FUSED_ROWS ? j->r1 - j->r0 - first : FUSED_ROWS;
     size_t at = (size_t)(first * cols), count = (size_t)(rows * cols);
     if (j->up) {
-        const char *up_block = (const char *)j->up + (size_t)((j->r0 + first) * rank) * factor_size;
-        const float *up = (const float *)up_block;
-        if (j->factor_kind != 0) {
-            widen_factors(up_block, j->factor_kind, rows * rank, s->up_rows);
-            up = s->up_rows;
+        const float *up;
+        int64_t rs = rank, ks = 1; /* up(r, k) = up[r * rs + k * ks] */
+        int64_t scanned = rows * rank;
+        if (j->factor_kind == 3) {
+            up = s->up_rows + first * rank; /* block b = first / FUSED_ROWS */
+            rs = 1;
+            ks = FUSED_ROWS;
+            scanned = rank * FUSED_ROWS; /* rows past the block's are zeros: they count nothing */
+        } else {
+            const char *up_block = (const char *)j->up + (size_t)((j->r0 + first) * rank) * factor_size;
+            up = (const float *)up_block;
+            if (j->factor_kind != 0) {
+                widen_factors(up_block, j->factor_kind, rows * rank, s->up_rows);
+                up = s->up_rows;
+            }
         }
-        int exact = products_exact(range_of(up, rows * rank), s->down_range); /* see lr_madd */
+        int exact = products_exact(range_of(up, scanned), s->down_range); /* see lr_madd */
         prefetch_plan pf = {(const char *)j->base + at * base_size, (int64_t)(count * base_size / 64),
                             (char *)j->out + at * out_size, (int64_t)(count * out_size / 64)};
-        low_rank_block(up, s->down, rank, cols, 0, rows, s->low, &pf, exact);
+        low_rank_block(up, rs, ks, s->down, rank, cols, 0, rows, s->low, &pf, exact);
     }
     fused_span((const char *)j->base + at * base_size, j->base_kind, s->low, j->packed ? j->packed + at / 8 : NULL,
                j->alpha, rows * cols, j->round_kind, (char *)j->out + at * out_size, j->out_kind, st);

@@ -119,7 +119,7 @@ class ModulePlan:
         self.low_rank_parts = [
             p
             for p in self.factored_parts
-            if linear and p.weight is not None and p.weight.view is not None and p.weight.view.up is not None
+            if linear and p.weight is not None and p.weight.view is not None and p.weight.view.has_low_rank
         ]
         signed = [
             p
@@ -154,8 +154,11 @@ class ModulePlan:
 def factor_pair(op: TensorOp, layout: str, dtype: torch.dtype, device: torch.device) -> tuple:
     """``(A (in, r), B (r, out))`` with ``x A B`` the low-rank share of ``op``: contiguous, in ``dtype``."""
     view = op.view
-    assert view is not None and view.up is not None and view.down is not None
-    up, down = view.up.to(device, torch.float32), view.down.to(device, torch.float32)
+    assert view is not None and view.has_low_rank
+    up, down = (
+        view.up.to(device, torch.float32),
+        view.down.to(device, torch.float32),
+    )  # quantized: dequantized
     first, second = (down.T, up.T) if layout == "out_in" else (up, down)
     return first.to(dtype).contiguous(), second.to(dtype).contiguous()
 

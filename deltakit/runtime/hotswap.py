@@ -118,8 +118,8 @@ class HotSwapRuntime:
     """One resident base, many registered deltas, one active at a time (or a batched mix).
 
     host_cache_bytes / device_cache_bytes: byte budgets of the two prepared-delta caches, counting what a
-    delta holds in memory (:attr:`PreparedDelta.nbytes`: a delta with 4-bit factors holds them dequantized
-    too, about 4.7x its stored bytes for dqrelo on SmolLM2-135M). On the CPU
+    delta holds in memory (:attr:`PreparedDelta.nbytes`: on the CPU its stored bytes, quantized factors
+    held as their codes; on another device quantized factors travel dequantized to fp32). On the CPU
     the device cache is the host cache (no copy). All methods are thread-safe (one lock).
     """
 

@@ -78,7 +78,7 @@ def linear_delta(
     out: torch.Tensor | None = None
     if view.signs is not None:
         out = sign_share(x, op, layout, signs)
-    if view.up is not None and view.down is not None:
+    if view.has_low_rank:
         part = low_rank_share(x, op, layout)
         out = part if out is None else out.add_(part)
     assert out is not None  # a FactoredView has a sign part, factors or both
@@ -93,6 +93,6 @@ def embedding_delta(ids: torch.Tensor, op: TensorOp) -> torch.Tensor:
     out = torch.zeros(flat.numel(), cols, dtype=torch.float32, device=ids.device)
     if view.signs is not None:
         out += gather_sign_rows(view.signs, flat, cols) * float(view.scale)
-    if view.up is not None and view.down is not None:
+    if view.has_low_rank:
         out += low_rank_product(view.up[flat], view.down)  # (n, cols): the merged weight's rows, bit for bit
     return out.reshape(*ids.shape, cols)

@@ -571,9 +571,10 @@ class MultiDeltaExecutor:
                 rows, cols = view.shape
                 first, second = (q_down, q_up) if layout == "out_in" else (q_up, q_down)
                 features = (cols, rows) if layout == "out_in" else (rows, cols)  # (in, out)
-                if lowrank_group.quantized_pair_fits(first, second, view.down.shape[0], *features):
+                if lowrank_group.quantized_pair_fits(first, second, view.rank, *features):
                     return (GroupFactors.prepare_quantized(first, second),)
-            dtype = lowrank_group.stored_dtype(view.up, view.down)
+            up, down = view.float_factors  # (None, None) for quantized ones: widened to fp32
+            dtype = lowrank_group.stored_dtype(up, down) if up is not None else torch.float32
             first, second = factor_pair(op, layout, dtype, torch.device("cpu"))  # (in, r), (r, out)
             return (GroupFactors.prepare(first.T, second),)
 

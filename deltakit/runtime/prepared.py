@@ -31,7 +31,7 @@ def _view_extra_nbytes(view: FactoredView | None, stored: dict[str, torch.Tensor
     if view is None:
         return 0
     shared = {t.untyped_storage().data_ptr() for t in stored.values()}
-    parts = (view.signs, view.up, view.down)
+    parts = (view.signs, *view.float_factors)
     return sum(
         t.numel() * t.element_size()
         for t in parts
@@ -66,8 +66,8 @@ class TensorOp:
     @property
     def nbytes(self) -> int:
         """Bytes this op holds in memory: its stored tensors and the view's tensors that are not among
-        them. Group-quantized factors are held dequantized to fp32 as well, for the single-pass rebuild:
-        about 8x the bytes of 4-bit codes."""
+        them (on the CPU a view of group-quantized factors holds their codes only; a copy on another
+        device holds them dequantized to fp32, about 8x the bytes of 4-bit codes)."""
         return _nbytes(self.tensors) + _view_extra_nbytes(self.view, self.tensors)
 
     def encoded(self) -> Encoded:
@@ -90,12 +90,12 @@ class TensorOp:
         moved = {key: move(tensor) for key, tensor in self.tensors.items()}
         view = self.view
         if view is not None:
-            quantized = (
-                view.quantized if torch.device(device).type == "cpu" else None
-            )  # read by the CPU kernel only
-            view = FactoredView(
-                view.shape, move(view.signs), view.scale, move(view.up), move(view.down), quantized
-            )
+            # quantized factors stay codes on the CPU (its kernels read them); elsewhere they travel
+            # dequantized to fp32
+            cpu = torch.device(device).type == "cpu"
+            up, down = view.float_factors if cpu else (view.up, view.down)
+            quantized = view.quantized if cpu else None
+            view = FactoredView(view.shape, move(view.signs), view.scale, move(up), move(down), quantized)
         return TensorOp(self.name, self.kind, self.dtype, moved, self.params, self.layout, view)
 
 
