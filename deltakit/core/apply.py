@@ -223,8 +223,7 @@ def _apply_into(
     one_at_a_time = threading.Lock()
 
     def read(spec: TensorSpec) -> tuple[TensorSpec, torch.Tensor | None]:
-        base_tensor = base_src.get(spec.name) if spec.name in base_names else None
-        return spec, base_tensor
+        return spec, base_src.get(spec.name) if spec.name in base_names else None
 
     def as_base(spec: TensorSpec) -> bool:
         """Whether the output tensor is the base's bytes (its digest is then the base's)."""
@@ -235,8 +234,7 @@ def _apply_into(
         tensor's (None: no base tensor; remembered ones are taken as they are). Both are hashed here, on
         the worker, right after the rebuild has read the one and written the other: from the core's cache
         sha256 runs about 1.6x as fast as from memory on the development machine."""
-        # fused where it can (checked as it is written); unchanged tensors are the base's own. The small
-        # steps before the arithmetic run one worker at a time (see prepare_reconstruct)
+        # the small steps before the arithmetic run one worker at a time (see prepare_reconstruct)
         spec, base_tensor = item
         with one_at_a_time:
             finish = prepare_reconstruct(decoder, spec.name, base_tensor, dev, check_finite=True)
@@ -249,8 +247,7 @@ def _apply_into(
 
     def held_bytes(item: tuple[TensorSpec, torch.Tensor | None]) -> int:
         """What a queued tensor holds until it is written: the base tensor read and the rebuilt one."""
-        spec, base_tensor = item
-        return spec.nbytes + (base_tensor.nbytes if base_tensor is not None else 0)
+        return item[0].nbytes + (item[1].nbytes if item[1] is not None else 0)
 
     workers = cpu_workers(dev)
     items = (read(spec) for spec in specs)
