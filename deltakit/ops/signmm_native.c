@@ -806,11 +806,12 @@ static void quant_up_blocks(const quant_factor *q, int64_t r0, int64_t r1, float
     const int64_t n = r1 - r0, blocks = (n + FUSED_ROWS - 1) / FUSED_ROWS;
     for (int64_t k = 0; k < q->lanes; k++) {
         quant_decode(q, k, r0, n, run);
-        for (int64_t b = 0; b < blocks; b++) {
-            float *o = out + (b * q->lanes + k) * FUSED_ROWS;
-            int64_t rows = n - b * FUSED_ROWS < FUSED_ROWS ? n - b * FUSED_ROWS : FUSED_ROWS;
-            memcpy(o, run + b * FUSED_ROWS, (size_t)rows * sizeof(float));
-            for (int64_t r = rows; r < FUSED_ROWS; r++) o[r] = 0.0f;
+        const int64_t full = n / FUSED_ROWS;
+        for (int64_t b = 0; b < full; b++) /* a fixed-size copy: inlined */
+            memcpy(out + (b * q->lanes + k) * FUSED_ROWS, run + b * FUSED_ROWS, FUSED_ROWS * sizeof(float));
+        if (full < blocks) {
+            float *o = out + (full * q->lanes + k) * FUSED_ROWS;
+            for (int64_t r = 0; r < FUSED_ROWS; r++) o[r] = full * FUSED_ROWS + r < n ? run[full * FUSED_ROWS + r] : 0.0f;
         }
     }
 }
