@@ -179,3 +179,46 @@ def test_fingerprint_is_order_independent_and_sensitive_to_name_dtype_shape_and_
     ]
     for variant in variants:
         assert fingerprint_tensors(variant) != fingerprint_tensors(a)
+
+
+def test_safetensors_tensors_are_copy_on_write_views_of_the_file(tmp_path):
+    """get() maps a checked safetensors file copy-on-write: the values are the file's, nothing is
+    copied, and writing to a tensor changes neither the file nor a later read. A tensor whose bytes are
+    not aligned for its dtype, and a file whose header does not tile its data, are copied out by
+    safetensors instead, with the same values."""
+    from safetensors.torch import load_file, save_file
+
+    from deltakit.format.safetensors_io import StreamingSafetensorsWriter
+
+    tensors = {
+        "a": torch.arange(3, dtype=torch.bfloat16),  # 6 bytes: the next tensor starts unaligned for fp32
+        "b": torch.randn(4, 5),
+        "c": torch.zeros(0, 3),
+        "d": torch.randn(2, 8).to(torch.bfloat16),
+    }
+    model = tmp_path / "m"
+    model.mkdir()
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with StreamingSafetensorsWriter(model / "model.safetensors", specs, digest=False) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    reader = CheckpointReader(model)
+    for name, tensor in tensors.items():
+        got = reader.get(name)
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    assert reader._maps[model / "model.safetensors"] is not None  # mapped: the header checked out
+    view = reader.get("d")
+    view.fill_(7)  # private pages: the file keeps its bytes
+    assert torch.equal(load_file(model / "model.safetensors")["d"], tensors["d"])
+    assert torch.equal(CheckpointReader(model).get("d"), tensors["d"])
+
+    other = tmp_path / "o"  # safetensors' own writer: read through the mapping or copied, same values
+    other.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(other / "model.safetensors"))
+    assert all(torch.equal(CheckpointReader(other).get(n), t) for n, t in tensors.items())
+    raw = (other / "model.safetensors").read_bytes()  # a data section longer than the header says
+    (other / "model.safetensors").write_bytes(raw + b"\0" * 8)
+    padded = CheckpointReader(other)
+    with pytest.raises(FormatError, match="cannot read tensor b"):  # not mapped; safetensors refuses it too
+        padded.get("b")
+    assert padded._maps[other / "model.safetensors"] is None
