@@ -77,7 +77,7 @@ class CheckpointReader:
     Tensor names, dtypes and shapes come from the safetensors headers without loading data;
     :meth:`get` returns one tensor on the CPU. A safetensors file whose header checks out
     (:func:`~deltakit.format.safetensors_io.checked_spans`) is mapped copy-on-write, and its tensors are
-    views of the mapping: nothing is copied (apply read a SmolLM2-135M base 8-16% faster so, docs/speed.md),
+    views of the mapping: nothing is copied (SmolLM2-135M apply about 5% faster, docs/speed.md),
     and writing to one changes this process's pages, never the file. As with any memory map, a file cut
     short while its tensors are in use can end the process (SIGBUS); deltas, which come from elsewhere,
     are read with positioned reads instead (:mod:`deltakit.format.shard_reader`). Other files, and
