@@ -108,20 +108,8 @@ def _quant_factor(q: QuantizedTensor, axis: int) -> tuple[_QuantFactor, tuple] |
     grid = kernel_grid(q)
     if grid is None:
         return None
-    lanes, length, group, step, origin = grid
-    codes = q.codes
-    struct = _QuantFactor(
-        codes.data_ptr(),
-        codes.numel(),
-        q.bits,
-        lanes,
-        length,
-        group,
-        step.shape[1],
-        step.data_ptr(),
-        origin.data_ptr(),
-    )
-    return struct, (codes, step, origin)
+    arguments, held = grid
+    return _QuantFactor(*arguments), held
 
 
 class _Job(ctypes.Structure):

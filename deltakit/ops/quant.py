@@ -396,18 +396,24 @@ def _symmetric_origin(bits: int, step: torch.Tensor) -> torch.Tensor:
     return -((1 << bits) - 1) / 2 * step
 
 
-def kernel_grid(q: QuantizedTensor) -> tuple[int, int, int, torch.Tensor, torch.Tensor] | None:
-    """``(lanes, length, group, step, origin)`` for compiled loops that read ``q``'s codes in place on the
-    CPU: value i of lane l is ``code * step[l, i // group] + origin[l, i // group]`` (contiguous fp32
-    (lanes, groups) grids; ``group`` at most the lane's length). None when they cannot: no library,
-    codes not contiguous on the CPU, or a layout :func:`layout_problem` refuses."""
+def kernel_grid(q: QuantizedTensor) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...]] | None:
+    """``(arguments, held)`` for compiled loops that read ``q``'s codes in place on the CPU. arguments:
+    ``(codes address, code bytes, bits, lanes, length, group, groups, step address, origin address)``,
+    the leading arguments of ``deltakit_dequantize`` and the fields of the fused kernel's
+    ``quant_factor``; value i of lane l is ``code * step[l, i // group] + origin[l, i // group]``
+    (contiguous fp32 (lanes, groups) grids; ``group`` at most the lane's length). held: the tensors the
+    addresses point into (keep them while the loop may run). None when the loops cannot read ``q``: no
+    library, codes not contiguous on the CPU, or a layout :func:`layout_problem` refuses."""
     if q.codes.device.type != "cpu" or not q.codes.is_contiguous() or layout_problem(q) is not None:
         return None
     if native_library() is None:
         return None
     lanes, length = _lanes_length(q.shape, q.axis)
     step, origin = (t.contiguous() for t in _step_origin(q, torch.device("cpu")))  # (lanes, groups)
-    return lanes, length, min(q.group_size, length), step, origin
+    codes = q.codes
+    arguments = (codes.data_ptr(), codes.numel(), q.bits, lanes, length, min(q.group_size, length))
+    arguments += (step.shape[1], step.data_ptr(), origin.data_ptr())
+    return arguments, (codes, step, origin)
 
 
 def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
@@ -416,9 +422,8 @@ def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
     grid = kernel_grid(q)
     if grid is None:
         return None
-    lanes, length, group, step, origin = grid
-    lib = native_library()
-    codes = q.codes
+    arguments, held = grid  # held: the tensors the addresses point into, alive through the call
+    lanes, length = arguments[3], arguments[4]
     columns = len(q.shape) == 2 and q.axis == 0  # (length, lanes): lane l is column l
     if columns:
         out = torch.empty(q.shape, dtype=torch.float32)
@@ -426,19 +431,7 @@ def _native_dequantize(q: QuantizedTensor) -> torch.Tensor | None:
     else:  # (..., length) with the axis last, moved back below
         out = torch.empty(_axis_last(q.shape, q.axis), dtype=torch.float32)
         strides = (length, 1)
-    status = lib.deltakit_dequantize(
-        codes.data_ptr(),
-        codes.numel(),
-        q.bits,
-        lanes,
-        length,
-        group,
-        step.shape[1],
-        step.data_ptr(),
-        origin.data_ptr(),
-        out.data_ptr(),
-        *strides,
-    )
+    status = native_library().deltakit_dequantize(*arguments, out.data_ptr(), *strides)
     if status != 0:
         raise ValueError(f"dequantize: the compiled loop refused {q.bits}-bit codes of shape {list(q.shape)}")
     return out if columns else out.movedim(-1, q.axis)
