@@ -3,6 +3,10 @@ rows, other parts or factor width; bad arguments refused."""
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -29,6 +33,51 @@ def _tree16(lanes: torch.Tensor) -> torch.Tensor:
     return a[..., 0]
 
 
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a * b + c`` rounded once (a fused multiply-add), for broadcastable fp32 tensors.
+
+    The product of two fp32 values is exact in float64, and TwoSum gives the float64 sum ``s`` and its
+    exact error ``e``. Rounding ``s`` to fp32 gives the fused result except where ``s`` lies exactly
+    halfway between two fp32 values (their midpoint is a float64 value): there the sign of ``e`` says on
+    which side the exact sum lies.
+    """
+    p, c64 = a.double() * b.double(), c.double()
+    s = p + c64
+    virtual = s - p
+    e = (p - (s - virtual)) + (c64 - virtual)  # p + c64 == s + e exactly
+    r = s.float()
+    up = torch.nextafter(r, torch.tensor(float("inf")))
+    down = torch.nextafter(r, torch.tensor(float("-inf")))
+    r = torch.where((s == (r.double() + up.double()) / 2) & (e > 0), up, r)
+    return torch.where((s == (r.double() + down.double()) / 2) & (e < 0), down, r)
+
+
+def _fma_exact(a: float, b: float, c: float) -> float:
+    """a * b + c for fp32 values, summed exactly (fractions) and rounded once to fp32 by torch."""
+    exact = Fraction(a) * Fraction(b) + Fraction(c)
+    below = torch.tensor(float(exact), dtype=torch.float64).float()  # float() of a fraction: nearest float64
+    candidates = {
+        below.item(),
+        *(torch.nextafter(below, torch.tensor(d)).item() for d in (-math.inf, math.inf)),
+    }
+    return min(candidates, key=lambda v: (abs(Fraction(v) - exact), int(np.float32(v).view(np.int32)) & 1))
+
+
+def test_fma_reference_rounds_once():
+    big = 2.0**50 + 2.0**27  # an fp32 with an odd last bit; the next one up is 2^50 + 2^28
+    a, b = 2.0**13 * (1 + 2.0**-23), 2.0**13 * (1 - 2.0**-23)  # a * b = 2^26 - 2^-20, just below half a step
+    fused = _fma(torch.tensor([a]), torch.tensor([b]), torch.tensor([big])).item()
+    assert fused == big  # the float64 sum is the midpoint itself, which rounds to even: 2^50 + 2^28
+    assert (torch.tensor([a]) * torch.tensor([b]) + torch.tensor([big])).item() == 2.0**50 + 2.0**28
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(3, 2000, generator=gen) * torch.exp2(
+        torch.randint(-30, 30, (3, 2000), generator=gen)
+    )
+    got = _fma(values[0], values[1], values[2])
+    for i in range(0, 2000, 7):
+        assert got[i].item() == _fma_exact(*(values[k, i].item() for k in range(3)))
+
+
 def _reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The kernel's operations in torch for one part: x (n, in) fp32, a (r, in), b (r, out) -> (n, out)."""
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
@@ -36,16 +85,16 @@ def _reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     full = width - width % 64
     acc = torch.zeros(n, a32.shape[0], 64)  # (n, r, lanes)
     for m in range(0, full, 64):
-        acc = acc + x[:, None, m : m + 64] * a32[None, :, m : m + 64]
+        acc = _fma(x[:, None, m : m + 64], a32[None, :, m : m + 64], acc)
     for i in range(full, width):
-        acc[..., i - full] = acc[..., i - full] + x[:, None, i] * a32[None, :, i]
+        acc[..., i - full] = _fma(x[:, None, i], a32[None, :, i], acc[..., i - full])
     halves = acc[..., :32] + acc[..., 32:]  # l[i] + l[i + 32]
     h = _tree16(halves[..., :16] + halves[..., 16:])  # (n, r)
     if a32.shape[0] == 0:
         return torch.zeros(n, b32.shape[1])
     s = h[:, :1] * b32[:1]
     for k in range(1, a32.shape[0]):
-        s = s + h[:, k : k + 1] * b32[k : k + 1]
+        s = _fma(h[:, k : k + 1], b32[k : k + 1], s)
     return s
 
 

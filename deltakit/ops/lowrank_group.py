@@ -8,7 +8,8 @@ kernel (``deltakit_low_rank_multi`` in ``lowrank_native.c``) widens them in regi
 splitting rank components and output columns, never a sum. Group-quantized factors of up to 4 bits (the
 codecs' default) stay 4-bit codes (:meth:`GroupFactors.prepare_quantized`): about an eighth of the bytes
 of their fp32 dequantized copy, decoded in registers to that copy's exact values. Each part has its own
-kind, so deltas stored at different widths share one call. Each output element's arithmetic is fixed,
+kind, so deltas stored at different widths share one call. Each output element's arithmetic is fixed
+(fused multiply-adds in a set order, documented in ``lowrank_native.c``),
 so the bits do not depend on the thread count, on which rows and deltas share the call, or on whether a
 quantized factor is read as codes or as its dequantized fp32 copy. CPU only, and only when the compiled
 library is there (:func:`available`); callers keep a torch path otherwise.
