@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltakit.errors import FormatError, UsageError
+from deltakit.ops import quant
 from deltakit.ops.intpack import pack_codes, packed_nbytes, unpack_codes
 from deltakit.ops.quant import (
     SCHEMES,
@@ -41,16 +42,18 @@ def test_pack_unpack_codes_round_trips_for_every_width_and_length(case):
         assert int(packed[-1]) >> used == 0  # padding bits are zero: the bytes are deterministic
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("numel", [1, 3, 8, 13, 64, 1001])
 def test_whole_codes_per_byte_give_the_bit_stream_bytes(bits, numel):
-    """Widths that divide 8 pack and unpack whole codes per byte: the bytes of the LSB-first bit stream."""
+    """Widths that divide 8 pack and unpack whole codes per byte: the bytes of the LSB-first bit stream,
+    from uint8 codes (packed in uint8 arithmetic) as from wider integers."""
     from deltakit.ops.bitpack import pack_bits, unpack_bits
 
     codes = torch.randint(0, 1 << bits, (numel,), generator=torch.Generator().manual_seed(numel))
     stream = ((codes[:, None] >> torch.arange(bits)) & 1).reshape(-1).bool()
     packed = pack_codes(codes, bits)
     assert torch.equal(packed, pack_bits(stream))
+    assert torch.equal(pack_codes(codes.to(torch.uint8).reshape(-1, 1), bits), packed)
     weights = 1 << torch.arange(bits)
     from_stream = (unpack_bits(packed, numel * bits).reshape(numel, bits).long() * weights).sum(1)
     assert torch.equal(unpack_codes(packed, bits, numel), from_stream.to(torch.uint8))
@@ -67,6 +70,9 @@ def test_three_bit_codes_straddle_bytes_lsb_first():
 def test_pack_rejects_out_of_range_codes_and_unpack_rejects_wrong_lengths():
     with pytest.raises(UsageError, match="codes must lie"):
         pack_codes(torch.tensor([4]), 2)
+    for bits in (1, 2, 4):  # the uint8 form checks too
+        with pytest.raises(UsageError, match="codes must lie"):
+            pack_codes(torch.tensor([0, 1 << bits, 0], dtype=torch.uint8), bits)
     with pytest.raises(UsageError, match="bits"):
         pack_codes(torch.tensor([1]), 9)
     with pytest.raises(FormatError, match="packed codes"):
@@ -306,3 +312,53 @@ def test_the_clip_search_counts_every_value_of_a_lane_longer_than_float32_counts
     assert searched.scales.shape == plain.scales.shape == (1, (2**25 + 6 + 2) // 3)
     # the search keeps ratio 1.0 (absmax) unless another has less error, group by group
     assert float((dequantize(searched) - x).square().sum()) <= float((dequantize(plain) - x).square().sum())
+
+
+def _keep_bits_up_by_frexp(scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """The definition of quant._keep_bits_up: each value rounded up to ``bits`` significant bits."""
+    fraction, exponent = torch.frexp(scales.float())
+    return torch.ldexp(torch.ceil(torch.ldexp(fraction, torch.tensor(bits))), exponent - bits).to(
+        torch.float16
+    )
+
+
+def test_scales_keep_their_significant_bits_as_the_frexp_definition_for_every_fp16():
+    """_keep_bits_up adds and masks the fp16 bit patterns of normal scales (subnormal ones take the frexp
+    form): the same fp16 for every finite non-negative fp16 and every width, an error where the rounded
+    scale leaves the fp16 range."""
+    every = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    normal = torch.cat([torch.zeros(2, dtype=torch.float16), every[0x0400:]])
+    for bits in range(1, quant.SCALE_BITS + 1):
+        want = _keep_bits_up_by_frexp(every, bits)
+        finite = torch.isfinite(want.float())
+        for part in (every, normal):  # with subnormals (the frexp form) and without (the bit form)
+            keep = (
+                finite[: part.numel()]
+                if part is every
+                else torch.isfinite(_keep_bits_up_by_frexp(part, bits).float())
+            )
+            got = quant._keep_bits_up(part[keep], bits)
+            assert torch.equal(
+                got.view(torch.int16), _keep_bits_up_by_frexp(part[keep], bits).view(torch.int16)
+            )
+            if not bool(keep.all()):
+                with pytest.raises(UsageError, match="too large for fp16"):
+                    quant._keep_bits_up(part, bits)
+
+
+def test_fp16_round_up_is_the_next_fp16_at_or_above_each_value():
+    gen = torch.Generator().manual_seed(5)
+    values = torch.randn(100_000, generator=gen) * torch.exp2(
+        torch.randint(-30, 13, (100_000,), generator=gen).float()
+    )
+    edges = torch.tensor(
+        [0.0, -0.0, 2**-24, 2**-25, -(2**-25), 2**-14, 65504.0, -65504.0, -65519.0, -70000.0]
+    )
+    values = torch.cat([values, edges])
+    half = values.to(torch.float16)
+    want = torch.where(half.float() < values, torch.nextafter(half, torch.full_like(half, math.inf)), half)
+    got = quant._fp16_up(values)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert bool((got.float() >= values).all())
+    with pytest.raises(UsageError, match="too large for fp16"):
+        quant._fp16_up(torch.tensor([1.0, 65519.0]))

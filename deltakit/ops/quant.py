@@ -38,6 +38,8 @@ CLIPS = ("absmax", "mse")
 CLIP_RATIOS = tuple(1.0 - 0.05 * k for k in range(13))  # 1.0 down to 0.4
 PACKING = "lsb-stream"  # see deltakit.ops.intpack
 _FP16_MAX = 65504.0
+#: int16 pattern of the smallest normal fp16 (2**-14): below it (and above zero) the subnormals
+_FP16_MIN_NORMAL_BITS = 0x0400
 #: significant bits of an fp16 scale: ``quantize(scale_bits=SCALE_BITS)`` rounds nothing further
 SCALE_BITS = 11
 
@@ -192,8 +194,11 @@ def quantize(
         )
         for start in range(0, grouped.shape[0], lanes_per_block)
     ]
-    codes, scales = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
-    zeros = None if scheme == "symmetric" else torch.cat([b[2] for b in blocks])
+    if len(blocks) == 1:  # a factor matrix's lanes fit one block: no copy
+        codes, scales, zeros = blocks[0]
+    else:
+        codes, scales = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+        zeros = None if scheme == "symmetric" else torch.cat([b[2] for b in blocks])
     codes = codes.reshape(codes.shape[0], -1)[:, :length].to(torch.uint8)  # (lanes, length)
     return QuantizedTensor(
         pack_codes(codes, bits), scales, zeros, tuple(x.shape), bits, group_size, axis, scheme
@@ -343,6 +348,16 @@ def _keep_bits_up(scales: torch.Tensor, bits: int) -> torch.Tensor:
     2**-24. UsageError when a scale rounds past the fp16 range."""
     if bits >= SCALE_BITS:
         return scales
+    pattern = scales.view(torch.int16)
+    if not bool(((pattern < _FP16_MIN_NORMAL_BITS) & (pattern != 0)).any()):
+        # zeros and positive normal fp16 values (no sign bit: the int16 patterns are non-negative): adding
+        # the dropped bits' mask and clearing them rounds the significand up, and a carry out of it
+        # raises the exponent, which is the frexp form's result (both exact); the sum stays below 2**15
+        dropped = (1 << (SCALE_BITS - bits)) - 1
+        half = ((pattern + dropped) & ~dropped).view(torch.float16)
+        if not all_finite(half):
+            raise UsageError(f"values too large for fp16 scales (a group scale exceeds {_FP16_MAX})")
+        return half
     fraction, exponent = torch.frexp(scales.float())  # fraction in [0.5, 1), or 0
     kept = torch.ldexp(torch.ceil(torch.ldexp(fraction, torch.tensor(bits))), exponent - bits)
     half = kept.to(torch.float16)
@@ -451,8 +466,11 @@ def _grouped(moved: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
 def _fp16_up(values: torch.Tensor) -> torch.Tensor:
     """Smallest fp16 >= each fp32 value (UsageError when beyond the fp16 range)."""
     half = values.to(torch.float16)
-    low = half.float() < values
-    half = torch.where(low, torch.nextafter(half, torch.full_like(half, math.inf)), half)
+    pattern = half.view(torch.int16)
+    # where rounding to nearest went below, the next fp16 up: pattern + 1 for a positive fp16, - 1 for a
+    # negative one (never -0.0 here: a value that rounds to -0.0 is not above it); +inf stays +inf
+    step = torch.where(pattern < 0, -1, 1).to(torch.int16) * (half.float() < values)
+    half = (pattern + step).view(torch.float16)
     if not all_finite(half):
         raise UsageError(f"values too large for fp16 scales (a group scale exceeds {_FP16_MAX})")
     return half
