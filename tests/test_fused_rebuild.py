@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -511,3 +513,38 @@ def test_views_of_quantized_factors_hold_codes_only():
         and tuple(down.shape) == (view.rank, 48)
     )
     assert up is not view.up  # a new tensor each time: nothing fp32 is held
+
+
+def test_finite_rows_match_the_conversions_at_the_range_edges():
+    """_finite_rows decides rows within both dtypes' largest finite value without converting them: the
+    same verdicts as rounding each (min, max) to the fine-tune dtype and then to the written one."""
+    from deltakit.ops.fused_batch import _finite_rows
+
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    edges = [
+        0.0,
+        1.0,
+        65280.0,
+        65281.0,
+        65504.0,
+        65519.0,
+        65520.0,
+        3.3895e38,
+        3.4e38,
+        float("inf"),
+        float("nan"),
+    ]
+    for dtype in (f16, bf16, f32):  # each largest value and the fp32 values around it
+        top = torch.tensor(torch.finfo(dtype).max, dtype=f32)
+        for toward in (0.0, math.inf):
+            edges.append(torch.nextafter(top, torch.tensor(toward)).item())
+    rows, dtypes = [], []
+    for pair in [(a, b) for a in (f16, bf16, f32) for b in (f16, bf16, f32)]:
+        for high in edges:
+            for low in (-1.0, -high):
+                rows.append([low, high])
+                dtypes.append(pair)
+    extremes = torch.tensor(rows, dtype=torch.float32)
+    want = [bool(torch.isfinite(extremes[i].to(pair[0]).to(pair[1])).all()) for i, pair in enumerate(dtypes)]
+    assert _finite_rows(extremes, dtypes) == want
+    assert True in want and False in want

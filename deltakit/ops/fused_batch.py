@@ -23,6 +23,8 @@ copies' addresses before each reuse).
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -186,12 +188,33 @@ def _finite_rows(extremes: torch.Tensor, dtypes: list[tuple[torch.dtype, torch.d
     dtype and then to its written dtype (as :func:`~deltakit.ops.fused.finite_extremes`), one conversion
     per distinct pair."""
     finite = [True] * len(dtypes)
-    for pair in set(dtypes):
-        rows = [i for i, d in enumerate(dtypes) if d == pair]
+    pending = []  # rows whose extremes reach past a dtype's largest finite value, or are NaN
+    for i, ((low, high), pair) in enumerate(zip(extremes.tolist(), dtypes, strict=True)):
+        limit = _finite_limit(pair)
+        if not (-limit <= low and high <= limit):  # within it, both roundings stay finite
+            pending.append(i)
+    for pair in {dtypes[i] for i in pending}:
+        rows = [i for i in pending if dtypes[i] == pair]
         values = extremes[rows].to(pair[0]).to(pair[1])  # (k, 2)
         for i, ok in zip(rows, torch.isfinite(values).all(dim=1).tolist(), strict=True):
             finite[i] = ok
     return finite
+
+
+@functools.cache
+def _finite_limit(pair: tuple[torch.dtype, torch.dtype]) -> float:
+    """The largest value of the fine-tune dtype ``pair[0]`` that the written dtype ``pair[1]`` holds too.
+    A value within it rounds (to nearest) to at most it in the first dtype, and then to at most the second
+    dtype's largest finite value in the second: finite in both. (bf16's rounding can lift 65504, fp16's
+    largest value, to 65536, so the bound for bf16 then fp16 is 65280, the bf16 value below.)"""
+    first, second = pair
+    if not (first.is_floating_point and second.is_floating_point):
+        return -math.inf  # no finite bound: every row takes the conversions
+    bound = min(torch.finfo(first).max, torch.finfo(second).max)
+    value = torch.tensor(bound, dtype=torch.float32).to(first)  # both maxima are fp32 values
+    if value.item() > bound:
+        value = torch.nextafter(value, torch.tensor(-math.inf, dtype=first))
+    return value.item()
 
 
 def _check_quantized(write: FusedWrite) -> None:
