@@ -173,14 +173,7 @@ static inline float tree16v(f32x16 l) {
  * -ffp-contract=off, so a product and a sum written out are each rounded on their own) */
 static inline __attribute__((always_inline)) f32x16 fma16(f32x16 a, f32x16 b, f32x16 c) {
 #if defined(__AVX512F__)
-    __m512 va, vb, vc, vr;
-    memcpy(&va, &a, sizeof va);
-    memcpy(&vb, &b, sizeof vb);
-    memcpy(&vc, &c, sizeof vc);
-    vr = _mm512_fmadd_ps(va, vb, vc);
-    f32x16 r;
-    memcpy(&r, &vr, sizeof r);
-    return r;
+    return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 #else
     f32x16 r;
     for (int m = 0; m < LANES; m++) r[m] = __builtin_fmaf(a[m], b[m], c[m]);
@@ -188,17 +181,8 @@ static inline __attribute__((always_inline)) f32x16 fma16(f32x16 a, f32x16 b, f3
 #endif
 }
 
-/* v in every lane */
-static inline __attribute__((always_inline)) f32x16 splat16(float v) {
-    f32x16 r;
-#if defined(__AVX512F__)
-    __m512 b = _mm512_set1_ps(v);
-    memcpy(&r, &b, sizeof r);
-#else
-    for (int m = 0; m < LANES; m++) r[m] = v;
-#endif
-    return r;
-}
+/* v in every lane (v - +0 is v, -0 included) */
+static inline __attribute__((always_inline)) f32x16 splat16(float v) { return v - (f32x16){0}; }
 
 /* A factor as the kernel reads it. Kinds 0-2: p holds the values. Kind 3: p holds the codes, and the
  * rest comes from the part's qdesc. */

@@ -355,12 +355,10 @@ def _keep_bits_up(scales: torch.Tensor, bits: int) -> torch.Tensor:
         # raises the exponent, which is the frexp form's result (both exact); the sum stays below 2**15
         dropped = (1 << (SCALE_BITS - bits)) - 1
         half = ((pattern + dropped) & ~dropped).view(torch.float16)
-        if not all_finite(half):
-            raise UsageError(f"values too large for fp16 scales (a group scale exceeds {_FP16_MAX})")
-        return half
-    fraction, exponent = torch.frexp(scales.float())  # fraction in [0.5, 1), or 0
-    kept = torch.ldexp(torch.ceil(torch.ldexp(fraction, torch.tensor(bits))), exponent - bits)
-    half = kept.to(torch.float16)
+    else:
+        fraction, exponent = torch.frexp(scales.float())  # fraction in [0.5, 1), or 0
+        kept = torch.ldexp(torch.ceil(torch.ldexp(fraction, torch.tensor(bits))), exponent - bits)
+        half = kept.to(torch.float16)
     if not all_finite(half):
         raise UsageError(f"values too large for fp16 scales (a group scale exceeds {_FP16_MAX})")
     return half
